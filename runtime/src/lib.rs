@@ -1,0 +1,15 @@
+//! weft's runtime crate: the operation set, tensor types and initialisation rules shared by the
+//! compiler and every executor.
+//!
+//! Architecture invariant: this crate links no LLVM or MLIR. The compiler (`weft`) depends on it,
+//! never the other way round, so a machine that only runs bundles needs no compiler.
+
+pub mod dtype;
+pub mod init;
+pub mod op;
+pub mod shape;
+
+pub use dtype::DType;
+pub use init::Init;
+pub use op::{Op, OpError, Saved};
+pub use shape::{Dim, Shape, TensorType};

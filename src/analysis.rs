@@ -1,0 +1,274 @@
+//! Costs read off a verified graph: parameters, forward FLOPs per token, activation memory per
+//! token kept for the backward pass, and decode-state bytes per sequence, per section.
+
+use crate::graph::{Graph, NodeId, NodeKind, Section};
+use crate::spec::Model;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashSet};
+use weft_runtime::{Saved, TensorType};
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Row {
+    /// `embed`, `head`, or the layer's index in the expanded sequence.
+    pub section: String,
+    /// The layer definition's name (`mamba`, `swa`), or the section's.
+    pub name: String,
+    /// What the layer computes (`mamba`, `swa(w=2048)`, `swiglu`).
+    pub kind: String,
+    pub parameters: u64,
+    pub flops_per_token: f64,
+    /// FLOPs of matrix products alone (the 6·N·tokens part of the MFU formula, forward).
+    pub matmul_flops_per_token: f64,
+    pub activation_bytes_per_token: u64,
+    pub decode_state_bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Report {
+    pub model: String,
+    pub seq: u64,
+    pub dtype: String,
+    pub vocab: u64,
+    pub width: u64,
+    pub tied_embeddings: bool,
+    pub parameters: u64,
+    /// Parameters that are weights of matrix products (the head counted once when tied).
+    pub matmul_parameters: u64,
+    pub flops_per_token: f64,
+    pub activation_bytes_per_token: u64,
+    pub decode_state_bytes: u64,
+    pub layers: Vec<Row>,
+}
+
+/// Follows views (slices) to the tensor that owns the memory, and replaces recomputed values by
+/// the inputs they are recomputed from.
+fn stored_values(g: &Graph, id: NodeId, out: &mut Vec<NodeId>) {
+    let node = g.node(id);
+    match &node.kind {
+        NodeKind::Param { .. } => {}
+        NodeKind::Op(op) if op.is_view() => stored_values(g, g.inputs(id)[0], out),
+        NodeKind::Op(_) if node.recompute => {
+            for i in g.inputs(id) {
+                stored_values(g, i, out);
+            }
+        }
+        _ => out.push(id),
+    }
+}
+
+pub fn analyze(g: &Graph, model: &Model, seq: u64) -> Report {
+    let mut rows: BTreeMap<Section, Row> = BTreeMap::new();
+    let row = |s: Section| -> Row {
+        let (section, name, kind) = match s {
+            Section::Embed => (
+                "embed".to_string(),
+                "embed".to_string(),
+                "embedding".to_string(),
+            ),
+            Section::Head => (
+                "head".to_string(),
+                "head".to_string(),
+                if model.tied_embeddings {
+                    "norm+head(tied)+ce"
+                } else {
+                    "norm+head+ce"
+                }
+                .to_string(),
+            ),
+            Section::Layer(i) => {
+                let def = model.def(&model.layers[i]);
+                (i.to_string(), def.name.clone(), def.kind.describe())
+            }
+        };
+        Row {
+            section,
+            name,
+            kind,
+            parameters: 0,
+            flops_per_token: 0.0,
+            matmul_flops_per_token: 0.0,
+            activation_bytes_per_token: 0,
+            decode_state_bytes: 0,
+        }
+    };
+    for (_, node) in g.nodes() {
+        rows.entry(node.section)
+            .or_insert_with(|| row(node.section));
+    }
+
+    let mut saved: HashSet<NodeId> = HashSet::new();
+    let mut matmul_weights: HashSet<NodeId> = HashSet::new();
+    for (id, node) in g.nodes() {
+        let r = rows
+            .get_mut(&node.section)
+            .expect("every section has a row");
+        match &node.kind {
+            NodeKind::Param { .. } => r.parameters += node.ty.shape.fixed_elems(),
+            NodeKind::Input { .. } => {}
+            NodeKind::Op(op) => {
+                let ins = g.inputs(id);
+                let tys: Vec<&TensorType> = ins.iter().map(|i| &g.node(*i).ty).collect();
+                let f = op.flops_per_token(&tys, seq);
+                r.flops_per_token += f;
+                if op.is_matmul() {
+                    r.matmul_flops_per_token += f;
+                    matmul_weights.insert(ins[1]);
+                }
+                r.decode_state_bytes += op.decode_state_bytes(&tys, seq);
+                for s in op.saves(&tys) {
+                    let mut values = Vec::new();
+                    match s {
+                        Saved::Input(i) => stored_values(g, ins[i], &mut values),
+                        Saved::Output => values.push(id),
+                        Saved::Stat { bytes_per_token } => {
+                            r.activation_bytes_per_token += bytes_per_token
+                        }
+                    }
+                    saved.extend(values);
+                }
+            }
+        }
+    }
+    for id in saved {
+        let node = g.node(id);
+        if node.ty.shape.is_per_token() {
+            rows.get_mut(&node.section)
+                .expect("row")
+                .activation_bytes_per_token += node.ty.bytes_per_token();
+        }
+    }
+
+    let layers: Vec<Row> = rows.into_values().collect();
+    Report {
+        model: model.name.clone(),
+        seq,
+        dtype: model.dtype.name().to_string(),
+        vocab: model.vocab,
+        width: model.width,
+        tied_embeddings: model.tied_embeddings,
+        parameters: g.parameter_count(),
+        matmul_parameters: matmul_weights
+            .iter()
+            .map(|w| g.node(*w).ty.shape.fixed_elems())
+            .sum(),
+        flops_per_token: layers.iter().map(|r| r.flops_per_token).sum(),
+        activation_bytes_per_token: layers.iter().map(|r| r.activation_bytes_per_token).sum(),
+        decode_state_bytes: layers.iter().map(|r| r.decode_state_bytes).sum(),
+        layers,
+    }
+}
+
+/// `421793280` → `421,793,280`.
+pub fn group_digits(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = n as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < UNITS.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{x:.1} {}", UNITS[u])
+    }
+}
+
+fn mflops(f: f64) -> String {
+    format!("{:.2}", f / 1e6)
+}
+
+/// The per-layer table `weft check` prints.
+pub fn render_table(r: &Report) -> String {
+    let mut out = format!(
+        "{}: {} layers, width {}, vocab {} ({}), {} activations, sequence {}\n\n",
+        r.model,
+        r.layers.len().saturating_sub(2),
+        r.width,
+        r.vocab,
+        if r.tied_embeddings { "tied" } else { "untied" },
+        r.dtype,
+        r.seq
+    );
+    let header = [
+        "layer",
+        "name",
+        "kind",
+        "parameters",
+        "fwd MFLOP/tok",
+        "act/tok (train)",
+        "decode state/seq",
+    ];
+    let mut cells: Vec<[String; 7]> = r
+        .layers
+        .iter()
+        .map(|l| {
+            [
+                l.section.clone(),
+                l.name.clone(),
+                l.kind.clone(),
+                group_digits(l.parameters),
+                mflops(l.flops_per_token),
+                bytes(l.activation_bytes_per_token),
+                bytes(l.decode_state_bytes),
+            ]
+        })
+        .collect();
+    cells.push([
+        "total".into(),
+        String::new(),
+        String::new(),
+        group_digits(r.parameters),
+        mflops(r.flops_per_token),
+        bytes(r.activation_bytes_per_token),
+        bytes(r.decode_state_bytes),
+    ]);
+    let mut widths = header.map(str::len);
+    for c in &cells {
+        for (w, s) in widths.iter_mut().zip(c) {
+            *w = (*w).max(s.chars().count());
+        }
+    }
+    let line = |c: &[String]| -> String {
+        let mut s = String::new();
+        for (i, (cell, w)) in c.iter().zip(widths).enumerate() {
+            let pad = w - cell.chars().count();
+            if i < 3 {
+                s.push_str(cell);
+                s.push_str(&" ".repeat(pad));
+            } else {
+                s.push_str(&" ".repeat(pad));
+                s.push_str(cell);
+            }
+            s.push_str("  ");
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    out.push_str(&line(&header.map(String::from)));
+    out.push_str(&line(&widths.map(|w| "-".repeat(w))));
+    let n = cells.len();
+    for (i, c) in cells.iter().enumerate() {
+        if i + 1 == n {
+            out.push_str(&line(&widths.map(|w| "-".repeat(w))));
+        }
+        out.push_str(&line(c));
+    }
+    out.push_str(&format!(
+        "\nparameters: {} ({} in matrix products)\n",
+        group_digits(r.parameters),
+        group_digits(r.matmul_parameters)
+    ));
+    out
+}

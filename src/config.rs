@@ -1,0 +1,282 @@
+//! Run settings: everything about a training or serving run that is not the architecture
+//! (sequence length, batch, optimizer, schedule, data, checkpoints), read from TOML with serde.
+//! Unknown keys, wrong types and out-of-range values are errors at their line and column.
+
+use crate::diag::{Diagnostic, Diagnostics, FileId, SourceMap, Span};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// The architecture spec, relative to this file (a command-line spec wins).
+    pub spec: Option<PathBuf>,
+    pub train: Train,
+    pub optimizer: Optimizer,
+    pub data: Data,
+    pub checkpoint: Checkpoint,
+    pub generate: Generate,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Train {
+    /// Tokens per training sequence (the reference: 4096, twice the window).
+    pub seq_len: u64,
+    /// Sequences per micro-batch.
+    pub batch_size: u64,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: u64,
+    pub steps: u64,
+    pub seed: u64,
+    pub log_every: u64,
+    pub eval_every: u64,
+    pub eval_batches: u64,
+}
+
+impl Default for Train {
+    fn default() -> Self {
+        Train {
+            seq_len: 4096,
+            batch_size: 8,
+            grad_accum: 1,
+            steps: 1000,
+            seed: 3407,
+            log_every: 10,
+            eval_every: 100,
+            eval_batches: 8,
+        }
+    }
+}
+
+/// AdamW with global-norm clipping, linear warm-up and cosine decay (reference 2.4).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Optimizer {
+    pub lr: f64,
+    /// The cosine schedule ends at `lr · min_lr_ratio`.
+    pub min_lr_ratio: f64,
+    /// Warm-up length as a fraction of all steps.
+    pub warmup: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Global gradient-norm limit; 0 turns clipping off.
+    pub grad_clip: f64,
+}
+
+impl Default for Optimizer {
+    fn default() -> Self {
+        Optimizer {
+            lr: 4e-4,
+            min_lr_ratio: 0.1,
+            warmup: 0.01,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    /// UTF-8 text files, tokenized on the fly.
+    #[default]
+    Text,
+    /// Token shards in weft's binary format.
+    Tokens,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Data {
+    pub train: Vec<PathBuf>,
+    pub valid: Vec<PathBuf>,
+    pub format: DataFormat,
+    /// `byte`, or the path of a tokenizer file.
+    pub tokenizer: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Checkpoint {
+    pub dir: Option<PathBuf>,
+    /// Steps between checkpoints; 0 saves only at the end.
+    pub every: u64,
+    /// Checkpoints kept on disk.
+    pub keep: u64,
+}
+
+impl Default for Checkpoint {
+    fn default() -> Self {
+        Checkpoint {
+            dir: None,
+            every: 0,
+            keep: 2,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Generate {
+    pub max_new_tokens: u64,
+    /// 0 is greedy decoding.
+    pub temperature: f64,
+    pub top_p: f64,
+}
+
+impl Default for Generate {
+    fn default() -> Self {
+        Generate {
+            max_new_tokens: 200,
+            temperature: 0.8,
+            top_p: 0.95,
+        }
+    }
+}
+
+/// Reads and checks a run-settings file. Errors come with the file in a [`SourceMap`] so they
+/// can be rendered at their line and column.
+pub fn load(path: &Path) -> Result<RunConfig, (SourceMap, Diagnostics)> {
+    let mut sources = SourceMap::new();
+    let mut diags = Diagnostics::default();
+    let src = match std::fs::read_to_string(path) {
+        Ok(s) => s,
+        Err(e) => {
+            diags.push(Diagnostic::error(format!(
+                "cannot read run settings `{}`: {e}",
+                path.display()
+            )));
+            return Err((sources, diags));
+        }
+    };
+    let file = sources.add(path, src);
+    match parse(sources.source(file), file) {
+        Ok(c) => Ok(c),
+        Err(d) => Err((sources, d)),
+    }
+}
+
+/// Parses run settings from text already in a source map.
+pub fn parse(src: &str, file: FileId) -> Result<RunConfig, Diagnostics> {
+    let mut diags = Diagnostics::default();
+    let config: RunConfig = match toml::from_str(src) {
+        Ok(c) => c,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            let message = e.message().trim().to_string();
+            diags.push(
+                Diagnostic::error(format!("invalid run settings: {message}"))
+                    .at(Span::new(file, span.start, span.end), first_line(&message)),
+            );
+            return Err(diags);
+        }
+    };
+    let doc = toml::de::DeTable::parse(src).ok();
+    let at = |path: &[&str]| -> Span {
+        let r = doc
+            .as_ref()
+            .and_then(|d| find(d.get_ref(), path))
+            .unwrap_or(0..0);
+        Span::new(file, r.start, r.end)
+    };
+    let mut check = |ok: bool, path: &[&str], what: &str| {
+        if !ok {
+            diags.push(
+                Diagnostic::error(format!("`{}` must be {what}", path.join(".")))
+                    .at(at(path), format!("expected {what}")),
+            );
+        }
+    };
+    let t = &config.train;
+    check(t.seq_len >= 1, &["train", "seq_len"], "at least 1");
+    check(t.batch_size >= 1, &["train", "batch_size"], "at least 1");
+    check(t.grad_accum >= 1, &["train", "grad_accum"], "at least 1");
+    check(t.log_every >= 1, &["train", "log_every"], "at least 1");
+    let o = &config.optimizer;
+    check(
+        o.lr > 0.0 && o.lr.is_finite(),
+        &["optimizer", "lr"],
+        "a positive number",
+    );
+    check(
+        (0.0..=1.0).contains(&o.min_lr_ratio),
+        &["optimizer", "min_lr_ratio"],
+        "between 0 and 1",
+    );
+    check(
+        (0.0..=1.0).contains(&o.warmup),
+        &["optimizer", "warmup"],
+        "a fraction between 0 and 1",
+    );
+    check(
+        (0.0..1.0).contains(&o.beta1),
+        &["optimizer", "beta1"],
+        "in [0, 1)",
+    );
+    check(
+        (0.0..1.0).contains(&o.beta2),
+        &["optimizer", "beta2"],
+        "in [0, 1)",
+    );
+    check(o.eps > 0.0, &["optimizer", "eps"], "a positive number");
+    check(
+        o.weight_decay >= 0.0,
+        &["optimizer", "weight_decay"],
+        "zero or more",
+    );
+    check(
+        o.grad_clip >= 0.0,
+        &["optimizer", "grad_clip"],
+        "zero or more",
+    );
+    let g = &config.generate;
+    check(
+        g.temperature >= 0.0 && g.temperature.is_finite(),
+        &["generate", "temperature"],
+        "zero or more",
+    );
+    check(
+        g.top_p > 0.0 && g.top_p <= 1.0,
+        &["generate", "top_p"],
+        "in (0, 1]",
+    );
+    check(
+        config.checkpoint.keep >= 1,
+        &["checkpoint", "keep"],
+        "at least 1",
+    );
+    if diags.has_errors() {
+        Err(diags)
+    } else {
+        Ok(config)
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").to_string()
+}
+
+/// The byte range of the value at `path` in a parsed TOML document.
+fn find(table: &toml::de::DeTable, path: &[&str]) -> Option<std::ops::Range<usize>> {
+    let (first, rest) = path.split_first()?;
+    let (_, value) = table.iter().find(|(k, _)| k.get_ref().as_ref() == *first)?;
+    if rest.is_empty() {
+        return Some(value.span());
+    }
+    find(value.get_ref().as_table()?, rest)
+}
+
+impl RunConfig {
+    /// The spec named by the settings, relative to the settings file.
+    pub fn spec_path(&self, config_path: &Path) -> Option<PathBuf> {
+        self.spec
+            .as_ref()
+            .map(|s| config_path.parent().unwrap_or(Path::new(".")).join(s))
+    }
+}

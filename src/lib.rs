@@ -1,0 +1,74 @@
+//! weft: a compiler for neural-network architectures.
+//!
+//! The pipeline, each stage a module:
+//! `syntax` (pest grammar → syntax tree) → `spec` (names resolved, inheritance merged, parameters
+//! checked → a model description) → `graph` (typed petgraph of tensor operations, verified) →
+//! `analysis` (parameters, FLOPs, memory).
+
+pub mod analysis;
+pub mod config;
+pub mod diag;
+pub mod graph;
+pub mod spec;
+pub mod syntax;
+
+use diag::{Diagnostic, Diagnostics, SourceMap};
+use std::path::Path;
+
+/// A spec that parsed, resolved, elaborated and verified.
+pub struct Checked {
+    pub model: spec::Model,
+    pub graph: graph::Graph,
+    pub sources: SourceMap,
+    /// Warnings only (errors stop the front end).
+    pub diags: Diagnostics,
+}
+
+/// What went wrong, with the sources to render it against.
+pub struct Failed {
+    pub sources: SourceMap,
+    pub diags: Diagnostics,
+}
+
+impl Failed {
+    pub fn render(&self) -> String {
+        self.diags.render(&self.sources)
+    }
+}
+
+/// Runs the front end on a spec file: parse, resolve, elaborate, verify.
+pub fn check_file(path: &Path) -> Result<Checked, Failed> {
+    front_end(spec::load_file(path))
+}
+
+/// The same on spec text; `path` names it in messages and anchors relative `extends`.
+pub fn check_str(path: &Path, src: &str) -> Result<Checked, Failed> {
+    front_end(spec::load_str(path, src.to_string()))
+}
+
+fn front_end(loaded: spec::Loaded) -> Result<Checked, Failed> {
+    let (model, sources, mut diags) = loaded
+        .into_result()
+        .map_err(|(sources, diags)| Failed { sources, diags })?;
+    let graph = match graph::build(&model) {
+        Ok(g) => g,
+        Err(e) => {
+            diags.push(Diagnostic::error(e.message).at(e.span, "while elaborating this layer"));
+            return Err(Failed { sources, diags });
+        }
+    };
+    if let Err(errs) = graph::verify(&graph) {
+        let mut d = Diagnostic::error("internal error: the elaborated graph failed verification");
+        for e in errs {
+            d = d.note(e.to_string());
+        }
+        diags.push(d);
+        return Err(Failed { sources, diags });
+    }
+    Ok(Checked {
+        model,
+        graph,
+        sources,
+        diags,
+    })
+}

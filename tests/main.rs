@@ -1,0 +1,1 @@
+//! The integration tests, one binary (linking is slow): each module tests one stage.
