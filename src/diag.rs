@@ -187,6 +187,12 @@ impl Diagnostics {
         self.0.iter().filter(|d| d.is_error()).count()
     }
 
+    /// Orders diagnostics by file and position (stable, so one place keeps its order).
+    pub fn sort_by_place(&mut self) {
+        self.0
+            .sort_by_key(|d| d.primary.as_ref().map(|(s, _)| (s.file, s.start)));
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

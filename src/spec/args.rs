@@ -7,8 +7,10 @@ use crate::syntax::ast::{KeyValue, Value};
 
 /// Reads a list of `key = value`; call [`ArgReader::finish`] to report keys nobody asked for.
 pub struct ArgReader<'a> {
-    /// "model setting" or "parameter of `mamba`", for messages.
-    what: String,
+    /// "model setting" or "parameter", for messages.
+    what: &'static str,
+    /// "" or " of `mamba`", after the key in messages.
+    of: String,
     args: &'a [KeyValue],
     asked: Vec<&'static str>,
     /// Where to point when a required key is missing.
@@ -18,13 +20,15 @@ pub struct ArgReader<'a> {
 
 impl<'a> ArgReader<'a> {
     pub fn new(
-        what: impl Into<String>,
+        what: &'static str,
+        of: String,
         args: &'a [KeyValue],
         owner: Span,
         diags: &'a mut Diagnostics,
     ) -> Self {
         ArgReader {
-            what: what.into(),
+            what,
+            of,
             args,
             asked: Vec::new(),
             owner,
@@ -47,7 +51,7 @@ impl<'a> ArgReader<'a> {
 
     fn missing(&mut self, key: &str, hint: &str) {
         self.diags.push(
-            Diagnostic::error(format!("missing {} `{key}`", self.what))
+            Diagnostic::error(format!("missing {} `{key}`{}", self.what, self.of))
                 .at(self.owner, format!("`{key}` is required here"))
                 .note(hint.to_string()),
         );
@@ -188,7 +192,7 @@ impl<'a> ArgReader<'a> {
             if known.contains(&key) {
                 continue;
             }
-            let mut d = Diagnostic::error(format!("unknown {} `{key}`", self.what))
+            let mut d = Diagnostic::error(format!("unknown {} `{key}`{}", self.what, self.of))
                 .at(kv.key.span, "not a known key");
             if let Some(hint) = did_you_mean(key, known.iter().copied()) {
                 d = d.note(hint);

@@ -73,7 +73,13 @@ pub fn load_str(path: &Path, src: String) -> Loaded {
     let mut diags = Diagnostics::default();
     let mut stack = Vec::new();
     let merged = load_chain(path, src, &mut sources, &mut diags, &mut stack);
-    let model = resolve(&merged, &mut diags);
+    // Semantic errors after a syntax error are mostly its echoes: report the syntax alone.
+    let model = if diags.has_errors() {
+        None
+    } else {
+        resolve(&merged, &mut diags)
+    };
+    diags.sort_by_place();
     Loaded {
         sources,
         model,

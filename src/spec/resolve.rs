@@ -26,7 +26,7 @@ pub(super) fn resolve(m: &Merged, diags: &mut Diagnostics) -> Option<Model> {
     };
     let owner = m.model_span.unwrap_or(name.span);
 
-    let mut r = ArgReader::new("model setting", &m.settings, owner, diags);
+    let mut r = ArgReader::new("model setting", String::new(), &m.settings, owner, diags);
     let vocab = r.int(
         "vocab",
         None,
@@ -60,7 +60,8 @@ pub(super) fn resolve(m: &Merged, diags: &mut Diagnostics) -> Option<Model> {
             continue;
         };
         let mut r = ArgReader::new(
-            format!("parameter of `{kind}`"),
+            "parameter",
+            format!(" of `{kind}`"),
             &def.args,
             def.kind.span,
             diags,
@@ -92,8 +93,10 @@ pub(super) fn resolve(m: &Merged, diags: &mut Diagnostics) -> Option<Model> {
         }
     };
     if let Some(layers) = &layers {
+        // Definitions inherited from a base spec may go unused on purpose; only the root file's
+        // own definitions are worth a warning.
         for (i, def) in m.defs.iter().enumerate() {
-            if !layers.iter().any(|l| l.def == i) {
+            if Some(def.name.span.file) == m.root && !layers.iter().any(|l| l.def == i) {
                 diags.push(
                     Diagnostic::warning(format!(
                         "layer `{}` is defined but not used",

@@ -70,12 +70,18 @@ pub fn parse(src: &str, file: FileId) -> (File, Diagnostics) {
                 pos += end.max(1);
             }
             Err(e) => {
-                let at = match e.location {
-                    InputLocation::Pos(p) => p,
-                    InputLocation::Span((s, _)) => s,
-                };
-                diags.push(syntax_error(&e, rest, pos, file));
-                match next_item_start(src, pos, pos + at) {
+                let at = error_position(&e);
+                let mut d = syntax_error(&e, rest, pos, file);
+                let item_start = skip_trivia(src, pos);
+                let line_start = src[..pos + at].rfind('\n').map_or(0, |i| i + 1);
+                let line_start = skip_trivia_inline(src, line_start);
+                if line_start > item_start && starts_item(&src[line_start..]) {
+                    d = d.note(
+                        "this line starts a new item: is a `}`, `)` or `]` missing before it?",
+                    );
+                }
+                diags.push(d);
+                match next_item_start(src, item_start, pos + at) {
                     Some(next) => pos = next,
                     None => break,
                 }
@@ -141,13 +147,37 @@ fn next_item_start(src: &str, item_start: usize, error_at: usize) -> Option<usiz
     // the next item's keyword), never the failed item's first line.
     let mut line_start = src[..error_at].rfind('\n').map_or(0, |i| i + 1);
     loop {
-        let line = &src[line_start..];
-        let start = line_start + (line.len() - line.trim_start_matches([' ', '\t']).len());
+        let start = skip_trivia_inline(src, line_start);
         if start > item_start && starts_item(&src[start..]) {
             return Some(start);
         }
         line_start += src[line_start..].find('\n')? + 1;
     }
+}
+
+fn skip_trivia_inline(src: &str, pos: usize) -> usize {
+    pos + (src[pos..].len() - src[pos..].trim_start_matches([' ', '\t']).len())
+}
+
+/// The first position at or after `pos` that is not whitespace or a comment.
+fn skip_trivia(src: &str, mut pos: usize) -> usize {
+    let b = src.as_bytes();
+    while pos < b.len() {
+        match b[pos] {
+            b' ' | b'\t' | b'\r' | b'\n' => pos += 1,
+            b'#' => pos = src[pos..].find('\n').map_or(b.len(), |i| pos + i),
+            b'/' if b.get(pos + 1) == Some(&b'/') => {
+                pos = src[pos..].find('\n').map_or(b.len(), |i| pos + i)
+            }
+            b'/' if b.get(pos + 1) == Some(&b'*') => {
+                pos = src[pos + 2..]
+                    .find("*/")
+                    .map_or(b.len(), |i| pos + 2 + i + 2)
+            }
+            _ => break,
+        }
+    }
+    pos
 }
 
 fn starts_item(s: &str) -> bool {
@@ -159,6 +189,11 @@ fn starts_item(s: &str) -> bool {
                 .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
     })
 }
+
+/// Expected tokens worth naming in a message.
+const PUNCTUATION_AND_KEYWORDS: &[&str] = &[
+    "{", "}", "(", ")", "[", "]", "=", ",", "extends", "model", "layer", "layers", "pattern", "x",
+];
 
 fn rule_name(rule: Rule) -> Option<&'static str> {
     Some(match rule {
@@ -173,7 +208,7 @@ fn rule_name(rule: Rule) -> Option<&'static str> {
         Rule::arg => "a parameter `key = value`",
         Rule::define => "`=`",
         Rule::args | Rule::patch => "`(`",
-        Rule::sequence | Rule::term => "a layer name, `[` or `pattern(`",
+        Rule::sequence | Rule::term => "a layer",
         Rule::group => "`[`",
         Rule::pattern | Rule::kw_pattern => "`pattern(`",
         Rule::repeat | Rule::repeat_op => "a repetition `x N`",
@@ -183,31 +218,46 @@ fn rule_name(rule: Rule) -> Option<&'static str> {
     })
 }
 
-fn syntax_error(e: &pest::error::Error<Rule>, rest: &str, base: usize, file: FileId) -> Diagnostic {
+fn error_position(e: &pest::error::Error<Rule>) -> usize {
     let at = match e.location {
         InputLocation::Pos(p) => p,
         InputLocation::Span((s, _)) => s,
     };
+    // The furthest token attempt is where the text stops making sense (after `d_state` in
+    // `(d_state 16)`), which can lie past the failed rule's start.
+    e.parse_attempts().map_or(at, |a| a.max_position.max(at))
+}
+
+fn syntax_error(e: &pest::error::Error<Rule>, rest: &str, base: usize, file: FileId) -> Diagnostic {
+    let at = error_position(e);
     let mut expected: Vec<String> = Vec::new();
     let mut push = |s: String| {
         if !expected.contains(&s) {
             expected.push(s);
         }
     };
-    if let Some(attempts) = e.parse_attempts() {
-        for tok in attempts.expected_tokens() {
-            let t = tok.to_string();
-            // Tokens of whitespace and comments are noise in a message.
-            if t.trim().is_empty() || t == "//" || t == "#" || t == "/*" {
-                continue;
+    match e.parse_attempts() {
+        Some(attempts) => {
+            for tok in attempts.expected_tokens() {
+                let t = tok.to_string();
+                // Characters inside names, numbers and comments are noise; rule names say it.
+                if PUNCTUATION_AND_KEYWORDS.contains(&t.as_str()) {
+                    push(format!("`{t}`"));
+                }
             }
-            push(format!("`{t}`"));
+            for stack in attempts.call_stacks() {
+                if let Some(n) = stack.deepest.get_rule().and_then(|r| rule_name(*r)) {
+                    push(n.to_string());
+                }
+            }
         }
-    }
-    if let ErrorVariant::ParsingError { positives, .. } = &e.variant {
-        for r in positives {
-            if let Some(n) = rule_name(*r) {
-                push(n.to_string());
+        None => {
+            if let ErrorVariant::ParsingError { positives, .. } = &e.variant {
+                for r in positives {
+                    if let Some(n) = rule_name(*r) {
+                        push(n.to_string());
+                    }
+                }
             }
         }
     }
