@@ -194,7 +194,11 @@ pub fn parse(src: &str, file: FileId) -> Result<RunConfig, Diagnostics> {
         }
     };
     let t = &config.train;
-    check(t.seq_len >= 1, &["train", "seq_len"], "at least 1");
+    check(
+        (1..=1 << 32).contains(&t.seq_len),
+        &["train", "seq_len"],
+        "between 1 and 2^32",
+    );
     check(t.batch_size >= 1, &["train", "batch_size"], "at least 1");
     check(t.grad_accum >= 1, &["train", "grad_accum"], "at least 1");
     check(t.log_every >= 1, &["train", "log_every"], "at least 1");

@@ -22,7 +22,7 @@ enum Command {
     Check {
         spec: PathBuf,
         /// Sequence length for FLOPs and decode state (default: the run settings', else 4096).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 32))]
         seq: Option<u64>,
         /// Run settings (TOML); checked too.
         #[arg(long)]

@@ -524,20 +524,23 @@ impl Op {
         match self {
             Op::CausalConv1dSilu => {
                 let (c, k) = matrix(ins[1], "weight").unwrap_or((0, 0));
-                c * k.saturating_sub(1) * ins[0].dtype.bytes()
+                c.saturating_mul(k.saturating_sub(1))
+                    .saturating_mul(ins[0].dtype.bytes())
             }
             Op::SelectiveScan => {
                 let (e, n) = matrix(ins[2], "a_log").unwrap_or((0, 0));
-                e * n * 4
+                e.saturating_mul(n).saturating_mul(4)
             }
             Op::Attention(a) => {
                 let kept = a.window.map_or(seq, |w| w.min(seq));
-                2 * kept * a.kv_heads * a.head_dim * ins[1].dtype.bytes()
+                (2 * kept)
+                    .saturating_mul(a.kv_heads * a.head_dim)
+                    .saturating_mul(ins[1].dtype.bytes())
             }
             Op::Gla { heads } | Op::Retention { heads, .. } => {
                 let k = ins[0].shape.last().unwrap_or(0);
                 let v = ins[2].shape.last().unwrap_or(0);
-                (k / heads) * (v / heads) * heads * 4
+                (k / heads).saturating_mul(v).saturating_mul(4)
             }
             _ => 0,
         }

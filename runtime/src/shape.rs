@@ -61,15 +61,13 @@ impl Shape {
         self.0.len() >= 2 && self.0[0] == Dim::Batch && self.0[1] == Dim::Seq
     }
 
-    /// Number of elements of the fixed dimensions (for `[B, T, d]`, d elements per token).
+    /// Number of elements of the fixed dimensions (for `[B, T, d]`, d elements per token),
+    /// saturating rather than overflowing.
     pub fn fixed_elems(&self) -> u64 {
-        self.0
-            .iter()
-            .map(|d| match d {
-                Dim::Fixed(n) => *n,
-                _ => 1,
-            })
-            .product()
+        self.0.iter().fold(1u64, |acc, d| match d {
+            Dim::Fixed(n) => acc.saturating_mul(*n),
+            _ => acc,
+        })
     }
 
     /// The fixed sizes, or `None` when the shape has a symbolic dimension.

@@ -5,6 +5,9 @@ use super::suggest::did_you_mean;
 use crate::diag::{Diagnostic, Diagnostics, Span};
 use crate::syntax::ast::{KeyValue, Value};
 
+/// Every size in a spec is at most 2^24, so products of a few sizes cannot overflow.
+pub const MAX_SIZE: u64 = 1 << 24;
+
 /// Reads a list of `key = value`; call [`ArgReader::finish`] to report keys nobody asked for.
 pub struct ArgReader<'a> {
     /// "model setting" or "parameter", for messages.
@@ -87,8 +90,19 @@ impl<'a> ArgReader<'a> {
 
     fn int_value(&mut self, kv: &KeyValue, min: u64) -> Option<u64> {
         if let Value::Number(text) = &kv.value.value {
-            if let Some(n) = parse_int(text).filter(|n| *n >= min) {
-                return Some(n);
+            match parse_int(text) {
+                Some(n) if n > MAX_SIZE => {
+                    self.diags.push(
+                        Diagnostic::error(format!(
+                            "`{}` is {n}, larger than {MAX_SIZE}, the largest size weft accepts",
+                            kv.key.value
+                        ))
+                        .at(kv.value.span, "too large"),
+                    );
+                    return None;
+                }
+                Some(n) if n >= min => return Some(n),
+                _ => {}
             }
         }
         self.wrong(kv, &format!("a whole number ≥ {min}"));
@@ -132,7 +146,9 @@ impl<'a> ArgReader<'a> {
         };
         match &kv.value.value {
             Value::Name(n) if n == word => None,
-            Value::Number(_) => self.int_value(kv, min).or(default),
+            Value::Number(text) if parse_int(text).is_some_and(|n| n >= min) => {
+                self.int_value(kv, min).or(default)
+            }
             _ => {
                 self.wrong(kv, &format!("a whole number ≥ {min} or `{word}`"));
                 default
@@ -212,7 +228,7 @@ pub fn parse_int(text: &str) -> Option<u64> {
     let t = text.replace('_', "");
     if t.contains(['.', 'e', 'E']) {
         let x: f64 = t.parse().ok()?;
-        if x.fract() == 0.0 && x >= 0.0 && x < 9.0e15 {
+        if x.fract() == 0.0 && (0.0..9.0e15).contains(&x) {
             return Some(x as u64);
         }
         return None;

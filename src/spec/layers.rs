@@ -104,7 +104,16 @@ impl LayerKind {
 }
 
 /// Reads a layer definition's arguments; `None` after reporting when they are wrong.
-pub fn read_layer(kind: &str, r: &mut ArgReader, width: u64, def: Span) -> Option<LayerKind> {
+/// `width` is `None` when the model's width is itself wrong: the arguments are still checked,
+/// only the checks against the width are skipped.
+pub fn read_layer(
+    kind: &str,
+    r: &mut ArgReader,
+    width: Option<u64>,
+    def: Span,
+) -> Option<LayerKind> {
+    let known_width = width;
+    let width = width.unwrap_or(0);
     let errors_before = r.diags.error_count();
     let kind = match kind {
         "mamba" => {
@@ -145,7 +154,7 @@ pub fn read_layer(kind: &str, r: &mut ArgReader, width: u64, def: Span) -> Optio
             let head_dim = match r.span_of("head_dim") {
                 Some(_) => head_dim?,
                 None => {
-                    if width % heads != 0 {
+                    if known_width.is_some() && width % heads != 0 {
                         let at = r.span_of("heads").unwrap_or(def);
                         r.diags.push(
                             Diagnostic::error(format!(
@@ -158,7 +167,7 @@ pub fn read_layer(kind: &str, r: &mut ArgReader, width: u64, def: Span) -> Optio
                         );
                         return None;
                     }
-                    width / heads
+                    (width / heads).max(1)
                 }
             };
             if heads % kv_heads != 0 {
@@ -171,7 +180,9 @@ pub fn read_layer(kind: &str, r: &mut ArgReader, width: u64, def: Span) -> Optio
                         ),
                 );
             }
-            if rope.is_some() && head_dim % 2 != 0 {
+            // A head size derived from an unknown width says nothing.
+            let head_dim_known = known_width.is_some() || r.span_of("head_dim").is_some();
+            if head_dim_known && rope.is_some() && head_dim % 2 != 0 {
                 let at = r.span_of("head_dim").or(r.span_of("heads")).unwrap_or(def);
                 r.diags.push(
                     Diagnostic::error(format!("RoPE needs an even head dimension, found {head_dim}"))
@@ -203,8 +214,8 @@ pub fn read_layer(kind: &str, r: &mut ArgReader, width: u64, def: Span) -> Optio
             let gate_rank = r.int("gate_rank", Some(16), 1, "");
             let gate_norm = r.positive("gate_norm", 16.0);
             let heads = heads?;
-            let key_dim = expanded(r, "key_expansion", width, ke, heads, def)?;
-            let value_dim = expanded(r, "value_expansion", width, ve, heads, def)?;
+            let key_dim = expanded(r, "key_expansion", known_width, ke, heads, def)?;
+            let value_dim = expanded(r, "value_expansion", known_width, ve, heads, def)?;
             LayerKind::Gla(Gla {
                 heads,
                 key_dim,
@@ -219,8 +230,8 @@ pub fn read_layer(kind: &str, r: &mut ArgReader, width: u64, def: Span) -> Optio
             let ve = r.positive("value_expansion", 2.0);
             let rope = r.positive_or_word("rope", "none", Some(10000.0));
             let heads = heads?;
-            let key_dim = expanded(r, "key_expansion", width, ke, heads, def)?;
-            let value_dim = expanded(r, "value_expansion", width, ve, heads, def)?;
+            let key_dim = expanded(r, "key_expansion", known_width, ke, heads, def)?;
+            let value_dim = expanded(r, "value_expansion", known_width, ve, heads, def)?;
             if rope.is_some() && (key_dim / heads) % 2 != 0 {
                 r.diags.push(
                     Diagnostic::error(format!(
@@ -249,17 +260,20 @@ pub fn read_layer(kind: &str, r: &mut ArgReader, width: u64, def: Span) -> Optio
 fn expanded(
     r: &mut ArgReader,
     key: &'static str,
-    width: u64,
+    width: Option<u64>,
     factor: f64,
     heads: u64,
     def: Span,
 ) -> Option<u64> {
+    let Some(width) = width else {
+        return Some(heads);
+    };
     let dim = width as f64 * factor;
     let at = r.span_of(key).unwrap_or(def);
-    if dim.fract() != 0.0 || dim < 1.0 || dim > 1e12 {
+    if dim.fract() != 0.0 || dim < 1.0 || dim > super::args::MAX_SIZE as f64 {
         r.diags.push(
             Diagnostic::error(format!(
-                "{key} {factor} of width {width} is {dim}, not a whole number"
+                "{key} {factor} of width {width} gives {dim}, not a whole number from 1 to 2^24"
             ))
             .at(at, "gives a fractional width"),
         );

@@ -95,10 +95,13 @@ fn check_terms(terms: &[Term], defs: &[&str], diags: &mut Diagnostics) {
                     {
                         Some(b) => used[b] = true,
                         None => {
-                            let bound: Vec<String> = bindings
-                                .iter()
-                                .map(|b| format!("`{}`", b.symbol.value))
-                                .collect();
+                            let mut bound: Vec<String> = Vec::new();
+                            for b in bindings {
+                                let sym = format!("`{}`", b.symbol.value);
+                                if !bound.contains(&sym) {
+                                    bound.push(sym);
+                                }
+                            }
                             diags.push(
                                 Diagnostic::error(format!("pattern symbol `{c}` has no layer bound to it"))
                                     .at(at, "unbound symbol")
@@ -112,8 +115,11 @@ fn check_terms(terms: &[Term], defs: &[&str], diags: &mut Diagnostics) {
                         }
                     }
                 }
-                for (b, used) in bindings.iter().zip(used) {
-                    if !used {
+                for (i, (b, used)) in bindings.iter().zip(used).enumerate() {
+                    let repeated = bindings[..i]
+                        .iter()
+                        .any(|p| p.symbol.value == b.symbol.value);
+                    if !used && !repeated {
                         diags.push(
                             Diagnostic::warning(format!(
                                 "symbol `{}` is bound but does not occur in the pattern",

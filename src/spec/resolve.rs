@@ -55,10 +55,7 @@ pub(super) fn resolve(m: &Merged, diags: &mut Diagnostics) -> Option<Model> {
             defs_ok = false;
             continue;
         }
-        let Some(width) = width else {
-            defs_ok = false;
-            continue;
-        };
+        defs_ok &= width.is_some();
         let mut r = ArgReader::new(
             "parameter",
             format!(" of `{kind}`"),

@@ -324,9 +324,15 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
+    /// The pair's span without the whitespace pest may have consumed after it.
     fn span(&self, p: &Pair<Rule>) -> Span {
         let s = p.as_span();
-        Span::new(self.file, self.base + s.start(), self.base + s.end())
+        let len = p.as_str().trim_end().len();
+        Span::new(
+            self.file,
+            self.base + s.start(),
+            self.base + s.start() + len,
+        )
     }
 
     fn text(&self, p: &Pair<Rule>) -> Spanned<String> {
