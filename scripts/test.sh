@@ -5,4 +5,11 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # Snapshots are reviewed, never written by a test run.
 export INSTA_UPDATE=no
-cargo test --workspace --quiet
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+# One closing line for the whole run (cargo prints one per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit "$status"
