@@ -4,6 +4,7 @@
 //! Architecture invariant: this crate links no LLVM or MLIR. The compiler (`weft`) depends on it,
 //! never the other way round, so a machine that only runs bundles needs no compiler.
 
+pub mod cpu;
 pub mod dtype;
 pub mod init;
 pub mod op;

@@ -1,0 +1,8 @@
+//! The CPU reference backend: every operation of the operation set, forward and backward, in
+//! f32 (or f64 for gradient checks), parallel across cores with rayon. It is the ground truth
+//! for every GPU kernel, so each kernel here follows the reference equations plainly, and every
+//! reduction runs in a fixed order (fixed chunking), so results do not depend on scheduling.
+
+pub mod real;
+
+pub use real::{gemm, Real};
