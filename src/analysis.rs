@@ -1,7 +1,7 @@
 //! Costs read off a verified graph: parameters, forward FLOPs per token, activation memory per
 //! token kept for the backward pass, and decode-state bytes per sequence, per section.
 
-use crate::graph::{Graph, NodeId, NodeKind, Section};
+use crate::graph::{Graph, NodeKind, Section, Value};
 use crate::spec::Model;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
@@ -42,17 +42,17 @@ pub struct Report {
 
 /// Follows views (slices) to the tensor that owns the memory, and replaces recomputed values by
 /// the inputs they are recomputed from.
-fn stored_values(g: &Graph, id: NodeId, out: &mut Vec<NodeId>) {
-    let node = g.node(id);
+fn stored_values(g: &Graph, v: Value, out: &mut Vec<Value>) {
+    let node = g.node(v.node);
     match &node.kind {
-        NodeKind::Param { .. } => {}
-        NodeKind::Op(op) if op.is_view() => stored_values(g, g.inputs(id)[0], out),
+        NodeKind::Param { .. } | NodeKind::State { .. } => {}
+        NodeKind::Op(op) if op.is_view() => stored_values(g, g.inputs(v.node)[0], out),
         NodeKind::Op(_) if node.recompute => {
-            for i in g.inputs(id) {
+            for i in g.inputs(v.node) {
                 stored_values(g, i, out);
             }
         }
-        _ => out.push(id),
+        _ => out.push(v),
     }
 }
 
@@ -60,25 +60,17 @@ pub fn analyze(g: &Graph, model: &Model, seq: u64) -> Report {
     let mut rows: BTreeMap<Section, Row> = BTreeMap::new();
     let row = |s: Section| -> Row {
         let (section, name, kind) = match s {
-            Section::Embed => (
-                "embed".to_string(),
-                "embed".to_string(),
-                "embedding".to_string(),
-            ),
+            Section::Embed => ("embed".to_string(), "embed".to_string(), "embedding".to_string()),
             Section::Head => (
                 "head".to_string(),
                 "head".to_string(),
-                if model.tied_embeddings {
-                    "norm+head(tied)+ce"
-                } else {
-                    "norm+head+ce"
-                }
-                .to_string(),
+                if model.tied_embeddings { "norm+head(tied)+ce" } else { "norm+head+ce" }.to_string(),
             ),
             Section::Layer(i) => {
                 let def = model.def(&model.layers[i]);
                 (i.to_string(), def.name.clone(), def.kind.describe())
             }
+            Section::Optimizer => ("optimizer".to_string(), "optimizer".to_string(), "adamw".to_string()),
         };
         Row {
             section,
@@ -92,22 +84,19 @@ pub fn analyze(g: &Graph, model: &Model, seq: u64) -> Report {
         }
     };
     for (_, node) in g.nodes() {
-        rows.entry(node.section)
-            .or_insert_with(|| row(node.section));
+        rows.entry(node.section).or_insert_with(|| row(node.section));
     }
 
-    let mut saved: HashSet<NodeId> = HashSet::new();
-    let mut matmul_weights: HashSet<NodeId> = HashSet::new();
+    let mut saved: HashSet<Value> = HashSet::new();
+    let mut matmul_weights: HashSet<Value> = HashSet::new();
     for (id, node) in g.nodes() {
-        let r = rows
-            .get_mut(&node.section)
-            .expect("every section has a row");
+        let r = rows.get_mut(&node.section).expect("every section has a row");
         match &node.kind {
-            NodeKind::Param { .. } => r.parameters += node.ty.shape.fixed_elems(),
-            NodeKind::Input { .. } => {}
+            NodeKind::Param { .. } => r.parameters += node.ty().shape.fixed_elems(),
+            NodeKind::Input { .. } | NodeKind::State { .. } => {}
             NodeKind::Op(op) => {
                 let ins = g.inputs(id);
-                let tys: Vec<&TensorType> = ins.iter().map(|i| &g.node(*i).ty).collect();
+                let tys: Vec<&TensorType> = ins.iter().map(|i| g.ty(*i)).collect();
                 let f = op.flops_per_token(&tys, seq);
                 r.flops_per_token += f;
                 if op.is_matmul() {
@@ -119,22 +108,18 @@ pub fn analyze(g: &Graph, model: &Model, seq: u64) -> Report {
                     let mut values = Vec::new();
                     match s {
                         Saved::Input(i) => stored_values(g, ins[i], &mut values),
-                        Saved::Output => values.push(id),
-                        Saved::Stat { bytes_per_token } => {
-                            r.activation_bytes_per_token += bytes_per_token
-                        }
+                        Saved::Output(i) => values.push(Value { node: id, output: i as u32 }),
+                        Saved::Stat { bytes_per_token } => r.activation_bytes_per_token += bytes_per_token,
                     }
                     saved.extend(values);
                 }
             }
         }
     }
-    for id in saved {
-        let node = g.node(id);
-        if node.ty.shape.is_per_token() {
-            rows.get_mut(&node.section)
-                .expect("row")
-                .activation_bytes_per_token += node.ty.bytes_per_token();
+    for v in saved {
+        let ty = g.ty(v);
+        if ty.shape.is_per_token() {
+            rows.get_mut(&g.node(v.node).section).expect("row").activation_bytes_per_token += ty.bytes_per_token();
         }
     }
 
@@ -147,10 +132,7 @@ pub fn analyze(g: &Graph, model: &Model, seq: u64) -> Report {
         width: model.width,
         tied_embeddings: model.tied_embeddings,
         parameters: g.parameter_count(),
-        matmul_parameters: matmul_weights
-            .iter()
-            .map(|w| g.node(*w).ty.shape.fixed_elems())
-            .sum(),
+        matmul_parameters: matmul_weights.iter().map(|w| g.ty(*w).shape.fixed_elems()).sum(),
         flops_per_token: layers.iter().map(|r| r.flops_per_token).sum(),
         activation_bytes_per_token: layers.iter().map(|r| r.activation_bytes_per_token).sum(),
         decode_state_bytes: layers.iter().map(|r| r.decode_state_bytes).sum(),
@@ -202,15 +184,7 @@ pub fn render_table(r: &Report) -> String {
         r.dtype,
         r.seq
     );
-    let header = [
-        "layer",
-        "name",
-        "kind",
-        "parameters",
-        "fwd MFLOP/tok",
-        "act/tok (train)",
-        "decode state/seq",
-    ];
+    let header = ["layer", "name", "kind", "parameters", "fwd MFLOP/tok", "act/tok (train)", "decode state/seq"];
     let mut cells: Vec<[String; 7]> = r
         .layers
         .iter()

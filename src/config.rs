@@ -113,11 +113,7 @@ pub struct Checkpoint {
 
 impl Default for Checkpoint {
     fn default() -> Self {
-        Checkpoint {
-            dir: None,
-            every: 0,
-            keep: 2,
-        }
+        Checkpoint { dir: None, every: 0, keep: 2 }
     }
 }
 
@@ -132,11 +128,7 @@ pub struct Generate {
 
 impl Default for Generate {
     fn default() -> Self {
-        Generate {
-            max_new_tokens: 200,
-            temperature: 0.8,
-            top_p: 0.95,
-        }
+        Generate { max_new_tokens: 200, temperature: 0.8, top_p: 0.95 }
     }
 }
 
@@ -148,10 +140,7 @@ pub fn load(path: &Path) -> Result<RunConfig, (SourceMap, Diagnostics)> {
     let src = match std::fs::read_to_string(path) {
         Ok(s) => s,
         Err(e) => {
-            diags.push(Diagnostic::error(format!(
-                "cannot read run settings `{}`: {e}",
-                path.display()
-            )));
+            diags.push(Diagnostic::error(format!("cannot read run settings `{}`: {e}", path.display())));
             return Err((sources, diags));
         }
     };
@@ -179,10 +168,7 @@ pub fn parse(src: &str, file: FileId) -> Result<RunConfig, Diagnostics> {
     };
     let doc = toml::de::DeTable::parse(src).ok();
     let at = |path: &[&str]| -> Span {
-        let r = doc
-            .as_ref()
-            .and_then(|d| find(d.get_ref(), path))
-            .unwrap_or(0..0);
+        let r = doc.as_ref().and_then(|d| find(d.get_ref(), path)).unwrap_or(0..0);
         Span::new(file, r.start, r.end)
     };
     let mut check = |ok: bool, path: &[&str], what: &str| {
@@ -194,67 +180,23 @@ pub fn parse(src: &str, file: FileId) -> Result<RunConfig, Diagnostics> {
         }
     };
     let t = &config.train;
-    check(
-        (1..=1 << 32).contains(&t.seq_len),
-        &["train", "seq_len"],
-        "between 1 and 2^32",
-    );
+    check((1..=1 << 32).contains(&t.seq_len), &["train", "seq_len"], "between 1 and 2^32");
     check(t.batch_size >= 1, &["train", "batch_size"], "at least 1");
     check(t.grad_accum >= 1, &["train", "grad_accum"], "at least 1");
     check(t.log_every >= 1, &["train", "log_every"], "at least 1");
     let o = &config.optimizer;
-    check(
-        o.lr > 0.0 && o.lr.is_finite(),
-        &["optimizer", "lr"],
-        "a positive number",
-    );
-    check(
-        (0.0..=1.0).contains(&o.min_lr_ratio),
-        &["optimizer", "min_lr_ratio"],
-        "between 0 and 1",
-    );
-    check(
-        (0.0..=1.0).contains(&o.warmup),
-        &["optimizer", "warmup"],
-        "a fraction between 0 and 1",
-    );
-    check(
-        (0.0..1.0).contains(&o.beta1),
-        &["optimizer", "beta1"],
-        "in [0, 1)",
-    );
-    check(
-        (0.0..1.0).contains(&o.beta2),
-        &["optimizer", "beta2"],
-        "in [0, 1)",
-    );
+    check(o.lr > 0.0 && o.lr.is_finite(), &["optimizer", "lr"], "a positive number");
+    check((0.0..=1.0).contains(&o.min_lr_ratio), &["optimizer", "min_lr_ratio"], "between 0 and 1");
+    check((0.0..=1.0).contains(&o.warmup), &["optimizer", "warmup"], "a fraction between 0 and 1");
+    check((0.0..1.0).contains(&o.beta1), &["optimizer", "beta1"], "in [0, 1)");
+    check((0.0..1.0).contains(&o.beta2), &["optimizer", "beta2"], "in [0, 1)");
     check(o.eps > 0.0, &["optimizer", "eps"], "a positive number");
-    check(
-        o.weight_decay >= 0.0,
-        &["optimizer", "weight_decay"],
-        "zero or more",
-    );
-    check(
-        o.grad_clip >= 0.0,
-        &["optimizer", "grad_clip"],
-        "zero or more",
-    );
+    check(o.weight_decay >= 0.0, &["optimizer", "weight_decay"], "zero or more");
+    check(o.grad_clip >= 0.0, &["optimizer", "grad_clip"], "zero or more");
     let g = &config.generate;
-    check(
-        g.temperature >= 0.0 && g.temperature.is_finite(),
-        &["generate", "temperature"],
-        "zero or more",
-    );
-    check(
-        g.top_p > 0.0 && g.top_p <= 1.0,
-        &["generate", "top_p"],
-        "in (0, 1]",
-    );
-    check(
-        config.checkpoint.keep >= 1,
-        &["checkpoint", "keep"],
-        "at least 1",
-    );
+    check(g.temperature >= 0.0 && g.temperature.is_finite(), &["generate", "temperature"], "zero or more");
+    check(g.top_p > 0.0 && g.top_p <= 1.0, &["generate", "top_p"], "in (0, 1]");
+    check(config.checkpoint.keep >= 1, &["checkpoint", "keep"], "at least 1");
     if diags.has_errors() {
         Err(diags)
     } else {
@@ -279,8 +221,6 @@ fn find(table: &toml::de::DeTable, path: &[&str]) -> Option<std::ops::Range<usiz
 impl RunConfig {
     /// The spec named by the settings, relative to the settings file.
     pub fn spec_path(&self, config_path: &Path) -> Option<PathBuf> {
-        self.spec
-            .as_ref()
-            .map(|s| config_path.parent().unwrap_or(Path::new(".")).join(s))
+        self.spec.as_ref().map(|s| config_path.parent().unwrap_or(Path::new(".")).join(s))
     }
 }

@@ -21,20 +21,12 @@ pub struct Span {
 
 impl Span {
     pub fn new(file: FileId, start: usize, end: usize) -> Span {
-        Span {
-            file,
-            start: start as u32,
-            end: end as u32,
-        }
+        Span { file, start: start as u32, end: end as u32 }
     }
 
     /// The smallest span that covers both (same file assumed).
     pub fn to(self, other: Span) -> Span {
-        Span {
-            file: self.file,
-            start: self.start.min(other.start),
-            end: self.end.max(other.end),
-        }
+        Span { file: self.file, start: self.start.min(other.start), end: self.end.max(other.end) }
     }
 }
 
@@ -57,10 +49,7 @@ impl SourceMap {
     }
 
     pub fn source(&self, id: FileId) -> &str {
-        self.files
-            .get(id.0 as usize)
-            .map(|f| f.source().as_str())
-            .unwrap_or("")
+        self.files.get(id.0 as usize).map(|f| f.source().as_str()).unwrap_or("")
     }
 
     pub fn path(&self, id: FileId) -> &Path {
@@ -68,10 +57,7 @@ impl SourceMap {
     }
 
     pub fn find(&self, path: &Path) -> Option<FileId> {
-        self.paths
-            .iter()
-            .position(|p| p == path)
-            .map(|i| FileId(i as u32))
+        self.paths.iter().position(|p| p == path).map(|i| FileId(i as u32))
     }
 
     /// 1-based line and column of a byte offset.
@@ -121,10 +107,7 @@ impl Diagnostic {
     }
 
     pub fn warning(message: impl Into<String>) -> Diagnostic {
-        Diagnostic {
-            severity: Severity::Warning,
-            ..Diagnostic::error(message)
-        }
+        Diagnostic { severity: Severity::Warning, ..Diagnostic::error(message) }
     }
 
     pub fn at(mut self, span: Span, label: impl Into<String>) -> Diagnostic {
@@ -154,15 +137,12 @@ impl Diagnostic {
         .with_message(&self.message);
         let mut labels = Vec::new();
         if let Some((span, label)) = &self.primary {
-            labels.push(
-                Label::primary(span.file.0 as usize, span.start as usize..span.end as usize)
-                    .with_message(label),
-            );
+            labels
+                .push(Label::primary(span.file.0 as usize, span.start as usize..span.end as usize).with_message(label));
         }
         for (span, label) in &self.secondary {
             labels.push(
-                Label::secondary(span.file.0 as usize, span.start as usize..span.end as usize)
-                    .with_message(label),
+                Label::secondary(span.file.0 as usize, span.start as usize..span.end as usize).with_message(label),
             );
         }
         d = d.with_labels(labels);
@@ -189,8 +169,7 @@ impl Diagnostics {
 
     /// Orders diagnostics by file and position (stable, so one place keeps its order).
     pub fn sort_by_place(&mut self) {
-        self.0
-            .sort_by_key(|d| d.primary.as_ref().map(|(s, _)| (s.file, s.start)));
+        self.0.sort_by_key(|d| d.primary.as_ref().map(|(s, _)| (s.file, s.start)));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -214,11 +193,7 @@ impl Diagnostics {
         }
         let errors = self.error_count();
         if errors > 0 {
-            out.push_str(&format!(
-                "error: {} error{} found\n",
-                errors,
-                if errors == 1 { "" } else { "s" }
-            ));
+            out.push_str(&format!("error: {} error{} found\n", errors, if errors == 1 { "" } else { "s" }));
         }
         out
     }

@@ -47,9 +47,7 @@ pub fn check_str(path: &Path, src: &str) -> Result<Checked, Failed> {
 }
 
 fn front_end(loaded: spec::Loaded) -> Result<Checked, Failed> {
-    let (model, sources, mut diags) = loaded
-        .into_result()
-        .map_err(|(sources, diags)| Failed { sources, diags })?;
+    let (model, sources, mut diags) = loaded.into_result().map_err(|(sources, diags)| Failed { sources, diags })?;
     let graph = match graph::build(&model) {
         Ok(g) => g,
         Err(e) => {
@@ -65,10 +63,5 @@ fn front_end(loaded: spec::Loaded) -> Result<Checked, Failed> {
         diags.push(d);
         return Err(Failed { sources, diags });
     }
-    Ok(Checked {
-        model,
-        graph,
-        sources,
-        diags,
-    })
+    Ok(Checked { model, graph, sources, diags })
 }

@@ -6,11 +6,7 @@ use std::process::ExitCode;
 use weft::{analysis, config, graph, Checked};
 
 #[derive(Parser)]
-#[command(
-    name = "weft",
-    version,
-    about = "A compiler for neural-network architectures"
-)]
+#[command(name = "weft", version, about = "A compiler for neural-network architectures")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -64,12 +60,7 @@ fn load_config(path: &Path) -> Result<config::RunConfig, Reported> {
 
 fn run(cli: Cli) -> Result<(), Reported> {
     match cli.command {
-        Command::Check {
-            spec,
-            seq,
-            config,
-            json,
-        } => {
+        Command::Check { spec, seq, config, json } => {
             let settings = config.as_deref().map(load_config).transpose()?;
             let checked = front_end(&spec)?;
             let seq = seq.or(settings.map(|s| s.train.seq_len)).unwrap_or(4096);

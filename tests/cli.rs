@@ -3,11 +3,8 @@
 use std::process::Command;
 
 fn weft(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
-        .args(args)
-        .current_dir(crate::root())
-        .output()
-        .expect("run weft");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_weft")).args(args).current_dir(crate::root()).output().expect("run weft");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -24,10 +21,7 @@ fn check_json_has_parameters_and_layers() {
     let layers = v["layers"].as_array().expect("layers");
     // embedding, 24 sub-layers, head
     assert_eq!(layers.len(), 26);
-    let sum: u64 = layers
-        .iter()
-        .map(|l| l["parameters"].as_u64().unwrap())
-        .sum();
+    let sum: u64 = layers.iter().map(|l| l["parameters"].as_u64().unwrap()).sum();
     assert_eq!(sum, 421_793_280);
     assert_eq!(layers[3]["kind"], "swa(w=2048)");
 }
@@ -45,23 +39,12 @@ fn check_takes_the_sequence_length_from_run_settings() {
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("run.toml");
     std::fs::write(&cfg, "[train]\nseq_len = 512\n").unwrap();
-    let (code, out, err) = weft(&[
-        "check",
-        "specs/tiny/samba-tiny.weft",
-        "--json",
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+    let (code, out, err) = weft(&["check", "specs/tiny/samba-tiny.weft", "--json", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["seq"], 512);
     std::fs::write(&cfg, "[train]\nseq_len = 0\n").unwrap();
-    let (code, _, err) = weft(&[
-        "check",
-        "specs/tiny/samba-tiny.weft",
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+    let (code, _, err) = weft(&["check", "specs/tiny/samba-tiny.weft", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(err.contains("run.toml:2:11"), "{err}");
 }
@@ -71,10 +54,7 @@ fn broken_spec_exits_non_zero_with_located_errors() {
     let (code, out, err) = weft(&["check", "tests/data/errors/many_semantic_errors.weft"]);
     assert_eq!(code, 1);
     assert!(out.is_empty());
-    assert!(
-        err.contains("tests/data/errors/many_semantic_errors.weft:10:31"),
-        "{err}"
-    );
+    assert!(err.contains("tests/data/errors/many_semantic_errors.weft:10:31"), "{err}");
     assert!(err.contains("error: 10 errors found"), "{err}");
 }
 
@@ -82,10 +62,7 @@ fn broken_spec_exits_non_zero_with_located_errors() {
 fn missing_file_is_a_clear_error() {
     let (code, _, err) = weft(&["check", "specs/does-not-exist.weft"]);
     assert_eq!(code, 1);
-    assert!(
-        err.contains("cannot read spec `specs/does-not-exist.weft`"),
-        "{err}"
-    );
+    assert!(err.contains("cannot read spec `specs/does-not-exist.weft`"), "{err}");
 }
 
 #[test]

@@ -18,18 +18,8 @@ fn defaults_follow_the_reference_recipe() {
     let file = sources.add("run.toml", String::new());
     let c = parse("", file).unwrap();
     assert_eq!(c, RunConfig::default());
-    assert_eq!(
-        (c.optimizer.beta1, c.optimizer.beta2, c.optimizer.eps),
-        (0.9, 0.95, 1e-8)
-    );
-    assert_eq!(
-        (
-            c.optimizer.weight_decay,
-            c.optimizer.grad_clip,
-            c.optimizer.min_lr_ratio
-        ),
-        (0.1, 1.0, 0.1)
-    );
+    assert_eq!((c.optimizer.beta1, c.optimizer.beta2, c.optimizer.eps), (0.9, 0.95, 1e-8));
+    assert_eq!((c.optimizer.weight_decay, c.optimizer.grad_clip, c.optimizer.min_lr_ratio), (0.1, 1.0, 0.1));
     assert_eq!(c.train.seq_len, 4096);
 }
 
@@ -39,14 +29,8 @@ fn settings_are_read() {
     let mut sources = SourceMap::new();
     let file = sources.add("run.toml", src.to_string());
     let c = parse(src, file).unwrap();
-    assert_eq!(
-        (c.train.seq_len, c.train.batch_size, c.optimizer.lr),
-        (512, 4, 1e-3)
-    );
-    assert_eq!(
-        c.spec_path(std::path::Path::new("runs/run.toml")),
-        Some("runs/tiny.weft".into())
-    );
+    assert_eq!((c.train.seq_len, c.train.batch_size, c.optimizer.lr), (512, 4, 1e-3));
+    assert_eq!(c.spec_path(std::path::Path::new("runs/run.toml")), Some("runs/tiny.weft".into()));
 }
 
 #[test]
@@ -61,9 +45,7 @@ fn mistyped_value_is_an_error_at_its_place() {
 
 #[test]
 fn out_of_range_values_are_all_reported() {
-    insta::assert_snapshot!(errors(
-        "[optimizer]\nlr = -1.0\nbeta2 = 1.5\n\n[generate]\ntop_p = 0\n"
-    ));
+    insta::assert_snapshot!(errors("[optimizer]\nlr = -1.0\nbeta2 = 1.5\n\n[generate]\ntop_p = 0\n"));
 }
 
 #[test]

@@ -33,15 +33,8 @@ fn paper_specs_have_their_exact_parameter_counts() {
         let c = checked(spec);
         assert_eq!(c.graph.parameter_count(), exact, "{spec}");
         // The exact count rounds to the paper's figure at the precision the paper prints.
-        let half_unit = if paper == exact as f64 {
-            0.5
-        } else {
-            paper * 5e-4
-        };
-        assert!(
-            (exact as f64 - paper).abs() <= half_unit,
-            "{spec}: {exact} vs paper {paper}"
-        );
+        let half_unit = if paper == exact as f64 { 0.5 } else { paper * 5e-4 };
+        assert!((exact as f64 - paper).abs() <= half_unit, "{spec}: {exact} vs paper {paper}");
     }
 }
 
@@ -50,10 +43,7 @@ fn smaller_variants_are_within_one_percent_of_the_paper() {
     for &(spec, exact, paper) in WITHIN_ONE_PERCENT {
         let n = checked(spec).graph.parameter_count();
         assert_eq!(n, exact, "{spec}");
-        assert!(
-            (n as f64 / paper - 1.0).abs() < 0.01,
-            "{spec}: {n} vs {paper}"
-        );
+        assert!((n as f64 / paper - 1.0).abs() < 0.01, "{spec}: {n} vs {paper}");
     }
 }
 
@@ -61,13 +51,8 @@ fn smaller_variants_are_within_one_percent_of_the_paper() {
 fn mamba_swa_mlp_400m_matches_its_released_config() {
     // 8 × (Mamba 14,914,560 + SWA 9,437,184 + MLP 18,874,368) + 3 × 8 + 1 norms + embedding:
     // 395.0M, which the paper labels "400M" (0.40B at two significant digits).
-    let n = checked("specs/mamba-swa-mlp-400m.weft")
-        .graph
-        .parameter_count();
-    assert_eq!(
-        n,
-        8 * (14_914_560 + 9_437_184 + 18_874_368) + 25 * 1536 + 32000 * 1536
-    );
+    let n = checked("specs/mamba-swa-mlp-400m.weft").graph.parameter_count();
+    assert_eq!(n, 8 * (14_914_560 + 9_437_184 + 18_874_368) + 25 * 1536 + 32000 * 1536);
     assert_eq!(n, 394_999_296);
 }
 
@@ -76,11 +61,7 @@ fn untied_specs_count_the_head_separately() {
     let tied = checked("specs/samba-421m.weft").graph.parameter_count();
     let gla = checked("specs/sliding-gla-438m.weft");
     assert!(!gla.model.tied_embeddings);
-    let head = gla
-        .graph
-        .params()
-        .find(|(_, n, _)| *n == "head.weight")
-        .map(|(_, _, n)| n.ty.shape.fixed_elems());
+    let head = gla.graph.params().find(|(_, n, _)| *n == "head.weight").map(|(_, _, n)| n.ty().shape.fixed_elems());
     assert_eq!(head, Some(32000 * 1536));
     assert!(gla.graph.parameter_count() > tied);
 }
@@ -93,11 +74,7 @@ fn tiny_specs_have_a_few_million_parameters() {
         let path = entry.expect("entry").path();
         let c = weft::check_file(&path).unwrap_or_else(|f| panic!("{}", f.render()));
         let p = c.graph.parameter_count();
-        assert!(
-            (5_000_000..12_000_000).contains(&p),
-            "{}: {p}",
-            path.display()
-        );
+        assert!((5_000_000..12_000_000).contains(&p), "{}: {p}", path.display());
         n += 1;
     }
     assert_eq!(n, 10, "one tiny spec per paper architecture");

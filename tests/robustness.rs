@@ -83,33 +83,31 @@ fn samba_tiny() -> String {
 fn mutated_spec() -> impl Strategy<Value = String> {
     let base = samba_tiny();
     let n = base.len();
-    prop::collection::vec((0..n, 0..n, 0..4u8, prop::sample::select(TOKENS)), 1..6).prop_map(
-        move |edits| {
-            let mut s = base.clone();
-            for (a, b, kind, tok) in edits {
-                let (mut a, mut b) = (a.min(s.len()), b.min(s.len()));
-                if a > b {
-                    std::mem::swap(&mut a, &mut b);
-                }
-                while !s.is_char_boundary(a) {
-                    a -= 1;
-                }
-                while !s.is_char_boundary(b) {
-                    b -= 1;
-                }
-                match kind {
-                    0 => s.replace_range(a..b, ""),
-                    1 => {
-                        let dup = s[a..b].to_string();
-                        s.insert_str(b, &dup)
-                    }
-                    2 => s.replace_range(a..b, tok),
-                    _ => s.insert_str(a, tok),
-                }
+    prop::collection::vec((0..n, 0..n, 0..4u8, prop::sample::select(TOKENS)), 1..6).prop_map(move |edits| {
+        let mut s = base.clone();
+        for (a, b, kind, tok) in edits {
+            let (mut a, mut b) = (a.min(s.len()), b.min(s.len()));
+            if a > b {
+                std::mem::swap(&mut a, &mut b);
             }
-            s
-        },
-    )
+            while !s.is_char_boundary(a) {
+                a -= 1;
+            }
+            while !s.is_char_boundary(b) {
+                b -= 1;
+            }
+            match kind {
+                0 => s.replace_range(a..b, ""),
+                1 => {
+                    let dup = s[a..b].to_string();
+                    s.insert_str(b, &dup)
+                }
+                2 => s.replace_range(a..b, tok),
+                _ => s.insert_str(a, tok),
+            }
+        }
+        s
+    })
 }
 
 proptest! {
@@ -134,14 +132,7 @@ proptest! {
 fn first_error(src: &str) -> String {
     match weft::check_str(Path::new("limits.weft"), src) {
         Ok(_) => panic!("accepted"),
-        Err(f) => f
-            .diags
-            .0
-            .iter()
-            .find(|d| d.is_error())
-            .unwrap()
-            .message
-            .clone(),
+        Err(f) => f.diags.0.iter().find(|d| d.is_error()).unwrap().message.clone(),
     }
 }
 
@@ -155,10 +146,7 @@ fn deep_nesting_is_refused_before_parsing() {
     );
     assert_eq!(first_error(&src), "brackets nest more than 32 deep");
     // Unclosed brackets count too.
-    assert_eq!(
-        first_error(&"(".repeat(depth)),
-        "brackets nest more than 32 deep"
-    );
+    assert_eq!(first_error(&"(".repeat(depth)), "brackets nest more than 32 deep");
 }
 
 #[test]
@@ -174,10 +162,7 @@ fn nesting_at_the_limit_is_accepted() {
 #[test]
 fn huge_repetition_is_refused_without_expanding() {
     let src = "model m { vocab = 8 width = 8 }\nlayer a = swiglu(hidden = 4)\nlayers = [[[[a x 9223372036854775807] x 9223372036854775807] x 1000] x 1000]";
-    assert_eq!(
-        first_error(src),
-        "the layer sequence expands to more than 4096 layers"
-    );
+    assert_eq!(first_error(src), "the layer sequence expands to more than 4096 layers");
     let src = "model m { vocab = 8 width = 8 }\nlayer a = swiglu(hidden = 4)\nlayers = a x 99999999999999999999999999";
     assert_eq!(first_error(src), "repetition count is too large");
 }
@@ -193,7 +178,8 @@ fn huge_numbers_are_errors_not_overflows() {
     let src = "model m { vocab = 99999999999999999999999 width = 18446744073709551615 }\nlayer a = swiglu(hidden = 4)\nlayers = a";
     assert!(first_error(src).contains("`vocab` must be a whole number"));
     // Widths that overflow products of shapes are refused by the range checks.
-    let src = "model m { vocab = 8 width = 4611686018427387904 }\nlayer a = swiglu(hidden = 4611686018427387904)\nlayers = a";
+    let src =
+        "model m { vocab = 8 width = 4611686018427387904 }\nlayer a = swiglu(hidden = 4611686018427387904)\nlayers = a";
     let r = weft::check_str(Path::new("big.weft"), src);
     assert!(r.is_err());
 }

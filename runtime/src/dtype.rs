@@ -32,9 +32,7 @@ impl DType {
     }
 
     pub fn parse(s: &str) -> Option<DType> {
-        [DType::F32, DType::BF16, DType::F16, DType::I32]
-            .into_iter()
-            .find(|d| d.name() == s)
+        [DType::F32, DType::BF16, DType::F16, DType::I32].into_iter().find(|d| d.name() == s)
     }
 
     pub fn is_float(self) -> bool {

@@ -38,11 +38,7 @@ impl fmt::Display for Init {
             Init::Uniform { bound } => write!(f, "uniform(±{})", short(*bound)),
             Init::Constant { value } => write!(f, "constant({})", short(*value)),
             Init::S4dRealLog => f.write_str("s4d_real_log"),
-            Init::MambaDtBias {
-                dt_min,
-                dt_max,
-                floor,
-            } => write!(
+            Init::MambaDtBias { dt_min, dt_max, floor } => write!(
                 f,
                 "mamba_dt_bias(dt_min={}, dt_max={}, floor={})",
                 short(*dt_min),

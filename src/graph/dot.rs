@@ -12,10 +12,7 @@ fn escape(s: &str) -> String {
 pub fn to_dot(g: &Graph) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "digraph \"{}\" {{", escape(&g.name));
-    let _ = writeln!(
-        out,
-        "  rankdir=TB;\n  node [fontname=\"monospace\", fontsize=10];"
-    );
+    let _ = writeln!(out, "  rankdir=TB;\n  node [fontname=\"monospace\", fontsize=10];");
     let mut section = None;
     for (id, node) in g.nodes() {
         if section != Some(node.section) {
@@ -27,24 +24,17 @@ pub fn to_dot(g: &Graph) -> String {
                 Section::Embed => "embedding".to_string(),
                 Section::Layer(i) => format!("layer {i}"),
                 Section::Head => "head".to_string(),
+                Section::Optimizer => "optimizer".to_string(),
             };
-            let _ = writeln!(
-                out,
-                "  subgraph cluster_{} {{\n    label=\"{label}\";",
-                id.index()
-            );
+            let _ = writeln!(out, "  subgraph cluster_{} {{\n    label=\"{label}\";", id.index());
         }
+        let types: Vec<String> = node.outs.iter().map(|t| t.to_string()).collect();
         let (shape, label) = match &node.kind {
-            NodeKind::Input { name } => ("ellipse", format!("{name}\\n{}", node.ty)),
-            NodeKind::Param { name, .. } => ("ellipse", format!("{name}\\n{}", node.ty)),
-            NodeKind::Op(op) => ("box", format!("%{} {op}\\n{}", id.index(), node.ty)),
+            NodeKind::Op(op) => ("box", format!("%{} {op}\\n{}", id.index(), types.join(", "))),
+            leaf => ("ellipse", format!("{}\\n{}", leaf.leaf_name().unwrap_or_default(), types.join(", "))),
         };
-        let _ = writeln!(
-            out,
-            "    n{} [shape={shape}, label=\"{}\"];",
-            id.index(),
-            escape(&label).replace("\\\\n", "\\n")
-        );
+        let _ =
+            writeln!(out, "    n{} [shape={shape}, label=\"{}\"];", id.index(), escape(&label).replace("\\\\n", "\\n"));
     }
     if section.is_some() {
         out.push_str("  }\n");
@@ -52,13 +42,10 @@ pub fn to_dot(g: &Graph) -> String {
     for e in (&g.g).edge_references() {
         let _ = writeln!(out, "  n{} -> n{};", e.source().index(), e.target().index());
     }
-    for (name, id) in &g.outputs {
-        let _ = writeln!(
-            out,
-            "  out_{name} [shape=doubleoctagon, label=\"{}\"];\n  n{} -> out_{name};",
-            escape(name),
-            id.index()
-        );
+    for (name, v) in g.outputs.iter().chain(&g.updates) {
+        let id = escape(&format!("out:{name}"));
+        let _ = writeln!(out, "  \"{id}\" [shape=doubleoctagon, label=\"{}\"];", escape(name));
+        let _ = writeln!(out, "  n{} -> \"{id}\";", v.node.index());
     }
     out.push_str("}\n");
     out

@@ -1,9 +1,10 @@
 //! The typed graph: tensor operations from the runtime's operation set on a petgraph graph,
-//! every node with its type, the span of the spec text it came from, and the section of the
-//! model (embedding, a layer, the head) it belongs to.
+//! every node with the types of its outputs, the span of the spec text it came from, and the
+//! section of the model (embedding, a layer, the head) it belongs to.
 //!
 //! Architecture invariant: node indices are assigned in a topological order (every node after
-//! its inputs), and edges carry the input slot, so a node's inputs are ordered by slot.
+//! its inputs), and each edge names the output it reads and the input slot it feeds, so a
+//! node's inputs are ordered by slot.
 
 mod build;
 mod dot;
@@ -19,6 +20,7 @@ use crate::diag::Span;
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
+use std::fmt;
 use weft_runtime::{Init, Op, TensorType};
 
 /// A node of a [`Graph`]; stable under deletion, so ids kept by later passes stay valid.
@@ -31,6 +33,30 @@ impl NodeId {
     }
 }
 
+/// One output of a node: the unit that flows along edges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Value {
+    pub node: NodeId,
+    pub output: u32,
+}
+
+impl NodeId {
+    /// The node's first (for most operations, only) output.
+    pub fn out0(self) -> Value {
+        Value { node: self, output: 0 }
+    }
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.output == 0 {
+            write!(f, "%{}", self.node.index())
+        } else {
+            write!(f, "%{}.{}", self.node.index(), self.output)
+        }
+    }
+}
+
 /// Which part of the model a node belongs to; cost tables have one row per section.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Section {
@@ -39,11 +65,13 @@ pub enum Section {
     Layer(usize),
     /// Final norm, head and loss.
     Head,
+    /// The optimizer step.
+    Optimizer,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum NodeKind {
-    /// Data fed to every step (tokens, targets).
+    /// Data fed to every step (tokens, targets, the step number).
     Input {
         name: String,
     },
@@ -52,61 +80,89 @@ pub enum NodeKind {
         name: String,
         init: Init,
     },
+    /// A persistent tensor that is not trained (optimizer moments, gradient accumulators),
+    /// zero at the start.
+    State {
+        name: String,
+    },
     Op(Op),
+}
+
+impl NodeKind {
+    /// The name of an input, parameter or state.
+    pub fn leaf_name(&self) -> Option<&str> {
+        match self {
+            NodeKind::Input { name } | NodeKind::Param { name, .. } | NodeKind::State { name } => Some(name),
+            NodeKind::Op(_) => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Node {
     pub kind: NodeKind,
-    pub ty: TensorType,
+    /// The type of each output (leaves have one).
+    pub outs: Vec<TensorType>,
     pub span: Span,
     pub section: Section,
     /// The backward pass recomputes this value from its inputs instead of keeping it.
     pub recompute: bool,
 }
 
-/// An input slot of an edge's target.
+impl Node {
+    /// The type of the first output.
+    pub fn ty(&self) -> &TensorType {
+        &self.outs[0]
+    }
+}
+
+/// An edge: which output of the source feeds which input slot of the target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Slot(pub usize);
+pub struct Port {
+    pub output: u32,
+    pub input: u32,
+}
 
 #[derive(Clone, Debug)]
 pub struct Graph {
     pub name: String,
-    pub g: StableDiGraph<Node, Slot>,
-    /// Named results of the graph (`loss`).
-    pub outputs: Vec<(String, NodeId)>,
+    pub g: StableDiGraph<Node, Port>,
+    /// Named results of the graph (`loss`, gradients).
+    pub outputs: Vec<(String, Value)>,
+    /// Persistent tensors this graph writes: (parameter or state name, its new value).
+    pub updates: Vec<(String, Value)>,
 }
 
 impl Graph {
     pub fn new(name: impl Into<String>) -> Graph {
-        Graph {
-            name: name.into(),
-            g: StableDiGraph::new(),
-            outputs: Vec::new(),
-        }
+        Graph { name: name.into(), g: StableDiGraph::new(), outputs: Vec::new(), updates: Vec::new() }
     }
 
     pub fn node(&self, id: NodeId) -> &Node {
         &self.g[id.0]
     }
 
-    pub fn add(&mut self, node: Node, inputs: &[NodeId]) -> NodeId {
+    pub fn ty(&self, v: Value) -> &TensorType {
+        &self.g[v.node.0].outs[v.output as usize]
+    }
+
+    pub fn add(&mut self, node: Node, inputs: &[Value]) -> NodeId {
         let id = NodeId(self.g.add_node(node));
         for (slot, input) in inputs.iter().enumerate() {
-            self.g.add_edge(input.0, id.0, Slot(slot));
+            self.g.add_edge(input.node.0, id.0, Port { output: input.output, input: slot as u32 });
         }
         id
     }
 
     /// A node's inputs ordered by slot.
-    pub fn inputs(&self, id: NodeId) -> Vec<NodeId> {
-        let mut edges: Vec<(usize, NodeId)> = self
+    pub fn inputs(&self, id: NodeId) -> Vec<Value> {
+        let mut edges: Vec<(u32, Value)> = self
             .g
             .edges_directed(id.0, Direction::Incoming)
-            .map(|e| (e.weight().0, NodeId(e.source())))
+            .map(|e| (e.weight().input, Value { node: NodeId(e.source()), output: e.weight().output }))
             .collect();
         edges.sort();
-        edges.into_iter().map(|(_, n)| n).collect()
+        edges.into_iter().map(|(_, v)| v).collect()
     }
 
     /// Every node in index order, which is a topological order.
@@ -129,8 +185,10 @@ impl Graph {
 
     /// Number of trained scalars: every parameter tensor, norms included.
     pub fn parameter_count(&self) -> u64 {
-        self.params()
-            .map(|(_, _, n)| n.ty.shape.fixed_elems())
-            .sum()
+        self.params().map(|(_, _, n)| n.ty().shape.fixed_elems()).sum()
+    }
+
+    pub fn output(&self, name: &str) -> Option<Value> {
+        self.outputs.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
     }
 }

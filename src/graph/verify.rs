@@ -1,6 +1,6 @@
 //! The graph verifier: the invariants every pass must keep, checked between passes.
 
-use super::{Graph, NodeId, NodeKind};
+use super::{Graph, NodeId, NodeKind, Value};
 use petgraph::visit::{EdgeRef, IntoEdgeReferences};
 use petgraph::Direction;
 use std::collections::{BTreeSet, HashSet};
@@ -24,118 +24,119 @@ impl fmt::Display for VerifyError {
 
 /// Checks that the graph is well formed:
 /// - every edge goes from a lower to a higher node index (so index order is topological, and
-///   the graph is acyclic);
-/// - inputs and parameters have no inputs; each operation has exactly one edge per input slot,
-///   and its recorded type is what the operation's type rule gives for its inputs;
-/// - parameter and input names are unique and non-empty;
-/// - every node contributes to an output, and a `loss` output is an f32 scalar.
+///   the graph is acyclic) and reads an output its source has;
+/// - leaves (inputs, parameters, states) have no inputs and one output; each operation has
+///   exactly one edge per input slot, and its recorded output types are what the operation's
+///   type rule gives for its inputs;
+/// - leaf names are unique and non-empty;
+/// - every node contributes to an output or an update, a `loss` output is an f32 scalar, and
+///   every update writes a parameter or state of the same name and type.
 pub fn verify(g: &Graph) -> Result<(), Vec<VerifyError>> {
     let mut errs = Vec::new();
     let mut fail = |node: Option<NodeId>, message: String| errs.push(VerifyError { node, message });
 
     for e in (&g.g).edge_references() {
         if e.source() >= e.target() {
+            fail(Some(NodeId(e.target())), format!("input %{} does not come before its user", e.source().index()));
+        }
+        if e.weight().output as usize >= g.g[e.source()].outs.len() {
             fail(
                 Some(NodeId(e.target())),
-                format!(
-                    "input %{} does not come before its user",
-                    e.source().index()
-                ),
+                format!("reads output {} of %{}, which it lacks", e.weight().output, e.source().index()),
             );
         }
     }
     let mut names = HashSet::new();
     for (id, node) in g.nodes() {
-        let incoming: Vec<usize> =
-            g.g.edges_directed(id.0, Direction::Incoming)
-                .map(|e| e.weight().0)
-                .collect();
+        let incoming: Vec<u32> = g.g.edges_directed(id.0, Direction::Incoming).map(|e| e.weight().input).collect();
         match &node.kind {
-            NodeKind::Input { name } | NodeKind::Param { name, .. } => {
-                if !incoming.is_empty() {
-                    fail(Some(id), format!("`{name}` is a leaf but has inputs"));
-                }
-                if name.is_empty() || !names.insert(name.clone()) {
-                    fail(Some(id), format!("name `{name}` is empty or not unique"));
-                }
-                if node.ty.shape.as_fixed().is_none() && matches!(node.kind, NodeKind::Param { .. })
-                {
-                    fail(
-                        Some(id),
-                        format!("parameter `{name}` has a symbolic shape {}", node.ty.shape),
-                    );
-                }
-            }
             NodeKind::Op(op) => {
-                let slots: BTreeSet<usize> = incoming.iter().copied().collect();
-                let arity = op.input_names().len();
+                let slots: BTreeSet<u32> = incoming.iter().copied().collect();
+                let arity = op.input_names().len() as u32;
                 if slots.len() != incoming.len() || slots != (0..arity).collect() {
-                    fail(
-                        Some(id),
-                        format!(
-                            "{} needs inputs in slots 0..{arity}, has slots {incoming:?}",
-                            op.name()
-                        ),
-                    );
+                    fail(Some(id), format!("{} needs inputs in slots 0..{arity}, has slots {incoming:?}", op.name()));
                     continue;
                 }
                 let ins = g.inputs(id);
-                let tys: Vec<&TensorType> = ins.iter().map(|i| &g.node(*i).ty).collect();
+                if ins.iter().any(|v| v.output as usize >= g.node(v.node).outs.len()) {
+                    continue;
+                }
+                let tys: Vec<&TensorType> = ins.iter().map(|i| g.ty(*i)).collect();
                 match op.infer(&tys) {
-                    Ok(ty) if ty == node.ty => {}
-                    Ok(ty) => fail(
+                    Ok(outs) if outs == node.outs => {}
+                    Ok(outs) => fail(
                         Some(id),
                         format!(
-                            "{} records type {} but its inputs give {ty}",
+                            "{} records types {} but its inputs give {}",
                             op.name(),
-                            node.ty
+                            types(&node.outs),
+                            types(&outs)
                         ),
                     ),
                     Err(e) => fail(Some(id), format!("{} does not type-check: {e}", op.name())),
                 }
             }
+            leaf => {
+                let name = leaf.leaf_name().unwrap_or_default();
+                if !incoming.is_empty() {
+                    fail(Some(id), format!("`{name}` is a leaf but has inputs"));
+                }
+                if node.outs.len() != 1 {
+                    fail(Some(id), format!("`{name}` must have one output"));
+                }
+                if name.is_empty() || !names.insert(name.to_string()) {
+                    fail(Some(id), format!("name `{name}` is empty or not unique"));
+                }
+                if !matches!(leaf, NodeKind::Input { .. }) && node.outs.iter().any(|t| t.shape.as_fixed().is_none()) {
+                    fail(Some(id), format!("`{name}` is persistent but has a symbolic shape {}", node.ty().shape));
+                }
+            }
         }
     }
 
-    // Liveness: walk back from the outputs.
+    let exists = |v: &Value| g.g.contains_node(v.node.0) && (v.output as usize) < g.node(v.node).outs.len();
     let mut live = HashSet::new();
-    let mut stack: Vec<NodeId> = g.outputs.iter().map(|(_, n)| *n).collect();
-    while let Some(n) = stack.pop() {
-        if !g.g.contains_node(n.0) {
-            fail(
-                None,
-                format!("output refers to missing node %{}", n.index()),
-            );
-            continue;
+    let mut stack: Vec<NodeId> = Vec::new();
+    for (name, v) in g.outputs.iter().chain(&g.updates) {
+        if exists(v) {
+            stack.push(v.node);
+        } else {
+            fail(None, format!("`{name}` refers to missing value {v}"));
         }
+    }
+    while let Some(n) = stack.pop() {
         if live.insert(n) {
-            stack.extend(g.inputs(n));
+            stack.extend(g.inputs(n).into_iter().map(|v| v.node));
         }
     }
     for (id, node) in g.nodes() {
         if !live.contains(&id) {
             let what = match &node.kind {
-                NodeKind::Param { name, .. } | NodeKind::Input { name } => format!("`{name}`"),
                 NodeKind::Op(op) => op.name().to_string(),
+                leaf => format!("`{}`", leaf.leaf_name().unwrap_or_default()),
             };
-            fail(
-                Some(id),
-                format!("{what} does not contribute to any output"),
-            );
+            fail(Some(id), format!("{what} does not contribute to any output"));
         }
     }
-    for (name, id) in &g.outputs {
-        if name == "loss"
-            && g.g.contains_node(id.0)
-            && g.node(*id).ty != TensorType::new(DType::F32, Shape::scalar())
-        {
-            fail(
-                Some(*id),
-                format!("loss must be an f32 scalar, is {}", g.node(*id).ty),
-            );
+    for (name, v) in &g.outputs {
+        if name == "loss" && exists(v) && *g.ty(*v) != TensorType::new(DType::F32, Shape::scalar()) {
+            fail(Some(v.node), format!("loss must be an f32 scalar, is {}", g.ty(*v)));
         }
     }
-    if g.outputs.is_empty() {
+    for (name, v) in &g.updates {
+        let target = g.nodes().find(
+            |(_, n)| matches!(&n.kind, NodeKind::Param { name: p, .. } | NodeKind::State { name: p } if p == name),
+        );
+        match target {
+            Some((_, t)) if exists(v) && t.ty() == g.ty(*v) => {}
+            Some((_, t)) if exists(v) => {
+                fail(Some(v.node), format!("update of `{name}` is {} but `{name}` is {}", g.ty(*v), t.ty()))
+            }
+            Some(_) => {}
+            None => fail(None, format!("update of `{name}`, which is no parameter or state")),
+        }
+    }
+    if g.outputs.is_empty() && g.updates.is_empty() {
         fail(None, "the graph has no outputs".to_string());
     }
     if errs.is_empty() {
@@ -143,4 +144,8 @@ pub fn verify(g: &Graph) -> Result<(), Vec<VerifyError>> {
     } else {
         Err(errs)
     }
+}
+
+fn types(ts: &[TensorType]) -> String {
+    ts.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ")
 }

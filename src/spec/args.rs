@@ -22,21 +22,8 @@ pub struct ArgReader<'a> {
 }
 
 impl<'a> ArgReader<'a> {
-    pub fn new(
-        what: &'static str,
-        of: String,
-        args: &'a [KeyValue],
-        owner: Span,
-        diags: &'a mut Diagnostics,
-    ) -> Self {
-        ArgReader {
-            what,
-            of,
-            args,
-            asked: Vec::new(),
-            owner,
-            diags,
-        }
+    pub fn new(what: &'static str, of: String, args: &'a [KeyValue], owner: Span, diags: &'a mut Diagnostics) -> Self {
+        ArgReader { what, of, args, asked: Vec::new(), owner, diags }
     }
 
     fn get(&mut self, key: &'static str) -> Option<&'a KeyValue> {
@@ -45,11 +32,7 @@ impl<'a> ArgReader<'a> {
     }
 
     pub fn span_of(&self, key: &str) -> Option<Span> {
-        self.args
-            .iter()
-            .rev()
-            .find(|kv| kv.key.value == key)
-            .map(|kv| kv.value.span)
+        self.args.iter().rev().find(|kv| kv.key.value == key).map(|kv| kv.value.span)
     }
 
     fn missing(&mut self, key: &str, hint: &str) {
@@ -62,23 +45,13 @@ impl<'a> ArgReader<'a> {
 
     fn wrong(&mut self, kv: &KeyValue, expected: &str) {
         self.diags.push(
-            Diagnostic::error(format!(
-                "`{}` must be {expected}, found {}",
-                kv.key.value,
-                kv.value.value.describe()
-            ))
-            .at(kv.value.span, format!("expected {expected}")),
+            Diagnostic::error(format!("`{}` must be {expected}, found {}", kv.key.value, kv.value.value.describe()))
+                .at(kv.value.span, format!("expected {expected}")),
         );
     }
 
     /// A whole number ≥ `min`; `default` None makes the key required.
-    pub fn int(
-        &mut self,
-        key: &'static str,
-        default: Option<u64>,
-        min: u64,
-        hint: &str,
-    ) -> Option<u64> {
+    pub fn int(&mut self, key: &'static str, default: Option<u64>, min: u64, hint: &str) -> Option<u64> {
         let Some(kv) = self.get(key) else {
             if default.is_none() {
                 self.missing(key, hint);
@@ -134,21 +107,13 @@ impl<'a> ArgReader<'a> {
     }
 
     /// A whole number ≥ `min` or the word `word` (`window = full`); `Ok(None)` is the word.
-    pub fn int_or_word(
-        &mut self,
-        key: &'static str,
-        word: &str,
-        default: Option<u64>,
-        min: u64,
-    ) -> Option<u64> {
+    pub fn int_or_word(&mut self, key: &'static str, word: &str, default: Option<u64>, min: u64) -> Option<u64> {
         let Some(kv) = self.get(key) else {
             return default;
         };
         match &kv.value.value {
             Value::Name(n) if n == word => None,
-            Value::Number(text) if parse_int(text).is_some_and(|n| n >= min) => {
-                self.int_value(kv, min).or(default)
-            }
+            Value::Number(text) if parse_int(text).is_some_and(|n| n >= min) => self.int_value(kv, min).or(default),
             _ => {
                 self.wrong(kv, &format!("a whole number ≥ {min} or `{word}`"));
                 default
@@ -157,12 +122,7 @@ impl<'a> ArgReader<'a> {
     }
 
     /// A positive number or the word `word` (`rope = none`).
-    pub fn positive_or_word(
-        &mut self,
-        key: &'static str,
-        word: &str,
-        default: Option<f64>,
-    ) -> Option<f64> {
+    pub fn positive_or_word(&mut self, key: &'static str, word: &str, default: Option<f64>) -> Option<f64> {
         let Some(kv) = self.get(key) else {
             return default;
         };
@@ -177,12 +137,7 @@ impl<'a> ArgReader<'a> {
     }
 
     /// One of a fixed set of words.
-    pub fn word(
-        &mut self,
-        key: &'static str,
-        choices: &[&'static str],
-        default: &'static str,
-    ) -> &'static str {
+    pub fn word(&mut self, key: &'static str, choices: &[&'static str], default: &'static str) -> &'static str {
         let Some(kv) = self.get(key) else {
             return default;
         };
@@ -191,11 +146,7 @@ impl<'a> ArgReader<'a> {
                 return c;
             }
         }
-        let list = choices
-            .iter()
-            .map(|c| format!("`{c}`"))
-            .collect::<Vec<_>>()
-            .join(" or ");
+        let list = choices.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(" or ");
         self.wrong(kv, &list);
         default
     }
@@ -213,11 +164,7 @@ impl<'a> ArgReader<'a> {
             if let Some(hint) = did_you_mean(key, known.iter().copied()) {
                 d = d.note(hint);
             }
-            let list = known
-                .iter()
-                .map(|k| format!("`{k}`"))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let list = known.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ");
             self.diags.push(d.note(format!("known keys: {list}")));
         }
     }

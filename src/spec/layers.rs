@@ -106,12 +106,7 @@ impl LayerKind {
 /// Reads a layer definition's arguments; `None` after reporting when they are wrong.
 /// `width` is `None` when the model's width is itself wrong: the arguments are still checked,
 /// only the checks against the width are skipped.
-pub fn read_layer(
-    kind: &str,
-    r: &mut ArgReader,
-    width: Option<u64>,
-    def: Span,
-) -> Option<LayerKind> {
+pub fn read_layer(kind: &str, r: &mut ArgReader, width: Option<u64>, def: Span) -> Option<LayerKind> {
     let known_width = width;
     let width = width.unwrap_or(0);
     let errors_before = r.diags.error_count();
@@ -120,9 +115,7 @@ pub fn read_layer(
             let d_state = r.int("d_state", Some(16), 1, "");
             let expand = r.int("expand", Some(2), 1, "");
             let d_conv = r.int("d_conv", Some(4), 1, "");
-            let dt_rank = r
-                .int_or_word("dt_rank", "auto", None, 1)
-                .unwrap_or(width.div_ceil(16));
+            let dt_rank = r.int_or_word("dt_rank", "auto", None, 1).unwrap_or(width.div_ceil(16));
             let dt_min = r.positive("dt_min", 0.001);
             let dt_max = r.positive("dt_max", 0.1);
             let dt_floor = r.positive("dt_floor", 1e-4);
@@ -157,13 +150,9 @@ pub fn read_layer(
                     if known_width.is_some() && width % heads != 0 {
                         let at = r.span_of("heads").unwrap_or(def);
                         r.diags.push(
-                            Diagnostic::error(format!(
-                                "{heads} heads do not divide the width {width}"
-                            ))
-                            .at(at, format!("{width} is not a multiple of {heads}"))
-                            .note(
-                                "choose heads that divide the width, or give `head_dim` explicitly",
-                            ),
+                            Diagnostic::error(format!("{heads} heads do not divide the width {width}"))
+                                .at(at, format!("{width} is not a multiple of {heads}"))
+                                .note("choose heads that divide the width, or give `head_dim` explicitly"),
                         );
                         return None;
                     }
@@ -174,10 +163,7 @@ pub fn read_layer(
                 let at = r.span_of("kv_heads").unwrap_or(def);
                 r.diags.push(
                     Diagnostic::error(format!("kv_heads {kv_heads} does not divide heads {heads}"))
-                        .at(
-                            at,
-                            "each key/value head must serve a whole number of query heads",
-                        ),
+                        .at(at, "each key/value head must serve a whole number of query heads"),
                 );
             }
             // A head size derived from an unknown width says nothing.
@@ -187,24 +173,15 @@ pub fn read_layer(
                 r.diags.push(
                     Diagnostic::error(format!("RoPE needs an even head dimension, found {head_dim}"))
                         .at(at, "odd head dimension")
-                        .note("rotate-half RoPE pairs the two halves of each head; use `rope = none` or an even head_dim"),
+                        .note(
+                            "rotate-half RoPE pairs the two halves of each head; use `rope = none` or an even head_dim",
+                        ),
                 );
             }
-            LayerKind::Attention(Attention {
-                heads,
-                kv_heads,
-                head_dim,
-                window,
-                rope,
-            })
+            LayerKind::Attention(Attention { heads, kv_heads, head_dim, window, rope })
         }
         "swiglu" | "mlp" => {
-            let hidden = r.int(
-                "hidden",
-                None,
-                1,
-                "an MLP needs its hidden width, e.g. `hidden = 4096`",
-            );
+            let hidden = r.int("hidden", None, 1, "an MLP needs its hidden width, e.g. `hidden = 4096`");
             LayerKind::SwiGlu(SwiGlu { hidden: hidden? })
         }
         "gla" => {
@@ -216,13 +193,7 @@ pub fn read_layer(
             let heads = heads?;
             let key_dim = expanded(r, "key_expansion", known_width, ke, heads, def)?;
             let value_dim = expanded(r, "value_expansion", known_width, ve, heads, def)?;
-            LayerKind::Gla(Gla {
-                heads,
-                key_dim,
-                value_dim,
-                gate_rank: gate_rank?,
-                gate_norm,
-            })
+            LayerKind::Gla(Gla { heads, key_dim, value_dim, gate_rank: gate_rank?, gate_norm })
         }
         "retnet" => {
             let heads = r.int("heads", None, 1, "retnet needs `heads = N`");
@@ -234,22 +205,11 @@ pub fn read_layer(
             let value_dim = expanded(r, "value_expansion", known_width, ve, heads, def)?;
             if rope.is_some() && (key_dim / heads) % 2 != 0 {
                 r.diags.push(
-                    Diagnostic::error(format!(
-                        "RoPE needs an even key dimension per head, found {}",
-                        key_dim / heads
-                    ))
-                    .at(
-                        r.span_of("heads").unwrap_or(def),
-                        "odd key dimension per head",
-                    ),
+                    Diagnostic::error(format!("RoPE needs an even key dimension per head, found {}", key_dim / heads))
+                        .at(r.span_of("heads").unwrap_or(def), "odd key dimension per head"),
                 );
             }
-            LayerKind::RetNet(RetNet {
-                heads,
-                key_dim,
-                value_dim,
-                rope,
-            })
+            LayerKind::RetNet(RetNet { heads, key_dim, value_dim, rope })
         }
         _ => return None,
     };
@@ -282,10 +242,8 @@ fn expanded(
     let dim = dim as u64;
     if dim % heads != 0 {
         r.diags.push(
-            Diagnostic::error(format!("{heads} heads do not divide the {key} width {dim}")).at(
-                r.span_of("heads").unwrap_or(at),
-                format!("{dim} is not a multiple of {heads}"),
-            ),
+            Diagnostic::error(format!("{heads} heads do not divide the {key} width {dim}"))
+                .at(r.span_of("heads").unwrap_or(at), format!("{dim} is not a multiple of {heads}")),
         );
         return None;
     }

@@ -54,15 +54,8 @@ pub fn load_file(path: &Path) -> Loaded {
         Ok(src) => load_str(path, src),
         Err(e) => {
             let mut diags = Diagnostics::default();
-            diags.push(Diagnostic::error(format!(
-                "cannot read spec `{}`: {e}",
-                path.display()
-            )));
-            Loaded {
-                sources: SourceMap::new(),
-                model: None,
-                diags,
-            }
+            diags.push(Diagnostic::error(format!("cannot read spec `{}`: {e}", path.display())));
+            Loaded { sources: SourceMap::new(), model: None, diags }
         }
     }
 }
@@ -74,17 +67,9 @@ pub fn load_str(path: &Path, src: String) -> Loaded {
     let mut stack = Vec::new();
     let merged = load_chain(path, src, &mut sources, &mut diags, &mut stack);
     // Semantic errors after a syntax error are mostly its echoes: report the syntax alone.
-    let model = if diags.has_errors() {
-        None
-    } else {
-        resolve(&merged, &mut diags)
-    };
+    let model = if diags.has_errors() { None } else { resolve(&merged, &mut diags) };
     diags.sort_by_place();
-    Loaded {
-        sources,
-        model,
-        diags,
-    }
+    Loaded { sources, model, diags }
 }
 
 fn load_chain(
@@ -99,10 +84,7 @@ fn load_chain(
     diags.extend(syntax);
     stack.push(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()));
 
-    let mut merged = Merged {
-        root: Some(file),
-        ..Merged::default()
-    };
+    let mut merged = Merged { root: Some(file), ..Merged::default() };
     let mut seen_model: Option<Span> = None;
     let mut seen_layers: Option<Span> = None;
     let mut defined_here: Vec<(String, Span)> = Vec::new();
@@ -117,10 +99,7 @@ fn load_chain(
                     continue;
                 }
                 if let Some(base) = load_base(path, target, sources, diags, stack) {
-                    merged = Merged {
-                        root: Some(file),
-                        ..base
-                    };
+                    merged = Merged { root: Some(file), ..base };
                 }
             }
             Item::Model(block) => {
@@ -153,11 +132,7 @@ fn load_chain(
                     (LayerBody::Define { kind, args }, _) => {
                         let mut fresh = Vec::new();
                         merge_args(&mut fresh, args, diags);
-                        let def = MergedDef {
-                            name: name.clone(),
-                            kind: kind.clone(),
-                            args: fresh,
-                        };
+                        let def = MergedDef { name: name.clone(), kind: kind.clone(), args: fresh };
                         match existing {
                             Some(at) => merged.defs[at] = def,
                             None => merged.defs.push(def),
@@ -175,10 +150,8 @@ fn load_chain(
                                 "`layer {}(...)` changes an inherited definition; define a new one with `layer {} = KIND(...)`",
                                 name.value, name.value
                             ));
-                        if let Some(hint) = did_you_mean(
-                            &name.value,
-                            merged.defs.iter().map(|d| d.name.value.as_str()),
-                        ) {
+                        if let Some(hint) = did_you_mean(&name.value, merged.defs.iter().map(|d| d.name.value.as_str()))
+                        {
                             d = d.note(hint);
                         }
                         diags.push(d);
@@ -221,10 +194,8 @@ fn load_base(
     }
     if stack.len() >= MAX_EXTENDS_DEPTH {
         diags.push(
-            Diagnostic::error(format!(
-                "`extends` chain deeper than {MAX_EXTENDS_DEPTH} files"
-            ))
-            .at(target.span, "too deep"),
+            Diagnostic::error(format!("`extends` chain deeper than {MAX_EXTENDS_DEPTH} files"))
+                .at(target.span, "too deep"),
         );
         return None;
     }
@@ -232,11 +203,8 @@ fn load_base(
         Ok(src) => Some(load_chain(&base_path, src, sources, diags, stack)),
         Err(e) => {
             diags.push(
-                Diagnostic::error(format!(
-                    "cannot read base spec `{}`: {e}",
-                    base_path.display()
-                ))
-                .at(target.span, "named here"),
+                Diagnostic::error(format!("cannot read base spec `{}`: {e}", base_path.display()))
+                    .at(target.span, "named here"),
             );
             None
         }

@@ -8,11 +8,7 @@ use crate::diag::{Diagnostic, Diagnostics, Span};
 use crate::syntax::ast::{Atom, Binding, Term};
 
 /// Resolves names to definition indices and expands the sequence; `None` after reporting errors.
-pub(super) fn expand(
-    terms: &[Term],
-    defs: &[&str],
-    diags: &mut Diagnostics,
-) -> Option<Vec<LayerUse>> {
+pub(super) fn expand(terms: &[Term], defs: &[&str], diags: &mut Diagnostics) -> Option<Vec<LayerUse>> {
     let before = diags.error_count();
     check_terms(terms, defs, diags);
     if diags.error_count() > before {
@@ -22,17 +18,8 @@ pub(super) fn expand(
     if total > MAX_LAYERS {
         let span = terms[0].span.to(terms[terms.len() - 1].span);
         diags.push(
-            Diagnostic::error(format!(
-                "the layer sequence expands to more than {MAX_LAYERS} layers"
-            ))
-            .at(
-                span,
-                if total == u64::MAX {
-                    "too many layers".to_string()
-                } else {
-                    format!("{total} layers")
-                },
-            ),
+            Diagnostic::error(format!("the layer sequence expands to more than {MAX_LAYERS} layers"))
+                .at(span, if total == u64::MAX { "too many layers".to_string() } else { format!("{total} layers") }),
         );
         return None;
     }
@@ -59,10 +46,7 @@ fn check_terms(terms: &[Term], defs: &[&str], diags: &mut Diagnostics) {
     for term in terms {
         if let Some(r) = &term.repeat {
             if r.value == 0 {
-                diags.push(
-                    Diagnostic::error("repetition count must be at least 1")
-                        .at(r.span, "zero repetitions"),
-                );
+                diags.push(Diagnostic::error("repetition count must be at least 1").at(r.span, "zero repetitions"));
             }
         }
         match &term.atom {
@@ -82,17 +66,12 @@ fn check_terms(terms: &[Term], defs: &[&str], diags: &mut Diagnostics) {
                     );
                     if c == '/' {
                         diags.push(
-                            Diagnostic::error(
-                                "multi-token-prediction heads (`/`) are not supported",
-                            )
-                            .at(at, "remove the `/...` suffix"),
+                            Diagnostic::error("multi-token-prediction heads (`/`) are not supported")
+                                .at(at, "remove the `/...` suffix"),
                         );
                         continue;
                     }
-                    match bindings
-                        .iter()
-                        .position(|b| b.symbol.value.chars().eq(std::iter::once(c)))
-                    {
+                    match bindings.iter().position(|b| b.symbol.value.chars().eq(std::iter::once(c))) {
                         Some(b) => used[b] = true,
                         None => {
                             let mut bound: Vec<String> = Vec::new();
@@ -105,7 +84,9 @@ fn check_terms(terms: &[Term], defs: &[&str], diags: &mut Diagnostics) {
                             diags.push(
                                 Diagnostic::error(format!("pattern symbol `{c}` has no layer bound to it"))
                                     .at(at, "unbound symbol")
-                                    .note(format!("bind it in the pattern, e.g. pattern(\"...\", \"{c}\" = some_layer)"))
+                                    .note(format!(
+                                        "bind it in the pattern, e.g. pattern(\"...\", \"{c}\" = some_layer)"
+                                    ))
                                     .note(if bound.is_empty() {
                                         "no symbols are bound".to_string()
                                     } else {
@@ -116,9 +97,7 @@ fn check_terms(terms: &[Term], defs: &[&str], diags: &mut Diagnostics) {
                     }
                 }
                 for (i, (b, used)) in bindings.iter().zip(used).enumerate() {
-                    let repeated = bindings[..i]
-                        .iter()
-                        .any(|p| p.symbol.value == b.symbol.value);
+                    let repeated = bindings[..i].iter().any(|p| p.symbol.value == b.symbol.value);
                     if !used && !repeated {
                         diags.push(
                             Diagnostic::warning(format!(
@@ -130,10 +109,7 @@ fn check_terms(terms: &[Term], defs: &[&str], diags: &mut Diagnostics) {
                     }
                 }
                 if text.value.chars().all(is_ignored) {
-                    diags.push(
-                        Diagnostic::error("the pattern string is empty")
-                            .at(text.span, "no layers here"),
-                    );
+                    diags.push(Diagnostic::error("the pattern string is empty").at(text.span, "no layers here"));
                 }
             }
         }
@@ -145,10 +121,8 @@ fn check_bindings(bindings: &[Binding], defs: &[&str], diags: &mut Diagnostics) 
         let sym = &b.symbol.value;
         if sym.chars().count() != 1 || sym.chars().all(is_ignored) || sym == "/" {
             diags.push(
-                Diagnostic::error(format!(
-                    "a pattern symbol is one character, found \"{sym}\""
-                ))
-                .at(b.symbol.span, "not a single symbol"),
+                Diagnostic::error(format!("a pattern symbol is one character, found \"{sym}\""))
+                    .at(b.symbol.span, "not a single symbol"),
             );
         }
         if let Some(first) = bindings[..i].iter().find(|p| p.symbol.value == *sym) {
@@ -166,21 +140,14 @@ fn check_name(name: &str, span: Span, defs: &[&str], diags: &mut Diagnostics) {
     if defs.contains(&name) {
         return;
     }
-    let mut d = Diagnostic::error(format!("unknown layer `{name}`"))
-        .at(span, "no layer definition has this name");
+    let mut d = Diagnostic::error(format!("unknown layer `{name}`")).at(span, "no layer definition has this name");
     if let Some(hint) = did_you_mean(name, defs.iter().copied()) {
         d = d.note(hint);
     }
     d = d.note(if defs.is_empty() {
         "define one first, e.g. `layer mlp = swiglu(hidden = 4096)`".to_string()
     } else {
-        format!(
-            "defined layers: {}",
-            defs.iter()
-                .map(|n| format!("`{n}`"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
+        format!("defined layers: {}", defs.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", "))
     });
     diags.push(d);
 }
@@ -191,9 +158,7 @@ fn count_terms(terms: &[Term]) -> u64 {
         let one = match &t.atom {
             Atom::Name(_) => 1,
             Atom::Group(inner) => count_terms(inner),
-            Atom::Pattern { text, .. } => {
-                text.value.chars().filter(|c| !is_ignored(*c)).count() as u64
-            }
+            Atom::Pattern { text, .. } => text.value.chars().filter(|c| !is_ignored(*c)).count() as u64,
         };
         acc.saturating_add(one.saturating_mul(t.repeat.as_ref().map_or(1, |r| r.value)))
     })
@@ -207,17 +172,9 @@ fn expand_terms(terms: &[Term], defs: &[&str], out: &mut Vec<LayerUse>) {
                 Atom::Group(inner) => expand_terms(inner, defs, out),
                 Atom::Pattern { text, bindings } => {
                     for (i, c) in text.value.char_indices().filter(|(_, c)| !is_ignored(*c)) {
-                        if let Some(b) = bindings
-                            .iter()
-                            .find(|b| b.symbol.value.chars().eq(std::iter::once(c)))
-                        {
+                        if let Some(b) = bindings.iter().find(|b| b.symbol.value.chars().eq(std::iter::once(c))) {
                             let start = text.span.start as usize + 1 + i;
-                            push(
-                                out,
-                                defs,
-                                &b.layer.value,
-                                Span::new(text.span.file, start, start + c.len_utf8()),
-                            );
+                            push(out, defs, &b.layer.value, Span::new(text.span.file, start, start + c.len_utf8()));
                         }
                     }
                 }

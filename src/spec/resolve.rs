@@ -16,10 +16,7 @@ pub(super) fn resolve(m: &Merged, diags: &mut Diagnostics) -> Option<Model> {
         let mut d = Diagnostic::error("the spec has no `model` block")
             .note("every spec names its model and sets its width and vocabulary, e.g.\n    model tiny { vocab = 4096  width = 256 }");
         if let Some(s) = file_start {
-            d = d.at(
-                s,
-                "expected `model NAME { ... }` in this file or a base spec",
-            );
+            d = d.at(s, "expected `model NAME { ... }` in this file or a base spec");
         }
         diags.push(d);
         return None;
@@ -27,12 +24,7 @@ pub(super) fn resolve(m: &Merged, diags: &mut Diagnostics) -> Option<Model> {
     let owner = m.model_span.unwrap_or(name.span);
 
     let mut r = ArgReader::new("model setting", String::new(), &m.settings, owner, diags);
-    let vocab = r.int(
-        "vocab",
-        None,
-        2,
-        "the vocabulary size, e.g. `vocab = 32000`",
-    );
+    let vocab = r.int("vocab", None, 2, "the vocabulary size, e.g. `vocab = 32000`");
     let width = r.int("width", None, 1, "the model width d_m, e.g. `width = 1536`");
     let embeddings = r.word("embeddings", &["tied", "untied"], "tied");
     r.word("norm", &["rmsnorm"], "rmsnorm");
@@ -46,8 +38,7 @@ pub(super) fn resolve(m: &Merged, diags: &mut Diagnostics) -> Option<Model> {
     for def in &m.defs {
         let kind = def.kind.value.as_str();
         if !LAYER_KINDS.contains(&kind) {
-            let mut d = Diagnostic::error(format!("unknown layer kind `{kind}`"))
-                .at(def.kind.span, "not a layer kind");
+            let mut d = Diagnostic::error(format!("unknown layer kind `{kind}`")).at(def.kind.span, "not a layer kind");
             if let Some(hint) = did_you_mean(kind, LAYER_KINDS.iter().copied()) {
                 d = d.note(hint);
             }
@@ -56,21 +47,11 @@ pub(super) fn resolve(m: &Merged, diags: &mut Diagnostics) -> Option<Model> {
             continue;
         }
         defs_ok &= width.is_some();
-        let mut r = ArgReader::new(
-            "parameter",
-            format!(" of `{kind}`"),
-            &def.args,
-            def.kind.span,
-            diags,
-        );
+        let mut r = ArgReader::new("parameter", format!(" of `{kind}`"), &def.args, def.kind.span, diags);
         let parsed = read_layer(kind, &mut r, width, def.kind.span);
         r.finish();
         match parsed {
-            Some(kind) => defs.push(LayerDef {
-                name: def.name.value.clone(),
-                kind,
-                span: def.name.span,
-            }),
+            Some(kind) => defs.push(LayerDef { name: def.name.value.clone(), kind, span: def.name.span }),
             None => defs_ok = false,
         }
     }
@@ -82,9 +63,7 @@ pub(super) fn resolve(m: &Merged, diags: &mut Diagnostics) -> Option<Model> {
             diags.push(
                 Diagnostic::error("the spec has no `layers = ...` line")
                     .at(owner, "model defined here")
-                    .note(
-                        "say how the layers interleave, e.g. `layers = [mamba, mlp, swa, mlp] x 6`",
-                    ),
+                    .note("say how the layers interleave, e.g. `layers = [mamba, mlp, swa, mlp] x 6`"),
             );
             None
         }
@@ -95,11 +74,8 @@ pub(super) fn resolve(m: &Merged, diags: &mut Diagnostics) -> Option<Model> {
         for (i, def) in m.defs.iter().enumerate() {
             if Some(def.name.span.file) == m.root && !layers.iter().any(|l| l.def == i) {
                 diags.push(
-                    Diagnostic::warning(format!(
-                        "layer `{}` is defined but not used",
-                        def.name.value
-                    ))
-                    .at(def.name.span, "not in `layers`"),
+                    Diagnostic::warning(format!("layer `{}` is defined but not used", def.name.value))
+                        .at(def.name.span, "not in `layers`"),
                 );
             }
         }
@@ -112,11 +88,7 @@ pub(super) fn resolve(m: &Merged, diags: &mut Diagnostics) -> Option<Model> {
         tied_embeddings: embeddings == "tied",
         norm_eps,
         dtype: DType::parse(dtype).unwrap_or(DType::BF16),
-        init: if init == "neox" {
-            InitScheme::Neox
-        } else {
-            InitScheme::Samba
-        },
+        init: if init == "neox" { InitScheme::Neox } else { InitScheme::Samba },
         defs,
         layers: layers?,
         span: owner,

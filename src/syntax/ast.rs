@@ -75,10 +75,7 @@ pub struct LayerItem {
 #[derive(Clone, Debug, PartialEq)]
 pub enum LayerBody {
     /// `layer NAME = KIND(args)`: a new definition (or a replacement of an inherited one).
-    Define {
-        kind: Spanned<String>,
-        args: Vec<KeyValue>,
-    },
+    Define { kind: Spanned<String>, args: Vec<KeyValue> },
     /// `layer NAME(args)`: changes some arguments of an inherited definition.
     Patch { args: Vec<KeyValue> },
 }
@@ -105,10 +102,7 @@ pub enum Atom {
     /// `[a, b, c]`
     Group(Vec<Term>),
     /// `pattern("M-*-", M = mamba, "*" = swa, "-" = mlp)`, Megatron's hybrid pattern strings.
-    Pattern {
-        text: Spanned<String>,
-        bindings: Vec<Binding>,
-    },
+    Pattern { text: Spanned<String>, bindings: Vec<Binding> },
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -30,18 +30,11 @@ pub fn parse(src: &str, file: FileId) -> (File, Diagnostics) {
         pest::set_error_detail(true);
     });
     let mut diags = Diagnostics::default();
-    let mut out = File {
-        id: file,
-        items: Vec::new(),
-    };
+    let mut out = File { id: file, items: Vec::new() };
     if src.len() > MAX_SOURCE_BYTES {
         diags.push(
-            Diagnostic::error(format!(
-                "spec is {} bytes; the limit is {} bytes",
-                src.len(),
-                MAX_SOURCE_BYTES
-            ))
-            .at(Span::new(file, 0, 0), "file starts here"),
+            Diagnostic::error(format!("spec is {} bytes; the limit is {} bytes", src.len(), MAX_SOURCE_BYTES))
+                .at(Span::new(file, 0, 0), "file starts here"),
         );
         return (out, diags);
     }
@@ -59,11 +52,7 @@ pub fn parse(src: &str, file: FileId) -> (File, Diagnostics) {
             Ok(mut pairs) => {
                 let Some(pair) = pairs.next() else { break };
                 let end = pair.as_span().end();
-                let mut b = Builder {
-                    file,
-                    base: pos,
-                    diags: &mut diags,
-                };
+                let mut b = Builder { file, base: pos, diags: &mut diags };
                 if let Some(item) = b.item(pair) {
                     out.items.push(item);
                 }
@@ -76,9 +65,7 @@ pub fn parse(src: &str, file: FileId) -> (File, Diagnostics) {
                 let line_start = src[..pos + at].rfind('\n').map_or(0, |i| i + 1);
                 let line_start = skip_trivia_inline(src, line_start);
                 if line_start > item_start && starts_item(&src[line_start..]) {
-                    d = d.note(
-                        "this line starts a new item: is a `}`, `)` or `]` missing before it?",
-                    );
+                    d = d.note("this line starts a new item: is a `}`, `)` or `]` missing before it?");
                 }
                 diags.push(d);
                 match next_item_start(src, item_start, pos + at) {
@@ -166,13 +153,9 @@ fn skip_trivia(src: &str, mut pos: usize) -> usize {
         match b[pos] {
             b' ' | b'\t' | b'\r' | b'\n' => pos += 1,
             b'#' => pos = src[pos..].find('\n').map_or(b.len(), |i| pos + i),
-            b'/' if b.get(pos + 1) == Some(&b'/') => {
-                pos = src[pos..].find('\n').map_or(b.len(), |i| pos + i)
-            }
+            b'/' if b.get(pos + 1) == Some(&b'/') => pos = src[pos..].find('\n').map_or(b.len(), |i| pos + i),
             b'/' if b.get(pos + 1) == Some(&b'*') => {
-                pos = src[pos + 2..]
-                    .find("*/")
-                    .map_or(b.len(), |i| pos + 2 + i + 2)
+                pos = src[pos + 2..].find("*/").map_or(b.len(), |i| pos + 2 + i + 2)
             }
             _ => break,
         }
@@ -183,17 +166,13 @@ fn skip_trivia(src: &str, mut pos: usize) -> usize {
 fn starts_item(s: &str) -> bool {
     ["extends", "model", "layers", "layer"].iter().any(|kw| {
         s.starts_with(kw)
-            && !s[kw.len()..]
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            && !s[kw.len()..].chars().next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
     })
 }
 
 /// Expected tokens worth naming in a message.
-const PUNCTUATION_AND_KEYWORDS: &[&str] = &[
-    "{", "}", "(", ")", "[", "]", "=", ",", "extends", "model", "layer", "layers", "pattern", "x",
-];
+const PUNCTUATION_AND_KEYWORDS: &[&str] =
+    &["{", "}", "(", ")", "[", "]", "=", ",", "extends", "model", "layer", "layers", "pattern", "x"];
 
 fn rule_name(rule: Rule) -> Option<&'static str> {
     Some(match rule {
@@ -265,11 +244,7 @@ fn syntax_error(e: &pest::error::Error<Rule>, rest: &str, base: usize, file: Fil
         push(message.clone());
     }
     let found = found_token(rest, at);
-    let len = if found == "end of file" {
-        0
-    } else {
-        found_len(rest, at)
-    };
+    let len = if found == "end of file" { 0 } else { found_len(rest, at) };
     let message = if expected.is_empty() {
         format!("unexpected {found}")
     } else {
@@ -277,21 +252,13 @@ fn syntax_error(e: &pest::error::Error<Rule>, rest: &str, base: usize, file: Fil
     };
     Diagnostic::error(message).at(
         Span::new(file, base + at, base + at + len),
-        if expected.is_empty() {
-            "here".to_string()
-        } else {
-            format!("expected {}", join_or(&expected))
-        },
+        if expected.is_empty() { "here".to_string() } else { format!("expected {}", join_or(&expected)) },
     )
 }
 
 fn found_len(rest: &str, at: usize) -> usize {
     let tail = &rest[at.min(rest.len())..];
-    let word: usize = tail
-        .chars()
-        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-        .map(char::len_utf8)
-        .sum();
+    let word: usize = tail.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').map(char::len_utf8).sum();
     if word > 0 {
         word
     } else {
@@ -328,11 +295,7 @@ impl Builder<'_> {
     fn span(&self, p: &Pair<Rule>) -> Span {
         let s = p.as_span();
         let len = p.as_str().trim_end().len();
-        Span::new(
-            self.file,
-            self.base + s.start(),
-            self.base + s.start() + len,
-        )
+        Span::new(self.file, self.base + s.start(), self.base + s.start() + len)
     }
 
     fn text(&self, p: &Pair<Rule>) -> Spanned<String> {
@@ -344,11 +307,7 @@ impl Builder<'_> {
         p.into_inner().filter(|c| {
             !matches!(
                 c.as_rule(),
-                Rule::kw_extends
-                    | Rule::kw_model
-                    | Rule::kw_layer
-                    | Rule::kw_layers
-                    | Rule::kw_pattern
+                Rule::kw_extends | Rule::kw_model | Rule::kw_layer | Rule::kw_layers | Rule::kw_pattern
             )
         })
     }
@@ -364,11 +323,7 @@ impl Builder<'_> {
                 let mut it = Self::children(p);
                 let name = self.text(&it.next()?);
                 let settings = it.map(|kv| self.key_value(kv)).collect();
-                Some(Item::Model(ModelBlock {
-                    name,
-                    settings,
-                    span,
-                }))
+                Some(Item::Model(ModelBlock { name, settings, span }))
             }
             Rule::layer => {
                 let mut it = Self::children(p);
@@ -381,18 +336,13 @@ impl Builder<'_> {
                         let args = d.next().map(|a| self.args(a)).unwrap_or_default();
                         LayerBody::Define { kind, args }
                     }
-                    _ => LayerBody::Patch {
-                        args: self.args(body.into_inner().next()?),
-                    },
+                    _ => LayerBody::Patch { args: self.args(body.into_inner().next()?) },
                 };
                 Some(Item::Layer(LayerItem { name, body, span }))
             }
             Rule::layers => {
                 let seq = Self::children(p).next()?;
-                Some(Item::Layers(LayersItem {
-                    terms: self.sequence(seq),
-                    span,
-                }))
+                Some(Item::Layers(LayersItem { terms: self.sequence(seq), span }))
             }
             _ => None,
         }
@@ -400,11 +350,7 @@ impl Builder<'_> {
 
     fn string(&self, p: Pair<Rule>) -> Spanned<String> {
         let span = self.span(&p);
-        let body = p
-            .into_inner()
-            .next()
-            .map(|b| b.as_str().to_string())
-            .unwrap_or_default();
+        let body = p.into_inner().next().map(|b| b.as_str().to_string()).unwrap_or_default();
         Spanned::new(body, span)
     }
 
@@ -477,8 +423,7 @@ impl Builder<'_> {
                     Ok(n) => Some(Spanned::new(n, span)),
                     Err(_) => {
                         self.diags.push(
-                            Diagnostic::error("repetition count is too large")
-                                .at(span, "does not fit in 64 bits"),
+                            Diagnostic::error("repetition count is too large").at(span, "does not fit in 64 bits"),
                         );
                         None
                     }

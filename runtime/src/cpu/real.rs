@@ -4,15 +4,7 @@ use std::fmt::{Debug, Display};
 use std::iter::Sum;
 
 pub trait Real:
-    num_traits::Float
-    + num_traits::FromPrimitive
-    + Send
-    + Sync
-    + Default
-    + Debug
-    + Display
-    + Sum
-    + 'static
+    num_traits::Float + num_traits::FromPrimitive + Send + Sync + Default + Debug + Display + Sum + 'static
 {
     /// Raw GEMM of the `matrixmultiply` crate for this type.
     ///
@@ -97,42 +89,15 @@ pub fn gemm<T: Real>(
     c: &mut [T],
     beta: T,
 ) {
-    assert!(
-        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
-        "gemm: buffer too small"
-    );
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm: buffer too small");
     if m == 0 || n == 0 {
         return;
     }
-    let (rsa, csa) = if a_transposed {
-        (1, m as isize)
-    } else {
-        (k as isize, 1)
-    };
-    let (rsb, csb) = if b_transposed {
-        (1, k as isize)
-    } else {
-        (n as isize, 1)
-    };
+    let (rsa, csa) = if a_transposed { (1, m as isize) } else { (k as isize, 1) };
+    let (rsb, csb) = if b_transposed { (1, k as isize) } else { (n as isize, 1) };
     // SAFETY: the asserts above bound every index the strides reach; `c` is a distinct
     // mutable borrow, so it overlaps neither input.
-    unsafe {
-        T::raw_gemm(
-            m,
-            k,
-            n,
-            a.as_ptr(),
-            rsa,
-            csa,
-            b.as_ptr(),
-            rsb,
-            csb,
-            beta,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        )
-    }
+    unsafe { T::raw_gemm(m, k, n, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), n as isize, 1) }
 }
 
 #[cfg(test)]
