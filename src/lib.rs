@@ -6,9 +6,11 @@
 //! `analysis` (parameters, FLOPs, memory).
 
 pub mod analysis;
+pub mod autodiff;
 pub mod config;
 pub mod diag;
 pub mod graph;
+pub mod program;
 pub mod spec;
 pub mod syntax;
 

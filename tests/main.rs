@@ -1,5 +1,6 @@
 //! The integration tests, in one binary because linking is slow: each module tests one stage.
 
+mod autodiff;
 mod cli;
 mod config;
 mod diagnostics;

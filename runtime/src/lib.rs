@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod dtype;
 pub mod init;
 pub mod op;
+pub mod plan;
 pub mod shape;
 
 pub use dtype::DType;

@@ -3,6 +3,12 @@
 //! for every GPU kernel, so each kernel here follows the reference equations plainly, and every
 //! reduction runs in a fixed order (fixed chunking), so results do not depend on scheduling.
 
+pub mod conv;
+pub mod dense;
+pub mod elementwise;
+pub mod norm;
+pub mod optim;
 pub mod real;
+pub mod tensor;
 
 pub use real::{gemm, Real};

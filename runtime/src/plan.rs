@@ -1,0 +1,174 @@
+//! Plans: what a backend executes. A plan is a straight-line list of operations over numbered
+//! values, with named inputs fed at each call, named persistent tensors (parameters and
+//! optimizer state) read from a store, named outputs, and updates written back to the store.
+//! A [`Program`] holds a model's parameters and states and its plans (training step, optimizer
+//! step, evaluation, generation). The compiler produces programs; the CPU reference and the GPU
+//! executor run them.
+
+use crate::{Init, Op, OpError, TensorType};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Index of a value in [`Plan::values`].
+pub type ValueId = u32;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    pub op: Op,
+    pub inputs: Vec<ValueId>,
+    pub outputs: Vec<ValueId>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub name: String,
+    /// The type of every value; `B` and `T` are bound at each call.
+    pub values: Vec<TensorType>,
+    /// Fed by the caller at each call.
+    pub inputs: Vec<(String, ValueId)>,
+    /// Read from the store: parameters and states.
+    pub persistent: Vec<(String, ValueId)>,
+    pub steps: Vec<Step>,
+    pub outputs: Vec<(String, ValueId)>,
+    /// Written back to the store after the call.
+    pub updates: Vec<(String, ValueId)>,
+}
+
+/// A trained tensor and how it starts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ParamSpec {
+    pub name: String,
+    pub ty: TensorType,
+    pub init: Init,
+}
+
+/// A persistent tensor that is not trained; it starts at zero.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StateSpec {
+    pub name: String,
+    pub ty: TensorType,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Program {
+    pub model: String,
+    pub params: Vec<ParamSpec>,
+    pub states: Vec<StateSpec>,
+    pub plans: BTreeMap<String, Plan>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanError(pub String);
+
+impl fmt::Display for PlanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PlanError {}
+
+impl Plan {
+    /// Checks that every value is defined once before use and every step type-checks: a plan
+    /// read from disk is not trusted.
+    pub fn validate(&self) -> Result<(), PlanError> {
+        let fail = |m: String| Err(PlanError(format!("plan `{}`: {m}", self.name)));
+        let n = self.values.len();
+        let mut defined = vec![false; n];
+        let name = &self.name;
+        let define = |defined: &mut Vec<bool>, v: ValueId, what: &str| -> Result<(), PlanError> {
+            match defined.get_mut(v as usize) {
+                Some(d) if !*d => {
+                    *d = true;
+                    Ok(())
+                }
+                Some(_) => Err(PlanError(format!("plan `{name}`: value {v} ({what}) is defined twice"))),
+                None => Err(PlanError(format!("plan `{name}`: value {v} ({what}) is out of range"))),
+            }
+        };
+        for (name, v) in self.inputs.iter().chain(&self.persistent) {
+            define(&mut defined, *v, name)?;
+        }
+        for (i, step) in self.steps.iter().enumerate() {
+            for v in &step.inputs {
+                if !defined.get(*v as usize).copied().unwrap_or(false) {
+                    return fail(format!("step {i} ({}) reads value {v} before it is defined", step.op.name()));
+                }
+            }
+            let ins: Vec<&TensorType> = step.inputs.iter().map(|v| &self.values[*v as usize]).collect();
+            let outs = step
+                .op
+                .infer(&ins)
+                .map_err(|OpError(e)| PlanError(format!("plan `{}`: step {i} ({}): {e}", self.name, step.op.name())))?;
+            if outs.len() != step.outputs.len()
+                || outs.iter().zip(&step.outputs).any(|(t, v)| self.values.get(*v as usize) != Some(t))
+            {
+                return fail(format!("step {i} ({}) has outputs of the wrong type", step.op.name()));
+            }
+            for v in &step.outputs {
+                define(&mut defined, *v, step.op.name())?;
+            }
+        }
+        for (name, v) in self.outputs.iter().chain(&self.updates) {
+            if !defined.get(*v as usize).copied().unwrap_or(false) {
+                return fail(format!("`{name}` refers to undefined value {v}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// For each value, the index of the last step that reads it (`None`: only outputs or
+    /// updates read it, or nothing does). Executors free buffers after their last use.
+    pub fn last_uses(&self) -> Vec<Option<usize>> {
+        let mut last = vec![None; self.values.len()];
+        for (i, step) in self.steps.iter().enumerate() {
+            for v in &step.inputs {
+                last[*v as usize] = Some(i);
+            }
+        }
+        last
+    }
+}
+
+impl Program {
+    pub fn plan(&self, name: &str) -> Result<&Plan, PlanError> {
+        self.plans.get(name).ok_or_else(|| {
+            PlanError(format!(
+                "the program has no plan `{name}` (it has: {})",
+                self.plans.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        })
+    }
+
+    /// Validates every plan and checks that persistent names and types match the program's.
+    pub fn validate(&self) -> Result<(), PlanError> {
+        for plan in self.plans.values() {
+            plan.validate()?;
+            for (name, v) in plan.persistent.iter().chain(&plan.updates) {
+                let ty = self
+                    .params
+                    .iter()
+                    .find(|p| &p.name == name)
+                    .map(|p| &p.ty)
+                    .or_else(|| self.states.iter().find(|s| &s.name == name).map(|s| &s.ty));
+                match ty {
+                    Some(t) if *t == plan.values[*v as usize] => {}
+                    Some(t) => {
+                        return Err(PlanError(format!(
+                            "plan `{}`: `{name}` is {} but the program declares {t}",
+                            plan.name, plan.values[*v as usize]
+                        )))
+                    }
+                    None => {
+                        return Err(PlanError(format!(
+                            "plan `{}` uses `{name}`, which the program does not declare",
+                            plan.name
+                        )))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
