@@ -4,5 +4,10 @@
 //! reduction runs in a fixed order (fixed chunking), so results do not depend on scheduling.
 
 pub mod real;
+pub mod scan;
+
+#[cfg(test)]
+mod check;
+mod layout;
 
 pub use real::{gemm, Real};
