@@ -3,7 +3,9 @@
 //! for every GPU kernel, so each kernel here follows the reference equations plainly, and every
 //! reduction runs in a fixed order (fixed chunking), so results do not depend on scheduling.
 
+pub mod attention;
 pub mod real;
+pub mod rope;
 pub mod scan;
 
 #[cfg(test)]
