@@ -4,6 +4,7 @@
 //! reduction runs in a fixed order (fixed chunking), so results do not depend on scheduling.
 
 pub mod attention;
+pub mod linear_attention;
 pub mod real;
 pub mod rope;
 pub mod scan;
