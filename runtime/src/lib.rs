@@ -5,6 +5,7 @@
 //! never the other way round, so a machine that only runs bundles needs no compiler.
 
 pub mod cpu;
+pub mod data;
 pub mod dtype;
 pub mod init;
 pub mod op;

@@ -78,10 +78,7 @@ impl AttnDims {
             self.kv_heads
         );
         assert!(self.head_dim > 0, "{kernel}: head_dim must be positive");
-        assert!(
-            self.window != Some(0),
-            "{kernel}: a window must hold at least the query itself"
-        );
+        assert!(self.window != Some(0), "{kernel}: a window must hold at least the query itself");
         assert!(
             self.rope.is_none() || self.head_dim % 2 == 0,
             "{kernel}: RoPE needs an even head_dim, got {}",
@@ -188,14 +185,7 @@ impl<T: Real> Heads<'_, T> {
 /// Forward. q: `[batch, seq, heads·head_dim]`; k, v: `[batch, seq, kv_heads·head_dim]`; out:
 /// like q; lse: `[batch, seq, heads]`, the natural-log sum-exp of each query's scaled scores
 /// (saved for the backward). Both outputs are overwritten.
-pub fn attention_fwd<T: Real>(
-    dims: AttnDims,
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    out: &mut [T],
-    lse: &mut [T],
-) {
+pub fn attention_fwd<T: Real>(dims: AttnDims, q: &[T], k: &[T], v: &[T], out: &mut [T], lse: &mut [T]) {
     let kernel = "attention_fwd";
     dims.check(kernel);
     let (tokens, qw, kw) = (dims.batch * dims.seq, dims.q_width(), dims.kv_width());
@@ -209,21 +199,15 @@ pub fn attention_fwd<T: Real>(
     }
     let qr = rotated(q, dims.seq, qw, dims.head_dim, dims.rope);
     let kr = rotated(k, dims.seq, kw, dims.head_dim, dims.rope);
-    let heads = Heads {
-        dims,
-        q: &qr,
-        k: &kr,
-        v,
-    };
-    out.par_chunks_mut(dims.seq * qw)
-        .zip(lse.par_chunks_mut(dims.seq * dims.heads))
-        .enumerate()
-        .for_each(|(bi, (ob, lb))| {
+    let heads = Heads { dims, q: &qr, k: &kr, v };
+    out.par_chunks_mut(dims.seq * qw).zip(lse.par_chunks_mut(dims.seq * dims.heads)).enumerate().for_each(
+        |(bi, (ob, lb))| {
             ob.par_chunks_mut(QUERY_BLOCK * qw)
                 .zip(lb.par_chunks_mut(QUERY_BLOCK * dims.heads))
                 .enumerate()
                 .for_each(|(blk, (o, l))| heads.forward_block(bi, blk * QUERY_BLOCK, o, l));
-        });
+        },
+    );
 }
 
 /// What the backward passes share: the (rotated) inputs, the saved LSE, g_out and
@@ -326,42 +310,24 @@ pub fn attention_bwd<T: Real>(
     let qr = rotated(q, seq, qw, hd, dims.rope);
     let kr = rotated(k, seq, kw, hd, dims.rope);
     let mut d_row = vec![T::zero(); tokens * dims.heads];
-    d_row
-        .par_chunks_mut(dims.heads)
-        .enumerate()
-        .for_each(|(tok, dr)| {
-            let (o, go) = (&out[tok * qw..][..qw], &g_out[tok * qw..][..qw]);
-            for (h, dh) in dr.iter_mut().enumerate() {
-                *dh = dot(&o[h * hd..][..hd], &go[h * hd..][..hd]);
-            }
-        });
-    let bw = Backward {
-        x: Heads {
-            dims,
-            q: &qr,
-            k: &kr,
-            v,
-        },
-        lse,
-        d_row: &d_row,
-        g_out,
-    };
-    gq.par_chunks_mut(seq * qw)
-        .enumerate()
-        .for_each(|(bi, gqb)| {
-            gqb.par_chunks_mut(QUERY_BLOCK * qw)
-                .enumerate()
-                .for_each(|(blk, rows)| bw.query_block(bi, blk * QUERY_BLOCK, rows));
-        });
-    gk.par_chunks_mut(seq * kw)
-        .zip(gv.par_chunks_mut(seq * kw))
-        .enumerate()
-        .for_each(|(bi, (gkb, gvb))| {
-            gkb.par_chunks_mut(KEY_BLOCK * kw)
-                .zip(gvb.par_chunks_mut(KEY_BLOCK * kw))
-                .enumerate()
-                .for_each(|(blk, (dk, dv))| bw.key_block(bi, blk * KEY_BLOCK, dk, dv));
-        });
+    d_row.par_chunks_mut(dims.heads).enumerate().for_each(|(tok, dr)| {
+        let (o, go) = (&out[tok * qw..][..qw], &g_out[tok * qw..][..qw]);
+        for (h, dh) in dr.iter_mut().enumerate() {
+            *dh = dot(&o[h * hd..][..hd], &go[h * hd..][..hd]);
+        }
+    });
+    let bw = Backward { x: Heads { dims, q: &qr, k: &kr, v }, lse, d_row: &d_row, g_out };
+    gq.par_chunks_mut(seq * qw).enumerate().for_each(|(bi, gqb)| {
+        gqb.par_chunks_mut(QUERY_BLOCK * qw)
+            .enumerate()
+            .for_each(|(blk, rows)| bw.query_block(bi, blk * QUERY_BLOCK, rows));
+    });
+    gk.par_chunks_mut(seq * kw).zip(gv.par_chunks_mut(seq * kw)).enumerate().for_each(|(bi, (gkb, gvb))| {
+        gkb.par_chunks_mut(KEY_BLOCK * kw)
+            .zip(gvb.par_chunks_mut(KEY_BLOCK * kw))
+            .enumerate()
+            .for_each(|(blk, (dk, dv))| bw.key_block(bi, blk * KEY_BLOCK, dk, dv));
+    });
     if let Some(base) = dims.rope {
         apply_rope(gq, seq, qw, hd, base, 0, true);
         apply_rope(gk, seq, kw, hd, base, 0, true);
@@ -469,11 +435,8 @@ pub fn attention_fill_cache<T: Real>(
     }
     let first = seq.saturating_sub(capacity);
     let table = dims.rope.map(|base| RopeTable::new(base, hd, first..seq));
-    k_cache
-        .par_chunks_mut(capacity * kw)
-        .zip(v_cache.par_chunks_mut(capacity * kw))
-        .enumerate()
-        .for_each(|(bi, (kc, vc))| {
+    k_cache.par_chunks_mut(capacity * kw).zip(v_cache.par_chunks_mut(capacity * kw)).enumerate().for_each(
+        |(bi, (kc, vc))| {
             kc.fill(T::zero());
             vc.fill(T::zero());
             for p in first..seq {
@@ -485,7 +448,8 @@ pub fn attention_fill_cache<T: Real>(
                 }
                 vc[dst..dst + kw].copy_from_slice(&v[src..src + kw]);
             }
-        });
+        },
+    );
 }
 
 #[cfg(test)]
@@ -503,15 +467,7 @@ mod tests {
         window: Option<usize>,
         rope: Option<f64>,
     ) -> AttnDims {
-        AttnDims {
-            batch,
-            seq,
-            heads,
-            kv_heads,
-            head_dim,
-            window,
-            rope,
-        }
+        AttnDims { batch, seq, heads, kv_heads, head_dim, window, rope }
     }
 
     /// q, k, v with entries uniform in ±`amp`.
@@ -536,9 +492,7 @@ mod tests {
     fn bwd<T: Real>(d: AttnDims, x: &[Vec<T>], g: &[T]) -> Vec<Vec<T>> {
         let (out, lse) = fwd(d, x);
         let mut gs: Vec<Vec<T>> = x.iter().map(|v| vec![T::zero(); v.len()]).collect();
-        let [gq, gk, gv] = &mut gs[..] else {
-            unreachable!()
-        };
+        let [gq, gk, gv] = &mut gs[..] else { unreachable!() };
         attention_bwd(d, &x[0], &x[1], &x[2], &out, &lse, g, gq, gk, gv);
         gs
     }
@@ -591,8 +545,7 @@ mod tests {
                     for (j, &sij) in row.iter().enumerate() {
                         let p = (sij - m).exp() / sum;
                         for e in 0..hd {
-                            out[(bi * s + i) * qw + h * hd + e] +=
-                                p * v[(bi * s + j) * kw + g * hd + e];
+                            out[(bi * s + i) * qw + h * hd + e] += p * v[(bi * s + j) * kw + g * hd + e];
                         }
                     }
                 }
@@ -615,10 +568,7 @@ mod tests {
         ];
         let (mut worst64, mut worst32) = (0.0f64, 0.0f64);
         for (k, &d) in cases.iter().enumerate() {
-            let x: Vec<Vec<f64>> = inputs(d, k as u64 + 1, 1.0)
-                .iter()
-                .map(|v| round32(v))
-                .collect();
+            let x: Vec<Vec<f64>> = inputs(d, k as u64 + 1, 1.0).iter().map(|v| round32(v)).collect();
             let (want, want_lse, _) = naive(d, &x);
             let (out, lse) = fwd::<f64>(d, &x);
             let e64 = rel(&out, &want).max(rel(&lse, &want_lse));
@@ -638,13 +588,7 @@ mod tests {
         let x: Vec<Vec<f32>> = cast(&inputs(d, 5, 1.0));
         let full = fwd(d, &x);
         for w in [40, 41, 1000] {
-            let windowed = fwd(
-                AttnDims {
-                    window: Some(w),
-                    ..d
-                },
-                &x,
-            );
+            let windowed = fwd(AttnDims { window: Some(w), ..d }, &x);
             assert_eq!(bits(&full.0), bits(&windowed.0));
             assert_eq!(bits(&full.1), bits(&windowed.1));
         }
@@ -666,13 +610,7 @@ mod tests {
             let g = Rng::new(60 + k as u64).vec(x[0].len(), -1.0, 1.0);
             let analytic = bwd::<f64>(d, &x, &g);
             let loss = |x: &[Vec<f64>]| dot(&fwd::<f64>(d, x).0, &g);
-            check_gradients(
-                &format!("attention {d:?}"),
-                &mut x,
-                &["q", "k", "v"],
-                &analytic,
-                &loss,
-            );
+            check_gradients(&format!("attention {d:?}"), &mut x, &["q", "k", "v"], &analytic, &loss);
         }
     }
 
@@ -734,10 +672,7 @@ mod tests {
                     expect.extend(rows(&want, d.batch, d.seq, qw, t..t + 1));
                 }
                 let err = rel(&got, &expect);
-                assert!(
-                    err <= 1e-12,
-                    "window {window:?} capacity {capacity} prefix {prefix}: rel {err:e}"
-                );
+                assert!(err <= 1e-12, "window {window:?} capacity {capacity} prefix {prefix}: rel {err:e}");
                 worst = worst.max(err);
             }
         }
@@ -751,9 +686,7 @@ mod tests {
         let mut kc = vec![0.0f64; 3 * 4];
         let mut vc = kc.clone();
         let mut out = vec![0.0; 8];
-        attention_decode(
-            d, 5, 3, &[0.0; 8], &[0.0; 4], &[0.0; 4], &mut kc, &mut vc, &mut out,
-        );
+        attention_decode(d, 5, 3, &[0.0; 8], &[0.0; 4], &[0.0; 4], &mut kc, &mut vc, &mut out);
     }
 
     #[test]
@@ -781,10 +714,7 @@ mod tests {
             all
         });
         for r in &runs[1..] {
-            assert!(
-                r == &runs[0],
-                "attention results depend on the run or thread count"
-            );
+            assert!(r == &runs[0], "attention results depend on the run or thread count");
         }
     }
 
@@ -793,10 +723,7 @@ mod tests {
         let d = dims(2, 40, 4, 2, 8, Some(16), Some(10_000.0));
         let x: Vec<Vec<f64>> = inputs(d, 90, 5.5).iter().map(|v| round32(v)).collect();
         let (want, want_lse, biggest) = naive(d, &x);
-        assert!(
-            biggest >= 30.0,
-            "test data should reach |score| 30, got {biggest}"
-        );
+        assert!(biggest >= 30.0, "test data should reach |score| 30, got {biggest}");
         let x32: Vec<Vec<f32>> = cast(&x);
         let (out, lse) = fwd(d, &x32);
         assert!(all_finite(&out) && all_finite(&lse));

@@ -55,12 +55,7 @@ pub fn dot(a: &[f64], b: &[f64]) -> f64 {
 }
 
 /// Central differences of `loss` with respect to every element of `inputs[which]`.
-pub fn fd_gradient(
-    inputs: &mut [Vec<f64>],
-    which: usize,
-    step: f64,
-    loss: &dyn Fn(&[Vec<f64>]) -> f64,
-) -> Vec<f64> {
+pub fn fd_gradient(inputs: &mut [Vec<f64>], which: usize, step: f64, loss: &dyn Fn(&[Vec<f64>]) -> f64) -> Vec<f64> {
     (0..inputs[which].len())
         .map(|e| {
             let x0 = inputs[which][e];
@@ -87,11 +82,7 @@ pub fn check_gradients(
     for (which, grad) in analytic.iter().enumerate() {
         let fd = fd_gradient(inputs, which, 1e-6, loss);
         let err = rel(grad, &fd);
-        assert!(
-            err <= 1e-6,
-            "{name}: gradient of {} off by rel {err:e}\n analytic {grad:?}\n fd {fd:?}",
-            names[which]
-        );
+        assert!(err <= 1e-6, "{name}: gradient of {} off by rel {err:e}\n analytic {grad:?}\n fd {fd:?}", names[which]);
         worst = worst.max(err);
     }
     eprintln!("{name}: worst gradient rel error vs finite differences {worst:e}");
@@ -102,10 +93,7 @@ pub fn check_gradients(
 pub fn in_pools<R: Send>(f: impl Fn() -> R + Sync + Send) -> Vec<R> {
     let mut runs = vec![f(), f()];
     for n in [1, 3] {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build()
-            .unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
         runs.push(pool.install(&f));
     }
     runs
@@ -121,23 +109,13 @@ pub fn all_finite(x: &[f32]) -> bool {
 }
 
 /// Rows `ts` of every sequence of a `[batch, seq, width]` tensor, as `[batch, ts.len(), width]`.
-pub fn rows(
-    x: &[f64],
-    batch: usize,
-    seq: usize,
-    width: usize,
-    ts: std::ops::Range<usize>,
-) -> Vec<f64> {
-    (0..batch)
-        .flat_map(|bi| x[(bi * seq + ts.start) * width..(bi * seq + ts.end) * width].to_vec())
-        .collect()
+pub fn rows(x: &[f64], batch: usize, seq: usize, width: usize, ts: std::ops::Range<usize>) -> Vec<f64> {
+    (0..batch).flat_map(|bi| x[(bi * seq + ts.start) * width..(bi * seq + ts.end) * width].to_vec()).collect()
 }
 
 /// Casts every tensor of a list to `T`.
 pub fn cast<T: super::Real>(x: &[Vec<f64>]) -> Vec<Vec<T>> {
-    x.iter()
-        .map(|v| v.iter().map(|&e| T::of(e)).collect())
-        .collect()
+    x.iter().map(|v| v.iter().map(|&e| T::of(e)).collect()).collect()
 }
 
 /// Widens a `T` tensor to f64.

@@ -5,13 +5,7 @@
 //! the shared output. Every output element has exactly one writer, so no order question arises.
 
 /// Copies `src` (`[rows, block]`) into columns `col0..col0 + block` of `dst` (`[rows, width]`).
-pub(crate) fn put_columns<T: Copy>(
-    dst: &mut [T],
-    width: usize,
-    col0: usize,
-    src: &[T],
-    block: usize,
-) {
+pub(crate) fn put_columns<T: Copy>(dst: &mut [T], width: usize, col0: usize, src: &[T], block: usize) {
     if block == 0 {
         return;
     }
@@ -27,9 +21,5 @@ pub(crate) fn block_count(n: usize, size: usize) -> usize {
 
 /// Panics with the kernel and argument names when a buffer has the wrong length.
 pub(crate) fn check_len<T>(kernel: &str, name: &str, x: &[T], want: usize) {
-    assert!(
-        x.len() == want,
-        "{kernel}: `{name}` has {} elements, expected {want}",
-        x.len()
-    );
+    assert!(x.len() == want, "{kernel}: `{name}` has {} elements, expected {want}", x.len());
 }

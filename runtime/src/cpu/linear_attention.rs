@@ -207,20 +207,11 @@ impl<T: Real> Heads<'_, T> {
                 let r = t - t0;
                 let (done, next) = states.split_at_mut((r + 1) * size);
                 next[..size].copy_from_slice(&done[r * size..]);
-                self.advance(
-                    bi,
-                    t,
-                    h,
-                    &mut next[..size],
-                    &mut alphas[r * dk..(r + 1) * dk],
-                );
+                self.advance(bi, t, h, &mut next[..size], &mut alphas[r * dk..(r + 1) * dk]);
             }
             for t in ts.rev() {
                 let r = t - t0;
-                let (prev, cur) = (
-                    &states[r * size..(r + 1) * size],
-                    &states[(r + 1) * size..(r + 2) * size],
-                );
+                let (prev, cur) = (&states[r * size..(r + 1) * size], &states[(r + 1) * size..(r + 2) * size]);
                 let alpha = &alphas[r * dk..(r + 1) * dk];
                 let (k, v, go) = (
                     self.key_row(self.k, bi, t, h),
@@ -243,8 +234,7 @@ impl<T: Real> Heads<'_, T> {
                     gk[i] = dot(ds_row, v);
                     axpy(k[i], ds_row, gv);
                     if gated {
-                        g.log_alpha[t * dk + i] =
-                            alpha[i] * dot(ds_row, &prev[i * dv..(i + 1) * dv]);
+                        g.log_alpha[t * dk + i] = alpha[i] * dot(ds_row, &prev[i * dv..(i + 1) * dv]);
                     }
                 }
                 for (row, &a) in ds.chunks_mut(dv).zip(alpha) {
@@ -282,23 +272,13 @@ fn forward<T: Real>(x: &Heads<'_, T>, out: &mut [T]) {
     if out.is_empty() {
         return;
     }
-    let results: Vec<Vec<T>> = (0..d.batch * d.heads)
-        .into_par_iter()
-        .map(|task| x.forward_head(task / d.heads, task % d.heads))
-        .collect();
-    out.par_chunks_mut(d.seq * d.value_dim)
-        .enumerate()
-        .for_each(|(bi, ob)| {
-            for h in 0..d.heads {
-                put_columns(
-                    ob,
-                    d.value_dim,
-                    h * d.dv(),
-                    &results[bi * d.heads + h],
-                    d.dv(),
-                );
-            }
-        });
+    let results: Vec<Vec<T>> =
+        (0..d.batch * d.heads).into_par_iter().map(|task| x.forward_head(task / d.heads, task % d.heads)).collect();
+    out.par_chunks_mut(d.seq * d.value_dim).enumerate().for_each(|(bi, ob)| {
+        for h in 0..d.heads {
+            put_columns(ob, d.value_dim, h * d.dv(), &results[bi * d.heads + h], d.dv());
+        }
+    });
 }
 
 /// Backward of any decay into the (rotated-space) gradient buffers; g_log_alpha only for GLA.
@@ -320,13 +300,11 @@ fn backward<T: Real>(
         .collect();
     let place = |dst: &mut [T], width: usize, pick: fn(&HeadGrads<T>) -> &Vec<T>| {
         let w = width / d.heads;
-        dst.par_chunks_mut(d.seq * width)
-            .enumerate()
-            .for_each(|(bi, db)| {
-                for h in 0..d.heads {
-                    put_columns(db, width, h * w, pick(&results[bi * d.heads + h]), w);
-                }
-            });
+        dst.par_chunks_mut(d.seq * width).enumerate().for_each(|(bi, db)| {
+            for h in 0..d.heads {
+                put_columns(db, width, h * w, pick(&results[bi * d.heads + h]), w);
+            }
+        });
     };
     place(gq, d.key_dim, |r| &r.q);
     place(gk, d.key_dim, |r| &r.k);
@@ -342,13 +320,7 @@ pub fn gla_fwd<T: Real>(dims: LinDims, q: &[T], k: &[T], v: &[T], log_alpha: &[T
     check_inputs(kernel, dims, q, k, v);
     check_len(kernel, "log_alpha", log_alpha, k.len());
     check_len(kernel, "out", out, v.len());
-    let x = Heads {
-        dims,
-        q,
-        k,
-        v,
-        decay: Decay::Gated(log_alpha),
-    };
+    let x = Heads { dims, q, k, v, decay: Decay::Gated(log_alpha) };
     forward(&x, out);
 }
 
@@ -375,60 +347,29 @@ pub fn gla_bwd<T: Real>(
     check_len(kernel, "gk", gk, k.len());
     check_len(kernel, "gv", gv, v.len());
     check_len(kernel, "g_log_alpha", g_log_alpha, k.len());
-    let x = Heads {
-        dims,
-        q,
-        k,
-        v,
-        decay: Decay::Gated(log_alpha),
-    };
+    let x = Heads { dims, q, k, v, decay: Decay::Gated(log_alpha) };
     backward(&x, g_out, gq, gk, gv, Some(g_log_alpha));
 }
 
 /// Retention's RoPE rotates halves of each head's keys, so dk must be even.
 fn check_rope(kernel: &str, dims: LinDims, rope: Option<f64>) {
-    assert!(
-        rope.is_none() || dims.dk() % 2 == 0,
-        "{kernel}: RoPE needs an even per-head key size, got {}",
-        dims.dk()
-    );
+    assert!(rope.is_none() || dims.dk() % 2 == 0, "{kernel}: RoPE needs an even per-head key size, got {}", dims.dk());
 }
 
 /// q and k with retention's RoPE (over each head's dk dimensions, positions from 0), if any.
-fn rotated_qk<'a, T: Real>(
-    dims: LinDims,
-    rope: Option<f64>,
-    q: &'a [T],
-    k: &'a [T],
-) -> (Cow<'a, [T]>, Cow<'a, [T]>) {
-    (
-        rotated(q, dims.seq, dims.key_dim, dims.dk(), rope),
-        rotated(k, dims.seq, dims.key_dim, dims.dk(), rope),
-    )
+fn rotated_qk<'a, T: Real>(dims: LinDims, rope: Option<f64>, q: &'a [T], k: &'a [T]) -> (Cow<'a, [T]>, Cow<'a, [T]>) {
+    (rotated(q, dims.seq, dims.key_dim, dims.dk(), rope), rotated(k, dims.seq, dims.key_dim, dims.dk(), rope))
 }
 
 /// Retention forward. q, k: `[batch, seq, K]`; v, out: `[batch, seq, V]` (out overwritten).
 /// `rope`: rotate-half RoPE base for q and k, or `None`.
-pub fn retention_fwd<T: Real>(
-    dims: LinDims,
-    rope: Option<f64>,
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    out: &mut [T],
-) {
+pub fn retention_fwd<T: Real>(dims: LinDims, rope: Option<f64>, q: &[T], k: &[T], v: &[T], out: &mut [T]) {
     let kernel = "retention_fwd";
     check_inputs(kernel, dims, q, k, v);
     check_rope(kernel, dims, rope);
     check_len(kernel, "out", out, v.len());
     let (qr, kr) = rotated_qk(dims, rope, q, k);
-    let x = Heads {
-        dims,
-        q: &qr,
-        k: &kr,
-        v,
-        decay: Decay::Fixed,
-    };
+    let x = Heads { dims, q: &qr, k: &kr, v, decay: Decay::Fixed };
     forward(&x, out);
 }
 
@@ -454,13 +395,7 @@ pub fn retention_bwd<T: Real>(
     check_len(kernel, "gk", gk, k.len());
     check_len(kernel, "gv", gv, v.len());
     let (qr, kr) = rotated_qk(dims, rope, q, k);
-    let x = Heads {
-        dims,
-        q: &qr,
-        k: &kr,
-        v,
-        decay: Decay::Fixed,
-    };
+    let x = Heads { dims, q: &qr, k: &kr, v, decay: Decay::Fixed };
     backward(&x, g_out, gq, gk, gv, None);
     if let (Some(base), false) = (rope, gq.is_empty()) {
         apply_rope(gq, dims.seq, dims.key_dim, dims.dk(), base, 0, true);
@@ -475,16 +410,12 @@ fn step<T: Real>(x: &Heads<'_, T>, state: &mut [T], out: &mut [T]) {
     if out.is_empty() {
         return;
     }
-    state
-        .par_chunks_mut(d.dk() * d.dv())
-        .zip(out.par_chunks_mut(d.dv()))
-        .enumerate()
-        .for_each(|(task, (s, o))| {
-            let (bi, h) = (task / d.heads, task % d.heads);
-            let mut alpha = vec![T::zero(); d.dk()];
-            x.advance(bi, 0, h, s, &mut alpha);
-            x.read(bi, 0, h, s, o);
-        });
+    state.par_chunks_mut(d.dk() * d.dv()).zip(out.par_chunks_mut(d.dv())).enumerate().for_each(|(task, (s, o))| {
+        let (bi, h) = (task / d.heads, task % d.heads);
+        let mut alpha = vec![T::zero(); d.dk()];
+        x.advance(bi, 0, h, s, &mut alpha);
+        x.read(bi, 0, h, s, o);
+    });
 }
 
 /// Checks the one-token inputs and state of a decode step.
@@ -510,22 +441,10 @@ pub fn gla_step<T: Real>(
     out: &mut [T],
 ) {
     let kernel = "gla_step";
-    let dims = LinDims {
-        batch,
-        seq: 1,
-        heads,
-        key_dim,
-        value_dim,
-    };
+    let dims = LinDims { batch, seq: 1, heads, key_dim, value_dim };
     check_step(kernel, dims, q, k, v, state, out);
     check_len(kernel, "log_alpha", log_alpha, k.len());
-    let x = Heads {
-        dims,
-        q,
-        k,
-        v,
-        decay: Decay::Gated(log_alpha),
-    };
+    let x = Heads { dims, q, k, v, decay: Decay::Gated(log_alpha) };
     step(&x, state, out);
 }
 
@@ -547,13 +466,7 @@ pub fn retention_step<T: Real>(
     out: &mut [T],
 ) {
     let kernel = "retention_step";
-    let dims = LinDims {
-        batch,
-        seq: 1,
-        heads,
-        key_dim,
-        value_dim,
-    };
+    let dims = LinDims { batch, seq: 1, heads, key_dim, value_dim };
     check_step(kernel, dims, q, k, v, state, out);
     check_rope(kernel, dims, rope);
     let (mut qr, mut kr) = (q.to_vec(), k.to_vec());
@@ -561,13 +474,7 @@ pub fn retention_step<T: Real>(
         apply_rope(&mut qr, 1, key_dim, dims.dk(), base, pos, false);
         apply_rope(&mut kr, 1, key_dim, dims.dk(), base, pos, false);
     }
-    let x = Heads {
-        dims,
-        q: &qr,
-        k: &kr,
-        v,
-        decay: Decay::Fixed,
-    };
+    let x = Heads { dims, q: &qr, k: &kr, v, decay: Decay::Fixed };
     step(&x, state, out);
 }
 
@@ -611,13 +518,7 @@ pub fn gla_final_state<T: Real>(dims: LinDims, k: &[T], v: &[T], log_alpha: &[T]
 
 /// Retention states after a prompt (prefill → decode), keys rotated from position 0 when `rope`
 /// is set: k `[batch, seq, K]`, v `[batch, seq, V]`; state `[batch, heads, dk, dv]`.
-pub fn retention_final_state<T: Real>(
-    dims: LinDims,
-    rope: Option<f64>,
-    k: &[T],
-    v: &[T],
-    state: &mut [T],
-) {
+pub fn retention_final_state<T: Real>(dims: LinDims, rope: Option<f64>, k: &[T], v: &[T], state: &mut [T]) {
     let kernel = "retention_final_state";
     check_prompt(kernel, dims, k, v, state);
     check_rope(kernel, dims, rope);
@@ -638,13 +539,7 @@ mod tests {
     use crate::cpu::check::{dot, *};
 
     fn dims(batch: usize, seq: usize, heads: usize, key_dim: usize, value_dim: usize) -> LinDims {
-        LinDims {
-            batch,
-            seq,
-            heads,
-            key_dim,
-            value_dim,
-        }
+        LinDims { batch, seq, heads, key_dim, value_dim }
     }
 
     /// Which mixer a test runs: GLA, or retention with an optional RoPE base.
@@ -688,12 +583,8 @@ mod tests {
     fn bwd<T: Real>(d: LinDims, mixer: Mixer, x: &[Vec<T>], g: &[T]) -> Vec<Vec<T>> {
         let mut gs: Vec<Vec<T>> = x.iter().map(|v| vec![T::zero(); v.len()]).collect();
         match (mixer, &mut gs[..]) {
-            (Mixer::Gla, [gq, gk, gv, gla]) => {
-                gla_bwd(d, &x[0], &x[1], &x[2], &x[3], g, gq, gk, gv, gla)
-            }
-            (Mixer::Retention(rope), [gq, gk, gv]) => {
-                retention_bwd(d, rope, &x[0], &x[1], &x[2], g, gq, gk, gv)
-            }
+            (Mixer::Gla, [gq, gk, gv, gla]) => gla_bwd(d, &x[0], &x[1], &x[2], &x[3], g, gq, gk, gv, gla),
+            (Mixer::Retention(rope), [gq, gk, gv]) => retention_bwd(d, rope, &x[0], &x[1], &x[2], g, gq, gk, gv),
             _ => unreachable!(),
         }
         gs
@@ -718,9 +609,7 @@ mod tests {
     /// o_t = Σ_{s≤t} Σ_i q_t[i] k_s[i] decay(s→t)[i] v_s / √dk.
     fn naive(d: LinDims, mixer: Mixer, x: &[Vec<f64>]) -> Vec<f64> {
         let (q, k) = match mixer {
-            Mixer::Retention(Some(base)) => {
-                (naive_rope(d, base, &x[0]), naive_rope(d, base, &x[1]))
-            }
+            Mixer::Retention(Some(base)) => (naive_rope(d, base, &x[0]), naive_rope(d, base, &x[1])),
             _ => (x[0].clone(), x[1].clone()),
         };
         let v = &x[2];
@@ -733,17 +622,12 @@ mod tests {
                         let mut w = 0.0;
                         for i in 0..dk {
                             let decay = match mixer {
-                                Mixer::Gla => (s + 1..=t)
-                                    .map(|r| x[3][(bi * d.seq + r) * kd + h * dk + i])
-                                    .sum::<f64>()
-                                    .exp(),
-                                Mixer::Retention(_) => {
-                                    (1.0 - 0.5f64.powi(5 + h as i32)).powi((t - s) as i32)
+                                Mixer::Gla => {
+                                    (s + 1..=t).map(|r| x[3][(bi * d.seq + r) * kd + h * dk + i]).sum::<f64>().exp()
                                 }
+                                Mixer::Retention(_) => (1.0 - 0.5f64.powi(5 + h as i32)).powi((t - s) as i32),
                             };
-                            w += q[(bi * d.seq + t) * kd + h * dk + i]
-                                * k[(bi * d.seq + s) * kd + h * dk + i]
-                                * decay;
+                            w += q[(bi * d.seq + t) * kd + h * dk + i] * k[(bi * d.seq + s) * kd + h * dk + i] * decay;
                         }
                         for j in 0..dv {
                             out[(bi * d.seq + t) * vd + h * dv + j] +=
@@ -756,12 +640,8 @@ mod tests {
         out
     }
 
-    const MIXERS: [Mixer; 4] = [
-        Mixer::Gla,
-        Mixer::Retention(None),
-        Mixer::Retention(Some(10_000.0)),
-        Mixer::Retention(Some(100.0)),
-    ];
+    const MIXERS: [Mixer; 4] =
+        [Mixer::Gla, Mixer::Retention(None), Mixer::Retention(Some(10_000.0)), Mixer::Retention(Some(100.0))];
 
     #[test]
     fn forward_matches_the_parallel_form() {
@@ -778,10 +658,7 @@ mod tests {
                 if matches!(mixer, Mixer::Retention(Some(_))) && d.dk() % 2 == 1 {
                     continue;
                 }
-                let x: Vec<Vec<f64>> = inputs(d, mixer, k as u64 + 1, 1.0)
-                    .iter()
-                    .map(|v| round32(v))
-                    .collect();
+                let x: Vec<Vec<f64>> = inputs(d, mixer, k as u64 + 1, 1.0).iter().map(|v| round32(v)).collect();
                 let want = naive(d, mixer, &x);
                 let got = fwd::<f64>(d, mixer, &x);
                 let e64 = rel(&got, &want);
@@ -797,22 +674,13 @@ mod tests {
 
     #[test]
     fn gradients_match_finite_differences() {
-        for (k, &d) in [dims(2, 7, 2, 8, 6), dims(1, 20, 2, 4, 6)]
-            .iter()
-            .enumerate()
-        {
+        for (k, &d) in [dims(2, 7, 2, 8, 6), dims(1, 20, 2, 4, 6)].iter().enumerate() {
             for mixer in MIXERS {
                 let mut x = inputs(d, mixer, 30 + k as u64, 1.0);
                 let g = Rng::new(70 + k as u64).vec(x[2].len(), -1.0, 1.0);
                 let analytic = bwd::<f64>(d, mixer, &x, &g);
                 let loss = |x: &[Vec<f64>]| dot(&fwd::<f64>(d, mixer, x), &g);
-                check_gradients(
-                    &format!("{mixer:?} {d:?}"),
-                    &mut x,
-                    &["q", "k", "v", "log_alpha"],
-                    &analytic,
-                    &loss,
-                );
+                check_gradients(&format!("{mixer:?} {d:?}"), &mut x, &["q", "k", "v", "log_alpha"], &analytic, &loss);
             }
         }
     }
@@ -822,10 +690,7 @@ mod tests {
         let d = dims(2, 50, 2, 8, 12);
         let mut worst = 0.0f64;
         for mixer in MIXERS {
-            let x: Vec<Vec<f64>> = inputs(d, mixer, 35, 1.0)
-                .iter()
-                .map(|v| round32(v))
-                .collect();
+            let x: Vec<Vec<f64>> = inputs(d, mixer, 35, 1.0).iter().map(|v| round32(v)).collect();
             let g = round32(&Rng::new(36).vec(x[2].len(), -1.0, 1.0));
             let g64 = bwd::<f64>(d, mixer, &x, &g);
             let g32 = bwd::<f32>(d, mixer, &cast(&x), &to_f32(&g));
@@ -858,38 +723,21 @@ mod tests {
                         &row(3, kd, 0..prefix),
                         &mut state,
                     ),
-                    Mixer::Retention(rope) => retention_final_state(
-                        pd,
-                        rope,
-                        &row(1, kd, 0..prefix),
-                        &row(2, vd, 0..prefix),
-                        &mut state,
-                    ),
+                    Mixer::Retention(rope) => {
+                        retention_final_state(pd, rope, &row(1, kd, 0..prefix), &row(2, vd, 0..prefix), &mut state)
+                    }
                 }
                 let (mut got, mut expect) = (vec![], vec![]);
                 for t in prefix..d.seq {
                     let mut o = vec![0.0; d.batch * vd];
-                    let (q1, k1, v1) = (
-                        row(0, kd, t..t + 1),
-                        row(1, kd, t..t + 1),
-                        row(2, vd, t..t + 1),
-                    );
+                    let (q1, k1, v1) = (row(0, kd, t..t + 1), row(1, kd, t..t + 1), row(2, vd, t..t + 1));
                     match mixer {
-                        Mixer::Gla => gla_step(
-                            d.batch,
-                            d.heads,
-                            kd,
-                            vd,
-                            &q1,
-                            &k1,
-                            &v1,
-                            &row(3, kd, t..t + 1),
-                            &mut state,
-                            &mut o,
-                        ),
-                        Mixer::Retention(rope) => retention_step(
-                            d.batch, d.heads, kd, vd, rope, t, &q1, &k1, &v1, &mut state, &mut o,
-                        ),
+                        Mixer::Gla => {
+                            gla_step(d.batch, d.heads, kd, vd, &q1, &k1, &v1, &row(3, kd, t..t + 1), &mut state, &mut o)
+                        }
+                        Mixer::Retention(rope) => {
+                            retention_step(d.batch, d.heads, kd, vd, rope, t, &q1, &k1, &v1, &mut state, &mut o)
+                        }
                     }
                     got.extend(o);
                     expect.extend(rows(&want, d.batch, d.seq, vd, t..t + 1));
@@ -916,18 +764,13 @@ mod tests {
                 let mut state = vec![0.0f32; d.batch * d.key_dim * d.dv()];
                 match mixer {
                     Mixer::Gla => gla_final_state(d, &x[1], &x[2], &x[3], &mut state),
-                    Mixer::Retention(rope) => {
-                        retention_final_state(d, rope, &x[1], &x[2], &mut state)
-                    }
+                    Mixer::Retention(rope) => retention_final_state(d, rope, &x[1], &x[2], &mut state),
                 }
                 all.extend(bits(&state));
                 all
             });
             for r in &runs[1..] {
-                assert!(
-                    r == &runs[0],
-                    "{mixer:?} results depend on the run or thread count"
-                );
+                assert!(r == &runs[0], "{mixer:?} results depend on the run or thread count");
             }
         }
     }

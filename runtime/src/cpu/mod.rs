@@ -7,6 +7,7 @@ pub mod attention;
 pub mod conv;
 pub mod dense;
 pub mod elementwise;
+pub mod exec;
 pub mod linear_attention;
 pub mod norm;
 pub mod optim;

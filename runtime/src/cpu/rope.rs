@@ -23,14 +23,9 @@ pub struct RopeTable<T> {
 impl<T: Real> RopeTable<T> {
     /// Table for `positions` with frequencies base^(−2i/head_dim). Panics on an odd head_dim.
     pub fn new(base: f64, head_dim: usize, positions: Range<usize>) -> Self {
-        assert!(
-            head_dim % 2 == 0,
-            "rope: head_dim must be even for rotate-half, got {head_dim}"
-        );
+        assert!(head_dim % 2 == 0, "rope: head_dim must be even for rotate-half, got {head_dim}");
         let half = head_dim / 2;
-        let inv_freq: Vec<f64> = (0..half)
-            .map(|i| base.powf(-2.0 * i as f64 / head_dim as f64))
-            .collect();
+        let inv_freq: Vec<f64> = (0..half).map(|i| base.powf(-2.0 * i as f64 / head_dim as f64)).collect();
         let count = positions.len();
         let mut cos = Vec::with_capacity(count * half);
         let mut sin = Vec::with_capacity(count * half);
@@ -41,12 +36,7 @@ impl<T: Real> RopeTable<T> {
                 sin.push(T::of(theta.sin()));
             }
         }
-        RopeTable {
-            half,
-            first: positions.start,
-            cos,
-            sin,
-        }
+        RopeTable { half, first: positions.start, cos, sin }
     }
 
     fn angles(&self, pos: usize) -> (&[T], &[T]) {
@@ -139,9 +129,7 @@ mod tests {
     #[test]
     fn rope_preserves_norms_and_its_transpose_inverts_it() {
         let (seq, hd) = (5, 6);
-        let x: Vec<f64> = (0..2 * seq * 2 * hd)
-            .map(|i| (i as f64 * 0.71).sin())
-            .collect();
+        let x: Vec<f64> = (0..2 * seq * 2 * hd).map(|i| (i as f64 * 0.71).sin()).collect();
         let mut y = x.clone();
         apply_rope(&mut y, seq, 2 * hd, hd, 10_000.0, 3, false);
         for (a, b) in x.chunks(hd).zip(y.chunks(hd)) {

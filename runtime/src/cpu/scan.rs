@@ -102,12 +102,7 @@ struct Inputs<'a, T> {
 
 impl<T: Real> Inputs<'_, T> {
     fn check(&self, kernel: &str, with_gate: bool) {
-        let ScanDims {
-            batch,
-            seq,
-            channels: e,
-            state: n,
-        } = self.dims;
+        let ScanDims { batch, seq, channels: e, state: n } = self.dims;
         assert!(n > 0, "{kernel}: the state size must be positive");
         let tokens = batch * seq;
         check_len(kernel, "u", self.u, tokens * e);
@@ -185,17 +180,7 @@ pub fn selective_scan_fwd<T: Real>(
     z: &[T],
     out: &mut [T],
 ) {
-    let inp = Inputs {
-        dims,
-        u,
-        delta,
-        a_log,
-        b,
-        c,
-        d,
-        dt_bias,
-        z,
-    };
+    let inp = Inputs { dims, u, delta, a_log, b, c, d, dt_bias, z };
     inp.check("selective_scan_fwd", true);
     check_len("selective_scan_fwd", "out", out, u.len());
     if out.is_empty() {
@@ -203,18 +188,14 @@ pub fn selective_scan_fwd<T: Real>(
     }
     let (seq, e) = (dims.seq, dims.channels);
     let blocks = block_count(e, CHANNEL_BLOCK);
-    let results: Vec<Vec<T>> = (0..dims.batch * blocks)
-        .into_par_iter()
-        .map(|task| inp.forward_block(task / blocks, task % blocks))
-        .collect();
-    out.par_chunks_mut(seq * e)
-        .enumerate()
-        .for_each(|(bi, ob)| {
-            for blk in 0..blocks {
-                let r = &results[bi * blocks + blk];
-                put_columns(ob, e, blk * CHANNEL_BLOCK, r, inp.block_width(blk));
-            }
-        });
+    let results: Vec<Vec<T>> =
+        (0..dims.batch * blocks).into_par_iter().map(|task| inp.forward_block(task / blocks, task % blocks)).collect();
+    out.par_chunks_mut(seq * e).enumerate().for_each(|(bi, ob)| {
+        for blk in 0..blocks {
+            let r = &results[bi * blocks + blk];
+            put_columns(ob, e, blk * CHANNEL_BLOCK, r, inp.block_width(blk));
+        }
+    });
 }
 
 /// Gradient buffers of [`selective_scan_bwd`], shaped like the matching inputs.
@@ -341,11 +322,7 @@ impl<T: Real> Inputs<'_, T> {
             let dt = softplus(pre);
             let (u, z, go) = (self.u[x], self.z[x], g_out[x]);
             let rows = ci * n..(ci + 1) * n;
-            let (hp, hc, ab) = (
-                &st.prev[rows.clone()],
-                &st.cur[rows.clone()],
-                &st.abar[rows.clone()],
-            );
+            let (hp, hc, ab) = (&st.prev[rows.clone()], &st.cur[rows.clone()], &st.abar[rows.clone()]);
             let (ac, lam_next) = (&a[rows.clone()], &mut carry[rows.clone()]);
             let ga = &mut g.a[rows];
 
@@ -395,17 +372,7 @@ pub fn selective_scan_bwd<T: Real>(
     grads: ScanGrads<'_, T>,
 ) {
     let kernel = "selective_scan_bwd";
-    let inp = Inputs {
-        dims,
-        u,
-        delta,
-        a_log,
-        b,
-        c,
-        d,
-        dt_bias,
-        z,
-    };
+    let inp = Inputs { dims, u, delta, a_log, b, c, d, dt_bias, z };
     inp.check(kernel, true);
     check_len(kernel, "g_out", g_out, u.len());
     check_len(kernel, "grads.u", grads.u, u.len());
@@ -416,13 +383,7 @@ pub fn selective_scan_bwd<T: Real>(
     check_len(kernel, "grads.d", grads.d, d.len());
     check_len(kernel, "grads.dt_bias", grads.dt_bias, dt_bias.len());
     check_len(kernel, "grads.z", grads.z, z.len());
-    for g in [
-        &mut *grads.a_log,
-        &mut *grads.b,
-        &mut *grads.c,
-        &mut *grads.d,
-        &mut *grads.dt_bias,
-    ] {
+    for g in [&mut *grads.a_log, &mut *grads.b, &mut *grads.c, &mut *grads.d, &mut *grads.dt_bias] {
         g.fill(T::zero());
     }
     if u.is_empty() {
@@ -436,27 +397,23 @@ pub fn selective_scan_bwd<T: Real>(
         .collect();
 
     let columns = |dst: &mut [T], pick: fn(&BlockGrads<T>) -> &Vec<T>| {
-        dst.par_chunks_mut(seq * e)
-            .enumerate()
-            .for_each(|(bi, db)| {
-                for blk in 0..blocks {
-                    let r = pick(&results[bi * blocks + blk]);
-                    put_columns(db, e, blk * CHANNEL_BLOCK, r, inp.block_width(blk));
-                }
-            });
+        dst.par_chunks_mut(seq * e).enumerate().for_each(|(bi, db)| {
+            for blk in 0..blocks {
+                let r = pick(&results[bi * blocks + blk]);
+                put_columns(db, e, blk * CHANNEL_BLOCK, r, inp.block_width(blk));
+            }
+        });
     };
     columns(grads.u, |r| &r.u);
     columns(grads.delta, |r| &r.delta);
     columns(grads.z, |r| &r.z);
 
     let over_blocks = |dst: &mut [T], pick: fn(&BlockGrads<T>) -> &Vec<T>| {
-        dst.par_chunks_mut(seq * n)
-            .enumerate()
-            .for_each(|(bi, db)| {
-                for blk in 0..blocks {
-                    add_into(db, pick(&results[bi * blocks + blk]));
-                }
-            });
+        dst.par_chunks_mut(seq * n).enumerate().for_each(|(bi, db)| {
+            for blk in 0..blocks {
+                add_into(db, pick(&results[bi * blocks + blk]));
+            }
+        });
     };
     over_blocks(grads.b, |r| &r.b);
     over_blocks(grads.c, |r| &r.c);
@@ -500,23 +457,8 @@ pub fn selective_scan_step<T: Real>(
     out: &mut [T],
 ) {
     let kernel = "selective_scan_step";
-    let dims = ScanDims {
-        batch,
-        seq: 1,
-        channels,
-        state,
-    };
-    let inp = Inputs {
-        dims,
-        u,
-        delta,
-        a_log,
-        b,
-        c,
-        d,
-        dt_bias,
-        z,
-    };
+    let dims = ScanDims { batch, seq: 1, channels, state };
+    let inp = Inputs { dims, u, delta, a_log, b, c, d, dt_bias, z };
     inp.check(kernel, true);
     check_len(kernel, "h", h, batch * channels * state);
     check_len(kernel, "out", out, batch * channels);
@@ -524,23 +466,19 @@ pub fn selective_scan_step<T: Real>(
         return;
     }
     let (e, n) = (channels, state);
-    out.par_chunks_mut(e)
-        .zip(h.par_chunks_mut(e * n))
-        .enumerate()
-        .for_each(|(bi, (ob, hb))| {
-            ob.par_chunks_mut(CHANNEL_BLOCK)
-                .zip(hb.par_chunks_mut(CHANNEL_BLOCK * n))
-                .enumerate()
-                .for_each(|(blk, (o, hblk))| {
-                    let c0 = blk * CHANNEL_BLOCK;
-                    let a = neg_exp(&a_log[c0 * n..(c0 + o.len()) * n]);
-                    inp.scan_block(bi, c0, &a, hblk, 0..1, |_, ci, hc, _| {
-                        let x = bi * e + c0 + ci;
-                        let y = readout(&c[bi * n..][..n], hc) + d[c0 + ci] * u[x];
-                        o[ci] = y * silu(z[x]);
-                    });
+    out.par_chunks_mut(e).zip(h.par_chunks_mut(e * n)).enumerate().for_each(|(bi, (ob, hb))| {
+        ob.par_chunks_mut(CHANNEL_BLOCK).zip(hb.par_chunks_mut(CHANNEL_BLOCK * n)).enumerate().for_each(
+            |(blk, (o, hblk))| {
+                let c0 = blk * CHANNEL_BLOCK;
+                let a = neg_exp(&a_log[c0 * n..(c0 + o.len()) * n]);
+                inp.scan_block(bi, c0, &a, hblk, 0..1, |_, ci, hc, _| {
+                    let x = bi * e + c0 + ci;
+                    let y = readout(&c[bi * n..][..n], hc) + d[c0 + ci] * u[x];
+                    o[ci] = y * silu(z[x]);
                 });
-        });
+            },
+        );
+    });
 }
 
 /// The states h_T `[batch, E, N]` after a whole prompt, to continue with
@@ -558,17 +496,7 @@ pub fn selective_scan_final_state<T: Real>(
     h: &mut [T],
 ) {
     let kernel = "selective_scan_final_state";
-    let inp = Inputs {
-        dims,
-        u,
-        delta,
-        a_log,
-        b,
-        c,
-        d: &[],
-        dt_bias,
-        z: &[],
-    };
+    let inp = Inputs { dims, u, delta, a_log, b, c, d: &[], dt_bias, z: &[] };
     inp.check(kernel, false);
     let (e, n) = (dims.channels, dims.state);
     check_len(kernel, "h", h, dims.batch * e * n);
@@ -577,13 +505,11 @@ pub fn selective_scan_final_state<T: Real>(
         return;
     }
     h.par_chunks_mut(e * n).enumerate().for_each(|(bi, hb)| {
-        hb.par_chunks_mut(CHANNEL_BLOCK * n)
-            .enumerate()
-            .for_each(|(blk, hblk)| {
-                let c0 = blk * CHANNEL_BLOCK;
-                let a = neg_exp(&a_log[c0 * n..c0 * n + hblk.len()]);
-                inp.scan_block(bi, c0, &a, hblk, 0..dims.seq, |_, _, _, _| {});
-            });
+        hb.par_chunks_mut(CHANNEL_BLOCK * n).enumerate().for_each(|(blk, hblk)| {
+            let c0 = blk * CHANNEL_BLOCK;
+            let a = neg_exp(&a_log[c0 * n..c0 * n + hblk.len()]);
+            inp.scan_block(bi, c0, &a, hblk, 0..dims.seq, |_, _, _, _| {});
+        });
     });
 }
 
@@ -601,12 +527,7 @@ mod tests {
     }
 
     fn dims(batch: usize, seq: usize, channels: usize, state: usize) -> ScanDims {
-        ScanDims {
-            batch,
-            seq,
-            channels,
-            state,
-        }
+        ScanDims { batch, seq, channels, state }
     }
 
     /// Random inputs in argument order; `wide` spreads δ over ±40 so that softplus takes both
@@ -622,9 +543,7 @@ mod tests {
                 *x += 0.1;
             }
         }
-        let a_log = (0..sz[2])
-            .map(|i| ((i % d.state) as f64 + 1.0).ln() + rng.uniform(-0.3, 0.3))
-            .collect();
+        let a_log = (0..sz[2]).map(|i| ((i % d.state) as f64 + 1.0).ln() + rng.uniform(-0.3, 0.3)).collect();
         vec![
             rng.vec(sz[0], -1.0, 1.0),
             delta,
@@ -639,37 +558,21 @@ mod tests {
 
     fn fwd<T: Real>(d: ScanDims, x: &[Vec<T>]) -> Vec<T> {
         let mut out = vec![T::zero(); sizes(d)[0]];
-        selective_scan_fwd(
-            d, &x[0], &x[1], &x[2], &x[3], &x[4], &x[5], &x[6], &x[7], &mut out,
-        );
+        selective_scan_fwd(d, &x[0], &x[1], &x[2], &x[3], &x[4], &x[5], &x[6], &x[7], &mut out);
         out
     }
 
     fn bwd<T: Real>(d: ScanDims, x: &[Vec<T>], g: &[T]) -> Vec<Vec<T>> {
         let mut gs: Vec<Vec<T>> = sizes(d).iter().map(|&n| vec![T::zero(); n]).collect();
-        let [gu, gdl, gal, gb, gc, gd, gbias, gz] = &mut gs[..] else {
-            unreachable!()
-        };
-        let grads = ScanGrads {
-            u: gu,
-            delta: gdl,
-            a_log: gal,
-            b: gb,
-            c: gc,
-            d: gd,
-            dt_bias: gbias,
-            z: gz,
-        };
-        selective_scan_bwd(
-            d, &x[0], &x[1], &x[2], &x[3], &x[4], &x[5], &x[6], &x[7], g, grads,
-        );
+        let [gu, gdl, gal, gb, gc, gd, gbias, gz] = &mut gs[..] else { unreachable!() };
+        let grads = ScanGrads { u: gu, delta: gdl, a_log: gal, b: gb, c: gc, d: gd, dt_bias: gbias, z: gz };
+        selective_scan_bwd(d, &x[0], &x[1], &x[2], &x[3], &x[4], &x[5], &x[6], &x[7], g, grads);
         gs
     }
 
     /// The recurrence exactly as written in the equations, in f64.
     fn naive(d: ScanDims, x: &[Vec<f64>]) -> Vec<f64> {
-        let (u, delta, a_log, b, c, dd, bias, z) =
-            (&x[0], &x[1], &x[2], &x[3], &x[4], &x[5], &x[6], &x[7]);
+        let (u, delta, a_log, b, c, dd, bias, z) = (&x[0], &x[1], &x[2], &x[3], &x[4], &x[5], &x[6], &x[7]);
         let (e, n) = (d.channels, d.state);
         let mut out = vec![0.0; u.len()];
         for bi in 0..d.batch {
@@ -699,21 +602,12 @@ mod tests {
 
     #[test]
     fn forward_matches_the_naive_recurrence() {
-        let shapes = [
-            (1, 1, 1, 1),
-            (2, 7, 5, 3),
-            (3, 37, 20, 4),
-            (1, 70, 33, 16),
-            (2, 17, 16, 2),
-        ];
+        let shapes = [(1, 1, 1, 1), (2, 7, 5, 3), (3, 37, 20, 4), (1, 70, 33, 16), (2, 17, 16, 2)];
         let (mut worst64, mut worst32) = (0.0f64, 0.0f64);
         for (k, &(batch, seq, channels, state)) in shapes.iter().enumerate() {
             for wide in [false, true] {
                 let d = dims(batch, seq, channels, state);
-                let x: Vec<Vec<f64>> = inputs(d, k as u64 + 1, wide)
-                    .iter()
-                    .map(|v| round32(v))
-                    .collect();
+                let x: Vec<Vec<f64>> = inputs(d, k as u64 + 1, wide).iter().map(|v| round32(v)).collect();
                 let want = naive(d, &x);
                 let got = fwd::<f64>(d, &x);
                 let e64 = rel(&got, &want);
@@ -743,13 +637,7 @@ mod tests {
             let g = Rng::new(50 + k as u64).vec(sizes(d)[0], -1.0, 1.0);
             let analytic = bwd::<f64>(d, &x, &g);
             let loss = |x: &[Vec<f64>]| dot(&fwd::<f64>(d, x), &g);
-            check_gradients(
-                &format!("scan {d:?} wide={wide}"),
-                &mut x,
-                &NAMES,
-                &analytic,
-                &loss,
-            );
+            check_gradients(&format!("scan {d:?} wide={wide}"), &mut x, &NAMES, &analytic, &loss);
         }
     }
 
@@ -837,10 +725,7 @@ mod tests {
             all
         });
         for r in &runs[1..] {
-            assert!(
-                r == &runs[0],
-                "scan results depend on the run or thread count"
-            );
+            assert!(r == &runs[0], "scan results depend on the run or thread count");
         }
     }
 

@@ -1,0 +1,702 @@
+//! The CPU executor: runs a [`Plan`] step by step against a [`Store`] of persistent tensors,
+//! binding `B` and `T` from the inputs and freeing each value after its last use.
+
+use super::attention::{attention_bwd, attention_fwd, AttnDims};
+use super::conv::{conv_bwd, conv_fwd, ConvDims};
+use super::dense::*;
+use super::elementwise::*;
+use super::linear_attention::{gla_bwd, gla_fwd, retention_bwd, retention_fwd, LinDims};
+use super::norm::*;
+use super::optim::{adamw, clip_scale, learning_rate};
+use super::scan::{selective_scan_bwd, selective_scan_fwd, ScanDims, ScanGrads};
+use super::tensor::{Data, Tensor};
+use super::Real;
+use crate::plan::{Plan, Program};
+use crate::{DType, Dim, Op, TensorType};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExecError(pub String);
+
+impl fmt::Display for ExecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ExecError {}
+
+fn fail<T>(msg: impl Into<String>) -> Result<T, ExecError> {
+    Err(ExecError(msg.into()))
+}
+
+/// The persistent tensors of a program: parameters and states, by name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Store<T> {
+    pub tensors: BTreeMap<String, Tensor<T>>,
+}
+
+impl<T: Real> Store<T> {
+    /// Parameters drawn from their initialisation rules with `seed` (the counter-based generator,
+    /// so every backend starts from the same values); states at zero.
+    pub fn init(program: &Program, seed: u64) -> Store<T> {
+        let mut tensors = BTreeMap::new();
+        for p in &program.params {
+            let shape = p.ty.shape.as_fixed().unwrap_or_default();
+            let values = p.init.values(seed, &p.name, &shape).into_iter().map(T::of).collect();
+            tensors.insert(p.name.clone(), Tensor::real(shape.iter().map(|&d| d as usize).collect(), values));
+        }
+        for s in &program.states {
+            let shape = s.ty.shape.as_fixed().unwrap_or_default();
+            tensors.insert(s.name.clone(), Tensor::zeros(s.ty.dtype, shape.iter().map(|&d| d as usize).collect()));
+        }
+        Store { tensors }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Tensor<T>> {
+        self.tensors.get(name)
+    }
+}
+
+/// Sizes bound to the symbolic dimensions for one call.
+#[derive(Clone, Copy, Debug, Default)]
+struct Bound {
+    batch: Option<usize>,
+    seq: Option<usize>,
+}
+
+impl Bound {
+    fn bind(&mut self, ty: &TensorType, t: &TensorType_, name: &str) -> Result<(), ExecError> {
+        if ty.shape.rank() != t.shape.len() {
+            return fail(format!("input `{name}` must have shape {}, has {:?}", ty.shape, t.shape));
+        }
+        for (d, &n) in ty.shape.0.iter().zip(t.shape) {
+            let slot = match d {
+                Dim::Batch => &mut self.batch,
+                Dim::Seq => &mut self.seq,
+                Dim::Fixed(k) if *k as usize == n => continue,
+                Dim::Fixed(k) => return fail(format!("input `{name}` must have size {k} where it has {n}")),
+            };
+            match *slot {
+                Some(m) if m != n => return fail(format!("input `{name}`: {d} is {n} here but {m} elsewhere")),
+                _ => *slot = Some(n),
+            }
+        }
+        Ok(())
+    }
+
+    fn shape(&self, ty: &TensorType) -> Result<Vec<usize>, ExecError> {
+        ty.shape
+            .0
+            .iter()
+            .map(|d| match d {
+                Dim::Batch => self.batch.ok_or_else(|| ExecError("batch size is not bound by any input".into())),
+                Dim::Seq => self.seq.ok_or_else(|| ExecError("sequence length is not bound by any input".into())),
+                Dim::Fixed(n) => Ok(*n as usize),
+            })
+            .collect()
+    }
+}
+
+/// A borrowed view of a host tensor's shape and kind, for binding.
+struct TensorType_<'a> {
+    shape: &'a [usize],
+}
+
+/// Runs `plan`: inputs by name, persistent tensors from `store`. Returns the named outputs and
+/// writes the updates into `store` (only when the whole plan succeeded).
+pub fn run<T: Real>(
+    plan: &Plan,
+    store: &mut Store<T>,
+    inputs: Vec<(String, Tensor<T>)>,
+) -> Result<BTreeMap<String, Tensor<T>>, ExecError> {
+    let mut bound = Bound::default();
+    let mut slots: Vec<Option<Cow<Tensor<T>>>> = vec![None; plan.values.len()];
+    let mut given: BTreeMap<String, Tensor<T>> = inputs.into_iter().collect();
+    for (name, v) in &plan.inputs {
+        let ty = &plan.values[*v as usize];
+        let Some(t) = given.remove(name) else {
+            return fail(format!("plan `{}` needs input `{name}`", plan.name));
+        };
+        if (ty.dtype == DType::I32) != matches!(t.data, Data::Int(_)) {
+            return fail(format!(
+                "input `{name}` must be {}",
+                if ty.dtype == DType::I32 { "token ids" } else { "real numbers" }
+            ));
+        }
+        bound.bind(ty, &TensorType_ { shape: &t.shape }, name)?;
+        slots[*v as usize] = Some(Cow::Owned(t));
+    }
+    if let Some(extra) = given.keys().next() {
+        return fail(format!("plan `{}` has no input `{extra}`", plan.name));
+    }
+    for (name, v) in &plan.persistent {
+        let Some(t) = store.tensors.get(name) else {
+            return fail(format!("the store has no `{name}`"));
+        };
+        let want = bound.shape(&plan.values[*v as usize])?;
+        if t.shape != want {
+            return fail(format!("`{name}` has shape {:?} in the store, the plan needs {want:?}", t.shape));
+        }
+        slots[*v as usize] = Some(Cow::Borrowed(t));
+    }
+
+    let last = plan.last_uses();
+    let kept: HashSet<u32> = plan.outputs.iter().chain(&plan.updates).map(|(_, v)| *v).collect();
+    for (i, step) in plan.steps.iter().enumerate() {
+        let outs = {
+            let ins: Vec<&Tensor<T>> = step
+                .inputs
+                .iter()
+                .map(|v| {
+                    slots[*v as usize].as_deref().ok_or_else(|| ExecError(format!("value {v} was freed or never set")))
+                })
+                .collect::<Result<_, _>>()?;
+            let shapes: Vec<Vec<usize>> =
+                step.outputs.iter().map(|v| bound.shape(&plan.values[*v as usize])).collect::<Result<_, _>>()?;
+            execute(&step.op, &ins, &shapes).map_err(|e| ExecError(format!("step {i} ({}): {e}", step.op.name())))?
+        };
+        for (v, t) in step.outputs.iter().zip(outs) {
+            slots[*v as usize] = Some(Cow::Owned(t));
+        }
+        for v in &step.inputs {
+            if last[*v as usize] == Some(i) && !kept.contains(v) {
+                slots[*v as usize] = None;
+            }
+        }
+    }
+
+    let take = |slots: &mut Vec<Option<Cow<Tensor<T>>>>, v: u32| -> Result<Tensor<T>, ExecError> {
+        slots[v as usize].clone().map(Cow::into_owned).ok_or_else(|| ExecError(format!("value {v} is not set")))
+    };
+    let mut outputs = BTreeMap::new();
+    for (name, v) in &plan.outputs {
+        outputs.insert(name.clone(), take(&mut slots, *v)?);
+    }
+    let mut updates = Vec::new();
+    for (name, v) in &plan.updates {
+        updates.push((name.clone(), take(&mut slots, *v)?));
+    }
+    drop(slots);
+    for (name, t) in updates {
+        store.tensors.insert(name, t);
+    }
+    Ok(outputs)
+}
+
+fn reals<'a, T: Real>(t: &'a Tensor<T>, what: &str) -> Result<&'a [T], ExecError> {
+    t.reals().ok_or_else(|| ExecError(format!("{what} must be real numbers")))
+}
+
+fn ints<'a, T: Real>(t: &'a Tensor<T>, what: &str) -> Result<&'a [i32], ExecError> {
+    t.ints_ref().ok_or_else(|| ExecError(format!("{what} must be token ids")))
+}
+
+fn last_dim<T>(t: &Tensor<T>) -> usize {
+    t.shape.last().copied().unwrap_or(1)
+}
+
+fn zeros<T: Real>(shape: &[usize]) -> (Vec<usize>, Vec<T>) {
+    (shape.to_vec(), vec![T::zero(); shape.iter().product()])
+}
+
+/// Computes one operation on host tensors; `shapes` are the concrete output shapes.
+pub(crate) fn execute<T: Real>(
+    op: &Op,
+    ins: &[&Tensor<T>],
+    shapes: &[Vec<usize>],
+) -> Result<Vec<Tensor<T>>, ExecError> {
+    let out = |i: usize| zeros::<T>(&shapes[i]);
+    let r = |i: usize| reals(ins[i], op.input_names()[i]);
+    let seq_dims = |t: &Tensor<T>| (t.shape[0], t.shape[1], last_dim(t));
+    let mut results = Vec::new();
+    let mut emit = |(shape, data): (Vec<usize>, Vec<T>)| results.push(Tensor::real(shape, data));
+    match op {
+        Op::Embed => {
+            let tokens = ints(ins[0], "tokens")?;
+            let table = r(1)?;
+            let (vocab, d) = (ins[1].shape[0], ins[1].shape[1]);
+            check_tokens(tokens, vocab).map_err(|e| ExecError(e.to_string()))?;
+            let mut o = out(0);
+            embed_fwd(d, tokens, table, &mut o.1);
+            emit(o);
+        }
+        Op::RmsNorm { eps } => {
+            let mut o = out(0);
+            rms_norm_fwd(last_dim(ins[0]), *eps, r(0)?, r(1)?, &mut o.1);
+            emit(o);
+        }
+        Op::Add => {
+            let mut o = out(0);
+            add(r(0)?, r(1)?, &mut o.1);
+            emit(o);
+        }
+        Op::MatMul => {
+            let (n, k) = (ins[1].shape[0], ins[1].shape[1]);
+            let m = ins[0].len() / k.max(1);
+            let mut o = out(0);
+            matmul_fwd(m, k, n, r(0)?, r(1)?, &mut o.1);
+            emit(o);
+        }
+        Op::Slice { start, len } => {
+            let mut o = out(0);
+            slice_fwd(last_dim(ins[0]), *start as usize, *len as usize, r(0)?, &mut o.1);
+            emit(o);
+        }
+        Op::SwiGlu => {
+            let mut o = out(0);
+            swiglu_fwd(r(0)?, r(1)?, &mut o.1);
+            emit(o);
+        }
+        Op::CausalConv1dSilu => {
+            let (batch, seq, channels) = seq_dims(ins[0]);
+            let dims = ConvDims { batch, seq, channels, width: ins[1].shape[1] };
+            let mut o = out(0);
+            conv_fwd(dims, r(0)?, r(1)?, r(2)?, &mut o.1);
+            emit(o);
+        }
+        Op::SelectiveScan => {
+            let (batch, seq, channels) = seq_dims(ins[0]);
+            let dims = ScanDims { batch, seq, channels, state: ins[2].shape[1] };
+            let mut o = out(0);
+            selective_scan_fwd(dims, r(0)?, r(1)?, r(2)?, r(3)?, r(4)?, r(5)?, r(6)?, r(7)?, &mut o.1);
+            emit(o);
+        }
+        Op::Attention(a) => {
+            let dims = attn_dims(a, ins[0]);
+            let (mut o, mut lse) = (out(0), out(1));
+            attention_fwd(dims, r(0)?, r(1)?, r(2)?, &mut o.1, &mut lse.1);
+            emit(o);
+            emit(lse);
+        }
+        Op::GlaGate { normalizer } => {
+            let mut o = out(0);
+            gla_gate_fwd(last_dim(ins[0]), *normalizer, r(0)?, r(1)?, &mut o.1);
+            emit(o);
+        }
+        Op::Gla { heads } => {
+            let dims = lin_dims(*heads, ins[0], ins[2]);
+            let mut o = out(0);
+            gla_fwd(dims, r(0)?, r(1)?, r(2)?, r(3)?, &mut o.1);
+            emit(o);
+        }
+        Op::Retention { heads, rope } => {
+            let dims = lin_dims(*heads, ins[0], ins[2]);
+            let mut o = out(0);
+            retention_fwd(dims, *rope, r(0)?, r(1)?, r(2)?, &mut o.1);
+            emit(o);
+        }
+        Op::HeadRmsNormGate { heads, eps } => {
+            let mut o = out(0);
+            head_rms_norm_gate_fwd(*heads as usize, *eps, r(0)?, r(1)?, r(2)?, &mut o.1);
+            emit(o);
+        }
+        Op::CrossEntropy => {
+            let targets = ints(ins[2], "targets")?;
+            let (vocab, d) = (ins[1].shape[0], ins[1].shape[1]);
+            check_tokens(targets, vocab).map_err(|e| ExecError(format!("target {e}")))?;
+            emit((Vec::new(), vec![cross_entropy_fwd(d, vocab, r(0)?, r(1)?, targets)]));
+        }
+        Op::Logits => {
+            let (vocab, d) = (ins[1].shape[0], ins[1].shape[1]);
+            let mut o = out(0);
+            logits_fwd(ins[0].len() / d.max(1), d, vocab, r(0)?, r(1)?, &mut o.1);
+            emit(o);
+        }
+
+        Op::EmbedBackward { .. } => {
+            let tokens = ints(ins[0], "tokens")?;
+            let mut o = out(0);
+            let d = last_dim(ins[1]);
+            check_tokens(tokens, o.1.len() / d.max(1)).map_err(|e| ExecError(e.to_string()))?;
+            embed_bwd(d, tokens, r(1)?, &mut o.1);
+            emit(o);
+        }
+        Op::RmsNormBackward { eps } => {
+            let (mut gx, mut gw) = (out(0), out(1));
+            rms_norm_bwd(last_dim(ins[0]), *eps, r(0)?, r(1)?, r(2)?, &mut gx.1, &mut gw.1);
+            emit(gx);
+            emit(gw);
+        }
+        Op::MatMulBackward => {
+            let (n, k) = (ins[1].shape[0], ins[1].shape[1]);
+            let m = ins[0].len() / k.max(1);
+            let (mut gx, mut gw) = (out(0), out(1));
+            matmul_bwd(m, k, n, r(0)?, r(1)?, r(2)?, &mut gx.1, &mut gw.1);
+            emit(gx);
+            emit(gw);
+        }
+        Op::SliceBackward { start, width } => {
+            let mut o = out(0);
+            slice_bwd(*width as usize, *start as usize, last_dim(ins[0]), r(0)?, &mut o.1);
+            emit(o);
+        }
+        Op::SwiGluBackward => {
+            let (mut ga, mut gb) = (out(0), out(1));
+            swiglu_bwd(r(0)?, r(1)?, r(2)?, &mut ga.1, &mut gb.1);
+            emit(ga);
+            emit(gb);
+        }
+        Op::CausalConv1dSiluBackward => {
+            let (batch, seq, channels) = seq_dims(ins[0]);
+            let dims = ConvDims { batch, seq, channels, width: ins[1].shape[1] };
+            let (mut gx, mut gw, mut gb) = (out(0), out(1), out(2));
+            conv_bwd(dims, r(0)?, r(1)?, r(2)?, r(3)?, &mut gx.1, &mut gw.1, &mut gb.1);
+            emit(gx);
+            emit(gw);
+            emit(gb);
+        }
+        Op::SelectiveScanBackward => {
+            let (batch, seq, channels) = seq_dims(ins[0]);
+            let dims = ScanDims { batch, seq, channels, state: ins[2].shape[1] };
+            let mut g: Vec<(Vec<usize>, Vec<T>)> = (0..8).map(out).collect();
+            {
+                let [gu, gdelta, ga, gb, gc, gd, gdt, gz] = &mut g[..] else { unreachable!("eight gradients") };
+                let grads = ScanGrads {
+                    u: &mut gu.1,
+                    delta: &mut gdelta.1,
+                    a_log: &mut ga.1,
+                    b: &mut gb.1,
+                    c: &mut gc.1,
+                    d: &mut gd.1,
+                    dt_bias: &mut gdt.1,
+                    z: &mut gz.1,
+                };
+                selective_scan_bwd(dims, r(0)?, r(1)?, r(2)?, r(3)?, r(4)?, r(5)?, r(6)?, r(7)?, r(8)?, grads);
+            }
+            g.into_iter().for_each(&mut emit);
+        }
+        Op::AttentionBackward(a) => {
+            let dims = attn_dims(a, ins[0]);
+            let (mut gq, mut gk, mut gv) = (out(0), out(1), out(2));
+            attention_bwd(dims, r(0)?, r(1)?, r(2)?, r(3)?, r(4)?, r(5)?, &mut gq.1, &mut gk.1, &mut gv.1);
+            emit(gq);
+            emit(gk);
+            emit(gv);
+        }
+        Op::GlaGateBackward { normalizer } => {
+            let (mut gx, mut gb) = (out(0), out(1));
+            gla_gate_bwd(last_dim(ins[0]), *normalizer, r(0)?, r(1)?, r(2)?, &mut gx.1, &mut gb.1);
+            emit(gx);
+            emit(gb);
+        }
+        Op::GlaBackward { heads } => {
+            let dims = lin_dims(*heads, ins[0], ins[2]);
+            let (mut gq, mut gk, mut gv, mut ga) = (out(0), out(1), out(2), out(3));
+            gla_bwd(dims, r(0)?, r(1)?, r(2)?, r(3)?, r(4)?, &mut gq.1, &mut gk.1, &mut gv.1, &mut ga.1);
+            emit(gq);
+            emit(gk);
+            emit(gv);
+            emit(ga);
+        }
+        Op::RetentionBackward { heads, rope } => {
+            let dims = lin_dims(*heads, ins[0], ins[2]);
+            let (mut gq, mut gk, mut gv) = (out(0), out(1), out(2));
+            retention_bwd(dims, *rope, r(0)?, r(1)?, r(2)?, r(3)?, &mut gq.1, &mut gk.1, &mut gv.1);
+            emit(gq);
+            emit(gk);
+            emit(gv);
+        }
+        Op::HeadRmsNormGateBackward { heads, eps } => {
+            let (mut go, mut gg, mut gw) = (out(0), out(1), out(2));
+            head_rms_norm_gate_bwd(*heads as usize, *eps, r(0)?, r(1)?, r(2)?, r(3)?, &mut go.1, &mut gg.1, &mut gw.1);
+            emit(go);
+            emit(gg);
+            emit(gw);
+        }
+        Op::CrossEntropyBackward => {
+            let targets = ints(ins[2], "targets")?;
+            let (vocab, d) = (ins[1].shape[0], ins[1].shape[1]);
+            check_tokens(targets, vocab).map_err(|e| ExecError(format!("target {e}")))?;
+            let g_loss = ins[3].item().ok_or_else(|| ExecError("g_loss must be a real scalar".into()))?;
+            let (mut gh, mut gw) = (out(0), out(1));
+            cross_entropy_bwd(d, vocab, r(0)?, r(1)?, targets, g_loss, &mut gh.1, &mut gw.1);
+            emit(gh);
+            emit(gw);
+        }
+
+        Op::SumSquares => emit((Vec::new(), vec![sum_squares(r(0)?)])),
+        Op::AddScalar => emit((Vec::new(), vec![r(0)?[0] + r(1)?[0]])),
+        Op::ClipScale { max_norm } => {
+            let ss = r(0)?[0].to_f64().unwrap_or(f64::NAN);
+            emit((Vec::new(), vec![T::of(clip_scale(ss, *max_norm))]));
+        }
+        Op::LrSchedule(s) => {
+            let step = ints(ins[0], "step")?[0];
+            let step = u64::try_from(step).map_err(|_| ExecError(format!("step {step} is negative")))?;
+            emit((Vec::new(), vec![T::of(learning_rate(s, step))]));
+        }
+        Op::AdamW(a) => {
+            let lr = r(4)?[0].to_f64().unwrap_or(f64::NAN);
+            let clip = r(5)?[0].to_f64().unwrap_or(f64::NAN);
+            let step = ints(ins[6], "step")?[0];
+            let step = u64::try_from(step).map_err(|_| ExecError(format!("step {step} is negative")))?;
+            let (mut p, mut m, mut v) = (r(0)?.to_vec(), r(2)?.to_vec(), r(3)?.to_vec());
+            adamw(a, lr, clip, step, &mut p, r(1)?, &mut m, &mut v);
+            emit((shapes[0].clone(), p));
+            emit((shapes[1].clone(), m));
+            emit((shapes[2].clone(), v));
+        }
+        Op::Zeros(ty) => {
+            if ty.dtype == DType::I32 {
+                results.push(Tensor::zeros(DType::I32, shapes[0].clone()));
+            } else {
+                emit(out(0));
+            }
+        }
+    }
+    Ok(results)
+}
+
+fn attn_dims<T>(a: &crate::op::AttentionAttrs, q: &Tensor<T>) -> AttnDims {
+    AttnDims {
+        batch: q.shape[0],
+        seq: q.shape[1],
+        heads: a.heads as usize,
+        kv_heads: a.kv_heads as usize,
+        head_dim: a.head_dim as usize,
+        window: a.window.map(|w| w as usize),
+        rope: a.rope,
+    }
+}
+
+fn lin_dims<T>(heads: u64, q: &Tensor<T>, v: &Tensor<T>) -> LinDims {
+    LinDims { batch: q.shape[0], seq: q.shape[1], heads: heads as usize, key_dim: last_dim(q), value_dim: last_dim(v) }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every forward operation's backward operation, run through the executor's dispatch,
+    //! against central finite differences in f64.
+
+    use super::*;
+    use crate::cpu::check::{check_gradients, Rng};
+    use crate::op::AttentionAttrs;
+
+    /// An input: its shape, and either a range for random reals or a bound for token ids.
+    enum In {
+        Real(Vec<usize>, f64, f64),
+        Ids(Vec<usize>, i32),
+    }
+
+    fn make(inputs: &[In], rng: &mut Rng) -> Vec<Tensor<f64>> {
+        inputs
+            .iter()
+            .map(|i| match i {
+                In::Real(s, lo, hi) => Tensor::real(s.clone(), rng.vec(s.iter().product(), *lo, *hi)),
+                In::Ids(s, n) => Tensor::ints(
+                    s.clone(),
+                    (0..s.iter().product()).map(|_| (rng.next_u64() % *n as u64) as i32).collect(),
+                ),
+            })
+            .collect()
+    }
+
+    fn shapes_of(op: &Op, ins: &[Tensor<f64>]) -> Vec<Vec<usize>> {
+        // Forward outputs of the ops under test share the first input's leading dimensions.
+        match op {
+            Op::Embed => vec![vec![ins[0].shape[0], ins[0].shape[1], ins[1].shape[1]]],
+            Op::MatMul => {
+                let mut s = ins[0].shape.clone();
+                *s.last_mut().unwrap() = ins[1].shape[0];
+                vec![s]
+            }
+            Op::Slice { len, .. } => {
+                let mut s = ins[0].shape.clone();
+                *s.last_mut().unwrap() = *len as usize;
+                vec![s]
+            }
+            Op::CrossEntropy => vec![vec![]],
+            Op::Attention(a) => vec![ins[0].shape.clone(), vec![ins[0].shape[0], ins[0].shape[1], a.heads as usize]],
+            Op::Gla { .. } | Op::Retention { .. } => vec![ins[2].shape.clone()],
+            _ => vec![ins[0].shape.clone()],
+        }
+    }
+
+    /// Runs the forward op, takes L = Σ r ⊙ out₀, runs `backward` on
+    /// `backward_inputs(forward inputs, forward outputs, r)` and checks the gradients it gives
+    /// for the forward inputs listed in `grads_of` against finite differences.
+    fn check(
+        name: &str,
+        forward: Op,
+        backward: Op,
+        inputs: &[In],
+        grads_of: &[usize],
+        backward_inputs: &dyn Fn(&[Tensor<f64>], &[Tensor<f64>], Tensor<f64>) -> Vec<Tensor<f64>>,
+    ) {
+        let mut rng = Rng::new(name.len() as u64 * 7919 + 13);
+        let ins = make(inputs, &mut rng);
+        let refs: Vec<&Tensor<f64>> = ins.iter().collect();
+        let out = execute(&forward, &refs, &shapes_of(&forward, &ins)).unwrap();
+        let r = if out[0].shape.is_empty() { vec![1.0] } else { rng.vec(out[0].len(), -1.0, 1.0) };
+        let g = Tensor::real(out[0].shape.clone(), r.clone());
+        let bins = backward_inputs(&ins, &out, g);
+        let brefs: Vec<&Tensor<f64>> = bins.iter().collect();
+        let out_shapes: Vec<Vec<usize>> = grads_of.iter().map(|&i| ins[i].shape.clone()).collect();
+        let grads = execute(&backward, &brefs, &out_shapes).unwrap();
+        let analytic: Vec<Vec<f64>> = grads.iter().map(|t| t.reals().unwrap().to_vec()).collect();
+
+        let mut vars: Vec<Vec<f64>> = grads_of.iter().map(|&i| ins[i].reals().unwrap().to_vec()).collect();
+        let names: Vec<&str> = grads_of.iter().map(|&i| forward.input_names()[i]).collect();
+        let loss = |vars: &[Vec<f64>]| -> f64 {
+            let mut now = ins.clone();
+            for (k, &i) in grads_of.iter().enumerate() {
+                now[i] = Tensor::real(ins[i].shape.clone(), vars[k].clone());
+            }
+            let refs: Vec<&Tensor<f64>> = now.iter().collect();
+            let out = execute(&forward, &refs, &shapes_of(&forward, &now)).unwrap();
+            out[0].reals().unwrap().iter().zip(&r).map(|(a, b)| a * b).sum()
+        };
+        check_gradients(name, &mut vars, &names, &analytic, &loss);
+    }
+
+    fn with_g(ins: &[Tensor<f64>], g: Tensor<f64>) -> Vec<Tensor<f64>> {
+        let mut v = ins.to_vec();
+        v.push(g);
+        v
+    }
+
+    #[test]
+    fn dense_and_elementwise_backwards_match_finite_differences() {
+        use In::*;
+        let plain = |ins: &[Tensor<f64>], _: &[Tensor<f64>], g| with_g(ins, g);
+        check(
+            "rms_norm",
+            Op::RmsNorm { eps: 1e-5 },
+            Op::RmsNormBackward { eps: 1e-5 },
+            &[Real(vec![2, 3, 5], -2.0, 2.0), Real(vec![5], 0.5, 1.5)],
+            &[0, 1],
+            &plain,
+        );
+        check(
+            "matmul",
+            Op::MatMul,
+            Op::MatMulBackward,
+            &[Real(vec![2, 3, 4], -1.0, 1.0), Real(vec![5, 4], -1.0, 1.0)],
+            &[0, 1],
+            &plain,
+        );
+        check(
+            "swiglu",
+            Op::SwiGlu,
+            Op::SwiGluBackward,
+            &[Real(vec![2, 3, 4], -4.0, 4.0), Real(vec![2, 3, 4], -2.0, 2.0)],
+            &[0, 1],
+            &plain,
+        );
+        check(
+            "conv",
+            Op::CausalConv1dSilu,
+            Op::CausalConv1dSiluBackward,
+            &[Real(vec![2, 6, 3], -1.0, 1.0), Real(vec![3, 4], -0.5, 0.5), Real(vec![3], -0.5, 0.5)],
+            &[0, 1, 2],
+            &plain,
+        );
+        check(
+            "gla_gate",
+            Op::GlaGate { normalizer: 16.0 },
+            Op::GlaGateBackward { normalizer: 16.0 },
+            &[Real(vec![2, 3, 4], -3.0, 3.0), Real(vec![4], -1.0, 1.0)],
+            &[0, 1],
+            &plain,
+        );
+        check(
+            "head_rms_norm_gate",
+            Op::HeadRmsNormGate { heads: 2, eps: 1e-5 },
+            Op::HeadRmsNormGateBackward { heads: 2, eps: 1e-5 },
+            &[Real(vec![2, 3, 6], -2.0, 2.0), Real(vec![2, 3, 6], -3.0, 3.0), Real(vec![3], 0.5, 1.5)],
+            &[0, 1, 2],
+            &plain,
+        );
+        check(
+            "slice",
+            Op::Slice { start: 2, len: 3 },
+            Op::SliceBackward { start: 2, width: 7 },
+            &[Real(vec![2, 3, 7], -1.0, 1.0)],
+            &[0],
+            &|_, _, g| vec![g],
+        );
+        check(
+            "embed",
+            Op::Embed,
+            Op::EmbedBackward { vocab: 6 },
+            &[Ids(vec![2, 4], 6), Real(vec![6, 3], -1.0, 1.0)],
+            &[1],
+            &|ins, _, g| vec![ins[0].clone(), g],
+        );
+        // Cross-entropy over a chunk boundary (more tokens than one chunk holds).
+        let n = crate::cpu::dense::CE_CHUNK + 5;
+        check(
+            "cross_entropy",
+            Op::CrossEntropy,
+            Op::CrossEntropyBackward,
+            &[Real(vec![1, n, 3], -2.0, 2.0), Real(vec![7, 3], -2.0, 2.0), Ids(vec![1, n], 7)],
+            &[0, 1],
+            &|ins, _, _| vec![ins[0].clone(), ins[1].clone(), ins[2].clone(), Tensor::scalar(1.0)],
+        );
+    }
+
+    #[test]
+    fn sequence_mixer_backwards_through_dispatch_match_finite_differences() {
+        use In::*;
+        let (b, t) = (2, 5);
+        let plain = |ins: &[Tensor<f64>], _: &[Tensor<f64>], g| with_g(ins, g);
+        check(
+            "selective_scan",
+            Op::SelectiveScan,
+            Op::SelectiveScanBackward,
+            &[
+                Real(vec![b, t, 4], -1.0, 1.0),
+                Real(vec![b, t, 4], -2.0, 1.0),
+                Real(vec![4, 3], -1.0, 1.0),
+                Real(vec![b, t, 3], -1.0, 1.0),
+                Real(vec![b, t, 3], -1.0, 1.0),
+                Real(vec![4], -1.0, 1.0),
+                Real(vec![4], -1.0, 1.0),
+                Real(vec![b, t, 4], -2.0, 2.0),
+            ],
+            &[0, 1, 2, 3, 4, 5, 6, 7],
+            &plain,
+        );
+        let attrs = AttentionAttrs { heads: 4, kv_heads: 2, head_dim: 4, window: Some(3), rope: Some(10000.0) };
+        check(
+            "attention",
+            Op::Attention(attrs.clone()),
+            Op::AttentionBackward(attrs),
+            &[Real(vec![b, t, 16], -1.0, 1.0), Real(vec![b, t, 8], -1.0, 1.0), Real(vec![b, t, 8], -1.0, 1.0)],
+            &[0, 1, 2],
+            &|ins, outs, g| vec![ins[0].clone(), ins[1].clone(), ins[2].clone(), outs[0].clone(), outs[1].clone(), g],
+        );
+        check(
+            "gla",
+            Op::Gla { heads: 2 },
+            Op::GlaBackward { heads: 2 },
+            &[
+                Real(vec![b, t, 4], -1.0, 1.0),
+                Real(vec![b, t, 4], -1.0, 1.0),
+                Real(vec![b, t, 6], -1.0, 1.0),
+                Real(vec![b, t, 4], -1.0, -0.01),
+            ],
+            &[0, 1, 2, 3],
+            &plain,
+        );
+        check(
+            "retention",
+            Op::Retention { heads: 2, rope: Some(10000.0) },
+            Op::RetentionBackward { heads: 2, rope: Some(10000.0) },
+            &[Real(vec![b, t, 4], -1.0, 1.0), Real(vec![b, t, 4], -1.0, 1.0), Real(vec![b, t, 6], -1.0, 1.0)],
+            &[0, 1, 2],
+            &plain,
+        );
+    }
+
+    #[test]
+    fn bad_token_ids_are_errors() {
+        let tokens: Tensor<f32> = Tensor::ints(vec![1, 2], vec![0, 9]);
+        let table = Tensor::real(vec![4, 2], vec![0.0; 8]);
+        let e = execute(&Op::Embed, &[&tokens, &table], &[vec![1, 2, 2]]).unwrap_err();
+        assert_eq!(e.0, "token id 9 at position 1 is outside the vocabulary of 4");
+    }
+}

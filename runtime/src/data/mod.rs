@@ -1,0 +1,6 @@
+//! Training data: tokenizers, the token-shard format, documents packed with end-of-text tokens
+//! and cut into training windows in a seeded order.
+
+pub mod tokenizer;
+
+pub use tokenizer::{Tokenizer, TokenizerError};
