@@ -475,6 +475,9 @@ mod tests {
     use crate::cpu::check::{check_gradients, Rng};
     use crate::op::AttentionAttrs;
 
+    /// Builds a backward op's inputs from the forward inputs, forward outputs and gradient.
+    type BackwardInputs = dyn Fn(&[Tensor<f64>], &[Tensor<f64>], Tensor<f64>) -> Vec<Tensor<f64>>;
+
     /// An input: its shape, and either a range for random reals or a bound for token ids.
     enum In {
         Real(Vec<usize>, f64, f64),
@@ -524,7 +527,7 @@ mod tests {
         backward: Op,
         inputs: &[In],
         grads_of: &[usize],
-        backward_inputs: &dyn Fn(&[Tensor<f64>], &[Tensor<f64>], Tensor<f64>) -> Vec<Tensor<f64>>,
+        backward_inputs: &BackwardInputs,
     ) {
         let mut rng = Rng::new(name.len() as u64 * 7919 + 13);
         let ins = make(inputs, &mut rng);

@@ -137,7 +137,7 @@ mod tests {
         let text =
             "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my purse. "
                 .repeat(50);
-        let t = Tokenizer::train_bpe(&[text.clone()], 300).unwrap();
+        let t = Tokenizer::train_bpe(std::slice::from_ref(&text), 300).unwrap();
         assert_eq!(t.vocab_size(), 300);
         let ids = t.encode(&text).unwrap();
         assert!(ids.len() < text.len() / 2, "{} tokens for {} bytes", ids.len(), text.len());
