@@ -3,6 +3,7 @@
 mod autodiff;
 mod cli;
 mod config;
+mod cpu;
 mod diagnostics;
 mod graphs;
 mod parameters;
