@@ -4,7 +4,8 @@
 
 use crate::autodiff::{differentiate, grad_name, AutodiffError};
 use crate::config::RunConfig;
-use crate::graph::{verify, Graph, Node, NodeKind, Section, Value};
+use crate::graph::{build_mode, verify, Graph, Mode, Node, NodeKind, Section, Value};
+use crate::spec::Model;
 use std::collections::BTreeMap;
 use weft_runtime::op::{AdamWAttrs, ScheduleAttrs};
 use weft_runtime::plan::{ParamSpec, Plan, Program, StateSpec, Step};
@@ -189,9 +190,16 @@ pub fn to_plan(g: &Graph, name: &str) -> Plan {
     plan
 }
 
-/// The program of a model: its parameters and optimizer state, and the plans `eval`
-/// (forward and loss), `train_step` and `optimizer_step`.
-pub fn build_program(fwd: &Graph, settings: &OptimizerSettings) -> Result<Program, ProgramError> {
+/// The program of a model: its parameters and optimizer state, and the plans `eval` (forward
+/// and loss), `train_step`, `optimizer_step`, `logits` (every position's logits), `prefill` and
+/// `decode` (generation with each layer's state; full attention caches `max_context` tokens).
+pub fn build_program(model: &Model, settings: &OptimizerSettings, max_context: u64) -> Result<Program, ProgramError> {
+    let graph = |mode| -> Result<Graph, ProgramError> {
+        let g = build_mode(model, mode).map_err(|e| ProgramError(e.message))?;
+        check(&g)?;
+        Ok(g)
+    };
+    let fwd = &graph(Mode::Train)?;
     let train = train_step_graph(fwd)?;
     let opt = optimizer_graph(fwd, settings)?;
     let params: Vec<ParamSpec> = fwd
@@ -208,6 +216,9 @@ pub fn build_program(fwd: &Graph, settings: &OptimizerSettings) -> Result<Progra
     plans.insert("eval".to_string(), to_plan(fwd, "eval"));
     plans.insert("train_step".to_string(), to_plan(&train, "train_step"));
     plans.insert("optimizer_step".to_string(), to_plan(&opt, "optimizer_step"));
+    plans.insert("logits".to_string(), to_plan(&graph(Mode::Logits)?, "logits"));
+    plans.insert("prefill".to_string(), to_plan(&graph(Mode::Prefill { max_context })?, "prefill"));
+    plans.insert("decode".to_string(), to_plan(&graph(Mode::Decode { max_context })?, "decode"));
     let program = Program { model: fwd.name.clone(), params, states, plans };
     program.validate().map_err(|e| ProgramError(e.0))?;
     Ok(program)

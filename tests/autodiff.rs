@@ -28,8 +28,8 @@ fn every_tiny_spec_differentiates_into_a_valid_program() {
         // One gradient output per parameter.
         let grads = train.outputs.iter().filter(|(n, _)| n.starts_with("grad:")).count();
         assert_eq!(grads, c.graph.params().count());
-        let program = build_program(&c.graph, &settings()).unwrap();
-        assert_eq!(program.plans.len(), 3);
+        let program = build_program(&c.model, &settings(), 1024).unwrap();
+        assert_eq!(program.plans.len(), 6);
         assert_eq!(program.validate(), Ok(()));
     }
 }

@@ -22,7 +22,7 @@ layers = [m, f, swa, g, full, r, f]
 fn program(src: &str) -> (Program, weft::Checked) {
     let c = weft::check_str(Path::new("every-kind.weft"), src).unwrap_or_else(|f| panic!("{}", f.render()));
     let settings = OptimizerSettings::from_config(&weft::config::RunConfig::default());
-    (build_program(&c.graph, &settings).unwrap(), c)
+    (build_program(&c.model, &settings, 64).unwrap(), c)
 }
 
 fn batch(b: usize, t: usize, vocab: i32, seed: u64) -> Vec<(String, Tensor<f64>)> {
@@ -118,4 +118,53 @@ fn plans_refuse_wrong_inputs_with_clear_errors() {
     bad[0].1 = Tensor::ints(vec![2, 4], vec![40; 8]);
     let e = run(eval, &mut store, bad).unwrap_err();
     assert!(e.0.contains("token id 40 at position 0 is outside the vocabulary of 32"), "{}", e.0);
+}
+
+fn logits_of(out: &std::collections::BTreeMap<String, Tensor<f64>>) -> Vec<f64> {
+    out["logits"].reals().unwrap().to_vec()
+}
+
+#[test]
+fn step_by_step_decoding_matches_the_full_forward_pass() {
+    // A window of 3 makes the SWA ring buffer wrap; the full-attention cache holds 16.
+    let (p, _) = program(EVERY_KIND);
+    let mut store: Store<f64> = Store::init(&p, 21);
+    let (b, t, t0, vocab) = (2, 11, 4, 32);
+    let inputs = batch(b, t, 32, 77);
+    let tokens = inputs[0].1.ints_ref().unwrap().to_vec();
+    let full = logits_of(&run(p.plan("logits").unwrap(), &mut store, vec![inputs[0].clone()]).unwrap());
+    let at = |pos: usize, row: usize| &full[(row * t + pos) * vocab..(row * t + pos + 1) * vocab];
+
+    let prompt: Vec<i32> = (0..b).flat_map(|r| tokens[r * t..r * t + t0].to_vec()).collect();
+    let mut out =
+        run(p.plan("prefill").unwrap(), &mut store, vec![("tokens".into(), Tensor::ints(vec![b, t0], prompt))])
+            .unwrap();
+    let prefill = logits_of(&out);
+    for row in 0..b {
+        for pos in 0..t0 {
+            let got = &prefill[(row * t0 + pos) * vocab..(row * t0 + pos + 1) * vocab];
+            assert!(got.iter().zip(at(pos, row)).all(|(a, b)| (a - b).abs() < 1e-10), "prefill row {row} pos {pos}");
+        }
+    }
+    let decode = p.plan("decode").unwrap();
+    let state_names: Vec<String> =
+        decode.inputs.iter().map(|(n, _)| n.clone()).filter(|n| n.starts_with("state:")).collect();
+    assert_eq!(state_names.len(), 2 + 2 + 2 + 1 + 1, "{state_names:?}");
+    for pos in t0..t {
+        let mut inp: Vec<(String, Tensor<f64>)> =
+            state_names.iter().map(|n| (n.clone(), out.remove(n).unwrap())).collect();
+        let step: Vec<i32> = (0..b).map(|r| tokens[r * t + pos]).collect();
+        inp.push(("tokens".into(), Tensor::ints(vec![b, 1], step)));
+        inp.push(("pos".into(), Tensor::ints(vec![], vec![pos as i32])));
+        out = run(decode, &mut store, inp).unwrap();
+        let got = logits_of(&out);
+        for row in 0..b {
+            let err = got[row * vocab..(row + 1) * vocab]
+                .iter()
+                .zip(at(pos, row))
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(err < 1e-10, "decode row {row} position {pos}: max abs difference {err:e}");
+        }
+    }
 }

@@ -4,6 +4,8 @@
 //! Architecture invariant: this crate links no LLVM or MLIR. The compiler (`weft`) depends on it,
 //! never the other way round, so a machine that only runs bundles needs no compiler.
 
+pub mod backend;
+pub mod checkpoint;
 pub mod cpu;
 pub mod data;
 pub mod dtype;
@@ -11,6 +13,7 @@ pub mod init;
 pub mod op;
 pub mod plan;
 pub mod shape;
+pub mod train;
 
 pub use dtype::DType;
 pub use init::Init;

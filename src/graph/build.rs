@@ -1,5 +1,6 @@
-//! Elaboration: a [`Model`] becomes the forward-and-loss graph of one training step, every
-//! parameter named and given its initialisation rule (reference section 1.7).
+//! Elaboration: a [`Model`] becomes a graph — the forward pass and loss of a training step, the
+//! forward pass to logits, or the prefill and decode passes of generation — every parameter
+//! named and given its initialisation rule (reference section 1.7).
 
 use super::{Graph, Node, NodeKind, Section, Value};
 use crate::diag::Span;
@@ -15,19 +16,47 @@ pub struct BuildError {
     pub message: String,
 }
 
+/// Which graph to elaborate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Forward pass and mean cross-entropy (`loss`): training and evaluation.
+    Train,
+    /// Forward pass to `logits` for every position.
+    Logits,
+    /// A prompt's `logits` and every layer's decode state (`state:...` outputs).
+    Prefill { max_context: u64 },
+    /// One token per sequence at position `pos`: reads and writes every layer's state.
+    Decode { max_context: u64 },
+}
+
+/// The training graph (forward pass and loss).
 pub fn build(model: &Model) -> Result<Graph, BuildError> {
+    build_mode(model, Mode::Train)
+}
+
+pub fn build_mode(model: &Model, mode: Mode) -> Result<Graph, BuildError> {
     let mut b = Builder {
+        mode,
+        layer: String::new(),
         g: Graph::new(&model.name),
         model,
         section: Section::Embed,
         span: model.span,
         prefix: String::new(),
         residual_layers: model.layers.len() as u64,
+        pos: None,
     };
     let act = model.dtype;
     let d = model.width;
     let tokens = b.input("tokens");
-    let targets = b.input("targets");
+    let targets = if mode == Mode::Train { Some(b.input("targets")) } else { None };
+    if let Mode::Decode { .. } = mode {
+        let pos = b.g.add(
+            b.node(NodeKind::Input { name: "pos".into() }, vec![TensorType::new(DType::I32, Shape::scalar())]),
+            &[],
+        );
+        b.pos = Some(pos.out0());
+    }
     let table = b.param("embed.weight", &[model.vocab, d], act, b.embed_init());
     let mut x = b.op(Op::Embed, &[tokens, table])?;
 
@@ -36,6 +65,7 @@ pub fn build(model: &Model) -> Result<Graph, BuildError> {
         b.section = Section::Layer(i);
         b.span = layer.span;
         b.prefix = format!("layers.{i}.");
+        b.layer = format!("layers.{i}");
         let norm_w = b.param("norm.weight", &[d], act, Init::Constant { value: 1.0 });
         let h = b.op(Op::RmsNorm { eps: model.norm_eps }, &[x, norm_w])?;
         b.prefix = format!("layers.{i}.{}.", def.kind.param_prefix());
@@ -60,12 +90,32 @@ pub fn build(model: &Model) -> Result<Graph, BuildError> {
         let init = b.linear_init(d, false);
         b.param("head.weight", &[model.vocab, d], act, init)
     };
-    let loss = b.op(Op::CrossEntropy, &[h, head, targets])?;
-    b.g.outputs.push(("loss".to_string(), loss));
+    match targets {
+        Some(targets) => {
+            let loss = b.op(Op::CrossEntropy, &[h, head, targets])?;
+            b.g.outputs.push(("loss".to_string(), loss));
+        }
+        None => {
+            let logits = b.op(Op::Logits, &[h, head])?;
+            b.g.outputs.push(("logits".to_string(), logits));
+        }
+    }
     Ok(b.g)
 }
 
+/// A per-sequence decode state `[B, dims...]`.
+fn state_type(dtype: DType, dims: &[u64]) -> TensorType {
+    let mut d = vec![weft_runtime::Dim::Batch];
+    d.extend(dims.iter().map(|&n| weft_runtime::Dim::Fixed(n)));
+    TensorType::new(dtype, Shape(d))
+}
+
 struct Builder<'m> {
+    mode: Mode,
+    /// `layers.3`: names the layer's decode states.
+    layer: String,
+    /// The decode position input.
+    pos: Option<Value>,
     g: Graph,
     model: &'m Model,
     section: Section,
@@ -101,6 +151,42 @@ impl Builder<'_> {
         })?;
         let n = self.node(NodeKind::Op(op), outs);
         Ok(self.g.add(n, inputs).out0())
+    }
+
+    /// Adds an operation and returns all its outputs.
+    fn op_all(&mut self, op: Op, inputs: &[Value]) -> Result<Vec<Value>, BuildError> {
+        let first = self.op(op, inputs)?;
+        let n = self.g.node(first.node).outs.len();
+        Ok((0..n as u32).map(|output| Value { node: first.node, output }).collect())
+    }
+
+    /// A decode state of this layer: named `state:layers.i.what`.
+    fn state_name(&self, what: &str) -> String {
+        format!("state:{}.{what}", self.layer)
+    }
+
+    /// Reads a decode state (an input of the decode graph) of the type `ty`.
+    fn state_in(&mut self, what: &str, ty: TensorType) -> Value {
+        let n = self.node(NodeKind::Input { name: self.state_name(what) }, vec![ty]);
+        self.g.add(n, &[]).out0()
+    }
+
+    fn state_out(&mut self, what: &str, v: Value) {
+        let name = self.state_name(what);
+        self.g.outputs.push((name, v));
+    }
+
+    fn pos(&self) -> Result<Value, BuildError> {
+        self.pos.ok_or_else(|| BuildError { span: self.span, message: "a decode step needs a position".into() })
+    }
+
+    /// The K/V cache size of an attention layer: its window, or the longest context.
+    fn capacity(&self, a: &Attention) -> u64 {
+        match (a.window, self.mode) {
+            (Some(w), _) => w,
+            (None, Mode::Prefill { max_context } | Mode::Decode { max_context }) => max_context,
+            (None, _) => 0,
+        }
     }
 
     fn recomputed(&mut self, v: Value) -> Value {
@@ -151,7 +237,19 @@ impl Builder<'_> {
         let conv_bound = Init::Uniform { bound: 1.0 / (k as f64).sqrt() };
         let conv_w = self.param("conv.weight", &[e, k], act, conv_bound.clone());
         let conv_b = self.param("conv.bias", &[e], act, conv_bound);
-        let u = self.op(Op::CausalConv1dSilu, &[u0, conv_w, conv_b])?;
+        let u = match self.mode {
+            Mode::Decode { .. } => {
+                let st = self.state_in("conv", state_type(act, &[k - 1, e]));
+                let r = self.op_all(Op::CausalConv1dSiluStep, &[u0, conv_w, conv_b, st])?;
+                self.state_out("conv", r[1]);
+                r[0]
+            }
+            _ => self.op(Op::CausalConv1dSilu, &[u0, conv_w, conv_b])?,
+        };
+        if let Mode::Prefill { .. } = self.mode {
+            let st = self.op(Op::ConvState { width: k }, &[u0])?;
+            self.state_out("conv", st);
+        }
         // MambaInnerFn recomputes the convolution and dt_proj in backward (kernels.md 4.3).
         let u = self.recomputed(u);
         let x_dbl = self.linear("x_proj", u, r + 2 * n, false)?;
@@ -165,7 +263,19 @@ impl Builder<'_> {
         let dt_b = self.param("dt_proj.bias", &[e], DType::F32, dt_bias);
         let a_log = self.param("A_log", &[e, n], DType::F32, Init::S4dRealLog);
         let dskip = self.param("D", &[e], DType::F32, Init::Constant { value: 1.0 });
-        let y = self.op(Op::SelectiveScan, &[u, delta, a_log, bm, cm, dskip, dt_b, z])?;
+        let y = match self.mode {
+            Mode::Decode { .. } => {
+                let st = self.state_in("ssm", state_type(DType::F32, &[e, n]));
+                let r = self.op_all(Op::SelectiveScanStep, &[u, delta, a_log, bm, cm, dskip, dt_b, z, st])?;
+                self.state_out("ssm", r[1]);
+                r[0]
+            }
+            _ => self.op(Op::SelectiveScan, &[u, delta, a_log, bm, cm, dskip, dt_b, z])?,
+        };
+        if let Mode::Prefill { .. } = self.mode {
+            let st = self.op(Op::SelectiveScanState, &[u, delta, a_log, bm, cm, dt_b])?;
+            self.state_out("ssm", st);
+        }
         self.linear("out_proj", y, d, true)
     }
 
@@ -180,7 +290,26 @@ impl Builder<'_> {
             window: a.window,
             rope: a.rope,
         };
-        let o = self.op(Op::Attention(attrs), &[q, k, v])?;
+        let capacity = self.capacity(a);
+        let o = match self.mode {
+            Mode::Decode { .. } => {
+                let cache = state_type(self.model.dtype, &[capacity, a.kv_heads * a.head_dim]);
+                let kc = self.state_in("k", cache.clone());
+                let vc = self.state_in("v", cache);
+                let pos = self.pos()?;
+                let r = self.op_all(Op::AttentionDecode { attrs, capacity }, &[q, k, v, kc, vc, pos])?;
+                self.state_out("k", r[1]);
+                self.state_out("v", r[2]);
+                r[0]
+            }
+            Mode::Prefill { .. } => {
+                let r = self.op_all(Op::AttentionCache { attrs: attrs.clone(), capacity }, &[k, v])?;
+                self.state_out("k", r[0]);
+                self.state_out("v", r[1]);
+                self.op(Op::Attention(attrs), &[q, k, v])?
+            }
+            _ => self.op(Op::Attention(attrs), &[q, k, v])?,
+        };
         self.linear("o_proj", o, self.model.width, true)
     }
 
@@ -207,7 +336,20 @@ impl Builder<'_> {
         let gk = self.linear("gk_proj.1", low, l.key_dim, false)?;
         let bias = self.param("gk_proj.1.bias", &[l.key_dim], self.model.dtype, Init::Constant { value: 0.0 });
         let log_alpha = self.op(Op::GlaGate { normalizer: l.gate_norm }, &[gk, bias])?;
-        let o = self.op(Op::Gla { heads: l.heads }, &[q, k, v, log_alpha])?;
+        let st_ty = state_type(DType::F32, &[l.heads, l.key_dim / l.heads, l.value_dim / l.heads]);
+        let o = match self.mode {
+            Mode::Decode { .. } => {
+                let st = self.state_in("gla", st_ty);
+                let r = self.op_all(Op::GlaStep { heads: l.heads }, &[q, k, v, log_alpha, st])?;
+                self.state_out("gla", r[1]);
+                r[0]
+            }
+            _ => self.op(Op::Gla { heads: l.heads }, &[q, k, v, log_alpha])?,
+        };
+        if let Mode::Prefill { .. } = self.mode {
+            let st = self.op(Op::GlaState { heads: l.heads }, &[k, v, log_alpha])?;
+            self.state_out("gla", st);
+        }
         self.gated_output(o, h, l.heads, l.value_dim)
     }
 
@@ -215,7 +357,21 @@ impl Builder<'_> {
         let q = self.linear("q_proj", h, l.key_dim, false)?;
         let k = self.linear("k_proj", h, l.key_dim, false)?;
         let v = self.linear("v_proj", h, l.value_dim, false)?;
-        let o = self.op(Op::Retention { heads: l.heads, rope: l.rope }, &[q, k, v])?;
+        let st_ty = state_type(DType::F32, &[l.heads, l.key_dim / l.heads, l.value_dim / l.heads]);
+        let o = match self.mode {
+            Mode::Decode { .. } => {
+                let st = self.state_in("retention", st_ty);
+                let pos = self.pos()?;
+                let r = self.op_all(Op::RetentionStep { heads: l.heads, rope: l.rope }, &[q, k, v, st, pos])?;
+                self.state_out("retention", r[1]);
+                r[0]
+            }
+            _ => self.op(Op::Retention { heads: l.heads, rope: l.rope }, &[q, k, v])?,
+        };
+        if let Mode::Prefill { .. } = self.mode {
+            let st = self.op(Op::RetentionState { heads: l.heads, rope: l.rope }, &[k, v])?;
+            self.state_out("retention", st);
+        }
         self.gated_output(o, h, l.heads, l.value_dim)
     }
 }

@@ -11,7 +11,7 @@ mod dot;
 mod dump;
 mod verify;
 
-pub use build::build;
+pub use build::{build, build_mode, Mode};
 pub use dot::to_dot;
 pub use dump::dump;
 pub use verify::{verify, VerifyError};

@@ -1,14 +1,19 @@
 //! The CPU executor: runs a [`Plan`] step by step against a [`Store`] of persistent tensors,
 //! binding `B` and `T` from the inputs and freeing each value after its last use.
 
-use super::attention::{attention_bwd, attention_fwd, AttnDims};
-use super::conv::{conv_bwd, conv_fwd, ConvDims};
+use super::attention::{attention_bwd, attention_decode, attention_fill_cache, attention_fwd, AttnDims};
+use super::conv::{conv_bwd, conv_final_state, conv_fwd, conv_step, ConvDims};
 use super::dense::*;
 use super::elementwise::*;
-use super::linear_attention::{gla_bwd, gla_fwd, retention_bwd, retention_fwd, LinDims};
+use super::linear_attention::{
+    gla_bwd, gla_final_state, gla_fwd, gla_step, retention_bwd, retention_final_state, retention_fwd, retention_step,
+    LinDims,
+};
 use super::norm::*;
 use super::optim::{adamw, clip_scale, learning_rate};
-use super::scan::{selective_scan_bwd, selective_scan_fwd, ScanDims, ScanGrads};
+use super::scan::{
+    selective_scan_bwd, selective_scan_final_state, selective_scan_fwd, selective_scan_step, ScanDims, ScanGrads,
+};
 use super::tensor::{Data, Tensor};
 use super::Real;
 use crate::plan::{Plan, Program};
@@ -439,6 +444,114 @@ pub(crate) fn execute<T: Real>(
             emit((shapes[1].clone(), m));
             emit((shapes[2].clone(), v));
         }
+        Op::ConvState { width } => {
+            let (batch, seq, channels) = seq_dims(ins[0]);
+            let mut o = out(0);
+            conv_final_state(ConvDims { batch, seq, channels, width: *width as usize }, r(0)?, &mut o.1);
+            emit(o);
+        }
+        Op::CausalConv1dSiluStep => {
+            let (batch, seq, channels) = seq_dims(ins[0]);
+            one_token(seq)?;
+            let dims = ConvDims { batch, seq, channels, width: ins[1].shape[1] };
+            let (mut y, mut st) = (out(0), (shapes[1].clone(), r(3)?.to_vec()));
+            conv_step(dims, r(0)?, r(1)?, r(2)?, &mut st.1, &mut y.1);
+            emit(y);
+            emit(st);
+        }
+        Op::SelectiveScanState => {
+            let (batch, seq, channels) = seq_dims(ins[0]);
+            let dims = ScanDims { batch, seq, channels, state: ins[2].shape[1] };
+            let mut h = out(0);
+            selective_scan_final_state(dims, r(0)?, r(1)?, r(2)?, r(3)?, r(4)?, r(5)?, &mut h.1);
+            emit(h);
+        }
+        Op::SelectiveScanStep => {
+            let (batch, seq, channels) = seq_dims(ins[0]);
+            one_token(seq)?;
+            let (mut y, mut h) = (out(0), (shapes[1].clone(), r(8)?.to_vec()));
+            selective_scan_step(
+                batch,
+                channels,
+                ins[2].shape[1],
+                r(0)?,
+                r(1)?,
+                r(2)?,
+                r(3)?,
+                r(4)?,
+                r(5)?,
+                r(6)?,
+                r(7)?,
+                &mut h.1,
+                &mut y.1,
+            );
+            emit(y);
+            emit(h);
+        }
+        Op::AttentionCache { attrs, capacity } => {
+            let (batch, seq, _) = seq_dims(ins[0]);
+            let dims = AttnDims { batch, seq, ..attn_dims(attrs, ins[0]) };
+            let (mut kc, mut vc) = (out(0), out(1));
+            attention_fill_cache(dims, *capacity as usize, r(0)?, r(1)?, &mut kc.1, &mut vc.1);
+            emit(kc);
+            emit(vc);
+        }
+        Op::AttentionDecode { attrs, capacity } => {
+            let (_, seq, _) = seq_dims(ins[0]);
+            one_token(seq)?;
+            let pos = position(ins[5])?;
+            if attrs.window.is_none() && pos >= *capacity as usize {
+                return fail(format!("position {pos} is past the cache of {capacity} tokens of full attention: generate fewer tokens or build a larger cache"));
+            }
+            let dims = attn_dims(attrs, ins[0]);
+            let mut o = out(0);
+            let (mut kc, mut vc) = ((shapes[1].clone(), r(3)?.to_vec()), (shapes[2].clone(), r(4)?.to_vec()));
+            attention_decode(dims, pos, *capacity as usize, r(0)?, r(1)?, r(2)?, &mut kc.1, &mut vc.1, &mut o.1);
+            emit(o);
+            emit(kc);
+            emit(vc);
+        }
+        Op::GlaState { heads } => {
+            let dims = lin_dims(*heads, ins[0], ins[1]);
+            let mut st = out(0);
+            gla_final_state(dims, r(0)?, r(1)?, r(2)?, &mut st.1);
+            emit(st);
+        }
+        Op::GlaStep { heads } => {
+            let (batch, seq, k) = seq_dims(ins[0]);
+            one_token(seq)?;
+            let (mut o, mut st) = (out(0), (shapes[1].clone(), r(4)?.to_vec()));
+            gla_step(batch, *heads as usize, k, last_dim(ins[2]), r(0)?, r(1)?, r(2)?, r(3)?, &mut st.1, &mut o.1);
+            emit(o);
+            emit(st);
+        }
+        Op::RetentionState { heads, rope } => {
+            let dims = lin_dims(*heads, ins[0], ins[1]);
+            let mut st = out(0);
+            retention_final_state(dims, *rope, r(0)?, r(1)?, &mut st.1);
+            emit(st);
+        }
+        Op::RetentionStep { heads, rope } => {
+            let (batch, seq, k) = seq_dims(ins[0]);
+            one_token(seq)?;
+            let pos = position(ins[4])?;
+            let (mut o, mut st) = (out(0), (shapes[1].clone(), r(3)?.to_vec()));
+            retention_step(
+                batch,
+                *heads as usize,
+                k,
+                last_dim(ins[2]),
+                *rope,
+                pos,
+                r(0)?,
+                r(1)?,
+                r(2)?,
+                &mut st.1,
+                &mut o.1,
+            );
+            emit(o);
+            emit(st);
+        }
         Op::Zeros(ty) => {
             if ty.dtype == DType::I32 {
                 results.push(Tensor::zeros(DType::I32, shapes[0].clone()));
@@ -448,6 +561,20 @@ pub(crate) fn execute<T: Real>(
         }
     }
     Ok(results)
+}
+
+/// Step operations advance one token at a time.
+fn one_token(seq: usize) -> Result<(), ExecError> {
+    if seq == 1 {
+        Ok(())
+    } else {
+        fail(format!("a decode step takes one token per sequence, not {seq}"))
+    }
+}
+
+fn position<T: Real>(t: &Tensor<T>) -> Result<usize, ExecError> {
+    let p = ints(t, "pos")?.first().copied().unwrap_or(-1);
+    usize::try_from(p).map_err(|_| ExecError(format!("position {p} is negative")))
 }
 
 fn attn_dims<T>(a: &crate::op::AttentionAttrs, q: &Tensor<T>) -> AttnDims {

@@ -132,6 +132,31 @@ pub enum Op {
     AdamW(AdamWAttrs),
     /// `() -> zeros` of the given type (resets gradient accumulators).
     Zeros(TensorType),
+
+    // ---- generation: prefill ops give a layer's state after a prompt; step ops advance it by
+    // one token (T = 1). States have the batch as their first dimension. ----
+    /// `(x[B,T,C]) -> [B, width-1, C]`: the convolution's last `width − 1` inputs.
+    ConvState { width: u64 },
+    /// `(x[B,1,C], w[C,k], bias[C], state[B,k-1,C]) -> (y[B,1,C], state')`.
+    CausalConv1dSiluStep,
+    /// `(u, delta, a_log, b, c, dt_bias) -> h f32[B,E,N]`: the scan's state after the prompt.
+    SelectiveScanState,
+    /// `(u, delta, a_log, b, c, d, dt_bias, z, h) -> (y, h')` for one token.
+    SelectiveScanStep,
+    /// `(k, v) -> (k_cache, v_cache)`, each `[B, capacity, Hkv·Dh]`: the last `capacity` rotated
+    /// keys and values, position p in slot p mod capacity.
+    AttentionCache { attrs: AttentionAttrs, capacity: u64 },
+    /// `(q, k, v, k_cache, v_cache, pos i32[]) -> (o, k_cache', v_cache')` for one token at
+    /// position `pos`.
+    AttentionDecode { attrs: AttentionAttrs, capacity: u64 },
+    /// `(k, v, log_alpha) -> S f32[B,H,dk,dv]`.
+    GlaState { heads: u64 },
+    /// `(q, k, v, log_alpha, S) -> (o, S')` for one token.
+    GlaStep { heads: u64 },
+    /// `(k, v) -> S f32[B,H,dk,dv]`.
+    RetentionState { heads: u64, rope: Option<f64> },
+    /// `(q, k, v, S, pos i32[]) -> (o, S')` for one token at position `pos`.
+    RetentionStep { heads: u64, rope: Option<f64> },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -182,6 +207,16 @@ impl Op {
             Op::LrSchedule(_) => "lr_schedule",
             Op::AdamW(_) => "adamw",
             Op::Zeros(_) => "zeros",
+            Op::ConvState { .. } => "conv_state",
+            Op::CausalConv1dSiluStep => "causal_conv1d_silu_step",
+            Op::SelectiveScanState => "selective_scan_state",
+            Op::SelectiveScanStep => "selective_scan_step",
+            Op::AttentionCache { .. } => "attention_cache",
+            Op::AttentionDecode { .. } => "attention_decode",
+            Op::GlaState { .. } => "gla_state",
+            Op::GlaStep { .. } => "gla_step",
+            Op::RetentionState { .. } => "retention_state",
+            Op::RetentionStep { .. } => "retention_step",
         }
     }
 
@@ -222,6 +257,16 @@ impl Op {
             Op::LrSchedule(_) => &["step"],
             Op::AdamW(_) => &["param", "grad", "m", "v", "lr", "clip", "step"],
             Op::Zeros(_) => &[],
+            Op::ConvState { .. } => &["x"],
+            Op::CausalConv1dSiluStep => &["x", "weight", "bias", "state"],
+            Op::SelectiveScanState => &["u", "delta", "a_log", "b", "c", "dt_bias"],
+            Op::SelectiveScanStep => &["u", "delta", "a_log", "b", "c", "d", "dt_bias", "z", "h"],
+            Op::AttentionCache { .. } => &["k", "v"],
+            Op::AttentionDecode { .. } => &["q", "k", "v", "k_cache", "v_cache", "pos"],
+            Op::GlaState { .. } => &["k", "v", "log_alpha"],
+            Op::GlaStep { .. } => &["q", "k", "v", "log_alpha", "state"],
+            Op::RetentionState { .. } => &["k", "v"],
+            Op::RetentionStep { .. } => &["q", "k", "v", "state", "pos"],
         }
     }
 
@@ -247,6 +292,16 @@ impl Op {
                 vec![("start", start.to_string()), ("width", width.to_string())]
             }
             Op::Attention(a) | Op::AttentionBackward(a) => attention(a),
+            Op::AttentionCache { attrs, capacity } | Op::AttentionDecode { attrs, capacity } => {
+                let mut v = attention(attrs);
+                v.push(("capacity", capacity.to_string()));
+                v
+            }
+            Op::ConvState { width } => vec![("width", width.to_string())],
+            Op::GlaState { heads } | Op::GlaStep { heads } => vec![("heads", heads.to_string())],
+            Op::RetentionState { heads, rope } | Op::RetentionStep { heads, rope } => {
+                vec![("heads", heads.to_string()), ("rope", opt(*rope))]
+            }
             Op::GlaGate { normalizer } | Op::GlaGateBackward { normalizer } => {
                 vec![("normalizer", format!("{normalizer}"))]
             }

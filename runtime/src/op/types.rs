@@ -76,6 +76,25 @@ fn divides(heads: u64, k: u64, v: u64) -> Result<(), OpError> {
     Ok(())
 }
 
+/// A per-sequence decode state `[B, dims...]`.
+fn state(dtype: DType, dims: &[u64]) -> TensorType {
+    let mut d = vec![Dim::Batch];
+    d.extend(dims.iter().map(|&n| Dim::Fixed(n)));
+    TensorType::new(dtype, Shape(d))
+}
+
+fn scan_vec(e: u64) -> TensorType {
+    TensorType::new(DType::F32, Shape::fixed(&[e]))
+}
+
+fn cache_capacity(a: &super::AttentionAttrs, capacity: u64) -> Result<(), OpError> {
+    match a.window {
+        Some(w) if capacity < w => err(format!("a cache of {capacity} entries cannot hold a window of {w}")),
+        _ if capacity == 0 => err("cache capacity must be at least 1"),
+        _ => Ok(()),
+    }
+}
+
 /// The f32 type of a parameter's gradient.
 fn grad_of(param: &TensorType) -> TensorType {
     TensorType::new(DType::F32, param.shape.clone())
@@ -351,6 +370,72 @@ impl Op {
                 scalar(ins[5], DType::F32, "clip")?;
                 scalar(ins[6], DType::I32, "step")?;
                 Ok(vec![ins[0].clone(), g.clone(), g])
+            }
+            Op::ConvState { width } => {
+                let c = per_token(ins[0], "x")?;
+                if *width == 0 {
+                    return err("width must be at least 1");
+                }
+                one(state(ins[0].dtype, &[width - 1, c]))
+            }
+            Op::CausalConv1dSiluStep => {
+                let out = Op::CausalConv1dSilu.infer(&ins[..3])?;
+                let (c, k) = matrix(ins[1], "weight")?;
+                same(ins[3], &state(ins[0].dtype, &[k - 1, c]), "state")?;
+                Ok(vec![out[0].clone(), ins[3].clone()])
+            }
+            Op::SelectiveScanState => {
+                let (e, n) = matrix(ins[2], "a_log")?;
+                let full = [ins[0], ins[1], ins[2], ins[3], ins[4], &scan_vec(e), ins[5], ins[0]];
+                Op::SelectiveScan.infer(&full)?;
+                one(state(DType::F32, &[e, n]))
+            }
+            Op::SelectiveScanStep => {
+                let out = Op::SelectiveScan.infer(&ins[..8])?;
+                let (e, n) = matrix(ins[2], "a_log")?;
+                same(ins[8], &state(DType::F32, &[e, n]), "h")?;
+                Ok(vec![out[0].clone(), ins[8].clone()])
+            }
+            Op::AttentionCache { attrs, capacity } => {
+                let width = attrs.kv_heads * attrs.head_dim;
+                expect_len(per_token(ins[0], "k")?, width, "width of k")?;
+                same(ins[0], ins[1], "k and v")?;
+                cache_capacity(attrs, *capacity)?;
+                let c = state(ins[0].dtype, &[*capacity, width]);
+                Ok(vec![c.clone(), c])
+            }
+            Op::AttentionDecode { attrs, capacity } => {
+                let out = Op::Attention(attrs.clone()).infer(&ins[..3])?;
+                cache_capacity(attrs, *capacity)?;
+                let c = state(ins[1].dtype, &[*capacity, attrs.kv_heads * attrs.head_dim]);
+                same(ins[3], &c, "k_cache")?;
+                same(ins[4], &c, "v_cache")?;
+                scalar(ins[5], DType::I32, "pos")?;
+                Ok(vec![out[0].clone(), c.clone(), c])
+            }
+            Op::GlaState { heads } => {
+                let (k, v) = (per_token(ins[0], "k")?, per_token(ins[1], "v")?);
+                divides(*heads, k, v)?;
+                expect_len(per_token(ins[2], "log_alpha")?, k, "width of log_alpha")?;
+                one(state(DType::F32, &[*heads, k / heads, v / heads]))
+            }
+            Op::GlaStep { heads } => {
+                let out = Op::Gla { heads: *heads }.infer(&ins[..4])?;
+                let (k, v) = (per_token(ins[0], "q")?, per_token(ins[2], "v")?);
+                same(ins[4], &state(DType::F32, &[*heads, k / heads, v / heads]), "state")?;
+                Ok(vec![out[0].clone(), ins[4].clone()])
+            }
+            Op::RetentionState { heads, .. } => {
+                let (k, v) = (per_token(ins[0], "k")?, per_token(ins[1], "v")?);
+                divides(*heads, k, v)?;
+                one(state(DType::F32, &[*heads, k / heads, v / heads]))
+            }
+            Op::RetentionStep { heads, rope } => {
+                let out = Op::Retention { heads: *heads, rope: *rope }.infer(&ins[..3])?;
+                let (k, v) = (per_token(ins[0], "q")?, per_token(ins[2], "v")?);
+                same(ins[3], &state(DType::F32, &[*heads, k / heads, v / heads]), "state")?;
+                scalar(ins[4], DType::I32, "pos")?;
+                Ok(vec![out[0].clone(), ins[3].clone()])
             }
             Op::Zeros(ty) => {
                 if ty.shape.as_fixed().is_none() {

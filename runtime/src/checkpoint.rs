@@ -1,0 +1,249 @@
+//! Checkpoints: parameters and optimizer state in safetensors files, the run state beside them
+//! in JSON, written atomically.
+//!
+//! A checkpoint is a directory `step-NNNNNNNN/` holding `params.safetensors`,
+//! `optimizer.safetensors` and `state.json`. It is written under a temporary name and renamed
+//! into place only when complete, and the file `latest` (also replaced by a rename) names the
+//! newest one, so a run killed at any moment leaves the previous checkpoint intact. `state.json`
+//! records a checksum of each tensor file; a damaged or mismatched checkpoint is refused.
+
+use crate::cpu::tensor::Tensor;
+use crate::plan::Program;
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckpointError(pub String);
+
+impl fmt::Display for CheckpointError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CheckpointError {}
+
+fn fail<T>(msg: impl Into<String>) -> Result<T, CheckpointError> {
+    Err(CheckpointError(msg.into()))
+}
+
+/// What a run needs besides tensors to continue exactly where it stopped.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunState {
+    pub format_version: u32,
+    pub model: String,
+    /// Optimizer steps completed.
+    pub step: u64,
+    pub seed: u64,
+    /// `byte`, or the tokenizer file saved beside the checkpoints.
+    pub tokenizer: String,
+    /// Checksums (FNV-1a 64, hex) of the tensor files.
+    pub checksums: BTreeMap<String, String>,
+}
+
+fn fnv64(bytes: &[u8]) -> String {
+    let h = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+    format!("{h:016x}")
+}
+
+fn io<E: fmt::Display>(what: String) -> impl FnOnce(E) -> CheckpointError {
+    move |e| CheckpointError(format!("{what}: {e}"))
+}
+
+/// Writes bytes to `path` through a temporary file, synced, then renamed.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(io(format!("cannot create `{}`", tmp.display())))?;
+    f.write_all(bytes).map_err(io(format!("cannot write `{}`", tmp.display())))?;
+    f.sync_all().map_err(io(format!("cannot sync `{}`", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(io(format!("cannot rename `{}`", tmp.display())))
+}
+
+fn to_safetensors(tensors: &[(&str, &Tensor<f32>)]) -> Result<Vec<u8>, CheckpointError> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let data = t.reals().map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()).unwrap_or_default();
+            (name.to_string(), t.shape.clone(), data)
+        })
+        .collect();
+    let views: Vec<(String, TensorView)> = bytes
+        .iter()
+        .map(|(n, s, d)| TensorView::new(Dtype::F32, s.clone(), d).map(|v| (n.clone(), v)))
+        .collect::<Result<_, _>>()
+        .map_err(io("cannot lay out tensors".into()))?;
+    safetensors::serialize(views, None::<HashMap<String, String>>).map_err(io("cannot serialise tensors".into()))
+}
+
+fn from_safetensors(bytes: &[u8], file: &Path) -> Result<BTreeMap<String, Tensor<f32>>, CheckpointError> {
+    let st =
+        SafeTensors::deserialize(bytes).map_err(io(format!("`{}` is not a valid safetensors file", file.display())))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return fail(format!(
+                "`{}`: tensor `{name}` is {:?}; weft checkpoints hold f32",
+                file.display(),
+                view.dtype()
+            ));
+        }
+        let values: Vec<f32> =
+            view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        out.insert(name, Tensor::real(view.shape().to_vec(), values));
+    }
+    Ok(out)
+}
+
+/// The directory name of a step's checkpoint.
+pub fn step_dir(dir: &Path, step: u64) -> PathBuf {
+    dir.join(format!("step-{step:08}"))
+}
+
+/// Saves parameters and optimizer states (everything but gradient accumulators, which are zero
+/// between optimizer steps) and the run state; keeps the newest `keep` checkpoints.
+pub fn save(
+    dir: &Path,
+    program: &Program,
+    tensors: &BTreeMap<String, Tensor<f32>>,
+    state: &RunState,
+    keep: usize,
+) -> Result<PathBuf, CheckpointError> {
+    std::fs::create_dir_all(dir).map_err(io(format!("cannot create `{}`", dir.display())))?;
+    let get = |name: &str| tensors.get(name).ok_or_else(|| CheckpointError(format!("no tensor `{name}` to save")));
+    let mut params = Vec::new();
+    for p in &program.params {
+        params.push((p.name.as_str(), get(&p.name)?));
+    }
+    let mut opt = Vec::new();
+    for s in program.states.iter().filter(|s| !s.name.starts_with("grad_acc:")) {
+        opt.push((s.name.as_str(), get(&s.name)?));
+    }
+    let files = [("params.safetensors", to_safetensors(&params)?), ("optimizer.safetensors", to_safetensors(&opt)?)];
+    let final_dir = step_dir(dir, state.step);
+    let tmp_dir = dir.join(format!(".step-{:08}.tmp", state.step));
+    let _ = std::fs::remove_dir_all(&tmp_dir);
+    std::fs::create_dir_all(&tmp_dir).map_err(io(format!("cannot create `{}`", tmp_dir.display())))?;
+    let mut state = state.clone();
+    state.checksums.clear();
+    for (name, bytes) in &files {
+        write_atomic(&tmp_dir.join(name), bytes)?;
+        state.checksums.insert(name.to_string(), fnv64(bytes));
+    }
+    let json = serde_json::to_vec_pretty(&state).map_err(io("cannot write the run state".into()))?;
+    write_atomic(&tmp_dir.join("state.json"), &json)?;
+    let _ = std::fs::remove_dir_all(&final_dir);
+    std::fs::rename(&tmp_dir, &final_dir)
+        .map_err(io(format!("cannot move the checkpoint into `{}`", final_dir.display())))?;
+    write_atomic(
+        &dir.join("latest"),
+        final_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().as_bytes(),
+    )?;
+    prune(dir, keep);
+    Ok(final_dir)
+}
+
+/// Deletes all but the newest `keep` checkpoints.
+fn prune(dir: &Path, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let mut steps: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")))
+        .collect();
+    steps.sort();
+    let excess = steps.len().saturating_sub(keep.max(1));
+    for old in &steps[..excess] {
+        let _ = std::fs::remove_dir_all(old);
+    }
+}
+
+/// The newest complete checkpoint of a run directory, if any.
+pub fn latest(dir: &Path) -> Result<Option<PathBuf>, CheckpointError> {
+    let pointer = dir.join("latest");
+    match std::fs::read_to_string(&pointer) {
+        Ok(name) => {
+            let path = dir.join(name.trim());
+            if !path.is_dir() {
+                return fail(format!("`{}` names `{}`, which does not exist", pointer.display(), name.trim()));
+            }
+            Ok(Some(path))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => fail(format!("cannot read `{}`: {e}", pointer.display())),
+    }
+}
+
+/// Loads a checkpoint and checks it against the program: every parameter and optimizer state
+/// present with its shape, nothing unknown, checksums intact.
+pub fn load(path: &Path, program: &Program) -> Result<(RunState, BTreeMap<String, Tensor<f32>>), CheckpointError> {
+    let state_path = path.join("state.json");
+    let text = std::fs::read_to_string(&state_path).map_err(io(format!("cannot read `{}`", state_path.display())))?;
+    let state: RunState =
+        serde_json::from_str(&text).map_err(io(format!("`{}` is not a valid run state", state_path.display())))?;
+    if state.format_version != FORMAT_VERSION {
+        return fail(format!(
+            "`{}` is checkpoint format {}; this weft reads format {FORMAT_VERSION}",
+            path.display(),
+            state.format_version
+        ));
+    }
+    if state.model != program.model {
+        return fail(format!(
+            "`{}` is a checkpoint of model `{}`, not `{}`",
+            path.display(),
+            state.model,
+            program.model
+        ));
+    }
+    let mut tensors = BTreeMap::new();
+    for file in ["params.safetensors", "optimizer.safetensors"] {
+        let p = path.join(file);
+        let bytes = std::fs::read(&p).map_err(io(format!("cannot read `{}`", p.display())))?;
+        if state.checksums.get(file) != Some(&fnv64(&bytes)) {
+            return fail(format!("`{}` is damaged: its checksum does not match the run state", p.display()));
+        }
+        tensors.extend(from_safetensors(&bytes, &p)?);
+    }
+    let expected: Vec<(&str, Vec<usize>)> = program
+        .params
+        .iter()
+        .map(|p| (p.name.as_str(), &p.ty))
+        .chain(program.states.iter().filter(|s| !s.name.starts_with("grad_acc:")).map(|s| (s.name.as_str(), &s.ty)))
+        .map(|(n, ty)| (n, ty.shape.as_fixed().unwrap_or_default().iter().map(|&d| d as usize).collect()))
+        .collect();
+    for (name, shape) in &expected {
+        match tensors.get(*name) {
+            None => {
+                return fail(format!("`{}` has no tensor `{name}`: it was saved from another model", path.display()))
+            }
+            Some(t) if &t.shape != shape => {
+                return fail(format!(
+                    "`{}`: `{name}` has shape {:?}, the model needs {shape:?}",
+                    path.display(),
+                    t.shape
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(extra) = tensors.keys().find(|k| !expected.iter().any(|(n, _)| n == k)) {
+        return fail(format!("`{}` holds `{extra}`, which the model does not have", path.display()));
+    }
+    Ok((state, tensors))
+}
+
+/// Reads only the parameters of a checkpoint (for generation), checked against the program.
+pub fn load_params(
+    path: &Path,
+    program: &Program,
+) -> Result<(RunState, BTreeMap<String, Tensor<f32>>), CheckpointError> {
+    let (state, mut tensors) = load(path, program)?;
+    tensors.retain(|k, _| program.params.iter().any(|p| &p.name == k));
+    Ok((state, tensors))
+}
