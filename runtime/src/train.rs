@@ -164,7 +164,7 @@ pub fn train(backend: &mut dyn Backend, train: &Windows, valid: &Windows, o: &Tr
         let t0 = Instant::now();
         let mut loss = 0.0;
         for micro in 0..o.grad_accum {
-            let first = ((step * o.grad_accum as u64 + micro as u64) * o.batch_size as u64) as u64;
+            let first = (step * o.grad_accum as u64 + micro as u64) * o.batch_size as u64;
             let (x, y) = train.batch(o.seed, first, o.batch_size);
             let mut inputs = batch_inputs(x, y, o.batch_size, o.seq_len);
             inputs.push(("loss_scale".into(), scale.clone()));

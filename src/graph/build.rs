@@ -176,8 +176,15 @@ impl Builder<'_> {
         self.g.outputs.push((name, v));
     }
 
-    fn pos(&self) -> Result<Value, BuildError> {
-        self.pos.ok_or_else(|| BuildError { span: self.span, message: "a decode step needs a position".into() })
+    /// The decode position, an input made on first use (a pure-Mamba model has none).
+    fn pos(&mut self) -> Result<Value, BuildError> {
+        if let Some(p) = self.pos {
+            return Ok(p);
+        }
+        let n = self.node(NodeKind::Input { name: "pos".into() }, vec![TensorType::new(DType::I32, Shape::scalar())]);
+        let p = self.g.add(n, &[]).out0();
+        self.pos = Some(p);
+        Ok(p)
     }
 
     /// The K/V cache size of an attention layer: its window, or the longest context.

@@ -150,8 +150,10 @@ impl Windows {
 /// Position `pos` of a seeded permutation of `0..n` (a Fisher–Yates shuffle drawn from the
 /// counter-based generator, rebuilt per call: n is small for the data sets weft trains on here).
 fn permuted(seed: u64, epoch: u64, pos: u64, n: u64) -> u64 {
+    /// The last permutation built, keyed by (seed, epoch, n).
+    type Cached = Option<(u64, u64, u64, Vec<u64>)>;
     thread_local! {
-        static CACHE: std::cell::RefCell<Option<(u64, u64, u64, Vec<u64>)>> = const { std::cell::RefCell::new(None) };
+        static CACHE: std::cell::RefCell<Cached> = const { std::cell::RefCell::new(None) };
     }
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
