@@ -50,13 +50,6 @@ pub fn build_mode(model: &Model, mode: Mode) -> Result<Graph, BuildError> {
     let d = model.width;
     let tokens = b.input("tokens");
     let targets = if mode == Mode::Train { Some(b.input("targets")) } else { None };
-    if let Mode::Decode { .. } = mode {
-        let pos = b.g.add(
-            b.node(NodeKind::Input { name: "pos".into() }, vec![TensorType::new(DType::I32, Shape::scalar())]),
-            &[],
-        );
-        b.pos = Some(pos.out0());
-    }
     let table = b.param("embed.weight", &[model.vocab, d], act, b.embed_init());
     let mut x = b.op(Op::Embed, &[tokens, table])?;
 
