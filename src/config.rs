@@ -91,14 +91,23 @@ pub enum DataFormat {
     Tokens,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Data {
     pub train: Vec<PathBuf>,
     pub valid: Vec<PathBuf>,
     pub format: DataFormat,
-    /// `byte`, or the path of a tokenizer file.
+    /// `byte`, `bpe` (a byte-level BPE trained on the training text with the model's
+    /// vocabulary), or the path of a `tokenizer.json`.
     pub tokenizer: Option<String>,
+    /// Share of the documents held out for evaluation when `valid` is empty.
+    pub valid_fraction: f64,
+}
+
+impl Default for Data {
+    fn default() -> Self {
+        Data { train: Vec::new(), valid: Vec::new(), format: DataFormat::Text, tokenizer: None, valid_fraction: 0.05 }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -197,6 +206,11 @@ pub fn parse(src: &str, file: FileId) -> Result<RunConfig, Diagnostics> {
     check(g.temperature >= 0.0 && g.temperature.is_finite(), &["generate", "temperature"], "zero or more");
     check(g.top_p > 0.0 && g.top_p <= 1.0, &["generate", "top_p"], "in (0, 1]");
     check(config.checkpoint.keep >= 1, &["checkpoint", "keep"], "at least 1");
+    check(
+        config.data.valid_fraction > 0.0 && config.data.valid_fraction < 1.0,
+        &["data", "valid_fraction"],
+        "a fraction between 0 and 1",
+    );
     if diags.has_errors() {
         Err(diags)
     } else {
@@ -221,6 +235,29 @@ fn find(table: &toml::de::DeTable, path: &[&str]) -> Option<std::ops::Range<usiz
 impl RunConfig {
     /// The spec named by the settings, relative to the settings file.
     pub fn spec_path(&self, config_path: &Path) -> Option<PathBuf> {
-        self.spec.as_ref().map(|s| config_path.parent().unwrap_or(Path::new(".")).join(s))
+        self.spec.as_ref().map(|s| relative_to(config_path, s))
+    }
+
+    /// Makes every path in the settings relative to the settings file's directory.
+    pub fn resolve_paths(&mut self, config_path: &Path) {
+        let fix = |p: &mut PathBuf| *p = relative_to(config_path, p);
+        self.data.train.iter_mut().for_each(fix);
+        self.data.valid.iter_mut().for_each(fix);
+        if let Some(d) = &mut self.checkpoint.dir {
+            fix(d);
+        }
+        if let Some(t) = &mut self.data.tokenizer {
+            if t != "byte" && t != "bpe" {
+                *t = relative_to(config_path, Path::new(t)).display().to_string();
+            }
+        }
+    }
+}
+
+fn relative_to(config_path: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        config_path.parent().unwrap_or(Path::new(".")).join(p)
     }
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod diag;
 pub mod graph;
 pub mod program;
+pub mod run;
 pub mod spec;
 pub mod syntax;
 

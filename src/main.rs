@@ -33,6 +33,37 @@ enum Command {
         #[arg(long)]
         dot: bool,
     },
+    /// Train a spec as the run settings say (resumes from the newest checkpoint of the run).
+    Train {
+        /// Run settings (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// The spec (default: the run settings' `spec`).
+        spec: Option<PathBuf>,
+        /// Steps to train (default: the run settings' `train.steps`).
+        #[arg(long)]
+        steps: Option<u64>,
+        /// Log lines instead of a progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Generate text from the newest checkpoint of a training run.
+    Generate {
+        /// The run directory (the run settings' `checkpoint.dir`).
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long, default_value = "")]
+        prompt: String,
+        #[arg(long, default_value_t = 200)]
+        max_new_tokens: usize,
+        /// 0 is greedy decoding.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 /// Errors are printed where they happen; the exit code says that one did.
@@ -52,8 +83,17 @@ fn front_end(spec: &Path) -> Result<Checked, Reported> {
 }
 
 fn load_config(path: &Path) -> Result<config::RunConfig, Reported> {
-    config::load(path).map_err(|(sources, diags)| {
+    let mut c = config::load(path).map_err(|(sources, diags)| {
         diags.eprint(&sources);
+        Reported
+    })?;
+    c.resolve_paths(path);
+    Ok(c)
+}
+
+fn report<T>(r: Result<T, String>) -> Result<T, Reported> {
+    r.map_err(|e| {
+        eprintln!("error: {e}");
         Reported
     })
 }
@@ -76,6 +116,58 @@ fn run(cli: Cli) -> Result<(), Reported> {
             } else {
                 print!("{}", analysis::render_table(&report));
             }
+        }
+        Command::Train { config, spec, steps, no_progress } => {
+            let mut settings = load_config(&config)?;
+            if let Some(s) = steps {
+                settings.train.steps = s;
+            }
+            let Some(spec) = spec.or_else(|| settings.spec.clone()) else {
+                eprintln!("error: no spec: name one on the command line or set `spec` in `{}`", config.display());
+                return Err(Reported);
+            };
+            let r = report(weft::run::train_cpu(&spec, &settings, !no_progress))?;
+            let s = &r.summary;
+            println!(
+                "trained {} to step {} on the CPU reference ({} tokenizer, {} corpus tokens)",
+                spec.display(),
+                s.steps,
+                r.tokenizer,
+                r.corpus_tokens
+            );
+            if let Some(l) = s.final_loss {
+                println!("final training loss {l:.4} nats/token");
+            }
+            if let Some(e) = s.eval_loss {
+                println!(
+                    "held-out loss {e:.4} nats/token (perplexity {:.2}); unigram entropy of the corpus {:.4} nats/token ({:.0}% below)",
+                    e.exp(),
+                    r.unigram_entropy,
+                    100.0 * (1.0 - e / r.unigram_entropy)
+                );
+            }
+            println!("{:.0} tokens/s", s.tokens_per_s);
+            if let Some(c) = &s.checkpoint {
+                println!("checkpoint {}", c.display());
+            }
+            println!(
+                "metrics {}, loss curve {}",
+                r.out_dir.join("metrics.jsonl").display(),
+                r.out_dir.join("loss.svg").display()
+            );
+        }
+        Command::Generate { run, prompt, max_new_tokens, temperature, top_p, seed } => {
+            if !(temperature >= 0.0 && temperature.is_finite()) || !(top_p > 0.0 && top_p <= 1.0) {
+                eprintln!("error: --temperature must be ≥ 0 and --top-p in (0, 1]");
+                return Err(Reported);
+            }
+            let sampling = weft_runtime::generate::Sampling { temperature, top_p, seed };
+            print!("{prompt}");
+            report(weft::run::generate_cpu(&run, &prompt, max_new_tokens, &sampling, |t| {
+                print!("{t}");
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+            }))?;
+            println!();
         }
         Command::Graph { spec, dot } => {
             let checked = front_end(&spec)?;

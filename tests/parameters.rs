@@ -74,6 +74,11 @@ fn tiny_specs_have_a_few_million_parameters() {
         let path = entry.expect("entry").path();
         let c = weft::check_file(&path).unwrap_or_else(|f| panic!("{}", f.render()));
         let p = c.graph.parameter_count();
+        if c.model.name == "samba-micro" {
+            // The CPU demonstration model.
+            assert_eq!(p, 1_036_928);
+            continue;
+        }
         assert!((5_000_000..12_000_000).contains(&p), "{}: {p}", path.display());
         n += 1;
     }

@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod cpu;
 pub mod data;
 pub mod dtype;
+pub mod generate;
 pub mod init;
 pub mod op;
 pub mod plan;

@@ -1,0 +1,127 @@
+//! Generation: prefill a prompt, then decode token by token with each layer's state, sampling
+//! greedily or with temperature and top-p.
+
+use crate::backend::Backend;
+use crate::cpu::tensor::Tensor;
+use std::collections::BTreeMap;
+
+#[derive(Clone, Debug)]
+pub struct Sampling {
+    /// 0 is greedy.
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: u64,
+}
+
+/// Picks the next token from one row of logits; the draw for step `n` depends only on
+/// (seed, n), so a generation is reproducible.
+pub fn sample(logits: &[f32], s: &Sampling, n: u64) -> u32 {
+    let argmax = || {
+        logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32
+    };
+    if s.temperature <= 0.0 {
+        return argmax();
+    }
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let mut probs: Vec<(u32, f64)> =
+        logits.iter().enumerate().map(|(i, &v)| (i as u32, ((v as f64 - m) / s.temperature).exp())).collect();
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    probs.iter_mut().for_each(|p| p.1 /= total);
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    // The smallest prefix whose mass reaches top_p.
+    let mut mass = 0.0;
+    let mut keep = probs.len();
+    for (i, p) in probs.iter().enumerate() {
+        mass += p.1;
+        if mass >= s.top_p {
+            keep = i + 1;
+            break;
+        }
+    }
+    let kept = &probs[..keep];
+    let z: f64 = kept.iter().map(|p| p.1).sum();
+    let mut u = crate::init::uniform(s.seed, "sampling", n, 0) * z;
+    for p in kept {
+        u -= p.1;
+        if u <= 0.0 {
+            return p.0;
+        }
+    }
+    kept.last().map_or_else(argmax, |p| p.0)
+}
+
+/// Generates up to `max_new` tokens after `prompt` (one sequence), calling `on_token` with each;
+/// stops early at `stop`.
+pub fn generate(
+    backend: &mut dyn Backend,
+    prompt: &[u32],
+    max_new: usize,
+    sampling: &Sampling,
+    stop: Option<u32>,
+    mut on_token: impl FnMut(u32),
+) -> Result<Vec<u32>, String> {
+    if prompt.is_empty() {
+        return Err("the prompt is empty".into());
+    }
+    let vocab = backend
+        .program()
+        .params
+        .iter()
+        .find(|p| p.name == "embed.weight")
+        .and_then(|p| p.ty.shape.as_fixed())
+        .map_or(0, |s| s[0] as usize);
+    let tokens: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
+    let mut out = backend.run("prefill", vec![("tokens".into(), Tensor::ints(vec![1, prompt.len()], tokens))])?;
+    let last_row = |out: &BTreeMap<String, Tensor<f32>>| -> Result<Vec<f32>, String> {
+        let l = out.get("logits").and_then(|t| t.reals()).ok_or("the plan gave no logits")?;
+        Ok(l[l.len() - vocab..].to_vec())
+    };
+    let decode_inputs: Vec<String> = backend
+        .program()
+        .plan("decode")
+        .map_err(|e| e.0)?
+        .inputs
+        .iter()
+        .map(|(n, _)| n.clone())
+        .filter(|n| n.starts_with("state:"))
+        .collect();
+    let mut generated = Vec::new();
+    let mut next = sample(&last_row(&out)?, sampling, 0);
+    for i in 0..max_new {
+        generated.push(next);
+        on_token(next);
+        if Some(next) == stop || i + 1 == max_new {
+            break;
+        }
+        let mut inputs: Vec<(String, Tensor<f32>)> = Vec::new();
+        for name in &decode_inputs {
+            inputs.push((name.clone(), out.remove(name).ok_or_else(|| format!("no state `{name}` to carry"))?));
+        }
+        inputs.push(("tokens".into(), Tensor::ints(vec![1, 1], vec![next as i32])));
+        if backend.program().plan("decode").map_err(|e| e.0)?.inputs.iter().any(|(n, _)| n == "pos") {
+            inputs.push(("pos".into(), Tensor::ints(vec![], vec![(prompt.len() + i) as i32])));
+        }
+        out = backend.run("decode", inputs)?;
+        next = sample(&last_row(&out)?, sampling, i as u64 + 1);
+    }
+    Ok(generated)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_maximum_and_top_p_keeps_the_head() {
+        let logits = [0.0, 3.0, 1.0, 2.9];
+        let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 1 };
+        assert_eq!(sample(&logits, &greedy, 0), 1);
+        let narrow = Sampling { temperature: 1.0, top_p: 0.3, seed: 1 };
+        for n in 0..50 {
+            assert_eq!(sample(&logits, &narrow, n), 1);
+        }
+        let wide = Sampling { temperature: 1.0, top_p: 1.0, seed: 1 };
+        let picks: std::collections::HashSet<u32> = (0..200).map(|n| sample(&logits, &wide, n)).collect();
+        assert!(picks.contains(&3) && picks.contains(&2));
+    }
+}
