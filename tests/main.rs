@@ -8,6 +8,7 @@ mod diagnostics;
 mod graphs;
 mod parameters;
 mod robustness;
+mod train;
 
 use std::path::{Path, PathBuf};
 
