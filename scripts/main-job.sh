@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# weft's main job on this machine: set up, then check a small Samba spec, show its typed graph
-# and its per-layer costs.
+# weft's main job: set up what is missing, check a tiny Samba spec, train it for a few minutes on
+# Moby-Dick with the CPU reference (showing the loss fall), save checkpoints, generate text.
+# A run that was interrupted resumes from its newest checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 weft=target/release/weft
-spec=specs/tiny/samba-tiny.weft
+spec=specs/tiny/samba-micro.weft
+config=examples/samba-micro.toml
 
 echo
-echo "== $weft check $spec --seq 512"
-"$weft" check "$spec" --seq 512
+echo "== $weft check $spec --seq 256"
+"$weft" check "$spec" --seq 256
 echo
-echo "== $weft graph $spec (first lines)"
-"$weft" graph "$spec" | head -n 30
+echo "== $weft train --config $config"
+"$weft" train --config "$config" --no-progress
 echo
-echo "== $weft check specs/samba-421m.weft (the paper's Samba 421M)"
-"$weft" check specs/samba-421m.weft | tail -n 3
+echo "== $weft generate --run runs/samba-micro --prompt 'Call me Ishmael.'"
+"$weft" generate --run runs/samba-micro --prompt "Call me Ishmael." --max-new-tokens 120 --temperature 0.8 --seed 7
+echo
+echo "loss curve: runs/samba-micro/loss.svg, metrics: runs/samba-micro/metrics.jsonl"

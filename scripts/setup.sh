@@ -23,5 +23,7 @@ if [ "$(printf '%s\n1.85.0\n' "$rust_version" | sort -V | head -n1)" != "1.85.0"
   exit 1
 fi
 
+bash scripts/corpus.sh
+
 echo "setup: building weft (release)"
 cargo build --release --quiet --bin weft

@@ -7,6 +7,7 @@
 
 pub mod analysis;
 pub mod autodiff;
+pub mod bench;
 pub mod config;
 pub mod diag;
 pub mod graph;

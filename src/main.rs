@@ -47,6 +47,17 @@ enum Command {
         #[arg(long)]
         no_progress: bool,
     },
+    /// Measure training, evaluation, prefill and decode throughput of a spec.
+    Bench {
+        spec: PathBuf,
+        #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+        seq: u64,
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
+        batch: u64,
+        /// Timed repetitions of each plan.
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+    },
     /// Generate text from the newest checkpoint of a training run.
     Generate {
         /// The run directory (the run settings' `checkpoint.dir`).
@@ -168,6 +179,10 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 let _ = std::io::Write::flush(&mut std::io::stdout());
             }))?;
             println!();
+        }
+        Command::Bench { spec, seq, batch, steps } => {
+            let r = report(weft::bench::bench_cpu(&spec, seq, batch, steps.max(1)))?;
+            print!("{}", r.render());
         }
         Command::Graph { spec, dot } => {
             let checked = front_end(&spec)?;

@@ -1,0 +1,136 @@
+//! `weft bench`: training, evaluation, prefill and decode throughput of a spec on a backend,
+//! reported against a baseline measured in the same call (the backend's plain matrix-product
+//! rate at the model's width), so numbers from different machines compare as ratios.
+
+use crate::analysis::analyze;
+use crate::config::RunConfig;
+use crate::program::{build_program, OptimizerSettings};
+use std::path::Path;
+use std::time::Instant;
+use weft_runtime::backend::{Backend, CpuBackend};
+use weft_runtime::cpu::gemm;
+use weft_runtime::cpu::tensor::Tensor;
+
+pub struct BenchReport {
+    pub model: String,
+    pub seq: u64,
+    pub batch: u64,
+    pub parameters: u64,
+    /// Forward FLOPs per token at `seq` (weft check's count).
+    pub forward_flops_per_token: f64,
+    pub train_tokens_per_s: f64,
+    pub eval_tokens_per_s: f64,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    /// FLOP/s of a plain f32 matrix product [B·T × d]·[d × 4d] on the same backend.
+    pub gemm_flops_per_s: f64,
+}
+
+impl BenchReport {
+    /// Training FLOP/s counted as 3 × forward (forward + backward).
+    pub fn train_flops_per_s(&self) -> f64 {
+        3.0 * self.forward_flops_per_token * self.train_tokens_per_s
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "{}: {} parameters, sequence {}, batch {}, CPU reference (f32, {} threads)\n\n",
+            self.model,
+            crate::analysis::group_digits(self.parameters),
+            self.seq,
+            self.batch,
+            rayon::current_num_threads()
+        );
+        s += &format!("  training   {:>10.0} tokens/s   {:>7.2} GFLOP/s (3 × forward)\n", self.train_tokens_per_s, self.train_flops_per_s() / 1e9);
+        s += &format!("  evaluation {:>10.0} tokens/s\n", self.eval_tokens_per_s);
+        s += &format!("  prefill    {:>10.0} tokens/s\n", self.prefill_tokens_per_s);
+        s += &format!("  decode     {:>10.0} tokens/s   (batch {}, one token per sequence per step)\n", self.decode_tokens_per_s, self.batch);
+        s += &format!("  baseline: plain GEMM {:.2} GFLOP/s; training runs at {:.2} of it\n", self.gemm_flops_per_s / 1e9, self.train_flops_per_s() / self.gemm_flops_per_s);
+        s
+    }
+}
+
+fn tokens(b: usize, t: usize, vocab: u64, salt: u64) -> Vec<i32> {
+    (0..b * t).map(|i| (weft_runtime::init::uniform(salt, "bench", i as u64, 0) * vocab as f64) as i32).collect()
+}
+
+fn timed<F: FnMut() -> Result<(), String>>(reps: usize, mut f: F) -> Result<f64, String> {
+    f()?; // warm-up
+    let t = Instant::now();
+    for _ in 0..reps {
+        f()?;
+    }
+    Ok(t.elapsed().as_secs_f64() / reps as f64)
+}
+
+/// Benchmarks `spec` on the CPU reference with `steps` timed repetitions of each plan.
+pub fn bench_cpu(spec: &Path, seq: u64, batch: u64, steps: usize) -> Result<BenchReport, String> {
+    let checked = crate::check_file(spec).map_err(|f| f.render())?;
+    let model = &checked.model;
+    let decode_steps = 16u64;
+    let program = build_program(model, &OptimizerSettings::from_config(&RunConfig::default()), seq + decode_steps + 1).map_err(|e| e.0)?;
+    let report = analyze(&checked.graph, model, seq);
+    let mut cpu = CpuBackend::new(program, 1);
+    let (b, t) = (batch as usize, seq as usize);
+    let batch_inputs = |salt| {
+        vec![
+            ("tokens".to_string(), Tensor::ints(vec![b, t], tokens(b, t, model.vocab, salt))),
+            ("targets".to_string(), Tensor::ints(vec![b, t], tokens(b, t, model.vocab, salt + 1))),
+        ]
+    };
+    let n = (b * t) as f64;
+    let mut step = 0;
+    let train_s = timed(steps, || {
+        let mut inp = batch_inputs(step);
+        inp.push(("loss_scale".into(), Tensor::scalar(1.0)));
+        cpu.run("train_step", inp)?;
+        cpu.run("optimizer_step", vec![("step".into(), Tensor::ints(vec![], vec![step as i32]))])?;
+        step += 1;
+        Ok(())
+    })?;
+    let eval_s = timed(steps, || cpu.run("eval", batch_inputs(7)).map(|_| ()))?;
+    let mut states = None;
+    let prefill_s = timed(steps, || {
+        states = Some(cpu.run("prefill", vec![batch_inputs(9).remove(0)])?);
+        Ok(())
+    })?;
+    let decode_plan = cpu.program().plan("decode").map_err(|e| e.0)?.clone();
+    let mut out = states.ok_or("no prefill output")?;
+    let mut pos = t;
+    let decode_s = timed(decode_steps as usize - 1, || {
+        let mut inp: Vec<(String, Tensor<f32>)> = Vec::new();
+        for (name, _) in decode_plan.inputs.iter().filter(|(n, _)| n.starts_with("state:")) {
+            inp.push((name.clone(), out.remove(name).ok_or("missing state")?));
+        }
+        inp.push(("tokens".into(), Tensor::ints(vec![b, 1], tokens(b, 1, model.vocab, pos as u64))));
+        if decode_plan.inputs.iter().any(|(n, _)| n == "pos") {
+            inp.push(("pos".into(), Tensor::ints(vec![], vec![pos as i32])));
+        }
+        out = cpu.run("decode", inp)?;
+        pos += 1;
+        Ok(())
+    })?;
+
+    // Baseline: the same machine's plain GEMM at the model's width.
+    let (m, k, nn) = (b * t, model.width as usize, 4 * model.width as usize);
+    let a = vec![0.5f32; m * k];
+    let w = vec![0.25f32; k * nn];
+    let mut c = vec![0f32; m * nn];
+    let gemm_s = timed(3, || {
+        gemm(m, k, nn, &a, false, &w, false, &mut c, 0.0);
+        Ok(())
+    })?;
+
+    Ok(BenchReport {
+        model: model.name.clone(),
+        seq,
+        batch,
+        parameters: report.parameters,
+        forward_flops_per_token: report.flops_per_token,
+        train_tokens_per_s: n / train_s,
+        eval_tokens_per_s: n / eval_s,
+        prefill_tokens_per_s: n / prefill_s,
+        decode_tokens_per_s: b as f64 / decode_s,
+        gemm_flops_per_s: 2.0 * (m * k * nn) as f64 / gemm_s,
+    })
+}
