@@ -41,7 +41,7 @@ pub fn differentiate(fwd: &Graph) -> Result<Graph, AutodiffError> {
         &[],
     );
 
-    let mut d = Diff { g, contributions: HashMap::new() };
+    let mut d = Diff { g, contributions: HashMap::new(), recomputed: HashMap::new() };
     d.contributions.entry(loss).or_default().push(seed.out0());
 
     let order: Vec<NodeId> = fwd.nodes().map(|(id, _)| id).collect();
@@ -68,6 +68,8 @@ struct Diff {
     g: Graph,
     /// Gradient contributions to each forward value, in the order they were made.
     contributions: HashMap<Value, Vec<Value>>,
+    /// Forward values marked `recompute`, computed again in the backward pass (once each).
+    recomputed: HashMap<Value, Value>,
 }
 
 impl Diff {
@@ -88,6 +90,24 @@ impl Diff {
             };
             self.g.add(n, &[acc, p]).out0()
         }))
+    }
+
+    /// The value a backward operation reads: the forward value itself, or, when the forward pass
+    /// marks it `recompute`, a copy of its operation placed in the backward pass, so the
+    /// original dies after its forward uses.
+    fn saved(&mut self, v: Value) -> Value {
+        let node = self.g.node(v.node).clone();
+        if !node.recompute {
+            return v;
+        }
+        if let Some(r) = self.recomputed.get(&v) {
+            return *r;
+        }
+        let inputs: Vec<Value> = self.g.inputs(v.node).into_iter().map(|i| self.saved(i)).collect();
+        let copy = self.g.add(Node { recompute: false, ..node }, &inputs);
+        let r = Value { node: copy, output: v.output };
+        self.recomputed.insert(v, r);
+        r
     }
 
     fn contribute(&mut self, to: Value, grad: Value) {
@@ -144,6 +164,7 @@ impl Diff {
             Op::CrossEntropy => (Op::CrossEntropyBackward, vec![ins[0], ins[1], ins[2], gy], vec![0, 1]),
             other => return Err(AutodiffError(format!("{} has no backward rule", other.name()))),
         };
+        let binputs: Vec<Value> = binputs.into_iter().map(|v| self.saved(v)).collect();
         let tys: Vec<&TensorType> = binputs.iter().map(|v| self.g.ty(*v)).collect();
         let outs = bop.infer(&tys).map_err(|e| AutodiffError(format!("{}: {e}", bop.name())))?;
         let n = Node { kind: NodeKind::Op(bop), outs, span: node.span, section: node.section, recompute: false };

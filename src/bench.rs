@@ -41,11 +41,22 @@ impl BenchReport {
             self.batch,
             rayon::current_num_threads()
         );
-        s += &format!("  training   {:>10.0} tokens/s   {:>7.2} GFLOP/s (3 × forward)\n", self.train_tokens_per_s, self.train_flops_per_s() / 1e9);
+        s += &format!(
+            "  training   {:>10.0} tokens/s   {:>7.2} GFLOP/s (3 × forward)\n",
+            self.train_tokens_per_s,
+            self.train_flops_per_s() / 1e9
+        );
         s += &format!("  evaluation {:>10.0} tokens/s\n", self.eval_tokens_per_s);
         s += &format!("  prefill    {:>10.0} tokens/s\n", self.prefill_tokens_per_s);
-        s += &format!("  decode     {:>10.0} tokens/s   (batch {}, one token per sequence per step)\n", self.decode_tokens_per_s, self.batch);
-        s += &format!("  baseline: plain GEMM {:.2} GFLOP/s; training runs at {:.2} of it\n", self.gemm_flops_per_s / 1e9, self.train_flops_per_s() / self.gemm_flops_per_s);
+        s += &format!(
+            "  decode     {:>10.0} tokens/s   (batch {}, one token per sequence per step)\n",
+            self.decode_tokens_per_s, self.batch
+        );
+        s += &format!(
+            "  baseline: plain GEMM {:.2} GFLOP/s; training runs at {:.2} of it\n",
+            self.gemm_flops_per_s / 1e9,
+            self.train_flops_per_s() / self.gemm_flops_per_s
+        );
         s
     }
 }
@@ -68,7 +79,8 @@ pub fn bench_cpu(spec: &Path, seq: u64, batch: u64, steps: usize) -> Result<Benc
     let checked = crate::check_file(spec).map_err(|f| f.render())?;
     let model = &checked.model;
     let decode_steps = 16u64;
-    let program = build_program(model, &OptimizerSettings::from_config(&RunConfig::default()), seq + decode_steps + 1).map_err(|e| e.0)?;
+    let program = build_program(model, &OptimizerSettings::from_config(&RunConfig::default()), seq + decode_steps + 1)
+        .map_err(|e| e.0)?;
     let report = analyze(&checked.graph, model, seq);
     let mut cpu = CpuBackend::new(program, 1);
     let (b, t) = (batch as usize, seq as usize);

@@ -233,14 +233,12 @@ fn find(table: &toml::de::DeTable, path: &[&str]) -> Option<std::ops::Range<usiz
 }
 
 impl RunConfig {
-    /// The spec named by the settings, relative to the settings file.
-    pub fn spec_path(&self, config_path: &Path) -> Option<PathBuf> {
-        self.spec.as_ref().map(|s| relative_to(config_path, s))
-    }
-
     /// Makes every path in the settings relative to the settings file's directory.
     pub fn resolve_paths(&mut self, config_path: &Path) {
         let fix = |p: &mut PathBuf| *p = relative_to(config_path, p);
+        if let Some(s) = &mut self.spec {
+            fix(s);
+        }
         self.data.train.iter_mut().for_each(fix);
         self.data.valid.iter_mut().for_each(fix);
         if let Some(d) = &mut self.checkpoint.dir {

@@ -104,7 +104,12 @@ fn load_config(path: &Path) -> Result<config::RunConfig, Reported> {
 
 fn report<T>(r: Result<T, String>) -> Result<T, Reported> {
     r.map_err(|e| {
-        eprintln!("error: {e}");
+        // Diagnostics of a spec come rendered already.
+        if e.starts_with("error") || e.starts_with("warning") {
+            eprint!("{e}");
+        } else {
+            eprintln!("error: {e}");
+        }
         Reported
     })
 }
@@ -139,6 +144,13 @@ fn run(cli: Cli) -> Result<(), Reported> {
             };
             let r = report(weft::run::train_cpu(&spec, &settings, !no_progress))?;
             let s = &r.summary;
+            if s.first_step >= s.steps {
+                println!(
+                    "{} is already trained to step {}; delete it, or raise --steps, to train more",
+                    r.out_dir.display(),
+                    s.first_step
+                );
+            }
             println!(
                 "trained {} to step {} on the CPU reference ({} tokenizer, {} corpus tokens)",
                 spec.display(),

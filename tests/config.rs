@@ -28,9 +28,22 @@ fn settings_are_read() {
     let src = "spec = \"tiny.weft\"\n[train]\nseq_len = 512\nbatch_size = 4\n[optimizer]\nlr = 1e-3\n[data]\ntrain = [\"a.txt\"]\ntokenizer = \"byte\"\n";
     let mut sources = SourceMap::new();
     let file = sources.add("run.toml", src.to_string());
-    let c = parse(src, file).unwrap();
+    let mut c = parse(src, file).unwrap();
     assert_eq!((c.train.seq_len, c.train.batch_size, c.optimizer.lr), (512, 4, 1e-3));
-    assert_eq!(c.spec_path(std::path::Path::new("runs/run.toml")), Some("runs/tiny.weft".into()));
+    c.resolve_paths(std::path::Path::new("runs/run.toml"));
+    assert_eq!(c.spec, Some("runs/tiny.weft".into()));
+    assert_eq!(c.data.train, vec![std::path::PathBuf::from("runs/a.txt")]);
+    assert_eq!(c.data.tokenizer.as_deref(), Some("byte"));
+}
+
+#[test]
+fn example_run_settings_are_valid() {
+    for name in ["samba-micro.toml", "samba-tiny.toml"] {
+        let path = crate::root().join("examples").join(name);
+        if let Err((sources, diags)) = weft::config::load(&path) {
+            panic!("{}", diags.render(&sources));
+        }
+    }
 }
 
 #[test]
