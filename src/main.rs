@@ -180,7 +180,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
             );
         }
         Command::Generate { run, prompt, max_new_tokens, temperature, top_p, seed } => {
-            if !(temperature >= 0.0 && temperature.is_finite()) || !(top_p > 0.0 && top_p <= 1.0) {
+            if !(temperature >= 0.0 && temperature.is_finite() && top_p > 0.0 && top_p <= 1.0) {
                 eprintln!("error: --temperature must be ≥ 0 and --top-p in (0, 1]");
                 return Err(Reported);
             }
