@@ -11,6 +11,7 @@ pub mod bench;
 pub mod config;
 pub mod diag;
 pub mod graph;
+pub mod passes;
 pub mod program;
 pub mod run;
 pub mod spec;

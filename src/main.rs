@@ -32,6 +32,15 @@ enum Command {
         spec: PathBuf,
         #[arg(long)]
         dot: bool,
+        /// The training step (forward, backward, gradient accumulation) instead of the forward.
+        #[arg(long)]
+        train: bool,
+        /// After the fusion passes.
+        #[arg(long)]
+        fused: bool,
+        /// Also write the graph before and after every pass into this directory.
+        #[arg(long)]
+        dump_dir: Option<PathBuf>,
     },
     /// Train a spec as the run settings say (resumes from the newest checkpoint of the run).
     Train {
@@ -196,12 +205,37 @@ fn run(cli: Cli) -> Result<(), Reported> {
             let r = report(weft::bench::bench_cpu(&spec, seq, batch, steps.max(1)))?;
             print!("{}", r.render());
         }
-        Command::Graph { spec, dot } => {
+        Command::Graph { spec, dot, train, fused, dump_dir } => {
             let checked = front_end(&spec)?;
+            let mut g = checked.graph;
+            if train {
+                g = report(weft::program::train_step_graph(&g).map_err(|e| e.0))?;
+            }
+            if fused || dump_dir.is_some() {
+                let (out, log) =
+                    report(weft::passes::run(g.clone(), weft::passes::FUSION, dump_dir.is_some()).map_err(|e| e.0))?;
+                if let Some(dir) = dump_dir {
+                    report(
+                        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create `{}`: {e}", dir.display())),
+                    )?;
+                    for (i, (stage, text)) in log.stages.iter().enumerate() {
+                        let path = dir.join(format!("{i:02}-{stage}.txt"));
+                        report(
+                            std::fs::write(&path, text).map_err(|e| format!("cannot write `{}`: {e}", path.display())),
+                        )?;
+                    }
+                    for (pass, n) in &log.rewrites {
+                        eprintln!("{pass}: {n} rewrites");
+                    }
+                }
+                if fused {
+                    g = out;
+                }
+            }
             if dot {
-                print!("{}", graph::to_dot(&checked.graph));
+                print!("{}", graph::to_dot(&g));
             } else {
-                print!("{}", graph::dump(&checked.graph));
+                print!("{}", graph::dump(&g));
             }
         }
     }

@@ -5,6 +5,7 @@
 use crate::autodiff::{differentiate, grad_name, AutodiffError};
 use crate::config::RunConfig;
 use crate::graph::{build_mode, verify, Graph, Mode, Node, NodeKind, Section, Value};
+use crate::passes::{self, Pass, FUSION};
 use crate::spec::Model;
 use std::collections::BTreeMap;
 use weft_runtime::op::{AdamWAttrs, ScheduleAttrs};
@@ -192,15 +193,30 @@ pub fn to_plan(g: &Graph, name: &str) -> Plan {
 
 /// The program of a model: its parameters and optimizer state, and the plans `eval` (forward
 /// and loss), `train_step`, `optimizer_step`, `logits` (every position's logits), `prefill` and
-/// `decode` (generation with each layer's state; full attention caches `max_context` tokens).
+/// `decode` (generation with each layer's state; full attention caches `max_context` tokens),
+/// each graph through the fusion passes.
 pub fn build_program(model: &Model, settings: &OptimizerSettings, max_context: u64) -> Result<Program, ProgramError> {
+    build_program_with(model, settings, max_context, FUSION)
+}
+
+/// [`build_program`] with the given passes run over every plan's graph.
+pub fn build_program_with(
+    model: &Model,
+    settings: &OptimizerSettings,
+    max_context: u64,
+    passes: &[Pass],
+) -> Result<Program, ProgramError> {
+    let optimize = |g: Graph| -> Result<Graph, ProgramError> {
+        Ok(passes::run(g, passes, false).map_err(|e| ProgramError(e.0))?.0)
+    };
     let graph = |mode| -> Result<Graph, ProgramError> {
         let g = build_mode(model, mode).map_err(|e| ProgramError(e.message))?;
         check(&g)?;
-        Ok(g)
+        optimize(g)
     };
-    let fwd = &graph(Mode::Train)?;
-    let train = train_step_graph(fwd)?;
+    let unfused = build_mode(model, Mode::Train).map_err(|e| ProgramError(e.message))?;
+    let fwd = &optimize(unfused.clone())?;
+    let train = optimize(train_step_graph(&unfused)?)?;
     let opt = optimizer_graph(fwd, settings)?;
     let params: Vec<ParamSpec> = fwd
         .params()

@@ -75,3 +75,22 @@ fn graph_prints_text_and_dot() {
     assert_eq!(code, 0);
     assert!(out.starts_with("digraph"));
 }
+
+#[test]
+fn graph_dumps_every_stage_of_the_pass_pipeline() {
+    let dir = std::env::temp_dir().join(format!("weft-stages-{}", std::process::id()));
+    let (code, out, err) =
+        weft(&["graph", "specs/tiny/mamba-mlp-tiny.weft", "--train", "--fused", "--dump-dir", dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("fuse-add-rms-norm: 16 rewrites") && err.contains("fuse-rms-norm-backward-add: 16 rewrites"),
+        "{err}"
+    );
+    assert!(out.contains("rms_norm_backward_add") && out.contains("selective_scan_backward"));
+    let stages: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(stages.len(), 3, "{stages:?}");
+    let first = std::fs::read_to_string(dir.join("00-input.txt")).unwrap();
+    assert!(!first.contains("add_rms_norm"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

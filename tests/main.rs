@@ -5,6 +5,7 @@ mod cli;
 mod config;
 mod cpu;
 mod diagnostics;
+mod fusion;
 mod graphs;
 mod parameters;
 mod robustness;

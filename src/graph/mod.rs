@@ -192,3 +192,71 @@ impl Graph {
         self.outputs.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
     }
 }
+
+impl Graph {
+    /// Every (node, input slot) that reads `v`.
+    pub fn users(&self, v: Value) -> Vec<(NodeId, u32)> {
+        let mut u: Vec<(NodeId, u32)> = self
+            .g
+            .edges_directed(v.node.0, Direction::Outgoing)
+            .filter(|e| e.weight().output == v.output)
+            .map(|e| (NodeId(e.target()), e.weight().input))
+            .collect();
+        u.sort();
+        u
+    }
+
+    /// Makes every reader of `old` (operations, outputs, updates) read `new` instead.
+    pub fn replace_uses(&mut self, old: Value, new: Value) {
+        for (user, slot) in self.users(old) {
+            if let Some(e) = self
+                .g
+                .edges_connecting(old.node.0, user.0)
+                .find(|e| e.weight().input == slot && e.weight().output == old.output)
+                .map(|e| e.id())
+            {
+                self.g.remove_edge(e);
+            }
+            self.g.add_edge(new.node.0, user.0, Port { output: new.output, input: slot });
+        }
+        for (_, v) in self.outputs.iter_mut().chain(self.updates.iter_mut()) {
+            if *v == old {
+                *v = new;
+            }
+        }
+    }
+
+    /// Rebuilds the graph so that node indices are again a topological order (the invariant
+    /// passes may break by adding nodes), keeping the original order wherever it is one.
+    pub fn compact(&self) -> Graph {
+        use std::cmp::Reverse;
+        use std::collections::{BTreeMap, BinaryHeap};
+        let mut indegree: BTreeMap<NodeIndex, usize> = self.g.node_indices().map(|n| (n, 0)).collect();
+        for e in self.g.edge_indices() {
+            if let Some((_, t)) = self.g.edge_endpoints(e) {
+                *indegree.entry(t).or_default() += 1;
+            }
+        }
+        let mut ready: BinaryHeap<Reverse<NodeIndex>> =
+            indegree.iter().filter(|(_, d)| **d == 0).map(|(n, _)| Reverse(*n)).collect();
+        let mut out = Graph::new(self.name.clone());
+        let mut map: BTreeMap<NodeIndex, NodeId> = BTreeMap::new();
+        while let Some(Reverse(n)) = ready.pop() {
+            let inputs: Vec<Value> =
+                self.inputs(NodeId(n)).into_iter().map(|v| Value { node: map[&v.node.0], output: v.output }).collect();
+            map.insert(n, out.add(self.g[n].clone(), &inputs));
+            for e in self.g.edges_directed(n, Direction::Outgoing) {
+                let t = e.target();
+                let d = indegree.get_mut(&t).expect("node");
+                *d -= 1;
+                if *d == 0 {
+                    ready.push(Reverse(t));
+                }
+            }
+        }
+        let remap = |v: &Value| Value { node: map[&v.node.0], output: v.output };
+        out.outputs = self.outputs.iter().map(|(n, v)| (n.clone(), remap(v))).collect();
+        out.updates = self.updates.iter().map(|(n, v)| (n.clone(), remap(v))).collect();
+        out
+    }
+}

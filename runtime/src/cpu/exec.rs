@@ -233,6 +233,21 @@ pub(crate) fn execute<T: Real>(
             rms_norm_fwd(last_dim(ins[0]), *eps, r(0)?, r(1)?, &mut o.1);
             emit(o);
         }
+        Op::AddRmsNorm { eps } => {
+            let (mut sum, mut n) = (out(0), out(1));
+            add_rms_norm_fwd(last_dim(ins[0]), *eps, r(0)?, r(1)?, r(2)?, &mut sum.1, &mut n.1);
+            emit(sum);
+            emit(n);
+        }
+        Op::RmsNormBackwardAdd { eps } => {
+            let (mut gx, mut gw) = (out(0), out(1));
+            rms_norm_bwd(last_dim(ins[0]), *eps, r(0)?, r(1)?, r(2)?, &mut gx.1, &mut gw.1);
+            for (a, &b) in gx.1.iter_mut().zip(r(3)?) {
+                *a = *a + b;
+            }
+            emit(gx);
+            emit(gw);
+        }
         Op::Add => {
             let mut o = out(0);
             add(r(0)?, r(1)?, &mut o.1);

@@ -21,6 +21,25 @@ pub fn rms_norm_fwd<T: Real>(d: usize, eps: f64, x: &[T], w: &[T], y: &mut [T]) 
     });
 }
 
+/// `s = x + y`, `n = w ⊙ s / sqrt(mean(s²) + eps)`: the residual add fused with the next norm.
+pub fn add_rms_norm_fwd<T: Real>(d: usize, eps: f64, x: &[T], y: &[T], w: &[T], s: &mut [T], n: &mut [T]) {
+    assert!(
+        w.len() == d && x.len() == y.len() && s.len() == x.len() && n.len() == x.len(),
+        "add_rms_norm: sizes differ"
+    );
+    s.par_chunks_mut(d).zip(n.par_chunks_mut(d)).zip(x.par_chunks(d).zip(y.par_chunks(d))).for_each(
+        |((s, n), (x, y))| {
+            for j in 0..d {
+                s[j] = x[j] + y[j];
+            }
+            let r = inv_rms(s, eps);
+            for j in 0..d {
+                n[j] = w[j] * s[j] * r;
+            }
+        },
+    );
+}
+
 /// Backward of [`rms_norm_fwd`] (kernels.md §1): with `x̂ = x·ρ`, `u = w ⊙ g`,
 /// `g_x = ρ·(u − mean(u ⊙ x̂)·x̂)`, `g_w = Σ_rows g ⊙ x̂`.
 pub fn rms_norm_bwd<T: Real>(d: usize, eps: f64, x: &[T], w: &[T], g: &[T], gx: &mut [T], gw: &mut [T]) {

@@ -41,6 +41,7 @@ impl Op {
         let rows = |i: usize| ins[i].shape.fixed_elems() as f64 / last(i).max(1.0);
         match self {
             Op::RmsNorm { .. } => 4.0 * last(0) * rows(0),
+            Op::AddRmsNorm { .. } => 5.0 * last(0) * rows(0),
             Op::Add => ins[0].shape.fixed_elems() as f64,
             Op::SwiGlu => 5.0 * ins[0].shape.fixed_elems() as f64,
             Op::MatMul => {
@@ -90,6 +91,8 @@ impl Op {
             Op::Embed => vec![Input(0)],
             // The input is the residual stream; the inverse RMS is recomputed from it.
             Op::RmsNorm { .. } => vec![Input(0)],
+            // The sum is the residual stream the backward reads.
+            Op::AddRmsNorm { .. } => vec![Output(0)],
             // dW = xᵀ·g needs x; the weight is a parameter, which is not activation memory.
             Op::MatMul => vec![Input(0)],
             Op::SwiGlu => vec![Input(0), Input(1)],

@@ -87,6 +87,8 @@ pub enum Op {
     CrossEntropy,
     /// `(h[B,T,d], w[V,d]) -> f32[B,T,V]`: the head alone, for inference.
     Logits,
+    /// Residual add fused with the next RMSNorm: `(x, y, weight) -> (s = x + y, rms_norm(s))`.
+    AddRmsNorm { eps: f64 },
 
     // ---- backward: inputs are the forward inputs (and saved outputs), then the output
     // gradients; outputs are the input gradients, parameters' in f32 ----
@@ -116,6 +118,9 @@ pub enum Op {
     HeadRmsNormGateBackward { heads: u64, eps: f64 },
     /// `(h, w, targets, g_loss f32[]) -> (g_h, g_w f32)`.
     CrossEntropyBackward,
+    /// RMSNorm's backward fused with the residual gradient it joins:
+    /// `(x, weight, g, g_skip) -> (g_skip + g_x, g_weight f32)`.
+    RmsNormBackwardAdd { eps: f64 },
 
     // ---- optimizer ----
     /// `(x) -> f32[]`: the sum of squares of all elements.
@@ -188,6 +193,8 @@ impl Op {
             Op::HeadRmsNormGate { .. } => "head_rms_norm_gate",
             Op::CrossEntropy => "cross_entropy",
             Op::Logits => "logits",
+            Op::AddRmsNorm { .. } => "add_rms_norm",
+            Op::RmsNormBackwardAdd { .. } => "rms_norm_backward_add",
             Op::EmbedBackward { .. } => "embed_backward",
             Op::RmsNormBackward { .. } => "rms_norm_backward",
             Op::MatMulBackward => "matmul_backward",
@@ -238,6 +245,8 @@ impl Op {
             Op::HeadRmsNormGate { .. } => &["o", "g", "weight"],
             Op::CrossEntropy => &["h", "w", "targets"],
             Op::Logits => &["h", "w"],
+            Op::AddRmsNorm { .. } => &["x", "y", "weight"],
+            Op::RmsNormBackwardAdd { .. } => &["x", "weight", "g", "g_skip"],
             Op::EmbedBackward { .. } => &["tokens", "g"],
             Op::RmsNormBackward { .. } => &["x", "weight", "g"],
             Op::MatMulBackward => &["x", "w", "g"],
@@ -283,7 +292,10 @@ impl Op {
             ]
         };
         match self {
-            Op::RmsNorm { eps } | Op::RmsNormBackward { eps } => vec![("eps", format!("{eps:e}"))],
+            Op::RmsNorm { eps }
+            | Op::RmsNormBackward { eps }
+            | Op::AddRmsNorm { eps }
+            | Op::RmsNormBackwardAdd { eps } => vec![("eps", format!("{eps:e}"))],
             Op::HeadRmsNormGate { heads, eps } | Op::HeadRmsNormGateBackward { heads, eps } => {
                 vec![("heads", heads.to_string()), ("eps", format!("{eps:e}"))]
             }

@@ -264,6 +264,16 @@ impl Op {
                 }
             }
 
+            Op::AddRmsNorm { eps } => {
+                let sum = Op::Add.infer(&ins[..2])?;
+                let n = Op::RmsNorm { eps: *eps }.infer(&[&sum[0], ins[2]])?;
+                Ok(vec![sum[0].clone(), n[0].clone()])
+            }
+            Op::RmsNormBackwardAdd { eps } => {
+                let g = Op::RmsNormBackward { eps: *eps }.infer(&ins[..3])?;
+                same(ins[3], &g[0], "g_skip")?;
+                Ok(g)
+            }
             Op::EmbedBackward { vocab } => {
                 token_ids(ins[0], "tokens")?;
                 let d = per_token(ins[1], "g")?;
