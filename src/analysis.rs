@@ -38,6 +38,42 @@ pub struct Report {
     pub activation_bytes_per_token: u64,
     pub decode_state_bytes: u64,
     pub layers: Vec<Row>,
+    /// The memory plan of the training step, when computed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryReport>,
+}
+
+/// What one training step needs on a device.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct MemoryReport {
+    pub batch: u64,
+    pub seq: u64,
+    /// The arena of the training step's activations and gradients (memory plan).
+    pub train_arena_bytes: u64,
+    /// The most bytes live at once in that step: the arena's lower bound.
+    pub train_peak_live_bytes: u64,
+    /// Parameters as the plan stores them.
+    pub parameter_bytes: u64,
+    /// Gradient accumulators and AdamW moments (f32).
+    pub optimizer_state_bytes: u64,
+}
+
+/// Builds the model's program and plans the training step's memory at `batch` × `seq`.
+pub fn memory_report(model: &Model, batch: u64, seq: u64) -> Result<MemoryReport, String> {
+    use crate::program::{build_program, OptimizerSettings};
+    let settings = OptimizerSettings::from_config(&crate::config::RunConfig::default());
+    let program = build_program(model, &settings, seq).map_err(|e| e.0)?;
+    let plan = program.plan("train_step").map_err(|e| e.0)?;
+    let m = weft_runtime::memory::plan_memory(plan, batch, seq);
+    m.check()?;
+    Ok(MemoryReport {
+        batch,
+        seq,
+        train_arena_bytes: m.arena_bytes,
+        train_peak_live_bytes: m.peak_live_bytes,
+        parameter_bytes: program.params.iter().map(|p| weft_runtime::memory::bytes(&p.ty, batch, seq)).sum(),
+        optimizer_state_bytes: program.states.iter().map(|s| weft_runtime::memory::bytes(&s.ty, batch, seq)).sum(),
+    })
 }
 
 /// Follows views (slices) to the tensor that owns the memory, and replaces recomputed values by
@@ -137,6 +173,7 @@ pub fn analyze(g: &Graph, model: &Model, seq: u64) -> Report {
         activation_bytes_per_token: layers.iter().map(|r| r.activation_bytes_per_token).sum(),
         decode_state_bytes: layers.iter().map(|r| r.decode_state_bytes).sum(),
         layers,
+        memory: None,
     }
 }
 
@@ -244,5 +281,16 @@ pub fn render_table(r: &Report) -> String {
         group_digits(r.parameters),
         group_digits(r.matmul_parameters)
     ));
+    if let Some(m) = &r.memory {
+        out.push_str(&format!(
+            "training step at batch {} × {} tokens: activation arena {} (peak live {}), parameters {}, gradients and AdamW state {}\n",
+            m.batch,
+            m.seq,
+            bytes(m.train_arena_bytes),
+            bytes(m.train_peak_live_bytes),
+            bytes(m.parameter_bytes),
+            bytes(m.optimizer_state_bytes)
+        ));
+    }
     out
 }

@@ -23,6 +23,9 @@ enum Command {
         /// Run settings (TOML); checked too.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Sequences per micro-batch for the memory plan (default: the run settings', else 1).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 16))]
+        batch: Option<u64>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -125,11 +128,14 @@ fn report<T>(r: Result<T, String>) -> Result<T, Reported> {
 
 fn run(cli: Cli) -> Result<(), Reported> {
     match cli.command {
-        Command::Check { spec, seq, config, json } => {
+        Command::Check { spec, seq, config, batch, json } => {
             let settings = config.as_deref().map(load_config).transpose()?;
             let checked = front_end(&spec)?;
-            let seq = seq.or(settings.map(|s| s.train.seq_len)).unwrap_or(4096);
-            let report = analysis::analyze(&checked.graph, &checked.model, seq);
+            let seq = seq.or(settings.as_ref().map(|s| s.train.seq_len)).unwrap_or(4096);
+            let batch = batch.or(settings.as_ref().map(|s| s.train.batch_size)).unwrap_or(1);
+            let memory = report(analysis::memory_report(&checked.model, batch, seq))?;
+            let mut report = analysis::analyze(&checked.graph, &checked.model, seq);
+            report.memory = Some(memory);
             if json {
                 match serde_json::to_string_pretty(&report) {
                     Ok(s) => println!("{s}"),

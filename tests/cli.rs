@@ -14,7 +14,7 @@ fn weft(args: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn check_json_has_parameters_and_layers() {
-    let (code, out, err) = weft(&["check", "specs/samba-421m.weft", "--json"]);
+    let (code, out, err) = weft(&["check", "specs/samba-421m.weft", "--json", "--batch", "8"]);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     assert_eq!(v["parameters"], 421_793_280u64);
@@ -24,6 +24,9 @@ fn check_json_has_parameters_and_layers() {
     let sum: u64 = layers.iter().map(|l| l["parameters"].as_u64().unwrap()).sum();
     assert_eq!(sum, 421_793_280);
     assert_eq!(layers[3]["kind"], "swa(w=2048)");
+    // About 20 GiB of activations for a micro-batch of 8 × 4096 tokens.
+    assert!(v["memory"]["train_arena_bytes"].as_u64().unwrap() > 16 << 30);
+    assert_eq!(v["memory"]["batch"], 8);
 }
 
 #[test]

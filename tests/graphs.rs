@@ -133,3 +133,25 @@ fn activation_memory_counts_each_saved_tensor_once() {
     let expected = 2 * 256 + 2 * 256 + 2 * 2 * e + 2 * (r_ + 2 * n) + (2 * e + e * 2 * n * 4 / 2048) + 2 * e;
     assert_eq!(mamba.activation_bytes_per_token, expected);
 }
+
+#[test]
+fn memory_plan_packs_the_training_step_tightly_and_safely() {
+    use weft::program::{build_program, OptimizerSettings};
+    use weft_runtime::memory::plan_memory;
+    let c = checked("specs/tiny/samba-tiny.weft");
+    let p = build_program(&c.model, &OptimizerSettings::from_config(&weft::config::RunConfig::default()), 512).unwrap();
+    let plan = p.plan("train_step").unwrap();
+    let m = plan_memory(plan, 4, 512);
+    assert_eq!(m.check(), Ok(()));
+    let total: u64 = m.buffers.iter().map(|b| b.bytes).sum();
+    assert!(m.arena_bytes >= m.peak_live_bytes);
+    // Sharing makes the arena a fraction of all buffers, and greedy packing is near the bound.
+    assert!(m.arena_bytes * 3 < total, "{} of {total}", m.arena_bytes);
+    assert!(m.arena_bytes as f64 <= 1.05 * m.peak_live_bytes as f64, "{} vs {}", m.arena_bytes, m.peak_live_bytes);
+    // Slices take no memory of their own.
+    assert!(!m.views.is_empty());
+    assert!(m.views.iter().all(|(v, _)| m.buffers.iter().all(|b| b.value != *v)));
+    // Activations grow with the tokens of a micro-batch.
+    let m2 = plan_memory(plan, 8, 512);
+    assert!(m2.arena_bytes > m.arena_bytes * 19 / 10);
+}

@@ -11,6 +11,7 @@ pub mod data;
 pub mod dtype;
 pub mod generate;
 pub mod init;
+pub mod memory;
 pub mod op;
 pub mod plan;
 pub mod shape;
