@@ -59,6 +59,18 @@ enum Command {
         #[arg(long)]
         no_progress: bool,
     },
+    /// Tokenize text files (each a document, followed by end-of-text) into a token shard.
+    Shard {
+        /// `byte`, or a tokenizer.json (e.g. one a training run saved).
+        #[arg(long)]
+        tokenizer: String,
+        /// The shard to write.
+        #[arg(long, short)]
+        out: PathBuf,
+        /// Text files, or directories of .txt files.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+    },
     /// Measure training, evaluation, prefill and decode throughput of a spec.
     Bench {
         spec: PathBuf,
@@ -206,6 +218,21 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 let _ = std::io::Write::flush(&mut std::io::stdout());
             }))?;
             println!();
+        }
+        Command::Shard { tokenizer, out, inputs } => {
+            use weft_runtime::data::{corpus, shards, Tokenizer};
+            let tok = report(Tokenizer::load(&tokenizer).map_err(|e| e.0))?;
+            let files = report(corpus::text_files(&inputs).map_err(|e| e.0))?;
+            let docs = report(corpus::read_documents(&files).map_err(|e| e.0))?;
+            let tokens = report(corpus::pack(&docs, &tok).map_err(|e| e.0))?;
+            report(shards::write(&out, tok.vocab_size() as u32, &tokens).map_err(|e| e.0))?;
+            println!(
+                "{} documents, {} tokens, vocabulary {} -> {}",
+                docs.len(),
+                tokens.len(),
+                tok.vocab_size(),
+                out.display()
+            );
         }
         Command::Bench { spec, seq, batch, steps } => {
             let r = report(weft::bench::bench_cpu(&spec, seq, batch, steps.max(1)))?;

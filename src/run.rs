@@ -53,7 +53,7 @@ pub fn train_cpu(spec: &Path, c: &RunConfig, progress: bool) -> Result<TrainRepo
     let out_dir = c.checkpoint.dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&model.name));
     std::fs::create_dir_all(&out_dir).map_err(|e| format!("cannot create `{}`: {e}", out_dir.display()))?;
 
-    let (tokenizer, tok_name, train_stream, valid_stream) = load_data(c, &model, &out_dir)?;
+    let (tok_name, train_stream, valid_stream) = load_data(c, &model, &out_dir)?;
     let entropy = unigram_entropy(&train_stream.iter().chain(&valid_stream).copied().collect::<Vec<_>>());
     let corpus_tokens = train_stream.len() + valid_stream.len();
     let seq = c.train.seq_len as usize;
@@ -67,7 +67,6 @@ pub fn train_cpu(spec: &Path, c: &RunConfig, progress: bool) -> Result<TrainRepo
     };
     let json = serde_json::to_string_pretty(&info).map_err(|e| e.to_string())?;
     std::fs::write(out_dir.join(RUN_INFO), json).map_err(|e| format!("cannot write the run info: {e}"))?;
-    drop(tokenizer);
 
     let mut backend = CpuBackend::new(program, c.train.seed);
     let opts = TrainOptions {
@@ -89,17 +88,26 @@ pub fn train_cpu(spec: &Path, c: &RunConfig, progress: bool) -> Result<TrainRepo
     Ok(TrainReport { summary, out_dir, tokenizer: tok_name, corpus_tokens, unigram_entropy: entropy })
 }
 
-/// The tokenizer (trained or loaded) and the training and held-out token streams.
-fn load_data(c: &RunConfig, model: &Model, out_dir: &Path) -> Result<(Tokenizer, String, Vec<u32>, Vec<u32>), String> {
+/// The tokenizer's name in the run directory (trained or copied there, or `byte`) and the
+/// training and held-out token streams.
+fn load_data(c: &RunConfig, model: &Model, out_dir: &Path) -> Result<(String, Vec<u32>, Vec<u32>), String> {
     let vocab = model.vocab as usize;
     let tok_spec = c.data.tokenizer.clone().unwrap_or_else(|| "bpe".to_string());
     let saved = out_dir.join("tokenizer.json");
     let train_files = text_files(&c.data.train).map_err(|e| e.0)?;
     if c.data.format == DataFormat::Tokens {
+        // Shards are tokenized already; the tokenizer is kept for generation.
         let tokenizer = Tokenizer::load(&tok_spec).map_err(|e| e.0)?;
+        let name = match tokenizer {
+            Tokenizer::Bytes => "byte".to_string(),
+            _ => {
+                tokenizer.save(&saved).map_err(|e| e.0)?;
+                "tokenizer.json".to_string()
+            }
+        };
         let train = load_shards(&train_files, vocab).map_err(|e| e.0)?;
         let valid = load_shards(&text_files(&c.data.valid).map_err(|e| e.0)?, vocab).map_err(|e| e.0)?;
-        return Ok((tokenizer, tok_spec, train, valid));
+        return Ok((name, train, valid));
     }
     let mut docs = read_documents(&train_files).map_err(|e| e.0)?;
     let valid_docs = if c.data.valid.is_empty() {
@@ -137,7 +145,7 @@ fn load_data(c: &RunConfig, model: &Model, out_dir: &Path) -> Result<(Tokenizer,
     }
     let train = pack(&docs, &tokenizer).map_err(|e| e.0)?;
     let valid = pack(&valid_docs, &tokenizer).map_err(|e| e.0)?;
-    Ok((tokenizer, name, train, valid))
+    Ok((name, train, valid))
 }
 
 /// Generates text from the newest checkpoint of a run directory on the CPU reference.

@@ -187,3 +187,35 @@ fn tiny_samba_learns_english_well_below_unigram_entropy() {
     assert!(held_out <= 0.7 * entropy, "held-out {held_out} vs unigram entropy {entropy}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn token_shards_train_like_text() {
+    let dir = temp_dir("shards");
+    let docs = write_corpus(&dir);
+    let shard = dir.join("train.tokens");
+    let out = weft().args(["shard", "--tokenizer", "byte", "--out"]).arg(&shard).arg(&docs).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("12 documents"));
+    let cfg = config(&dir, &docs, 2, 2, "byte");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("train = [\"{}\"]", docs.display()),
+        &format!("train = [\"{}\"]\nvalid = [\"{}\"]\nformat = \"tokens\"", shard.display(), shard.display()),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let out = weft().args(["train", "--no-progress", "--config"]).arg(&cfg).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("held-out loss"));
+    // A damaged shard is refused with its name.
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes.truncate(bytes.len() - 2);
+    std::fs::write(&shard, bytes).unwrap();
+    let _ = std::fs::remove_dir_all(dir.join("run"));
+    let out = weft().args(["train", "--no-progress", "--config"]).arg(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("truncated or damaged"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
