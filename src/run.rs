@@ -172,7 +172,11 @@ pub fn generate_cpu(
     };
     let mut backend = CpuBackend::new(program, info.seed);
     backend.write(params)?;
-    let ids = tokenizer.encode(prompt).map_err(|e| e.0)?;
+    let mut ids = tokenizer.encode(prompt).map_err(|e| e.0)?;
+    if ids.is_empty() {
+        // With no prompt, generate as after the end of a document.
+        ids.push(tokenizer.eot());
+    }
     let budget = (info.max_context as usize).saturating_sub(ids.len());
     let mut emitted = String::new();
     let mut all = Vec::new();

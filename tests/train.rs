@@ -118,6 +118,10 @@ fn damaged_or_foreign_checkpoints_are_refused() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("the whale"));
+    // And without a prompt, as after the end of a document.
+    let out =
+        weft().args(["generate", "--max-new-tokens", "5", "--temperature", "0", "--run"]).arg(&run).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     // A flipped byte.
     let mut bytes = std::fs::read(&params).unwrap();
