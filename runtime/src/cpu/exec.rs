@@ -73,11 +73,12 @@ struct Bound {
 }
 
 impl Bound {
-    fn bind(&mut self, ty: &TensorType, t: &TensorType_, name: &str) -> Result<(), ExecError> {
-        if ty.shape.rank() != t.shape.len() {
-            return fail(format!("input `{name}` must have shape {}, has {:?}", ty.shape, t.shape));
+    /// Binds B and T from a caller's tensor of concrete `shape` declared as `ty`.
+    fn bind(&mut self, ty: &TensorType, shape: &[usize], name: &str) -> Result<(), ExecError> {
+        if ty.shape.rank() != shape.len() {
+            return fail(format!("input `{name}` must have shape {}, has {shape:?}", ty.shape));
         }
-        for (d, &n) in ty.shape.0.iter().zip(t.shape) {
+        for (d, &n) in ty.shape.0.iter().zip(shape) {
             let slot = match d {
                 Dim::Batch => &mut self.batch,
                 Dim::Seq => &mut self.seq,
@@ -105,11 +106,6 @@ impl Bound {
     }
 }
 
-/// A borrowed view of a host tensor's shape and kind, for binding.
-struct TensorType_<'a> {
-    shape: &'a [usize],
-}
-
 /// Runs `plan`: inputs by name, persistent tensors from `store`. Returns the named outputs and
 /// writes the updates into `store` (only when the whole plan succeeded).
 pub fn run<T: Real>(
@@ -131,7 +127,7 @@ pub fn run<T: Real>(
                 if ty.dtype == DType::I32 { "token ids" } else { "real numbers" }
             ));
         }
-        bound.bind(ty, &TensorType_ { shape: &t.shape }, name)?;
+        bound.bind(ty, &t.shape, name)?;
         slots[*v as usize] = Some(Cow::Owned(t));
     }
     if let Some(extra) = given.keys().next() {
