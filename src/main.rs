@@ -58,6 +58,9 @@ enum Command {
         /// Log lines instead of a progress bar.
         #[arg(long)]
         no_progress: bool,
+        /// Compute in f64 on the CPU reference (the check mode; checkpoints stay f32).
+        #[arg(long)]
+        f64: bool,
     },
     /// Tokenize text files (each a document, followed by end-of-text) into a token shard.
     Shard {
@@ -160,7 +163,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 print!("{}", analysis::render_table(&report));
             }
         }
-        Command::Train { config, spec, steps, no_progress } => {
+        Command::Train { config, spec, steps, no_progress, f64 } => {
             let mut settings = load_config(&config)?;
             if let Some(s) = steps {
                 settings.train.steps = s;
@@ -169,7 +172,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 eprintln!("error: no spec: name one on the command line or set `spec` in `{}`", config.display());
                 return Err(Reported);
             };
-            let r = report(weft::run::train_cpu(&spec, &settings, !no_progress))?;
+            let r = report(weft::run::train_cpu(&spec, &settings, !no_progress, f64))?;
             let s = &r.summary;
             if s.first_step >= s.steps {
                 println!(

@@ -47,7 +47,8 @@ pub struct TrainReport {
 }
 
 /// Trains `spec` as the run settings say, on the CPU reference.
-pub fn train_cpu(spec: &Path, c: &RunConfig, progress: bool) -> Result<TrainReport, String> {
+/// `f64` runs the CPU reference in double precision (the check mode).
+pub fn train_cpu(spec: &Path, c: &RunConfig, progress: bool, f64: bool) -> Result<TrainReport, String> {
     let max_context = c.train.seq_len + c.generate.max_new_tokens;
     let (model, program) = program_for(spec, c, max_context)?;
     let out_dir = c.checkpoint.dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&model.name));
@@ -68,7 +69,8 @@ pub fn train_cpu(spec: &Path, c: &RunConfig, progress: bool) -> Result<TrainRepo
     let json = serde_json::to_string_pretty(&info).map_err(|e| e.to_string())?;
     std::fs::write(out_dir.join(RUN_INFO), json).map_err(|e| format!("cannot write the run info: {e}"))?;
 
-    let mut backend = CpuBackend::new(program, c.train.seed);
+    let mut backend =
+        if f64 { CpuBackend::new_f64(program, c.train.seed) } else { CpuBackend::new(program, c.train.seed) };
     let opts = TrainOptions {
         seed: c.train.seed,
         steps: c.train.steps,

@@ -223,3 +223,34 @@ fn token_shards_train_like_text() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn f64_check_mode_trains_to_the_f32_losses_within_rounding() {
+    let dir = temp_dir("f64");
+    let docs = write_corpus(&dir);
+    let mut runs = Vec::new();
+    for (name, flag) in [("f32", None), ("f64", Some("--f64"))] {
+        let sub = dir.join(name);
+        std::fs::create_dir_all(&sub).unwrap();
+        let cfg = config(&sub, &docs, 3, 3, "byte");
+        let mut cmd = weft();
+        cmd.args(["train", "--no-progress", "--config"]).arg(&cfg);
+        if let Some(f) = flag {
+            cmd.arg(f);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = std::fs::read_to_string(sub.join("run/metrics.jsonl")).unwrap();
+        let losses: Vec<f64> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+            .collect();
+        runs.push(losses);
+    }
+    assert_eq!(runs[0].len(), 3);
+    for (a, b) in runs[0].iter().zip(&runs[1]) {
+        assert!((a - b).abs() <= 1e-4 * b.abs(), "f32 {a} vs f64 {b}");
+    }
+    assert_ne!(runs[0], runs[1], "the two precisions should not round identically");
+    let _ = std::fs::remove_dir_all(&dir);
+}

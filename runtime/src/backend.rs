@@ -18,23 +18,45 @@ pub trait Backend {
     fn write(&mut self, tensors: BTreeMap<String, Tensor<f32>>) -> Result<(), String>;
 }
 
-/// The CPU reference backend in f32.
+/// The persistent tensors of the CPU backend, in f32 (the reference) or f64 (check mode).
+enum CpuStore {
+    F32(Store<f32>),
+    F64(Store<f64>),
+}
+
+/// The CPU reference backend: f32, or f64 in check mode (values cross the interface as f32).
 pub struct CpuBackend {
     program: Program,
-    store: Store<f32>,
+    store: CpuStore,
 }
 
 impl CpuBackend {
     /// Parameters from the counter-based initialisation with `seed`, states at zero.
     pub fn new(program: Program, seed: u64) -> CpuBackend {
-        let store = Store::init(&program, seed);
+        let store = CpuStore::F32(Store::init(&program, seed));
         CpuBackend { program, store }
+    }
+
+    /// The same in f64: every operation computes in double precision.
+    pub fn new_f64(program: Program, seed: u64) -> CpuBackend {
+        let store = CpuStore::F64(Store::init(&program, seed));
+        CpuBackend { program, store }
+    }
+
+    fn tensor(&self, name: &str) -> Option<Tensor<f32>> {
+        match &self.store {
+            CpuStore::F32(s) => s.get(name).cloned(),
+            CpuStore::F64(s) => s.get(name).map(|t| t.cast()),
+        }
     }
 }
 
 impl Backend for CpuBackend {
     fn name(&self) -> &str {
-        "cpu"
+        match self.store {
+            CpuStore::F32(_) => "cpu",
+            CpuStore::F64(_) => "cpu-f64",
+        }
     }
 
     fn program(&self) -> &Program {
@@ -43,24 +65,36 @@ impl Backend for CpuBackend {
 
     fn run(&mut self, plan: &str, inputs: Vec<(String, Tensor<f32>)>) -> Result<BTreeMap<String, Tensor<f32>>, String> {
         let plan = self.program.plan(plan).map_err(|e| e.0)?;
-        run(plan, &mut self.store, inputs).map_err(|e| e.0)
+        match &mut self.store {
+            CpuStore::F32(s) => run(plan, s, inputs).map_err(|e| e.0),
+            CpuStore::F64(s) => {
+                let inputs = inputs.into_iter().map(|(n, t)| (n, t.cast())).collect();
+                let out = run(plan, s, inputs).map_err(|e| e.0)?;
+                Ok(out.into_iter().map(|(n, t)| (n, t.cast())).collect())
+            }
+        }
     }
 
     fn read(&self, names: &[&str]) -> Result<BTreeMap<String, Tensor<f32>>, String> {
         names
             .iter()
-            .map(|n| self.store.get(n).cloned().map(|t| (n.to_string(), t)).ok_or_else(|| format!("no tensor `{n}`")))
+            .map(|n| self.tensor(n).map(|t| (n.to_string(), t)).ok_or_else(|| format!("no tensor `{n}`")))
             .collect()
     }
 
     fn write(&mut self, tensors: BTreeMap<String, Tensor<f32>>) -> Result<(), String> {
         for (name, t) in tensors {
-            match self.store.tensors.get(&name) {
-                Some(old) if old.shape == t.shape => {
-                    self.store.tensors.insert(name, t);
+            let old = self.tensor(&name).ok_or_else(|| format!("the model has no tensor `{name}`"))?;
+            if old.shape != t.shape {
+                return Err(format!("`{name}` has shape {:?}, not {:?}", old.shape, t.shape));
+            }
+            match &mut self.store {
+                CpuStore::F32(s) => {
+                    s.tensors.insert(name, t);
                 }
-                Some(old) => return Err(format!("`{name}` has shape {:?}, not {:?}", old.shape, t.shape)),
-                None => return Err(format!("the model has no tensor `{name}`")),
+                CpuStore::F64(s) => {
+                    s.tensors.insert(name, t.cast());
+                }
             }
         }
         Ok(())
