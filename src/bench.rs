@@ -10,6 +10,7 @@ use std::time::Instant;
 use weft_runtime::backend::{Backend, CpuBackend};
 use weft_runtime::cpu::gemm;
 use weft_runtime::cpu::tensor::Tensor;
+use weft_runtime::generate::decode_inputs;
 
 pub struct BenchReport {
     pub model: String,
@@ -110,14 +111,7 @@ pub fn bench_cpu(spec: &Path, seq: u64, batch: u64, steps: usize) -> Result<Benc
     let mut out = states.ok_or("no prefill output")?;
     let mut pos = t;
     let decode_s = timed(decode_steps as usize - 1, || {
-        let mut inp: Vec<(String, Tensor<f32>)> = Vec::new();
-        for (name, _) in decode_plan.inputs.iter().filter(|(n, _)| n.starts_with("state:")) {
-            inp.push((name.clone(), out.remove(name).ok_or("missing state")?));
-        }
-        inp.push(("tokens".into(), Tensor::ints(vec![b, 1], tokens(b, 1, model.vocab, pos as u64))));
-        if decode_plan.inputs.iter().any(|(n, _)| n == "pos") {
-            inp.push(("pos".into(), Tensor::ints(vec![], vec![pos as i32])));
-        }
+        let inp = decode_inputs(&decode_plan, &mut out, tokens(b, 1, model.vocab, pos as u64), pos)?;
         out = cpu.run("decode", inp)?;
         pos += 1;
         Ok(())

@@ -3,6 +3,7 @@
 
 use crate::backend::Backend;
 use crate::cpu::tensor::Tensor;
+use crate::plan::Plan;
 use std::collections::BTreeMap;
 
 #[derive(Clone, Debug)]
@@ -50,6 +51,27 @@ pub fn sample(logits: &[f32], s: &Sampling, n: u64) -> u32 {
     kept.last().map_or_else(argmax, |p| p.0)
 }
 
+/// The inputs of one decode step: every layer state taken out of the previous step's outputs
+/// (prefill or decode), the next token of each sequence (`batch × 1`), and the position where the
+/// plan reads one.
+pub fn decode_inputs(
+    plan: &Plan,
+    previous: &mut BTreeMap<String, Tensor<f32>>,
+    tokens: Vec<i32>,
+    pos: usize,
+) -> Result<Vec<(String, Tensor<f32>)>, String> {
+    let mut inputs = Vec::new();
+    for (name, _) in plan.inputs.iter().filter(|(n, _)| n.starts_with("state:")) {
+        inputs.push((name.clone(), previous.remove(name).ok_or_else(|| format!("no state `{name}` to carry"))?));
+    }
+    let batch = tokens.len();
+    inputs.push(("tokens".into(), Tensor::ints(vec![batch, 1], tokens)));
+    if plan.inputs.iter().any(|(n, _)| n == "pos") {
+        inputs.push(("pos".into(), Tensor::ints(vec![], vec![pos as i32])));
+    }
+    Ok(inputs)
+}
+
 /// Generates up to `max_new` tokens after `prompt` (one sequence), calling `on_token` with each;
 /// stops early at `stop`.
 pub fn generate(
@@ -76,15 +98,7 @@ pub fn generate(
         let l = out.get("logits").and_then(|t| t.reals()).ok_or("the plan gave no logits")?;
         Ok(l[l.len() - vocab..].to_vec())
     };
-    let decode_inputs: Vec<String> = backend
-        .program()
-        .plan("decode")
-        .map_err(|e| e.0)?
-        .inputs
-        .iter()
-        .map(|(n, _)| n.clone())
-        .filter(|n| n.starts_with("state:"))
-        .collect();
+    let decode = backend.program().plan("decode").map_err(|e| e.0)?.clone();
     let mut generated = Vec::new();
     let mut next = sample(&last_row(&out)?, sampling, 0);
     for i in 0..max_new {
@@ -93,14 +107,7 @@ pub fn generate(
         if Some(next) == stop || i + 1 == max_new {
             break;
         }
-        let mut inputs: Vec<(String, Tensor<f32>)> = Vec::new();
-        for name in &decode_inputs {
-            inputs.push((name.clone(), out.remove(name).ok_or_else(|| format!("no state `{name}` to carry"))?));
-        }
-        inputs.push(("tokens".into(), Tensor::ints(vec![1, 1], vec![next as i32])));
-        if backend.program().plan("decode").map_err(|e| e.0)?.inputs.iter().any(|(n, _)| n == "pos") {
-            inputs.push(("pos".into(), Tensor::ints(vec![], vec![(prompt.len() + i) as i32])));
-        }
+        let inputs = decode_inputs(&decode, &mut out, vec![next as i32], prompt.len() + i)?;
         out = backend.run("decode", inputs)?;
         next = sample(&last_row(&out)?, sampling, i as u64 + 1);
     }

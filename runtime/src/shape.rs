@@ -116,6 +116,13 @@ impl TensorType {
         TensorType { dtype, shape }
     }
 
+    /// A per-sequence decode state `[B, dims...]`.
+    pub fn per_sequence(dtype: DType, dims: &[u64]) -> TensorType {
+        let mut d = vec![Dim::Batch];
+        d.extend(dims.iter().map(|&n| Dim::Fixed(n)));
+        TensorType::new(dtype, Shape(d))
+    }
+
     /// Bytes per token for a `[B, T, ...]` tensor.
     pub fn bytes_per_token(&self) -> u64 {
         self.dtype.bytes() * self.shape.fixed_elems()

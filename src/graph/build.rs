@@ -96,13 +96,6 @@ pub fn build_mode(model: &Model, mode: Mode) -> Result<Graph, BuildError> {
     Ok(b.g)
 }
 
-/// A per-sequence decode state `[B, dims...]`.
-fn state_type(dtype: DType, dims: &[u64]) -> TensorType {
-    let mut d = vec![weft_runtime::Dim::Batch];
-    d.extend(dims.iter().map(|&n| weft_runtime::Dim::Fixed(n)));
-    TensorType::new(dtype, Shape(d))
-}
-
 struct Builder<'m> {
     mode: Mode,
     /// `layers.3`: names the layer's decode states.
@@ -239,7 +232,7 @@ impl Builder<'_> {
         let conv_b = self.param("conv.bias", &[e], act, conv_bound);
         let u = match self.mode {
             Mode::Decode { .. } => {
-                let st = self.state_in("conv", state_type(act, &[k - 1, e]));
+                let st = self.state_in("conv", TensorType::per_sequence(act, &[k - 1, e]));
                 let r = self.op_all(Op::CausalConv1dSiluStep, &[u0, conv_w, conv_b, st])?;
                 self.state_out("conv", r[1]);
                 r[0]
@@ -265,7 +258,7 @@ impl Builder<'_> {
         let dskip = self.param("D", &[e], DType::F32, Init::Constant { value: 1.0 });
         let y = match self.mode {
             Mode::Decode { .. } => {
-                let st = self.state_in("ssm", state_type(DType::F32, &[e, n]));
+                let st = self.state_in("ssm", TensorType::per_sequence(DType::F32, &[e, n]));
                 let r = self.op_all(Op::SelectiveScanStep, &[u, delta, a_log, bm, cm, dskip, dt_b, z, st])?;
                 self.state_out("ssm", r[1]);
                 r[0]
@@ -293,7 +286,7 @@ impl Builder<'_> {
         let capacity = self.capacity(a);
         let o = match self.mode {
             Mode::Decode { .. } => {
-                let cache = state_type(self.model.dtype, &[capacity, a.kv_heads * a.head_dim]);
+                let cache = TensorType::per_sequence(self.model.dtype, &[capacity, a.kv_heads * a.head_dim]);
                 let kc = self.state_in("k", cache.clone());
                 let vc = self.state_in("v", cache);
                 let pos = self.pos()?;
@@ -336,7 +329,7 @@ impl Builder<'_> {
         let gk = self.linear("gk_proj.1", low, l.key_dim, false)?;
         let bias = self.param("gk_proj.1.bias", &[l.key_dim], self.model.dtype, Init::Constant { value: 0.0 });
         let log_alpha = self.op(Op::GlaGate { normalizer: l.gate_norm }, &[gk, bias])?;
-        let st_ty = state_type(DType::F32, &[l.heads, l.key_dim / l.heads, l.value_dim / l.heads]);
+        let st_ty = TensorType::per_sequence(DType::F32, &[l.heads, l.key_dim / l.heads, l.value_dim / l.heads]);
         let o = match self.mode {
             Mode::Decode { .. } => {
                 let st = self.state_in("gla", st_ty);
@@ -357,7 +350,7 @@ impl Builder<'_> {
         let q = self.linear("q_proj", h, l.key_dim, false)?;
         let k = self.linear("k_proj", h, l.key_dim, false)?;
         let v = self.linear("v_proj", h, l.value_dim, false)?;
-        let st_ty = state_type(DType::F32, &[l.heads, l.key_dim / l.heads, l.value_dim / l.heads]);
+        let st_ty = TensorType::per_sequence(DType::F32, &[l.heads, l.key_dim / l.heads, l.value_dim / l.heads]);
         let o = match self.mode {
             Mode::Decode { .. } => {
                 let st = self.state_in("retention", st_ty);

@@ -91,10 +91,5 @@ pub fn column_sums<T: Real>(n: usize, m: &[T], out: &mut [T]) {
             acc
         })
         .collect();
-    out.iter_mut().for_each(|o| *o = T::zero());
-    for p in partials {
-        for (o, v) in out.iter_mut().zip(p) {
-            *o = *o + v;
-        }
-    }
+    super::norm::sum_partials(partials, out);
 }

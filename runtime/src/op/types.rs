@@ -76,11 +76,8 @@ fn divides(heads: u64, k: u64, v: u64) -> Result<(), OpError> {
     Ok(())
 }
 
-/// A per-sequence decode state `[B, dims...]`.
 fn state(dtype: DType, dims: &[u64]) -> TensorType {
-    let mut d = vec![Dim::Batch];
-    d.extend(dims.iter().map(|&n| Dim::Fixed(n)));
-    TensorType::new(dtype, Shape(d))
+    TensorType::per_sequence(dtype, dims)
 }
 
 fn scan_vec(e: u64) -> TensorType {
