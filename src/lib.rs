@@ -8,12 +8,15 @@
 pub mod analysis;
 pub mod autodiff;
 pub mod bench;
+pub mod build;
 pub mod config;
 pub mod diag;
 pub mod graph;
+pub mod lower;
 pub mod passes;
 pub mod program;
 pub mod run;
+pub mod snapshot;
 pub mod spec;
 pub mod syntax;
 

@@ -45,6 +45,38 @@ enum Command {
         #[arg(long)]
         dump_dir: Option<PathBuf>,
     },
+    /// Compile a spec into a bundle: device plans for training, evaluation and generation, and
+    /// their kernels as PTX.
+    Build {
+        spec: PathBuf,
+        /// Run settings (TOML): batch and sequence length, optimizer, generation.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The bundle to write (default: the spec's name with `.bundle`).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// Print one stage instead of writing the bundle.
+        #[arg(long, value_enum)]
+        emit: Option<EmitStage>,
+        /// Write every stage into this directory (graphs, device plans, each kernel's MLIR and PTX).
+        #[arg(long)]
+        dump_dir: Option<PathBuf>,
+        /// Compile every kernel even when the cache holds it.
+        #[arg(long)]
+        no_cache: bool,
+    },
+    /// Write one file per generated kernel (MLIR, ptxas report, PTX) into a directory, or with
+    /// --check compare them with it and fail with a diff when any changed.
+    Snapshot {
+        spec: PathBuf,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        check: bool,
+        /// Run settings (TOML), as for `weft build`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Train a spec as the run settings say (resumes from the newest checkpoint of the run).
     Train {
         /// Run settings (TOML).
@@ -61,6 +93,9 @@ enum Command {
         /// Compute in f64 on the CPU reference (the check mode; checkpoints stay f32).
         #[arg(long)]
         f64: bool,
+        /// Where to train: `auto` (a GPU when one is usable, else the CPU), `cpu` or `gpu`.
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: BackendArg,
     },
     /// Tokenize text files (each a document, followed by end-of-text) into a token shard.
     Shard {
@@ -102,6 +137,27 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BackendArg {
+    Auto,
+    Cpu,
+    Gpu,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum EmitStage {
+    /// The training step's graph before fusion.
+    Graph,
+    /// The training step's graph after fusion.
+    Fused,
+    /// The device plans: every launch and matrix product.
+    Kernels,
+    /// Every kernel's MLIR.
+    Mlir,
+    /// Every kernel's PTX.
+    Ptx,
 }
 
 /// Errors are printed where they happen; the exit code says that one did.
@@ -163,7 +219,39 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 print!("{}", analysis::render_table(&report));
             }
         }
-        Command::Train { config, spec, steps, no_progress, f64 } => {
+        Command::Build { spec, config, out, emit, dump_dir, no_cache } => {
+            let settings = config.as_deref().map(load_config).transpose()?.unwrap_or_default();
+            build(&spec, &settings, out, emit, dump_dir, no_cache)?;
+        }
+        Command::Snapshot { spec, dir, check, config } => {
+            let settings = config.as_deref().map(load_config).transpose()?.unwrap_or_default();
+            let (_, program, shapes) = build_inputs(&spec, &settings)?;
+            let cache = weft::lower::cache::Cache::user();
+            let snaps = report(weft::snapshot::kernel_snapshots(&program, &shapes, &cache))?;
+            if weft::snapshot::ptxas_path().is_none() {
+                eprintln!("warning: ptxas not found (set WEFT_PTXAS or run scripts/setup.sh): snapshots have no resource reports");
+            }
+            if check {
+                let diffs = report(weft::snapshot::check_dir(&dir, &snaps))?;
+                if !diffs.is_empty() {
+                    for d in &diffs {
+                        eprintln!("{d}");
+                    }
+                    eprintln!(
+                        "error: {} of {} kernel snapshots differ from {}",
+                        diffs.len(),
+                        snaps.len(),
+                        dir.display()
+                    );
+                    return Err(Reported);
+                }
+                println!("{} kernel snapshots match {}", snaps.len(), dir.display());
+            } else {
+                report(weft::snapshot::write_dir(&dir, &snaps))?;
+                println!("wrote {} kernel snapshots to {}", snaps.len(), dir.display());
+            }
+        }
+        Command::Train { config, spec, steps, no_progress, f64, backend } => {
             let mut settings = load_config(&config)?;
             if let Some(s) = steps {
                 settings.train.steps = s;
@@ -172,7 +260,18 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 eprintln!("error: no spec: name one on the command line or set `spec` in `{}`", config.display());
                 return Err(Reported);
             };
-            let r = report(weft::run::train_cpu(&spec, &settings, !no_progress, f64))?;
+            use weft::run::BackendChoice;
+            let choice = match (backend, f64) {
+                (BackendArg::Gpu, true) => {
+                    eprintln!("error: --f64 runs on the CPU reference; it cannot be combined with --backend gpu");
+                    return Err(Reported);
+                }
+                (_, true) => BackendChoice::CpuF64,
+                (BackendArg::Auto, _) => BackendChoice::Auto,
+                (BackendArg::Cpu, _) => BackendChoice::Cpu,
+                (BackendArg::Gpu, _) => BackendChoice::Gpu,
+            };
+            let r = report(weft::run::train_on(&spec, &settings, !no_progress, choice))?;
             let s = &r.summary;
             if s.first_step >= s.steps {
                 println!(
@@ -182,9 +281,10 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 );
             }
             println!(
-                "trained {} to step {} on the CPU reference ({} tokenizer, {} corpus tokens)",
+                "trained {} to step {} on {} ({} tokenizer, {} corpus tokens)",
                 spec.display(),
                 s.steps,
+                r.backend,
                 r.tokenizer,
                 r.corpus_tokens
             );
@@ -275,6 +375,107 @@ fn run(cli: Cli) -> Result<(), Reported> {
             }
         }
     }
+    Ok(())
+}
+
+/// A spec's program and the shapes its plans are lowered for, from the run settings.
+fn build_inputs(
+    spec: &Path,
+    settings: &config::RunConfig,
+) -> Result<(Checked, weft_runtime::plan::Program, weft::build::Shapes), Reported> {
+    let checked = front_end(spec)?;
+    let max_context = settings.train.seq_len + settings.generate.max_new_tokens;
+    let opt = weft::program::OptimizerSettings::from_config(settings);
+    let program = report(weft::program::build_program(&checked.model, &opt, max_context).map_err(|e| e.0))?;
+    let shapes = weft::build::Shapes::from_settings(settings);
+    Ok((checked, program, shapes))
+}
+
+fn build(
+    spec: &Path,
+    settings: &config::RunConfig,
+    out: Option<PathBuf>,
+    emit: Option<EmitStage>,
+    dump_dir: Option<PathBuf>,
+    no_cache: bool,
+) -> Result<(), Reported> {
+    use weft::build::{build_bundle, lower_program};
+    use weft::lower::cache::Cache;
+    let (checked, program, shapes) = build_inputs(spec, settings)?;
+    let write = |path: PathBuf, text: &str| {
+        report(std::fs::write(&path, text).map_err(|e| format!("cannot write `{}`: {e}", path.display())))
+    };
+    let train_graph = || report(weft::program::train_step_graph(&checked.graph).map_err(|e| e.0));
+    let stages_needed = emit.is_some() || dump_dir.is_some();
+    let lowered = if stages_needed { Some(report(lower_program(&program, &shapes).map_err(|e| e.0))?) } else { None };
+    if let Some(dir) = &dump_dir {
+        report(std::fs::create_dir_all(dir).map_err(|e| format!("cannot create `{}`: {e}", dir.display())))?;
+        let (fused, log) = report(weft::passes::run(train_graph()?, weft::passes::FUSION, true).map_err(|e| e.0))?;
+        let _ = fused;
+        for (i, (stage, text)) in log.stages.iter().enumerate() {
+            write(dir.join(format!("graph-{i:02}-{stage}.txt")), text)?;
+        }
+        let lowered = lowered.as_ref().expect("lowered above");
+        write(dir.join("device-plans.txt"), &weft::build::render_plans(&lowered.plans))?;
+        for k in lowered.kernels.values() {
+            write(dir.join(format!("{}.mlir", k.name)), &k.mlir)?;
+        }
+    }
+    if let Some(stage) = emit {
+        let lowered = lowered.as_ref().expect("lowered above");
+        match stage {
+            EmitStage::Graph => print!("{}", graph::dump(&train_graph()?)),
+            EmitStage::Fused => {
+                let (g, _) = report(weft::passes::run(train_graph()?, weft::passes::FUSION, false).map_err(|e| e.0))?;
+                print!("{}", graph::dump(&g));
+            }
+            EmitStage::Kernels => print!("{}", weft::build::render_plans(&lowered.plans)),
+            EmitStage::Mlir => {
+                for k in lowered.kernels.values() {
+                    println!("// ---- kernel {} ----\n{}", k.name, k.mlir);
+                }
+            }
+            EmitStage::Ptx => {
+                let cache = if no_cache { Cache::disabled() } else { Cache::user() };
+                let mut stats = Default::default();
+                let ptx = report(
+                    weft::build::compile_kernels(&lowered.kernels, &cache, &mut stats).map_err(|e| e.to_string()),
+                )?;
+                for (name, p) in &ptx {
+                    println!("// ---- kernel {name} ----\n{p}");
+                }
+            }
+        }
+        return Ok(());
+    }
+    let cache = if no_cache { Cache::disabled() } else { Cache::user() };
+    let (bundle, stats) = report(build_bundle(&program, &shapes, &cache).map_err(|e| e.to_string()))?;
+    if let Some(dir) = &dump_dir {
+        for k in &bundle.kernels {
+            write(dir.join(format!("{}.ptx", k.name)), &k.ptx)?;
+        }
+    }
+    let out = out.unwrap_or_else(|| PathBuf::from(format!("{}.bundle", program.model)));
+    report(bundle.write(&out).map_err(|e| e.0))?;
+    let train = &bundle.plans["train_step"].1;
+    println!(
+        "{} -> {}: {} plans, {} kernels ({} from the cache), lowered in {:.0} ms, compiled in {:.0} ms",
+        spec.display(),
+        out.display(),
+        bundle.plans.len(),
+        stats.kernels,
+        stats.cached,
+        stats.lower_ms,
+        stats.compile_ms
+    );
+    println!(
+        "training step at {} x {}: {} device steps, arena {:.1} MiB, scratch {:.1} MiB",
+        settings.train.batch_size,
+        settings.train.seq_len,
+        train.steps.len(),
+        train.memory.arena_bytes as f64 / (1u64 << 20) as f64,
+        train.scratch_bytes as f64 / (1u64 << 20) as f64
+    );
     Ok(())
 }
 

@@ -44,11 +44,57 @@ pub struct TrainReport {
     pub tokenizer: String,
     pub corpus_tokens: usize,
     pub unigram_entropy: f64,
+    /// Where it ran, in words.
+    pub backend: String,
+}
+
+/// Where a run computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// The GPU when one is usable, else the CPU reference.
+    Auto,
+    Cpu,
+    /// The CPU reference in double precision (the check mode).
+    CpuF64,
+    Gpu,
+}
+
+/// The backend for `program` under `choice`: the GPU's needs the program compiled to a bundle
+/// at the run's shapes. Returns the backend and its description.
+pub fn make_backend(
+    program: Program,
+    c: &RunConfig,
+    choice: BackendChoice,
+) -> Result<(Box<dyn Backend>, String), String> {
+    use weft_runtime::cuda::{Gpu, GpuBackend};
+    let gpu = match choice {
+        BackendChoice::Cpu | BackendChoice::CpuF64 => None,
+        BackendChoice::Gpu => Some(Gpu::open(0).map_err(|e| format!("no usable GPU: {e}"))?),
+        BackendChoice::Auto => Gpu::open(0).ok(),
+    };
+    match gpu {
+        Some(gpu) => {
+            let shapes = crate::build::Shapes::from_settings(c);
+            let (bundle, _) = crate::build::build_bundle(&program, &shapes, &crate::lower::cache::Cache::user())
+                .map_err(|e| e.to_string())?;
+            let name = format!("the GPU ({})", gpu.name);
+            Ok((Box::new(GpuBackend::new(gpu, bundle, c.train.seed).map_err(|e| e.0)?), name))
+        }
+        None if choice == BackendChoice::CpuF64 => {
+            Ok((Box::new(CpuBackend::new_f64(program, c.train.seed)), "the CPU reference (f64)".into()))
+        }
+        None => Ok((Box::new(CpuBackend::new(program, c.train.seed)), "the CPU reference".into())),
+    }
 }
 
 /// Trains `spec` as the run settings say, on the CPU reference.
 /// `f64` runs the CPU reference in double precision (the check mode).
 pub fn train_cpu(spec: &Path, c: &RunConfig, progress: bool, f64: bool) -> Result<TrainReport, String> {
+    train_on(spec, c, progress, if f64 { BackendChoice::CpuF64 } else { BackendChoice::Cpu })
+}
+
+/// Trains `spec` as the run settings say, on the backend `choice` picks.
+pub fn train_on(spec: &Path, c: &RunConfig, progress: bool, choice: BackendChoice) -> Result<TrainReport, String> {
     let max_context = c.train.seq_len + c.generate.max_new_tokens;
     let (model, program) = program_for(spec, c, max_context)?;
     let out_dir = c.checkpoint.dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&model.name));
@@ -69,8 +115,7 @@ pub fn train_cpu(spec: &Path, c: &RunConfig, progress: bool, f64: bool) -> Resul
     let json = serde_json::to_string_pretty(&info).map_err(|e| e.to_string())?;
     std::fs::write(out_dir.join(RUN_INFO), json).map_err(|e| format!("cannot write the run info: {e}"))?;
 
-    let mut backend =
-        if f64 { CpuBackend::new_f64(program, c.train.seed) } else { CpuBackend::new(program, c.train.seed) };
+    let (mut backend, backend_name) = make_backend(program, c, choice)?;
     let opts = TrainOptions {
         seed: c.train.seed,
         steps: c.train.steps,
@@ -86,8 +131,15 @@ pub fn train_cpu(spec: &Path, c: &RunConfig, progress: bool, f64: bool) -> Resul
         tokenizer: tok_name.clone(),
         progress,
     };
-    let summary = train(&mut backend, &train_w, &valid_w, &opts)?;
-    Ok(TrainReport { summary, out_dir, tokenizer: tok_name, corpus_tokens, unigram_entropy: entropy })
+    let summary = train(backend.as_mut(), &train_w, &valid_w, &opts)?;
+    Ok(TrainReport {
+        summary,
+        out_dir,
+        tokenizer: tok_name,
+        corpus_tokens,
+        unigram_entropy: entropy,
+        backend: backend_name,
+    })
 }
 
 /// The tokenizer's name in the run directory (trained or copied there, or `byte`) and the

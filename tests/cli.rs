@@ -97,3 +97,52 @@ fn graph_dumps_every_stage_of_the_pass_pipeline() {
     assert!(!first.contains("add_rms_norm"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn build_writes_a_bundle_and_snapshot_check_catches_a_changed_kernel() {
+    let dir = std::env::temp_dir().join(format!("weft-build-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bundle = dir.join("tiny.bundle");
+    let (code, out, err) = weft(&["build", "specs/tiny/mamba-tiny.weft", "-o", bundle.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("kernels") && out.contains("arena"), "{out}");
+    let b = weft_runtime::bundle::Bundle::read(&bundle).expect("the bundle reads back");
+    assert_eq!(b.program.model, "mamba-tiny");
+
+    let snaps = dir.join("snaps");
+    let snaps_s = snaps.to_str().unwrap();
+    let (code, out, err) = weft(&["snapshot", "specs/tiny/mamba-tiny.weft", "--dir", snaps_s]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("wrote"), "{out}");
+    let (code, _, err) = weft(&["snapshot", "specs/tiny/mamba-tiny.weft", "--dir", snaps_s, "--check"]);
+    assert_eq!(code, 0, "{err}");
+    // Edit one kernel's snapshot: the check fails and shows the line.
+    let file = std::fs::read_dir(&snaps)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("rms_norm_w"));
+    let file = file.expect("an rms_norm kernel");
+    let text = std::fs::read_to_string(&file).unwrap().replacen("gpu.barrier", "gpu.barrier // edited", 1);
+    std::fs::write(&file, text).unwrap();
+    let (code, _, err) = weft(&["snapshot", "specs/tiny/mamba-tiny.weft", "--dir", snaps_s, "--check"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("changed") && err.contains("-") && err.contains("edited"), "{err}");
+}
+
+#[test]
+fn build_of_a_layer_without_gpu_kernels_says_which() {
+    let (code, out, err) = weft(&["build", "specs/tiny/sliding-gla-tiny.weft", "-o", "/dev/null"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(err.contains("gla") && err.contains("no GPU kernel"), "{err}");
+}
+
+#[test]
+fn a_damaged_bundle_is_refused_by_name() {
+    let dir = std::env::temp_dir().join(format!("weft-bundle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("bad.bundle");
+    std::fs::write(&p, b"WEFTBNDL\x01\x00\x00\x00\xff\xff\xff\xff\x00\x00\x00\x00{}").unwrap();
+    let e = weft_runtime::bundle::Bundle::read(&p).expect_err("refused").0;
+    assert!(e.contains("bad.bundle") && e.contains("truncated"), "{e}");
+}

@@ -5,10 +5,14 @@
 //! never the other way round, so a machine that only runs bundles needs no compiler.
 
 pub mod backend;
+pub mod bundle;
 pub mod checkpoint;
 pub mod cpu;
+pub mod cuda;
 pub mod data;
+pub mod device;
 pub mod dtype;
+pub mod flops;
 pub mod generate;
 pub mod init;
 pub mod memory;

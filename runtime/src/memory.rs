@@ -46,6 +46,26 @@ pub fn bytes(ty: &TensorType, batch: u64, seq: u64) -> u64 {
     elems.saturating_mul(ty.dtype.bytes())
 }
 
+/// Elements from one row of a value in the arena to the next: the last dimension, rounded up
+/// so that every row starts 16-byte aligned (vector loads and cuBLASLt's fast paths need it;
+/// Samba-1.7B's MLP width 8196 is not). Only activations (`[B, T, ...]`) are padded; parameters,
+/// their gradients and plan inputs keep dense rows.
+pub fn row_pitch(ty: &TensorType) -> u64 {
+    let width = ty.shape.last().unwrap_or(1);
+    // Only `[B, T, ..., n]`: a `[B, T]` tensor's rows are its sequences, never padded.
+    if !ty.shape.is_per_token() || ty.shape.rank() < 3 {
+        return width;
+    }
+    let per16 = (16 / ty.dtype.bytes()).max(1);
+    width.div_ceil(per16) * per16
+}
+
+/// Bytes of a value in the arena: its rows at [`row_pitch`].
+pub fn arena_bytes(ty: &TensorType, batch: u64, seq: u64) -> u64 {
+    let width = ty.shape.last().unwrap_or(1).max(1);
+    bytes(ty, batch, seq) / width * row_pitch(ty)
+}
+
 fn align(n: u64) -> u64 {
     n.div_ceil(ALIGN).saturating_mul(ALIGN)
 }
@@ -82,7 +102,7 @@ pub fn plan_memory(plan: &Plan, batch: u64, seq: u64) -> MemoryPlan {
         .map(|v| Buffer {
             value: v as ValueId,
             offset: 0,
-            bytes: align(bytes(&plan.values[v], batch, seq)),
+            bytes: align(arena_bytes(&plan.values[v], batch, seq)),
             first: producer[v].unwrap_or(0),
             last: last[v],
         })

@@ -113,6 +113,20 @@ pub fn run<T: Real>(
     store: &mut Store<T>,
     inputs: Vec<(String, Tensor<T>)>,
 ) -> Result<BTreeMap<String, Tensor<T>>, ExecError> {
+    run_observed(plan, store, inputs, &mut |_, _, _| {})
+}
+
+/// What [`run_observed`] shows after each step: its index, its inputs and its outputs.
+pub type StepObserver<'a, T> = dyn FnMut(usize, &[&Tensor<T>], &[Tensor<T>]) + 'a;
+
+/// [`run`], calling `observe` after every step (the GPU check compares each step's outputs on
+/// the same inputs).
+pub fn run_observed<T: Real>(
+    plan: &Plan,
+    store: &mut Store<T>,
+    inputs: Vec<(String, Tensor<T>)>,
+    observe: &mut StepObserver<'_, T>,
+) -> Result<BTreeMap<String, Tensor<T>>, ExecError> {
     let mut bound = Bound::default();
     let mut slots: Vec<Option<Cow<Tensor<T>>>> = vec![None; plan.values.len()];
     let mut given: BTreeMap<String, Tensor<T>> = inputs.into_iter().collect();
@@ -157,7 +171,10 @@ pub fn run<T: Real>(
                 .collect::<Result<_, _>>()?;
             let shapes: Vec<Vec<usize>> =
                 step.outputs.iter().map(|v| bound.shape(&plan.values[*v as usize])).collect::<Result<_, _>>()?;
-            execute(&step.op, &ins, &shapes).map_err(|e| ExecError(format!("step {i} ({}): {e}", step.op.name())))?
+            let outs = execute(&step.op, &ins, &shapes)
+                .map_err(|e| ExecError(format!("step {i} ({}): {e}", step.op.name())))?;
+            observe(i, &ins, &outs);
+            outs
         };
         for (v, t) in step.outputs.iter().zip(outs) {
             slots[*v as usize] = Some(Cow::Owned(t));

@@ -1,0 +1,163 @@
+//! `weft-run`: runs weft bundles on a GPU, with no compiler inside. `check` compares every
+//! kernel and a whole model with the CPU reference; `bench` measures training throughput.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+use weft_runtime::bundle::Bundle;
+use weft_runtime::cpu::tensor::Tensor;
+use weft_runtime::cuda::{check, Gpu, GpuBackend};
+
+const USAGE: &str = "usage: weft-run info
+       weft-run check BUNDLE [--seed N]
+       weft-run bench BUNDLE [--steps N]";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn flag(args: &[String], name: &str, default: u64) -> Result<u64, String> {
+    match args.iter().position(|a| a == name) {
+        None => Ok(default),
+        Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).ok_or_else(|| format!("{name} needs a whole number")),
+    }
+}
+
+fn open(path: &str) -> Result<(Gpu, Bundle), String> {
+    let bundle = Bundle::read(&PathBuf::from(path)).map_err(|e| e.0)?;
+    let gpu = Gpu::open(0).map_err(|e| e.0)?;
+    Ok((gpu, bundle))
+}
+
+/// Deterministic token ids in `[0, vocab)`.
+fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<i32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            ((x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) % vocab as u64) as i32
+        })
+        .collect()
+}
+
+fn vocab(bundle: &Bundle) -> usize {
+    bundle
+        .program
+        .params
+        .iter()
+        .find(|p| p.name == "embed.weight")
+        .and_then(|p| p.ty.shape.as_fixed())
+        .map_or(256, |s| s[0] as usize)
+}
+
+fn train_inputs(bundle: &Bundle, seed: u64) -> Vec<(String, Tensor<f32>)> {
+    let s = bundle.plans["train_step"].0;
+    let (b, t) = (s.batch as usize, s.seq as usize);
+    let v = vocab(bundle);
+    vec![
+        ("tokens".into(), Tensor::ints(vec![b, t], tokens(b * t, v, seed))),
+        ("targets".into(), Tensor::ints(vec![b, t], tokens(b * t, v, seed + 1))),
+    ]
+}
+
+fn run(args: &[String]) -> Result<bool, String> {
+    match args.first().map(String::as_str) {
+        Some("info") => {
+            let gpu = Gpu::open(0).map_err(|e| e.0)?;
+            println!(
+                "{} (sm_{}{}), {:.1} GiB",
+                gpu.name,
+                gpu.capability.0,
+                gpu.capability.1,
+                gpu.memory_bytes as f64 / (1u64 << 30) as f64
+            );
+            Ok(true)
+        }
+        Some("check") => {
+            let path = args.get(1).ok_or(USAGE)?;
+            let seed = flag(args, "--seed", 0)?;
+            let (gpu, bundle) = open(path)?;
+            println!("{}: {} on {}", path, bundle.program.model, gpu.name);
+            let t0 = Instant::now();
+            let mut be = GpuBackend::new(gpu, bundle.clone(), seed).map_err(|e| e.0)?;
+            let mut rows = Vec::new();
+            let inputs = train_inputs(&bundle, seed);
+            for plan in ["train_step", "eval"] {
+                rows.extend(check::check_steps(&mut be, plan, &inputs)?);
+            }
+            let v = vocab(&bundle);
+            let prompt = tokens(24, v, seed + 7);
+            let pre = vec![("tokens".to_string(), Tensor::ints(vec![1, prompt.len()], prompt.clone()))];
+            rows.extend(check::check_steps(&mut be, "prefill", &pre)?);
+            // Per-kernel table: the worst row of each operation.
+            let mut by_op: std::collections::BTreeMap<String, check::Row> = Default::default();
+            for r in &rows {
+                let op = r.what.split(' ').nth(1).unwrap_or("").split('.').next().unwrap_or("").to_string();
+                let e = by_op.entry(op.clone()).or_insert_with(|| check::Row {
+                    what: op.clone(),
+                    error: 0.0,
+                    tolerance: r.tolerance,
+                });
+                if r.error > e.error || !r.error.is_finite() || (r.error / r.tolerance > e.error / e.tolerance) {
+                    *e = check::Row {
+                        what: format!("{op} (worst: {})", r.what),
+                        error: r.error,
+                        tolerance: r.tolerance,
+                    };
+                }
+            }
+            let failed: Vec<&check::Row> = rows.iter().filter(|r| !r.passed()).collect();
+            println!("step checks: {} outputs of {} plans, {} failed", rows.len(), 3, failed.len());
+            for r in failed.iter().take(20) {
+                println!("  FAIL {} error {:.3e} tol {:.1e}", r.what, r.error, r.tolerance);
+            }
+            let model = check::check_model(&mut be, &inputs, &prompt, 8)?;
+            let mut table: Vec<check::Row> = by_op.into_values().collect();
+            table.extend(model);
+            print!("{}", check::render(&table));
+            println!("check took {:.1} s", t0.elapsed().as_secs_f64());
+            Ok(failed.is_empty() && table.iter().all(check::Row::passed))
+        }
+        Some("bench") => {
+            let path = args.get(1).ok_or(USAGE)?;
+            let steps = flag(args, "--steps", 5)? as usize;
+            let (gpu, bundle) = open(path)?;
+            let name = gpu.name.clone();
+            let mut be = GpuBackend::new(gpu, bundle.clone(), 0).map_err(|e| e.0)?;
+            let shape = bundle.plans["train_step"].0;
+            let tokens_per_step = (shape.batch * shape.seq) as f64;
+            let inputs = train_inputs(&bundle, 0);
+            let (split, ms) = be.time_plan("train_step", &inputs, steps).map_err(|e| e.0)?;
+            let (_, opt_ms) = be
+                .time_plan("optimizer_step", &[("step".into(), Tensor::ints(vec![], vec![0]))], steps)
+                .map_err(|e| e.0)?;
+            let total = ms + opt_ms;
+            let flops = weft_runtime::flops::train_flops_per_token(&bundle.program, shape.seq)? * tokens_per_step;
+            let tps = tokens_per_step / (total * 1e-3);
+            let mfu = flops / (total * 1e-3) / 989e12;
+            let peak = be.gpu().used_bytes().map_err(|e| e.0)?;
+            println!("{} on {name}: batch {} x seq {}", bundle.program.model, shape.batch, shape.seq);
+            println!(
+                "training step {total:.1} ms (forward+backward {ms:.1}, optimizer {opt_ms:.1}): {tps:.0} tokens/s"
+            );
+            println!("model FLOPs {:.3e} per step: MFU {:.1}% of 989 TFLOP/s", flops, mfu * 100.0);
+            println!("device memory in use {:.1} GiB", peak as f64 / (1u64 << 30) as f64);
+            let sum: f64 = split.values().sum();
+            for (class, t) in &split {
+                println!("  {class:<10} {t:>8.2} ms  {:>5.1}%", 100.0 * t / sum);
+            }
+            Ok(true)
+        }
+        _ => Err(USAGE.to_string()),
+    }
+}

@@ -1,0 +1,139 @@
+//! Opening the GPU, and device memory.
+
+use cudarc::driver::{result, sys, CudaContext, CudaStream};
+use std::sync::Arc;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuError(pub String);
+
+impl std::fmt::Display for GpuError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for GpuError {}
+
+pub(crate) fn cuda(what: &str) -> impl FnOnce(result::DriverError) -> GpuError + '_ {
+    move |e| GpuError(format!("{what}: {e:?}"))
+}
+
+/// The oldest CUDA driver the generated PTX (ISA 8.0) and cuBLASLt 13 run on.
+const MIN_DRIVER: i32 = 13000;
+
+/// One GPU: its context, the stream every plan runs on, and a cuBLASLt handle.
+pub struct Gpu {
+    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) stream: Arc<CudaStream>,
+    pub(crate) blas: super::blas::Blas,
+    pub name: String,
+    pub memory_bytes: usize,
+    pub capability: (i32, i32),
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal`: a missing driver, a too-old driver, a GPU older than Hopper, or a
+    /// missing cuBLASLt each give a message naming what is needed.
+    pub fn open(ordinal: usize) -> Result<Gpu, GpuError> {
+        // SAFETY: only asks the loader whether libcuda can be opened.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(GpuError(
+                "no CUDA driver: libcuda.so could not be loaded (install NVIDIA's driver, 580 or newer, for CUDA 13)"
+                    .into(),
+            ));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| GpuError(format!("cannot open GPU {ordinal}: {e:?}")))?;
+        let mut version = 0;
+        // SAFETY: writes one int.
+        unsafe { sys::cuDriverGetVersion(&mut version) }.result().map_err(cuda("cuDriverGetVersion"))?;
+        if version < MIN_DRIVER {
+            return Err(GpuError(format!(
+                "the CUDA driver supports CUDA {}.{}, weft's kernels need 13.0 or newer: update NVIDIA's driver",
+                version / 1000,
+                version % 1000 / 10
+            )));
+        }
+        let capability = ctx.compute_capability().map_err(cuda("compute capability"))?;
+        let name = ctx.name().map_err(cuda("device name"))?;
+        if capability.0 < 9 {
+            return Err(GpuError(format!(
+                "{name} is compute capability {}.{}; weft's kernels are built for Hopper (9.0)",
+                capability.0, capability.1
+            )));
+        }
+        let memory_bytes = ctx.total_mem().map_err(cuda("device memory"))?;
+        let stream = ctx.default_stream();
+        let blas = super::blas::Blas::new(&stream)?;
+        Ok(Gpu { ctx, stream, blas, name, memory_bytes, capability })
+    }
+
+    pub(crate) fn bind(&self) -> Result<(), GpuError> {
+        self.ctx.bind_to_thread().map_err(cuda("bind the CUDA context"))
+    }
+
+    pub(crate) fn raw_stream(&self) -> sys::CUstream {
+        self.stream.cu_stream()
+    }
+
+    pub fn synchronize(&self) -> Result<(), GpuError> {
+        self.stream.synchronize().map_err(cuda("synchronize"))
+    }
+
+    /// Device memory in use by the whole process (driver's view).
+    pub fn used_bytes(&self) -> Result<usize, GpuError> {
+        let (free, total) = self.ctx.mem_get_info().map_err(cuda("memory info"))?;
+        Ok(total - free)
+    }
+
+    pub fn alloc(&self, bytes: usize) -> Result<DeviceBuffer, GpuError> {
+        self.bind()?;
+        let bytes = bytes.max(1);
+        // SAFETY: a plain allocation, freed by DeviceBuffer's Drop.
+        let ptr = unsafe { result::malloc_sync(bytes) }.map_err(|e| {
+            GpuError(format!("cannot allocate {:.1} MiB on the GPU: {e:?}", bytes as f64 / (1 << 20) as f64))
+        })?;
+        Ok(DeviceBuffer { ptr, bytes, ctx: self.ctx.clone() })
+    }
+
+    pub fn upload(&self, dst: u64, bytes: &[u8]) -> Result<(), GpuError> {
+        self.bind()?;
+        self.synchronize()?;
+        // SAFETY: the caller gives a device range of at least `bytes.len()` bytes.
+        unsafe { result::memcpy_htod_sync(dst, bytes) }.map_err(cuda("copy to the GPU"))
+    }
+
+    pub fn download(&self, src: u64, bytes: &mut [u8]) -> Result<(), GpuError> {
+        self.bind()?;
+        self.synchronize()?;
+        // SAFETY: the caller gives a device range of at least `bytes.len()` bytes.
+        unsafe { result::memcpy_dtoh_sync(bytes, src) }.map_err(cuda("copy from the GPU"))
+    }
+
+    pub fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<(), GpuError> {
+        // SAFETY: both ranges are device memory of at least `bytes` bytes.
+        unsafe { result::memcpy_dtod_async(dst, src, bytes, self.raw_stream()) }.map_err(cuda("copy on the GPU"))
+    }
+
+    pub fn zero(&self, dst: u64, bytes: usize) -> Result<(), GpuError> {
+        // SAFETY: the range is device memory of at least `bytes` bytes.
+        unsafe { result::memset_d8_async(dst, 0, bytes, self.raw_stream()) }.map_err(cuda("clear GPU memory"))
+    }
+}
+
+/// Device memory, freed on drop.
+pub struct DeviceBuffer {
+    pub ptr: u64,
+    pub bytes: usize,
+    ctx: Arc<CudaContext>,
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: allocated by malloc_sync and freed once; the stream is synchronised by
+        // whoever drops plans (GpuBackend synchronises after each run).
+        unsafe {
+            let _ = result::free_sync(self.ptr);
+        }
+    }
+}

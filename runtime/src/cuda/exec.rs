@@ -1,0 +1,504 @@
+//! The GPU backend: a bundle's plans run from device memory.
+//!
+//! Persistent tensors (parameters, optimizer state, gradient accumulators) live in the store
+//! for the backend's whole life; each plan gets, on first use, its arena (planned at the plan's
+//! largest call), its scratch, its constant tables and buffers for its inputs. A call binds B
+//! and T from its inputs, runs the device steps in order on one stream, writes the plan's
+//! updates into the store and returns its outputs.
+
+use super::device::{cuda, DeviceBuffer, Gpu, GpuError};
+use crate::backend::Backend;
+use crate::bundle::{Bundle, PlanShape};
+use crate::cpu::exec::Store;
+use crate::cpu::tensor::{Data, Tensor};
+use crate::device::{master_name, Arg, Base, BufferArg, DevicePlan, DeviceStep, Table};
+use crate::plan::{Plan, Program, ValueId};
+use crate::{DType, Dim, TensorType};
+use cudarc::driver::{result, sys, CudaFunction, CudaModule};
+use cudarc::nvrtc::Ptx;
+use half::bf16;
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::c_void;
+use std::sync::Arc;
+
+struct LoadedPlan {
+    shape: PlanShape,
+    device: DevicePlan,
+    plan: Plan,
+    /// Where each value lives, as (buffer, byte offset) resolved at load.
+    arena: DeviceBuffer,
+    scratch: DeviceBuffer,
+    tables: Vec<DeviceBuffer>,
+    inputs: BTreeMap<String, DeviceBuffer>,
+    /// The arena offset of each value a step writes.
+    offsets: HashMap<ValueId, u64>,
+}
+
+pub struct GpuBackend {
+    gpu: Gpu,
+    bundle: Bundle,
+    functions: HashMap<String, (Arc<CudaModule>, CudaFunction)>,
+    store: BTreeMap<String, (TensorType, DeviceBuffer)>,
+    plans: HashMap<String, LoadedPlan>,
+}
+
+fn dense_bytes(ty: &TensorType, batch: u64, seq: u64) -> usize {
+    crate::memory::bytes(ty, batch, seq) as usize
+}
+
+fn fixed_shape(ty: &TensorType) -> Vec<usize> {
+    ty.shape.as_fixed().unwrap_or_default().iter().map(|&d| d as usize).collect()
+}
+
+/// Host bytes of an f32 tensor stored as `dtype`.
+fn encode(t: &Tensor<f32>, dtype: DType) -> Result<Vec<u8>, GpuError> {
+    match (&t.data, dtype) {
+        (Data::Int(v), DType::I32) => Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        (Data::Real(v), DType::F32) => Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        (Data::Real(v), DType::BF16) => Ok(v.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect()),
+        _ => Err(GpuError(format!("a tensor of the wrong kind for {dtype}"))),
+    }
+}
+
+fn decode(bytes: &[u8], dtype: DType, shape: Vec<usize>) -> Tensor<f32> {
+    match dtype {
+        DType::I32 => {
+            Tensor::ints(shape, bytes.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect())
+        }
+        DType::F32 => {
+            Tensor::real(shape, bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+        }
+        DType::BF16 | DType::F16 => Tensor::real(
+            shape,
+            bytes.chunks_exact(2).map(|c| bf16::from_le_bytes(c.try_into().unwrap()).to_f32()).collect(),
+        ),
+    }
+}
+
+impl GpuBackend {
+    /// Loads `bundle` onto `gpu` with parameters from the counter-based initialisation with
+    /// `seed` (the CPU reference's values, stored at each parameter's type) and states at zero.
+    pub fn new(gpu: Gpu, bundle: Bundle, seed: u64) -> Result<GpuBackend, GpuError> {
+        let init = Store::<f32>::init(&bundle.program, seed);
+        let mut store = BTreeMap::new();
+        let program = &bundle.program;
+        for (name, ty) in
+            program.params.iter().map(|p| (&p.name, &p.ty)).chain(program.states.iter().map(|s| (&s.name, &s.ty)))
+        {
+            let buf = gpu.alloc(dense_bytes(ty, 1, 1))?;
+            let t = init.get(name).ok_or_else(|| GpuError(format!("no initial value for `{name}`")))?;
+            gpu.upload(buf.ptr, &encode(t, ty.dtype)?)?;
+            store.insert(name.clone(), (ty.clone(), buf));
+            if ty.dtype == DType::BF16 && program.params.iter().any(|p| &p.name == name) {
+                let master_ty = TensorType::new(DType::F32, ty.shape.clone());
+                let m = gpu.alloc(dense_bytes(&master_ty, 1, 1))?;
+                gpu.upload(m.ptr, &encode(t, DType::F32)?)?;
+                store.insert(master_name(name), (master_ty, m));
+            }
+        }
+        Ok(GpuBackend { gpu, bundle, functions: HashMap::new(), store, plans: HashMap::new() })
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    pub fn bundle(&self) -> &Bundle {
+        &self.bundle
+    }
+
+    fn function(&mut self, name: &str) -> Result<sys::CUfunction, GpuError> {
+        if let Some((_, f)) = self.functions.get(name) {
+            return Ok(f.cu_function());
+        }
+        let k = self.bundle.kernel(name).ok_or_else(|| GpuError(format!("the bundle has no kernel `{name}`")))?;
+        let ptx = match &k.cubin {
+            Some(c) => Ptx::from_binary(c.clone()),
+            None => Ptx::from_src(k.ptx.clone()),
+        };
+        let module = self
+            .gpu
+            .ctx
+            .load_module(ptx)
+            .map_err(|e| GpuError(format!("the driver cannot load kernel `{name}`: {e:?}")))?;
+        let f = module
+            .load_function(name)
+            .map_err(|e| GpuError(format!("kernel `{name}` is missing from its module: {e:?}")))?;
+        let raw = f.cu_function();
+        self.functions.insert(name.to_string(), (module, f));
+        Ok(raw)
+    }
+
+    fn load_plan(&mut self, name: &str) -> Result<(), GpuError> {
+        if self.plans.contains_key(name) {
+            return Ok(());
+        }
+        let (shape, device) = self
+            .bundle
+            .plans
+            .get(name)
+            .cloned()
+            .ok_or_else(|| GpuError(format!("the bundle has no device plan `{name}`")))?;
+        let plan = self.bundle.program.plan(name).map_err(|e| GpuError(e.0))?.clone();
+        let arena = self.gpu.alloc(device.memory.arena_bytes as usize)?;
+        let scratch = self.gpu.alloc(device.scratch_bytes as usize)?;
+        let mut tables = Vec::new();
+        for t in &device.tables {
+            let values = table_values(t);
+            let buf = self.gpu.alloc(values.len() * 4)?;
+            self.gpu.upload(buf.ptr, &values.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>())?;
+            tables.push(buf);
+        }
+        let mut inputs = BTreeMap::new();
+        for (n, v) in &plan.inputs {
+            let ty = &plan.values[*v as usize];
+            inputs.insert(n.clone(), self.gpu.alloc(dense_bytes(ty, shape.batch, shape.seq))?);
+        }
+        let offsets = device.memory.buffers.iter().map(|b| (b.value, b.offset)).collect();
+        self.plans
+            .insert(name.to_string(), LoadedPlan { shape, device, plan, arena, scratch, tables, inputs, offsets });
+        Ok(())
+    }
+
+    /// The device address of a value of a loaded plan.
+    fn value_addr(&self, lp: &LoadedPlan, v: ValueId) -> Result<u64, GpuError> {
+        if let Some(off) = lp.offsets.get(&v) {
+            return Ok(lp.arena.ptr + off);
+        }
+        if let Some((n, _)) = lp.plan.inputs.iter().find(|(_, x)| *x == v) {
+            return Ok(lp.inputs[n].ptr);
+        }
+        if let Some((n, _)) = lp.plan.persistent.iter().find(|(_, x)| *x == v) {
+            return self.store.get(n).map(|(_, b)| b.ptr).ok_or_else(|| GpuError(format!("the store has no `{n}`")));
+        }
+        Err(GpuError(format!("plan `{}`: value {v} has no place on the device", lp.plan.name)))
+    }
+
+    fn addr(&self, lp: &LoadedPlan, b: &BufferArg) -> Result<u64, GpuError> {
+        let base = match b.base {
+            Base::Value(v) => self.value_addr(lp, v)?,
+            Base::Scratch => lp.scratch.ptr,
+            Base::Table(i) => {
+                lp.tables.get(i as usize).map(|t| t.ptr).ok_or_else(|| GpuError(format!("no table {i}")))?
+            }
+            Base::Persistent(ref n) => {
+                self.store.get(n).map(|(_, b)| b.ptr).ok_or_else(|| GpuError(format!("the store has no `{n}`")))?
+            }
+        };
+        Ok(base + b.offset)
+    }
+
+    /// Binds B and T from the inputs, checking them against the plan's types and its shape.
+    fn bind(&self, lp: &LoadedPlan, inputs: &[(String, Tensor<f32>)]) -> Result<(u64, u64), GpuError> {
+        let (mut b, mut t) = (None::<u64>, None::<u64>);
+        for (name, v) in &lp.plan.inputs {
+            let tensor = inputs
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t)
+                .ok_or_else(|| GpuError(format!("plan `{}` needs input `{name}`", lp.plan.name)))?;
+            let ty = &lp.plan.values[*v as usize];
+            if ty.shape.rank() != tensor.shape.len() {
+                return Err(GpuError(format!("input `{name}` must have shape {}", ty.shape)));
+            }
+            for (d, &n) in ty.shape.0.iter().zip(&tensor.shape) {
+                let slot = match d {
+                    Dim::Batch => &mut b,
+                    Dim::Seq => &mut t,
+                    Dim::Fixed(k) if *k as usize == n => continue,
+                    Dim::Fixed(k) => {
+                        return Err(GpuError(format!("input `{name}` must have size {k} where it has {n}")))
+                    }
+                };
+                match *slot {
+                    Some(m) if m != n as u64 => {
+                        return Err(GpuError(format!("input `{name}`: {d} is {n} here, {m} elsewhere")))
+                    }
+                    _ => *slot = Some(n as u64),
+                }
+            }
+        }
+        let (b, t) = (b.unwrap_or(1), t.unwrap_or(1));
+        let s = lp.shape;
+        if b > s.batch || t > s.seq || (lp.device.exact_shape && (b, t) != (s.batch, s.seq)) {
+            return Err(GpuError(format!(
+                "plan `{}` was built for {} {} sequences of {} tokens; this call has {b} of {t}: rebuild the bundle with matching run settings",
+                lp.plan.name,
+                if lp.device.exact_shape { "exactly" } else { "up to" },
+                s.batch,
+                s.seq
+            )));
+        }
+        Ok((b, t))
+    }
+
+    /// Runs the device steps `range` of a loaded plan at (batch, seq).
+    pub(crate) fn run_device_steps(
+        &mut self,
+        name: &str,
+        batch: u64,
+        seq: u64,
+        range: std::ops::Range<usize>,
+    ) -> Result<(), GpuError> {
+        self.gpu.bind()?;
+        let stream = self.gpu.raw_stream();
+        for i in range {
+            let step = self.plans[name].device.steps[i].clone();
+            match &step {
+                DeviceStep::Launch(l) => {
+                    let f = self.function(&l.kernel)?;
+                    let lp = &self.plans[name];
+                    let grid: Vec<u32> = l.grid.iter().map(|g| g.eval(batch, seq)).collect();
+                    if grid.contains(&0) {
+                        continue;
+                    }
+                    let mut cells: Vec<u64> = Vec::with_capacity(l.args.len());
+                    for a in &l.args {
+                        cells.push(match a {
+                            Arg::Buffer(b) => self.addr(lp, b)?,
+                            Arg::I64 { value } => value.eval(batch, seq) as u64,
+                            Arg::F32 { value } => value.to_bits() as u64,
+                        });
+                    }
+                    let mut params: Vec<*mut c_void> = cells.iter_mut().map(|c| c as *mut u64 as *mut c_void).collect();
+                    // SAFETY: the kernel's parameters are 8-byte pointers and integers or 4-byte
+                    // floats (read from the cell's first bytes, little-endian), in the order the
+                    // compiler recorded; every buffer lies inside memory this plan owns.
+                    unsafe {
+                        result::launch_kernel(
+                            f,
+                            (grid[0], grid[1], grid[2]),
+                            (l.block[0], l.block[1], l.block[2]),
+                            l.shared_bytes,
+                            stream,
+                            &mut params,
+                        )
+                    }
+                    .map_err(|e| GpuError(format!("plan `{name}`, launch of `{}`: {e:?}", l.kernel)))?;
+                }
+                DeviceStep::Gemm(g) => {
+                    let lp = &self.plans[name];
+                    let (a, b, c) =
+                        (self.addr(lp, &g.a.buffer)?, self.addr(lp, &g.b.buffer)?, self.addr(lp, &g.c.buffer)?);
+                    let dims = [g.m, g.n, g.k].map(|e| e.eval(batch, seq).max(0) as u64);
+                    self.gpu.blas.gemm(g, dims[0], dims[1], dims[2], a, b, c, stream)?;
+                }
+                DeviceStep::Zero { buffer, bytes } => {
+                    let lp = &self.plans[name];
+                    let p = self.addr(lp, buffer)?;
+                    let n = bytes.eval(batch, seq).max(0) as usize;
+                    if n > 0 {
+                        self.gpu.zero(p, n)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Uploads a call's inputs and binds its sizes.
+    pub(crate) fn stage_inputs(
+        &mut self,
+        name: &str,
+        inputs: &[(String, Tensor<f32>)],
+    ) -> Result<(u64, u64), GpuError> {
+        self.load_plan(name)?;
+        let lp = &self.plans[name];
+        let (b, t) = self.bind(lp, inputs)?;
+        for (n, v) in &lp.plan.inputs {
+            let tensor = &inputs.iter().find(|(x, _)| x == n).expect("bound above").1;
+            let bytes = encode(tensor, lp.plan.values[*v as usize].dtype)
+                .map_err(|GpuError(e)| GpuError(format!("input `{n}`: {e}")))?;
+            self.gpu.upload(lp.inputs[n].ptr, &bytes)?;
+        }
+        Ok((b, t))
+    }
+
+    /// Copies a value of a loaded plan to the host (rows at the arena's pitch made dense).
+    pub(crate) fn fetch_value(&self, name: &str, v: ValueId, batch: u64, seq: u64) -> Result<Tensor<f32>, GpuError> {
+        let lp = &self.plans[name];
+        let ty = &lp.plan.values[v as usize];
+        let shape: Vec<usize> = ty
+            .shape
+            .0
+            .iter()
+            .map(|d| match d {
+                Dim::Batch => batch as usize,
+                Dim::Seq => seq as usize,
+                Dim::Fixed(n) => *n as usize,
+            })
+            .collect();
+        let addr = self.value_addr(lp, v)?;
+        let width = ty.shape.last().unwrap_or(1) as usize;
+        let pitch = if lp.offsets.contains_key(&v) { crate::memory::row_pitch(ty) as usize } else { width };
+        let esize = ty.dtype.bytes() as usize;
+        let elems: usize = shape.iter().product();
+        let rows = elems.checked_div(width).unwrap_or(0);
+        let mut raw = vec![0u8; rows * pitch * esize];
+        self.gpu.download(addr, &mut raw)?;
+        let dense: Vec<u8> = if pitch == width {
+            raw
+        } else {
+            raw.chunks(pitch * esize).flat_map(|r| r[..width * esize].to_vec()).collect()
+        };
+        Ok(decode(&dense, ty.dtype, shape))
+    }
+
+    /// Writes a host tensor into a value's place (rows at the arena's pitch).
+    pub(crate) fn put(&self, name: &str, v: ValueId, t: &Tensor<f32>) -> Result<(), GpuError> {
+        let lp = &self.plans[name];
+        let ty = &lp.plan.values[v as usize];
+        let addr = self.value_addr(lp, v)?;
+        let width = ty.shape.last().unwrap_or(1) as usize;
+        let pitch = if lp.offsets.contains_key(&v) { crate::memory::row_pitch(ty) as usize } else { width };
+        let bytes = encode(t, ty.dtype)?;
+        let esize = ty.dtype.bytes() as usize;
+        if pitch == width {
+            return self.gpu.upload(addr, &bytes);
+        }
+        let mut padded = Vec::with_capacity(bytes.len() / width * pitch);
+        for row in bytes.chunks(width * esize) {
+            padded.extend_from_slice(row);
+            padded.resize(padded.len() + (pitch - width) * esize, 0);
+        }
+        self.gpu.upload(addr, &padded)
+    }
+
+    pub(crate) fn plan_of(&mut self, name: &str) -> Result<(&Plan, &DevicePlan, PlanShape), GpuError> {
+        self.load_plan(name)?;
+        let lp = &self.plans[name];
+        Ok((&lp.plan, &lp.device, lp.shape))
+    }
+
+    fn finish(&mut self, name: &str, batch: u64, seq: u64) -> Result<BTreeMap<String, Tensor<f32>>, GpuError> {
+        let lp = &self.plans[name];
+        for (n, v) in &lp.plan.updates {
+            let src = self.value_addr(lp, *v)?;
+            let (ty, dst) = self.store.get(n).ok_or_else(|| GpuError(format!("the store has no `{n}`")))?;
+            self.gpu.copy(dst.ptr, src, dense_bytes(ty, 1, 1))?;
+        }
+        self.gpu.synchronize()?;
+        let mut out = BTreeMap::new();
+        for (n, v) in &lp.plan.outputs {
+            out.insert(n.clone(), self.fetch_value(name, *v, batch, seq)?);
+        }
+        Ok(out)
+    }
+
+    /// Runs a plan: inputs by name; returns its outputs.
+    pub fn run_plan(
+        &mut self,
+        name: &str,
+        inputs: &[(String, Tensor<f32>)],
+    ) -> Result<BTreeMap<String, Tensor<f32>>, GpuError> {
+        let (b, t) = self.stage_inputs(name, inputs)?;
+        let n = self.plans[name].device.steps.len();
+        self.run_device_steps(name, b, t, 0..n)?;
+        self.finish(name, b, t)
+    }
+
+    /// Runs a plan `repeats` times after its inputs were staged once, timing each device step
+    /// class with CUDA events; returns milliseconds per run by class and in total.
+    pub fn time_plan(
+        &mut self,
+        name: &str,
+        inputs: &[(String, Tensor<f32>)],
+        repeats: usize,
+    ) -> Result<(BTreeMap<&'static str, f64>, f64), GpuError> {
+        let (b, t) = self.stage_inputs(name, inputs)?;
+        let n = self.plans[name].device.steps.len();
+        // Warm up: loads every kernel, picks every cuBLASLt algorithm.
+        self.run_device_steps(name, b, t, 0..n)?;
+        self.gpu.synchronize()?;
+        let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let mut by_class: BTreeMap<&'static str, f64> = BTreeMap::new();
+        let start = self.gpu.ctx.new_event(flags).map_err(cuda("event"))?;
+        let end = self.gpu.ctx.new_event(flags).map_err(cuda("event"))?;
+        start.record(&self.gpu.stream).map_err(cuda("event"))?;
+        for _ in 0..repeats {
+            self.run_device_steps(name, b, t, 0..n)?;
+        }
+        end.record(&self.gpu.stream).map_err(cuda("event"))?;
+        end.synchronize().map_err(cuda("event"))?;
+        let total = start.elapsed_ms(&end).map_err(cuda("event"))? as f64 / repeats as f64;
+        // One more run with an event around every step, for the split by class.
+        let events: Vec<_> =
+            (0..=n).map(|_| self.gpu.ctx.new_event(flags)).collect::<Result<_, _>>().map_err(cuda("event"))?;
+        events[0].record(&self.gpu.stream).map_err(cuda("event"))?;
+        for i in 0..n {
+            self.run_device_steps(name, b, t, i..i + 1)?;
+            events[i + 1].record(&self.gpu.stream).map_err(cuda("event"))?;
+        }
+        events[n].synchronize().map_err(cuda("event"))?;
+        for i in 0..n {
+            let ms = events[i].elapsed_ms(&events[i + 1]).map_err(cuda("event"))? as f64;
+            *by_class.entry(self.plans[name].device.steps[i].class()).or_default() += ms;
+        }
+        Ok((by_class, total))
+    }
+
+    pub fn program(&self) -> &Program {
+        &self.bundle.program
+    }
+}
+
+/// The values of a constant table (f32), computed as the CPU reference computes them.
+fn table_values(t: &Table) -> Vec<f32> {
+    match *t {
+        Table::RopeCos { base, head_dim, positions } | Table::RopeSin { base, head_dim, positions } => {
+            let half = (head_dim / 2) as usize;
+            let inv: Vec<f64> = (0..half).map(|i| base.powf(-2.0 * i as f64 / head_dim as f64)).collect();
+            let cos = matches!(t, Table::RopeCos { .. });
+            let mut v = Vec::with_capacity(positions as usize * half);
+            for p in 0..positions {
+                for f in &inv {
+                    let th = p as f64 * f;
+                    v.push(if cos { th.cos() } else { th.sin() } as f32);
+                }
+            }
+            v
+        }
+    }
+}
+
+impl Backend for GpuBackend {
+    fn name(&self) -> &str {
+        "gpu"
+    }
+
+    fn program(&self) -> &Program {
+        &self.bundle.program
+    }
+
+    fn run(&mut self, plan: &str, inputs: Vec<(String, Tensor<f32>)>) -> Result<BTreeMap<String, Tensor<f32>>, String> {
+        self.run_plan(plan, &inputs).map_err(|e| e.0)
+    }
+
+    fn read(&self, names: &[&str]) -> Result<BTreeMap<String, Tensor<f32>>, String> {
+        let mut out = BTreeMap::new();
+        for n in names {
+            // A bf16 parameter reads as its f32 master: checkpoints keep full precision.
+            let master = master_name(n);
+            let entry = self.store.get(&master).or_else(|| self.store.get(*n));
+            let (ty, buf) = entry.ok_or_else(|| format!("the store has no `{n}`"))?;
+            let mut raw = vec![0u8; dense_bytes(ty, 1, 1)];
+            self.gpu.download(buf.ptr, &mut raw).map_err(|e| e.0)?;
+            out.insert(n.to_string(), decode(&raw, ty.dtype, fixed_shape(ty)));
+        }
+        Ok(out)
+    }
+
+    fn write(&mut self, tensors: BTreeMap<String, Tensor<f32>>) -> Result<(), String> {
+        for (n, t) in tensors {
+            let (ty, buf) = self.store.get(&n).ok_or_else(|| format!("the store has no `{n}`"))?;
+            if t.shape != fixed_shape(ty) {
+                return Err(format!("`{n}` has shape {:?}, the program needs {}", t.shape, ty.shape));
+            }
+            self.gpu.upload(buf.ptr, &encode(&t, ty.dtype).map_err(|e| e.0)?).map_err(|e| e.0)?;
+            if let Some((mty, m)) = self.store.get(&master_name(&n)) {
+                self.gpu.upload(m.ptr, &encode(&t, mty.dtype).map_err(|e| e.0)?).map_err(|e| e.0)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark in one go, on a machine with an NVIDIA GPU (run from the folder
+# prepare.sh filled). libcuda comes from the driver; libcublasLt.so.13 is looked up in python3's
+# site-packages (NVIDIA's PyPI wheel), then anywhere on the root file system.
+set -uo pipefail
+cd "$(dirname "$0")"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+SP=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null)
+LT=$(find $SP -name 'libcublasLt.so.13*' 2>/dev/null | head -1)
+[ -z "$LT" ] && LT=$(find / -xdev -name 'libcublasLt.so.13*' 2>/dev/null | head -1)
+export LD_LIBRARY_PATH="$(dirname "$LT")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+summary=()
+for b in ${CHECK:-samba-tiny llama-tiny mistral-tiny mamba-tiny mamba-swa-mlp-tiny mlp2-swa-mlp-tiny samba-nope-tiny mamba-mlp-tiny}; do
+  echo "=== check $b"
+  if ./weft-run check "$b.bundle" | tee "check-$b.log"; then summary+=("check $b: pass"); else summary+=("check $b: FAIL"); fi
+done
+for b in ${BENCH:-samba-421m samba-1.3b}; do
+  echo "=== bench $b"
+  ./weft-run bench "$b.bundle" --steps 3 | tee "bench-$b.log"
+  summary+=("bench $b: $(grep -o 'MFU [0-9.]*%' "bench-$b.log" || echo failed), $(grep -o '[0-9]* tokens/s' "bench-$b.log" || true)")
+done
+echo "=== summary"
+printf '%s\n' "${summary[@]}"

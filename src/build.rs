@@ -1,0 +1,249 @@
+//! `weft build`: a program's plans lowered to device plans, their kernels compiled to PTX (from
+//! the content-hashed cache where possible), and everything packed into a bundle.
+
+use crate::lower::cache::{self, Cache};
+use crate::lower::compile::{CompileError, Compiler};
+use crate::lower::{lower_plan, Kernel, LowerError};
+use std::collections::BTreeMap;
+use std::time::Instant;
+use weft_runtime::bundle::{Bundle, KernelModule, PlanShape};
+use weft_runtime::device::DevicePlan;
+use weft_runtime::plan::Program;
+
+/// The largest call of each plan, which its arena is planned for.
+#[derive(Clone, Debug)]
+pub struct Shapes {
+    /// Training and evaluation: sequences per step and tokens per sequence.
+    pub batch: u64,
+    pub seq: u64,
+    /// Generation: sequences decoded together, and the longest prompt a prefill takes.
+    pub gen_batch: u64,
+    pub max_prompt: u64,
+}
+
+impl Shapes {
+    /// Training at the run settings' batch and sequence length; generation of one sequence up
+    /// to the longest context the settings allow.
+    pub fn from_settings(s: &crate::config::RunConfig) -> Shapes {
+        Shapes {
+            batch: s.train.batch_size,
+            seq: s.train.seq_len,
+            gen_batch: 1,
+            max_prompt: s.train.seq_len + s.generate.max_new_tokens,
+        }
+    }
+
+    pub fn of(&self, plan: &str) -> PlanShape {
+        let (batch, seq) = match plan {
+            "train_step" | "eval" => (self.batch, self.seq),
+            "prefill" | "logits" => (self.gen_batch, self.max_prompt),
+            "decode" => (self.gen_batch, 1),
+            _ => (1, 1),
+        };
+        PlanShape { batch, seq }
+    }
+}
+
+#[derive(Debug)]
+pub enum BuildError {
+    Lower(LowerError),
+    Compile(CompileError),
+}
+
+impl std::fmt::Display for BuildError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BuildError::Lower(e) => write!(f, "{e}"),
+            BuildError::Compile(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for BuildError {}
+
+/// Times of the stages of a build, and how many kernels came from the cache.
+#[derive(Clone, Debug, Default)]
+pub struct BuildStats {
+    pub lower_ms: f64,
+    pub compile_ms: f64,
+    pub kernels: usize,
+    pub cached: usize,
+}
+
+/// Every plan lowered, with the generated kernels by name.
+pub struct Lowered {
+    pub plans: BTreeMap<String, (PlanShape, DevicePlan)>,
+    pub kernels: BTreeMap<String, Kernel>,
+}
+
+pub fn lower_program(program: &Program, shapes: &Shapes) -> Result<Lowered, LowerError> {
+    let mut kernels = BTreeMap::new();
+    let mut plans = BTreeMap::new();
+    for (name, plan) in &program.plans {
+        let shape = shapes.of(name);
+        let dp = lower_plan(plan, shape.batch, shape.seq, &mut kernels)?;
+        plans.insert(name.clone(), (shape, dp));
+    }
+    Ok(Lowered { plans, kernels })
+}
+
+/// PTX for every kernel: from the cache, else compiled (on every core, one MLIR context each).
+pub fn compile_kernels(
+    kernels: &BTreeMap<String, Kernel>,
+    cache: &Cache,
+    stats: &mut BuildStats,
+) -> Result<BTreeMap<String, String>, CompileError> {
+    let mut ptx = BTreeMap::new();
+    let mut todo = Vec::new();
+    for (name, k) in kernels {
+        let key = cache::key(&k.mlir);
+        match cache.get(&key) {
+            Some(p) => {
+                ptx.insert(name.clone(), p);
+                stats.cached += 1;
+            }
+            None => todo.push((name.clone(), key, k)),
+        }
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(todo.len().max(1));
+    let results: Vec<Result<(String, String, String), CompileError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let todo = &todo;
+                s.spawn(move || {
+                    let compiler = Compiler::new();
+                    todo.iter()
+                        .skip(t)
+                        .step_by(threads)
+                        .map(|(name, key, k)| compiler.ptx(name, &k.mlir).map(|p| (name.clone(), key.clone(), p)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("kernel compiler thread panicked")).collect()
+    });
+    for r in results {
+        let (name, key, p) = r?;
+        cache.put(&key, &p);
+        ptx.insert(name, p);
+    }
+    stats.kernels = kernels.len();
+    Ok(ptx)
+}
+
+/// Lowers and compiles `program` into a bundle.
+pub fn build_bundle(program: &Program, shapes: &Shapes, cache: &Cache) -> Result<(Bundle, BuildStats), BuildError> {
+    let mut stats = BuildStats::default();
+    let t = Instant::now();
+    let lowered = lower_program(program, shapes).map_err(BuildError::Lower)?;
+    stats.lower_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    let ptx = compile_kernels(&lowered.kernels, cache, &mut stats).map_err(BuildError::Compile)?;
+    stats.compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    let kernels = lowered
+        .kernels
+        .values()
+        .map(|k| KernelModule {
+            name: k.name.clone(),
+            hash: cache::key(&k.mlir),
+            ptx: ptx[&k.name].clone(),
+            cubin: None,
+        })
+        .collect();
+    let bundle = Bundle { program: program.clone(), plans: lowered.plans, kernels };
+    Ok((bundle, stats))
+}
+
+/// The device plans as text: each plan's shape and arena, then one line per device step.
+pub fn render_plans(plans: &BTreeMap<String, (PlanShape, DevicePlan)>) -> String {
+    use std::fmt::Write;
+    use weft_runtime::device::{Arg, Base, BufferArg, DeviceStep};
+    let buf = |b: &BufferArg| {
+        let base = match &b.base {
+            Base::Value(v) => format!("%{v}"),
+            Base::Scratch => "scratch".to_string(),
+            Base::Table(i) => format!("table{i}"),
+            Base::Persistent(n) => format!("`{n}`"),
+        };
+        if b.offset == 0 {
+            base
+        } else {
+            format!("{base}+{}", b.offset)
+        }
+    };
+    let mut s = String::new();
+    for (name, (shape, dp)) in plans {
+        writeln!(
+            s,
+            "plan {name} (up to {} x {}): arena {} bytes, scratch {} bytes, {} steps",
+            shape.batch,
+            shape.seq,
+            dp.memory.arena_bytes,
+            dp.scratch_bytes,
+            dp.steps.len()
+        )
+        .unwrap();
+        for (i, step) in dp.steps.iter().enumerate() {
+            let origin = dp.origin[i];
+            match step {
+                DeviceStep::Launch(l) => {
+                    let args = l
+                        .args
+                        .iter()
+                        .map(|a| match a {
+                            Arg::Buffer(b) => buf(b),
+                            Arg::I64 { value } => value.to_string(),
+                            Arg::F32 { value } => format!("{value:e}"),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let grid = l.grid.iter().map(|g| {
+                        if g.per_block == 1 {
+                            g.extent.to_string()
+                        } else {
+                            format!("⌈({})/{}⌉", g.extent, g.per_block)
+                        }
+                    });
+                    writeln!(
+                        s,
+                        "  [{origin}] launch {}<<<({}), ({}, {}, {}), {}>>>({args})",
+                        l.kernel,
+                        grid.collect::<Vec<_>>().join(", "),
+                        l.block[0],
+                        l.block[1],
+                        l.block[2],
+                        l.shared_bytes
+                    )
+                    .unwrap();
+                }
+                DeviceStep::Gemm(g) => {
+                    writeln!(
+                        s,
+                        "  [{origin}] gemm m={} n={} k={} {}{}[{} ld {}] x {}{}[{} ld {}] -> {}[{} ld {}] alpha={} beta={}",
+                        g.m,
+                        g.n,
+                        g.k,
+                        buf(&g.a.buffer),
+                        if g.trans_a { "ᵀ" } else { "" },
+                        g.a.dtype,
+                        g.a.ld,
+                        buf(&g.b.buffer),
+                        if g.trans_b { "ᵀ" } else { "" },
+                        g.b.dtype,
+                        g.b.ld,
+                        buf(&g.c.buffer),
+                        g.c.dtype,
+                        g.c.ld,
+                        g.alpha,
+                        g.beta
+                    )
+                    .unwrap();
+                }
+                DeviceStep::Zero { buffer, bytes } => {
+                    writeln!(s, "  [{origin}] zero {} ({bytes} bytes)", buf(buffer)).unwrap();
+                }
+            }
+        }
+    }
+    s
+}

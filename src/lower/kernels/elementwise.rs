@@ -1,0 +1,202 @@
+//! Elementwise kernels: one thread per element of a `rows × width` tensor, each operand read
+//! with its own row stride (slices are views), math in f32.
+
+use super::super::{grid_1d, Emit, LowerError, Operand};
+use super::{load_at, sig, store_at, THREADS};
+use crate::lower::mlir::{Cmp, KernelBuilder, Ty, V};
+use weft_runtime::device::{Arg, Extent};
+
+/// `outs[r, j] = f(ins[r, j]...)` over the first output's rows × width.
+fn map(
+    e: &mut Emit,
+    family: &str,
+    ins: &[&Operand],
+    outs: &[&Operand],
+    f: impl FnOnce(&mut KernelBuilder, &[V]) -> Vec<V>,
+) {
+    let width = outs[0].width;
+    let all: Vec<&Operand> = ins.iter().chain(outs).copied().collect();
+    let name = format!("{family}_w{width}_{}", sig(&all));
+    let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
+    let in_ptrs: Vec<V> = (0..ins.len()).map(|i| k.ptr(&format!("in{i}"))).collect();
+    let out_ptrs: Vec<V> = (0..outs.len()).map(|i| k.ptr(&format!("out{i}"))).collect();
+    let rows = k.scalar_i64("rows");
+    let (idx, row, col) = element_index(&mut k, width);
+    let w = k.i64(width as i64);
+    let total = k.mul(&rows, &w);
+    let inside = k.cmp(Cmp::Lt, &idx, &total);
+    k.if_(&inside, |k| {
+        let vals: Vec<V> = ins.iter().zip(&in_ptrs).map(|(o, p)| load_at(k, p, o, &row, &col)).collect();
+        let res = f(k, &vals);
+        for ((o, p), v) in outs.iter().zip(&out_ptrs).zip(&res) {
+            store_at(k, v, p, o, &row, &col);
+        }
+    });
+    let mut args: Vec<Arg> = ins.iter().chain(outs).map(|o| o.arg()).collect();
+    args.push(Arg::I64 { value: outs[0].rows() });
+    e.launch(k, grid_1d(outs[0].rows().times(width as i64), THREADS as u64), 0, args);
+}
+
+/// The global thread index and its row and column in a tensor `width` wide.
+fn element_index(k: &mut KernelBuilder, width: u64) -> (V, V, V) {
+    let tid = k.thread_id('x');
+    let bid = k.block_id('x');
+    let n = k.i64(k.block_threads());
+    let base = k.mul(&bid, &n);
+    let idx = k.add(&base, &tid);
+    let w = k.i64(width as i64);
+    let row = k.div(&idx, &w);
+    let col = k.rem(&idx, &w);
+    (idx, row, col)
+}
+
+pub(super) fn add(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Result<(), LowerError> {
+    map(e, "add", &[&ins[0], &ins[1]], &[&outs[0]], |k, v| vec![k.add(&v[0], &v[1])]);
+    Ok(())
+}
+
+pub(super) fn swiglu(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Result<(), LowerError> {
+    map(e, "swiglu", &[&ins[0], &ins[1]], &[&outs[0]], |k, v| {
+        let s = k.silu(&v[0]);
+        vec![k.mul(&s, &v[1])]
+    });
+    Ok(())
+}
+
+/// `g_a = g·b·silu'(a)`, `g_b = g·silu(a)`, with `silu'(a) = σ(a)(1 + a(1 − σ(a)))`.
+pub(super) fn swiglu_backward(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Result<(), LowerError> {
+    map(e, "swiglu_backward", &[&ins[0], &ins[1], &ins[2]], &[&outs[0], &outs[1]], |k, v| {
+        let (a, b, g) = (&v[0], &v[1], &v[2]);
+        let s = k.sigmoid(a);
+        let one = k.f32(1.0);
+        let oms = k.sub(&one, &s);
+        let t = k.fma(a, &oms, &one);
+        let ds = k.mul(&s, &t);
+        let gb = k.mul(g, b);
+        let ga = k.mul(&gb, &ds);
+        let sa = k.mul(a, &s);
+        let gbo = k.mul(g, &sa);
+        vec![ga, gbo]
+    });
+    Ok(())
+}
+
+/// The gradient of a slice: `g` placed at columns `[start, start + len)`, zero elsewhere.
+pub(super) fn slice_backward(e: &mut Emit, start: u64, ins: &[Operand], outs: &[Operand]) -> Result<(), LowerError> {
+    let (g, out) = (&ins[0], &outs[0]);
+    let width = out.width;
+    let name = format!("slice_backward_w{width}_s{start}_l{}_{}", g.width, sig(&[g, out]));
+    let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
+    let gp = k.ptr("g");
+    let op = k.ptr("out");
+    let rows = k.scalar_i64("rows");
+    let (idx, row, col) = element_index(&mut k, width);
+    let w = k.i64(width as i64);
+    let total = k.mul(&rows, &w);
+    let inside = k.cmp(Cmp::Lt, &idx, &total);
+    k.if_(&inside, |k| {
+        let lo = k.i64(start as i64);
+        let hi = k.i64((start + g.width) as i64);
+        let ge = k.cmp(Cmp::Ge, &col, &lo);
+        let lt = k.cmp(Cmp::Lt, &col, &hi);
+        let within = k.and(&ge, &lt);
+        let v = k.if_else(
+            &within,
+            |k| {
+                let c = k.sub(&col, &lo);
+                vec![load_at(k, &gp, g, &row, &c)]
+            },
+            |k| vec![k.f32(0.0)],
+        );
+        store_at(k, &v[0], &op, out, &row, &col);
+    });
+    let args = vec![g.arg(), out.arg(), Arg::I64 { value: out.rows() }];
+    let r = out.rows();
+    e.launch(k, grid_1d(r.times(width as i64), THREADS as u64), 0, args);
+    Ok(())
+}
+
+/// `out[r, j] = table[tokens[r], j]`.
+pub(super) fn embed(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Result<(), LowerError> {
+    let (tokens, table, out) = (&ins[0], &ins[1], &outs[0]);
+    let width = out.width;
+    let name = format!("embed_w{width}_{}", sig(&[table, out]));
+    let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
+    let tp = k.ptr("tokens");
+    let wp = k.ptr("table");
+    let op = k.ptr("out");
+    let rows = k.scalar_i64("rows");
+    let vocab = k.scalar_i64("vocab");
+    let (idx, row, col) = element_index(&mut k, width);
+    let w = k.i64(width as i64);
+    let total = k.mul(&rows, &w);
+    let inside = k.cmp(Cmp::Lt, &idx, &total);
+    k.if_(&inside, |k| {
+        let t = k.load(&tp, &row, Ty::I32);
+        let t = k.cast(&t, Ty::I64);
+        // Out-of-range ids read row 0 rather than stray memory (the runtime checks ids first).
+        let zero = k.i64(0);
+        let ge = k.cmp(Cmp::Ge, &t, &zero);
+        let lt = k.cmp(Cmp::Lt, &t, &vocab);
+        let ok = k.and(&ge, &lt);
+        let t = k.select(&ok, &t, &zero);
+        let v = load_at(k, &wp, table, &t, &col);
+        store_at(k, &v, &op, out, &row, &col);
+    });
+    let vocab_n = table.ty.shape.0.first().map_or(0, |d| match d {
+        weft_runtime::Dim::Fixed(n) => *n as i64,
+        _ => 0,
+    });
+    let args = vec![
+        tokens.arg(),
+        table.arg(),
+        out.arg(),
+        Arg::I64 { value: out.rows() },
+        Arg::I64 { value: Extent::constant(vocab_n) },
+    ];
+    let r = out.rows();
+    e.launch(k, grid_1d(r.times(width as i64), THREADS as u64), 0, args);
+    Ok(())
+}
+
+/// `g_table[tokens[r], j] += g[r, j]` (f32 atomics into a zeroed table).
+pub(super) fn embed_backward(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Result<(), LowerError> {
+    let (tokens, g, out) = (&ins[0], &ins[1], &outs[0]);
+    let width = g.width;
+    e.zero(out.buf.clone(), super::bytes_of(out));
+    let name = format!("embed_backward_w{width}_{}", sig(&[g, out]));
+    let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
+    let tp = k.ptr("tokens");
+    let gp = k.ptr("g");
+    let op = k.ptr("out");
+    let rows = k.scalar_i64("rows");
+    let vocab = k.scalar_i64("vocab");
+    let (idx, row, col) = element_index(&mut k, width);
+    let w = k.i64(width as i64);
+    let total = k.mul(&rows, &w);
+    let inside = k.cmp(Cmp::Lt, &idx, &total);
+    k.if_(&inside, |k| {
+        let t = k.load(&tp, &row, Ty::I32);
+        let t = k.cast(&t, Ty::I64);
+        let zero = k.i64(0);
+        let ge = k.cmp(Cmp::Ge, &t, &zero);
+        let lt = k.cmp(Cmp::Lt, &t, &vocab);
+        let ok = k.and(&ge, &lt);
+        k.if_(&ok, |k| {
+            let v = load_at(k, &gp, g, &row, &col);
+            let i = k.mul(&t, &w);
+            let i = k.add(&i, &col);
+            k.atomic_add(&v, &op, &i);
+        });
+    });
+    let vocab_n = out.rows();
+    let args = vec![tokens.arg(), g.arg(), out.arg(), Arg::I64 { value: g.rows() }, Arg::I64 { value: vocab_n }];
+    let r = g.rows();
+    e.launch(k, grid_1d(r.times(width as i64), THREADS as u64), 0, args);
+    Ok(())
+}
+
+/// `out = in`, converting the element type.
+pub(super) fn copy(e: &mut Emit, input: &Operand, out: &Operand) {
+    map(e, "copy", &[input], &[out], |_, v| vec![v[0].clone()]);
+}

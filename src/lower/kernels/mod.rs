@@ -1,0 +1,115 @@
+//! One module per kernel family; `lower_step` picks the family for each operation.
+
+mod attention;
+mod conv;
+mod elementwise;
+mod gemm;
+mod loss;
+mod norm;
+mod optim;
+mod scan;
+
+use super::{Emit, LowerError, Operand};
+use crate::lower::mlir::{KernelBuilder, Ty, V};
+use weft_runtime::plan::Step;
+use weft_runtime::{DType, Op};
+
+pub(crate) fn lower_step(e: &mut Emit, step: &Step) -> Result<(), LowerError> {
+    let ins: Vec<Operand> = step.inputs.iter().map(|&v| e.operand(v)).collect();
+    let outs: Vec<Operand> = step.outputs.iter().map(|&v| e.operand(v)).collect();
+    for o in ins.iter().chain(&outs) {
+        if o.dtype() == DType::F16 {
+            return Err(LowerError("f16 tensors have no GPU kernels (weft stores bf16 and f32)".into()));
+        }
+    }
+    match &step.op {
+        // A view: no work, the consumers read the source with its stride.
+        Op::Slice { .. } => Ok(()),
+        Op::MatMul => gemm::matmul(e, &ins, &outs),
+        Op::MatMulBackward => gemm::matmul_backward(e, &ins, &outs),
+        Op::Add => elementwise::add(e, &ins, &outs),
+        Op::SwiGlu => elementwise::swiglu(e, &ins, &outs),
+        Op::SwiGluBackward => elementwise::swiglu_backward(e, &ins, &outs),
+        Op::SliceBackward { start, .. } => elementwise::slice_backward(e, *start, &ins, &outs),
+        Op::Embed => elementwise::embed(e, &ins, &outs),
+        Op::EmbedBackward { .. } => elementwise::embed_backward(e, &ins, &outs),
+        Op::Zeros(_) => {
+            e.zero(outs[0].buf.clone(), bytes_of(&outs[0]));
+            Ok(())
+        }
+        Op::RmsNorm { eps } => norm::rms_norm(e, *eps, &ins, &outs),
+        Op::AddRmsNorm { eps } => norm::add_rms_norm(e, *eps, &ins, &outs),
+        Op::RmsNormBackward { eps } => norm::rms_norm_backward(e, *eps, &ins, &outs, false),
+        Op::RmsNormBackwardAdd { eps } => norm::rms_norm_backward(e, *eps, &ins, &outs, true),
+        Op::Attention(a) => attention::attention(e, a, &ins, &outs),
+        Op::AttentionBackward(a) => attention::attention_backward(e, a, &ins, &outs),
+        Op::AttentionCache { attrs, capacity } => attention::attention_cache(e, attrs, *capacity, &ins, &outs),
+        Op::AttentionDecode { attrs, capacity } => attention::attention_decode(e, attrs, *capacity, &ins, &outs),
+        Op::CausalConv1dSilu => conv::conv(e, &ins, &outs),
+        Op::CausalConv1dSiluBackward => conv::conv_backward(e, &ins, &outs),
+        Op::ConvState { width } => conv::conv_state(e, *width, &ins, &outs),
+        Op::CausalConv1dSiluStep => conv::conv_step(e, &ins, &outs),
+        Op::SelectiveScan => scan::forward(e, &ins, &outs),
+        Op::SelectiveScanBackward => scan::backward(e, &ins, &outs),
+        Op::SelectiveScanState => scan::state(e, &ins, &outs),
+        Op::SelectiveScanStep => scan::step(e, &ins, &outs),
+        Op::CrossEntropy => loss::cross_entropy(e, &ins, &outs),
+        Op::CrossEntropyBackward => loss::cross_entropy_backward(e, &ins, &outs),
+        Op::Logits => loss::logits(e, &ins, &outs),
+        Op::SumSquares => optim::sum_squares(e, &ins, &outs),
+        Op::AddScalar => optim::add_scalar(e, &ins, &outs),
+        Op::ClipScale { max_norm } => optim::clip_scale(e, *max_norm, &ins, &outs),
+        Op::LrSchedule(s) => optim::lr_schedule(e, s, &ins, &outs),
+        Op::AdamW(a) => optim::adamw(e, a, &ins, &outs),
+        other => Err(LowerError(format!("`{}` has no GPU kernel yet", other.name()))),
+    }
+}
+
+/// Bytes of an operand's tensor (dense).
+fn bytes_of(o: &Operand) -> weft_runtime::device::Extent {
+    o.elems().times(o.dtype().bytes() as i64)
+}
+
+/// A short signature of operands for kernel names: element type letter, and the row stride
+/// where it differs from the width.
+fn sig(ops: &[&Operand]) -> String {
+    ops.iter()
+        .map(|o| {
+            let t = match o.dtype() {
+                DType::F32 => "f",
+                DType::BF16 => "b",
+                DType::I32 => "i",
+                DType::F16 => "h",
+            };
+            if o.dense() {
+                t.to_string()
+            } else {
+                format!("{t}{}", o.ld)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("")
+}
+
+/// `base[row·ld + col]` as f32.
+fn load_at(k: &mut KernelBuilder, p: &V, o: &Operand, row: &V, col: &V) -> V {
+    let ld = k.i64(o.ld as i64);
+    let r = k.mul(row, &ld);
+    let i = k.add(&r, col);
+    k.load_f32(p, &i, o.elem())
+}
+
+fn store_at(k: &mut KernelBuilder, v: &V, p: &V, o: &Operand, row: &V, col: &V) {
+    let ld = k.i64(o.ld as i64);
+    let r = k.mul(row, &ld);
+    let i = k.add(&r, col);
+    k.store(v, p, &i, o.elem());
+}
+
+/// The number of threads per block of the row-wise and elementwise kernels.
+const THREADS: u32 = 256;
+
+#[allow(dead_code)]
+fn f32_ty() -> Ty {
+    Ty::F32
+}

@@ -1,0 +1,243 @@
+//! The optimizer step: the gradient norm (sum of squares), clipping, the learning-rate schedule
+//! (scalars that stay on the device) and AdamW.
+
+use super::super::{grid_1d, Emit, LowerError, Operand};
+use super::{sig, THREADS};
+use crate::lower::mlir::{Cmp, KernelBuilder, Ty};
+use weft_runtime::device::{master_name, Arg, Base, BufferArg, Extent, GridDim};
+use weft_runtime::op::{AdamWAttrs, ScheduleAttrs};
+
+/// Blocks of the sum-of-squares kernel (each takes a strided share, then one atomic add).
+const SUM_BLOCKS: i64 = 264;
+
+pub(super) fn sum_squares(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Result<(), LowerError> {
+    let (x, out) = (&ins[0], &outs[0]);
+    let name = format!("sum_squares_{}", sig(&[x]));
+    let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
+    let xp = k.ptr("x");
+    let op = k.ptr("out");
+    let n = k.scalar_i64("n");
+    let scratch = k.shared("partial", Ty::F32, (THREADS / 32) as u64);
+    let tid = k.thread_id('x');
+    let bid = k.block_id('x');
+    let nb = k.grid_dim('x');
+    let t = k.i64(THREADS as i64);
+    let start = k.mul(&bid, &t);
+    let start = k.add(&start, &tid);
+    let stride = k.mul(&nb, &t);
+    let zero = k.f32(0.0);
+    let s = k.for_dyn(&start, &n, &stride, &[zero], |k, i, acc| {
+        let v = k.load_f32(&xp, &i, x.elem());
+        vec![k.fma(&v, &v, &acc[0])]
+    });
+    let total = k.block_sum(&s[0], &scratch);
+    let z = k.i64(0);
+    let first = k.cmp(Cmp::Eq, &tid, &z);
+    k.if_(&first, |k| k.atomic_add(&total, &op, &z));
+    e.zero(out.buf.clone(), Extent::constant(4));
+    if !x.dense() {
+        return Err(LowerError("sum_squares reads a dense tensor".into()));
+    }
+    let args = vec![x.arg(), out.arg(), Arg::I64 { value: x.elems() }];
+    e.launch(k, [GridDim::fixed(SUM_BLOCKS), GridDim::fixed(1), GridDim::fixed(1)], 0, args);
+    Ok(())
+}
+
+/// A one-thread kernel over f32 scalars.
+fn scalar_kernel(
+    e: &mut Emit,
+    name: &str,
+    ins: &[&Operand],
+    out: &Operand,
+    f: impl FnOnce(&mut KernelBuilder, &[crate::lower::mlir::V]) -> crate::lower::mlir::V,
+) {
+    let mut k = KernelBuilder::new(name, [1, 1, 1]);
+    let ptrs: Vec<_> = (0..ins.len()).map(|i| k.ptr(&format!("in{i}"))).collect();
+    let op = k.ptr("out");
+    let z = k.i64(0);
+    let vals: Vec<_> = ins.iter().zip(&ptrs).map(|(o, p)| k.load(p, &z, o.elem())).collect();
+    let r = f(&mut k, &vals);
+    k.store(&r, &op, &z, out.elem());
+    let mut args: Vec<Arg> = ins.iter().map(|o| o.arg()).collect();
+    args.push(out.arg());
+    e.launch(k, grid_1d(Extent::constant(1), 1), 0, args);
+}
+
+pub(super) fn add_scalar(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Result<(), LowerError> {
+    scalar_kernel(e, "add_scalar", &[&ins[0], &ins[1]], &outs[0], |k, v| k.add(&v[0], &v[1]));
+    Ok(())
+}
+
+/// `min(1, max_norm / (sqrt(ss) + 1e-6))`, or 1 when `max_norm` is 0.
+pub(super) fn clip_scale(e: &mut Emit, max_norm: f64, ins: &[Operand], outs: &[Operand]) -> Result<(), LowerError> {
+    let name = format!("clip_scale_{:08x}", (max_norm as f32).to_bits());
+    scalar_kernel(e, &name, &[&ins[0]], &outs[0], |k, v| {
+        if max_norm <= 0.0 {
+            return k.f32(1.0);
+        }
+        let s = k.sqrt(&v[0]);
+        let eps = k.f32(1e-6);
+        let d = k.add(&s, &eps);
+        let m = k.f32(max_norm as f32);
+        let r = k.div(&m, &d);
+        let one = k.f32(1.0);
+        k.min(&r, &one)
+    });
+    Ok(())
+}
+
+/// Warm-up then cosine decay, from the step counter on the device.
+pub(super) fn lr_schedule(
+    e: &mut Emit,
+    s: &ScheduleAttrs,
+    ins: &[Operand],
+    outs: &[Operand],
+) -> Result<(), LowerError> {
+    let name = format!(
+        "lr_schedule_{:08x}_{:08x}_{}_{}",
+        (s.peak as f32).to_bits(),
+        (s.min as f32).to_bits(),
+        s.warmup,
+        s.total
+    );
+    let s = s.clone();
+    scalar_kernel(e, &name, &[&ins[0]], &outs[0], move |k, v| {
+        let step = k.cast(&v[0], Ty::F32);
+        let peak = k.f32(s.peak as f32);
+        let warm = k.f32(s.warmup as f32);
+        let one = k.f32(1.0);
+        let sp1 = k.add(&step, &one);
+        let wr = k.mul(&peak, &sp1);
+        let warm_lr = k.div(&wr, &warm);
+        let span = k.f32(s.total.saturating_sub(s.warmup).max(1) as f32);
+        let since = k.sub(&step, &warm);
+        let prog = k.div(&since, &span);
+        let prog = k.min(&prog, &one);
+        let pi = k.f32(std::f32::consts::PI);
+        let ang = k.mul(&pi, &prog);
+        let c = k.cos(&ang);
+        let c1 = k.add(&one, &c);
+        let half = k.f32(0.5 * (s.peak - s.min) as f32);
+        let mn = k.f32(s.min as f32);
+        let decay = k.fma(&half, &c1, &mn);
+        let in_warmup = k.cmp(Cmp::Lt, &step, &warm);
+        k.select(&in_warmup, &warm_lr, &decay)
+    });
+    Ok(())
+}
+
+/// AdamW, PyTorch's form, elementwise over one parameter tensor.
+pub(super) fn adamw(e: &mut Emit, a: &AdamWAttrs, ins: &[Operand], outs: &[Operand]) -> Result<(), LowerError> {
+    let [p, g, m, v, lr, clip, step] = ins else { return Err(LowerError("adamw takes 7 inputs".into())) };
+    let [p2, m2, v2] = outs else { return Err(LowerError("adamw has 3 outputs".into())) };
+    for o in [p, g, m, v, p2, m2, v2] {
+        if !o.dense() {
+            return Err(LowerError("adamw reads dense tensors".into()));
+        }
+    }
+    // A bf16 parameter is updated through its f32 master copy (read and written in place);
+    // the bf16 output is the rounded master.
+    let master = (p.dtype() == weft_runtime::DType::BF16).then(|| match &p.buf.base {
+        Base::Value(v) => {
+            e.persistent_name(*v).map(|n| BufferArg { base: Base::Persistent(master_name(&n)), offset: 0 })
+        }
+        _ => None,
+    });
+    let master = match master {
+        Some(Some(m)) => Some(m),
+        Some(None) => return Err(LowerError("adamw on a bf16 tensor that is not a parameter".into())),
+        None => None,
+    };
+    let name = format!(
+        "adamw{}_{:08x}_{:08x}_{:08x}_{:08x}_{}",
+        if master.is_some() { "_master" } else { "" },
+        (a.beta1 as f32).to_bits(),
+        (a.beta2 as f32).to_bits(),
+        (a.eps as f32).to_bits(),
+        (a.weight_decay as f32).to_bits(),
+        sig(&[p, g, m, v, p2, m2, v2])
+    );
+    let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
+    let (pp, gp, mp, vp, lrp, cp, sp, p2p, m2p, v2p) = (
+        k.ptr("param"),
+        k.ptr("grad"),
+        k.ptr("m"),
+        k.ptr("v"),
+        k.ptr("lr"),
+        k.ptr("clip"),
+        k.ptr("step"),
+        k.ptr("param_out"),
+        k.ptr("m_out"),
+        k.ptr("v_out"),
+    );
+    let mp32 = master.as_ref().map(|_| k.ptr("master"));
+    let n = k.scalar_i64("n");
+    let tid = k.thread_id('x');
+    let bid = k.block_id('x');
+    let t = k.i64(THREADS as i64);
+    let i = k.mul(&bid, &t);
+    let i = k.add(&i, &tid);
+    let inside = k.cmp(Cmp::Lt, &i, &n);
+    k.if_(&inside, |k| {
+        let z = k.i64(0);
+        let lr = k.load(&lrp, &z, Ty::F32);
+        let clip = k.load(&cp, &z, Ty::F32);
+        let st = k.load(&sp, &z, Ty::I32);
+        let one_i = k.i32(1);
+        let st = k.add(&st, &one_i);
+        let t = k.cast(&st, Ty::F32);
+        // βᵗ = 2^(t·log2 β).
+        let l1 = k.f32((a.beta1 as f32).log2());
+        let l2 = k.f32((a.beta2 as f32).log2());
+        let e1 = k.mul(&t, &l1);
+        let e2 = k.mul(&t, &l2);
+        let b1t = k.exp2(&e1);
+        let b2t = k.exp2(&e2);
+        let one = k.f32(1.0);
+        let d1 = k.sub(&one, &b1t);
+        let d2 = k.sub(&one, &b2t);
+        let c1 = k.recip(&d1);
+        let c2 = k.recip(&d2);
+        let gv = k.load_f32(&gp, &i, g.elem());
+        let gv = k.mul(&gv, &clip);
+        let b1 = k.f32(a.beta1 as f32);
+        let b2 = k.f32(a.beta2 as f32);
+        let ob1 = k.f32(1.0 - a.beta1 as f32);
+        let ob2 = k.f32(1.0 - a.beta2 as f32);
+        let mv = k.load_f32(&mp, &i, m.elem());
+        let vv = k.load_f32(&vp, &i, v.elem());
+        let mg = k.mul(&ob1, &gv);
+        let mn = k.fma(&b1, &mv, &mg);
+        let gg = k.mul(&gv, &gv);
+        let vg = k.mul(&ob2, &gg);
+        let vn = k.fma(&b2, &vv, &vg);
+        let mhat = k.mul(&mn, &c1);
+        let vhat = k.mul(&vn, &c2);
+        let sq = k.sqrt(&vhat);
+        let eps = k.f32(a.eps as f32);
+        let den = k.add(&sq, &eps);
+        let upd = k.div(&mhat, &den);
+        let upd = k.mul(&lr, &upd);
+        let wd = k.f32(a.weight_decay as f32);
+        let lwd = k.mul(&lr, &wd);
+        let decay = k.sub(&one, &lwd);
+        let pv = match &mp32 {
+            Some(mp) => k.load(mp, &i, Ty::F32),
+            None => k.load_f32(&pp, &i, p.elem()),
+        };
+        let pn = k.mul(&pv, &decay);
+        let pn = k.sub(&pn, &upd);
+        if let Some(mp) = &mp32 {
+            k.store(&pn, mp, &i, Ty::F32);
+        }
+        k.store(&pn, &p2p, &i, p2.elem());
+        k.store(&mn, &m2p, &i, m2.elem());
+        k.store(&vn, &v2p, &i, v2.elem());
+    });
+    let args = vec![p.arg(), g.arg(), m.arg(), v.arg(), lr.arg(), clip.arg(), step.arg(), p2.arg(), m2.arg(), v2.arg()];
+    let mut args = args;
+    args.extend(master.map(Arg::Buffer));
+    args.push(Arg::I64 { value: p.elems() });
+    e.launch(k, grid_1d(p.elems(), THREADS as u64), 0, args);
+    Ok(())
+}

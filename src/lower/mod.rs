@@ -1,0 +1,276 @@
+//! Lowering: plans to device plans and GPU kernels.
+//!
+//! Each step of a [`Plan`] becomes matrix products (cuBLASLt problems, described in the device
+//! plan) and launches of kernels generated for the step's sizes (`kernels/`, written against
+//! the MLIR builder in `mlir.rs`). Kernels are named by what they are specialised to, so the
+//! same kernel is generated once however many layers use it. `compile.rs` turns each kernel's
+//! MLIR into PTX; `cache.rs` keeps PTX by content hash so an unchanged rebuild compiles nothing.
+
+pub mod cache;
+pub mod compile;
+mod kernels;
+pub mod mlir;
+
+use crate::lower::mlir::{KernelBuilder, Ty};
+use std::collections::BTreeMap;
+use weft_runtime::device::{
+    Arg, Base, BufferArg, DevicePlan, DeviceStep, Extent, Gemm, GridDim, Launch, MatrixArg, Table,
+};
+use weft_runtime::memory::{plan_memory, row_pitch};
+use weft_runtime::plan::{Plan, ValueId};
+use weft_runtime::{DType, Dim, Op, TensorType};
+
+/// The chip kernels are built for (Hopper; sm_90a is used by kernels that issue wgmma).
+pub const CHIP: &str = "sm_90";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LowerError(pub String);
+
+impl std::fmt::Display for LowerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for LowerError {}
+
+/// A generated kernel: its MLIR module and the launch shape it was written for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kernel {
+    pub name: String,
+    pub mlir: String,
+}
+
+/// Lowers `plan` for calls of up to `batch` sequences of `seq` tokens; new kernels are added
+/// to `kernels` (a kernel already there by name is reused).
+pub fn lower_plan(
+    plan: &Plan,
+    batch: u64,
+    seq: u64,
+    kernels: &mut BTreeMap<String, Kernel>,
+) -> Result<DevicePlan, LowerError> {
+    let memory = plan_memory(plan, batch, seq);
+    let mut e = Emit::new(plan, batch, seq, kernels);
+    for (i, step) in plan.steps.iter().enumerate() {
+        let before = e.steps.len();
+        e.step_scratch = 0;
+        kernels::lower_step(&mut e, step)
+            .map_err(|LowerError(m)| LowerError(format!("plan `{}`, step {i} ({}): {m}", plan.name, step.op)))?;
+        e.origin.extend(std::iter::repeat_n(i, e.steps.len() - before));
+    }
+    Ok(DevicePlan {
+        name: plan.name.clone(),
+        memory,
+        scratch_bytes: e.scratch,
+        tables: e.tables,
+        exact_shape: e.exact_shape,
+        origin: e.origin,
+        steps: e.steps,
+    })
+}
+
+/// A value as a kernel sees it: where it starts, its type, and the elements between rows (a
+/// slice's rows keep the stride of the tensor it views).
+#[derive(Clone, Debug)]
+pub(crate) struct Operand {
+    pub buf: BufferArg,
+    pub ty: TensorType,
+    /// Last dimension.
+    pub width: u64,
+    /// Elements from one row to the next.
+    pub ld: u64,
+}
+
+impl Operand {
+    pub fn elem(&self) -> Ty {
+        Ty::of(self.ty.dtype)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.ty.dtype
+    }
+
+    /// Rows: the product of every dimension but the last.
+    pub fn rows(&self) -> Extent {
+        extent_of(&self.ty.shape.0[..self.ty.shape.0.len().saturating_sub(1)])
+    }
+
+    pub fn elems(&self) -> Extent {
+        extent_of(&self.ty.shape.0)
+    }
+
+    pub fn arg(&self) -> Arg {
+        Arg::Buffer(self.buf.clone())
+    }
+
+    pub fn matrix(&self) -> MatrixArg {
+        MatrixArg { buffer: self.buf.clone(), dtype: self.ty.dtype, ld: self.ld }
+    }
+
+    /// Whether rows follow each other with no gap.
+    pub fn dense(&self) -> bool {
+        self.ld == self.width
+    }
+}
+
+/// The product of dimensions as an extent (at most one `B` and one `T`).
+pub(crate) fn extent_of(dims: &[Dim]) -> Extent {
+    let mut fixed = 1i64;
+    let (mut b, mut t) = (false, false);
+    for d in dims {
+        match d {
+            Dim::Batch => b = true,
+            Dim::Seq => t = true,
+            Dim::Fixed(n) => fixed *= *n as i64,
+        }
+    }
+    match (b, t) {
+        (true, true) => Extent::per_token(fixed),
+        (true, false) => Extent::per_sequence(fixed),
+        // A sequence dimension without a batch does not occur in plans.
+        (false, _) => Extent::constant(fixed),
+    }
+}
+
+/// The state of lowering one plan.
+pub(crate) struct Emit<'a> {
+    plan: &'a Plan,
+    /// For each value that is a view: the value whose buffer it lives in, and its element offset
+    /// within each row.
+    views: Vec<Option<(ValueId, u64)>>,
+    /// Values a step writes (in the arena, rows at `row_pitch`); the rest are inputs and
+    /// persistent tensors with dense rows.
+    in_arena: Vec<bool>,
+    kernels: &'a mut BTreeMap<String, Kernel>,
+    pub steps: Vec<DeviceStep>,
+    origin: Vec<usize>,
+    scratch: u64,
+    /// Scratch bytes the current step has taken so far.
+    step_scratch: u64,
+    batch: u64,
+    seq: u64,
+    tables: Vec<Table>,
+    exact_shape: bool,
+}
+
+impl<'a> Emit<'a> {
+    fn new(plan: &'a Plan, batch: u64, seq: u64, kernels: &'a mut BTreeMap<String, Kernel>) -> Emit<'a> {
+        let mut views: Vec<Option<(ValueId, u64)>> = vec![None; plan.values.len()];
+        for step in &plan.steps {
+            if let Op::Slice { start, .. } = step.op {
+                let src = step.inputs[0];
+                let (root, off) = views[src as usize].unwrap_or((src, 0));
+                views[step.outputs[0] as usize] = Some((root, off + start));
+            }
+        }
+        let mut in_arena = vec![false; plan.values.len()];
+        for step in &plan.steps {
+            for &v in &step.outputs {
+                in_arena[v as usize] = true;
+            }
+        }
+        Emit {
+            plan,
+            views,
+            in_arena,
+            kernels,
+            steps: Vec::new(),
+            origin: Vec::new(),
+            scratch: 0,
+            step_scratch: 0,
+            batch,
+            seq,
+            tables: Vec::new(),
+            exact_shape: false,
+        }
+    }
+
+    pub fn operand(&self, v: ValueId) -> Operand {
+        let ty = self.plan.values[v as usize].clone();
+        let width = ty.shape.last().unwrap_or(1);
+        match self.views[v as usize] {
+            Some((root, start)) => {
+                let rty = &self.plan.values[root as usize];
+                let ld = if self.in_arena[root as usize] { row_pitch(rty) } else { rty.shape.last().unwrap_or(1) };
+                Operand { buf: BufferArg { base: Base::Value(root), offset: start * ty.dtype.bytes() }, width, ld, ty }
+            }
+            None => {
+                let ld = if self.in_arena[v as usize] { row_pitch(&ty) } else { width };
+                Operand { buf: BufferArg { base: Base::Value(v), offset: 0 }, width, ld, ty }
+            }
+        }
+    }
+
+    /// Scratch for the current step: `bytes` (at the largest call), 256-byte aligned. Scratch
+    /// lives only within one plan step, so every step's parts start again at zero.
+    pub fn scratch(&mut self, bytes: Extent) -> BufferArg {
+        let offset = self.step_scratch;
+        self.step_scratch += (bytes.eval(self.batch, self.seq).max(0) as u64).div_ceil(256) * 256;
+        self.scratch = self.scratch.max(self.step_scratch);
+        BufferArg { base: Base::Scratch, offset }
+    }
+
+    /// The name of a persistent value (a parameter or state), if `v` is one.
+    pub fn persistent_name(&self, v: ValueId) -> Option<String> {
+        self.plan.persistent.iter().find(|(_, x)| *x == v).map(|(n, _)| n.clone())
+    }
+
+    /// Marks the plan as runnable only at the shape it was lowered for (its steps were
+    /// unrolled over the rows of that shape).
+    pub fn exact_shape(&mut self) {
+        self.exact_shape = true;
+    }
+
+    /// The largest call the plan is lowered for: (sequences, tokens per sequence).
+    pub fn max_shape(&self) -> (u64, u64) {
+        (self.batch, self.seq)
+    }
+
+    /// A constant table for the plan (shared by every step that asks for the same one).
+    pub fn table(&mut self, t: Table) -> BufferArg {
+        let i = match self.tables.iter().position(|x| *x == t) {
+            Some(i) => i,
+            None => {
+                self.tables.push(t);
+                self.tables.len() - 1
+            }
+        };
+        BufferArg { base: Base::Table(i as u32), offset: 0 }
+    }
+
+    /// Adds a launch of `k` (registering the kernel) over `grid` blocks.
+    pub fn launch(&mut self, k: KernelBuilder, grid: [GridDim; 3], shared_bytes: u32, args: Vec<Arg>) {
+        let block = k.block();
+        assert_eq!(
+            k.params().len(),
+            args.len(),
+            "kernel `{}`: {} parameters, {} arguments",
+            k.name(),
+            k.params().len(),
+            args.len()
+        );
+        let name = k.name().to_string();
+        let mlir = k.finish(CHIP);
+        match self.kernels.get(&name) {
+            // A kernel's name carries everything it is specialised to; one name, one kernel.
+            Some(old) => assert_eq!(old.mlir, mlir, "two different kernels are named `{name}`"),
+            None => {
+                self.kernels.insert(name.clone(), Kernel { name: name.clone(), mlir });
+            }
+        }
+        self.steps.push(DeviceStep::Launch(Launch { kernel: name, grid, block, shared_bytes, args }));
+    }
+
+    pub fn gemm(&mut self, g: Gemm) {
+        self.steps.push(DeviceStep::Gemm(g));
+    }
+
+    pub fn zero(&mut self, buffer: BufferArg, bytes: Extent) {
+        self.steps.push(DeviceStep::Zero { buffer, bytes });
+    }
+}
+
+/// A 1-D grid of `ceil(extent / per_block)` blocks.
+pub(crate) fn grid_1d(extent: Extent, per_block: u64) -> [GridDim; 3] {
+    [GridDim { extent, per_block }, GridDim::fixed(1), GridDim::fixed(1)]
+}

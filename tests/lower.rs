@@ -1,0 +1,193 @@
+//! Lowering: device plans, generated kernels, PTX checked by ptxas, bundles.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use weft::build::{build_bundle, lower_program, render_plans, Lowered, Shapes};
+use weft::config::RunConfig;
+use weft::lower::cache::Cache;
+use weft::snapshot::{kernel_snapshots, ptxas_path, ptxas_report};
+use weft_runtime::bundle::{Bundle, FORMAT_VERSION};
+use weft_runtime::device::{DeviceStep, Table};
+use weft_runtime::plan::Program;
+
+/// Small shapes keep arenas small; kernels do not depend on them.
+fn shapes() -> Shapes {
+    Shapes { batch: 2, seq: 256, gen_batch: 1, max_prompt: 320 }
+}
+
+fn program(rel: &str) -> Program {
+    let c = crate::checked(rel);
+    let settings = RunConfig::default();
+    let opt = weft::program::OptimizerSettings::from_config(&settings);
+    weft::program::build_program(&c.model, &opt, 320).expect("program")
+}
+
+/// Content-hashed, so sharing it between tests and runs is safe.
+fn cache() -> Cache {
+    Cache::at(&crate::root().join("target/test-kernel-cache"))
+}
+
+fn spec_files() -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    for dir in ["specs", "specs/tiny"] {
+        for e in std::fs::read_dir(crate::root().join(dir)).unwrap().flatten() {
+            if e.path().extension().is_some_and(|x| x == "weft") {
+                v.push(Path::new(dir).join(e.file_name()));
+            }
+        }
+    }
+    v.sort();
+    v
+}
+
+/// GLA and RetNet layers run on the CPU backend only, for now.
+fn waits_for_gpu_kernels(spec: &Path) -> bool {
+    let s = spec.to_string_lossy();
+    s.contains("gla") || s.contains("retnet")
+}
+
+fn lowered(rel: &str) -> Lowered {
+    lower_program(&program(rel), &shapes()).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+#[test]
+fn every_spec_lowers_or_names_the_operation_that_waits() {
+    for spec in spec_files() {
+        let rel = spec.to_str().unwrap();
+        let r = lower_program(&program(rel), &shapes());
+        if waits_for_gpu_kernels(&spec) {
+            let e = r.err().unwrap_or_else(|| panic!("{rel} lowered, but GLA/RetNet have no kernels"));
+            assert!(e.0.contains("has no GPU kernel yet"), "{rel}: {e}");
+            assert!(e.0.contains("gla") || e.0.contains("retention"), "{rel}: {e}");
+            continue;
+        }
+        let l = r.unwrap_or_else(|e| panic!("{rel}: {e}"));
+        assert_eq!(l.plans.len(), 6, "{rel}");
+        for (name, (_, dp)) in &l.plans {
+            dp.memory.check().unwrap_or_else(|e| panic!("{rel} {name}: {e}"));
+            assert_eq!(dp.origin.len(), dp.steps.len());
+            for s in &dp.steps {
+                if let DeviceStep::Launch(launch) = s {
+                    assert!(l.kernels.contains_key(&launch.kernel), "{rel}: {}", launch.kernel);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn identical_kernels_are_generated_once() {
+    let l = lowered("specs/samba-421m.weft");
+    let launches: usize =
+        l.plans.values().map(|(_, dp)| dp.steps.iter().filter(|s| matches!(s, DeviceStep::Launch(_))).count()).sum();
+    // 12 Samba blocks share one kernel per operation and size: ~50 kernels for ~1000 launches.
+    assert!(launches > 900, "{launches} launches");
+    assert!(l.kernels.len() < 70, "{} kernels", l.kernels.len());
+    // The same name never stands for two different kernels, across specs too.
+    let mut by_name: BTreeMap<String, String> = BTreeMap::new();
+    for spec in ["specs/samba-421m.weft", "specs/llama2-438m.weft", "specs/mamba-432m.weft"] {
+        for (name, k) in lowered(spec).kernels {
+            if let Some(old) = by_name.insert(name.clone(), k.mlir.clone()) {
+                assert_eq!(old, k.mlir, "{name} differs between specs");
+            }
+        }
+    }
+}
+
+#[test]
+fn widths_that_break_16_byte_rows_are_padded_in_the_arena() {
+    let text = render_plans(&lowered("specs/samba-1.7b.weft").plans);
+    // The MLP's 8196-wide activations live in rows of 8200 bf16 (16-byte aligned); the weights
+    // keep their dense 8196 columns.
+    assert!(text.contains("n=8196 k=2048") && text.contains("[bf16 ld 8200]"), "{}", &text[..2000]);
+    assert!(text.contains("swiglu_w8196_b8200b8200b8200"));
+    // No activation (B·T rows) is written with the unaligned pitch.
+    let unaligned = text
+        .lines()
+        .filter(|l| l.contains("m=B·T n=8196"))
+        .filter(|l| l.split("-> ").nth(1).is_some_and(|o| o.contains("ld 8196]")));
+    assert_eq!(unaligned.count(), 0);
+}
+
+#[test]
+fn rope_tables_are_planned_for_the_positions_a_plan_reaches() {
+    let l = lowered("specs/tiny/samba-tiny.weft");
+    let (_, train) = &l.plans["train_step"];
+    assert!(train
+        .tables
+        .iter()
+        .any(|t| matches!(t, Table::RopeCos { positions, head_dim: 64, .. } if *positions >= 256)));
+    let nope = lowered("specs/tiny/samba-nope-tiny.weft");
+    assert!(nope.plans.values().all(|(_, dp)| dp.tables.is_empty()));
+}
+
+#[test]
+fn ptxas_assembles_every_kernel_of_every_spec() {
+    let ptxas = ptxas_path().expect("ptxas not found: run scripts/setup.sh (or set WEFT_PTXAS)");
+    let mut reports: BTreeMap<String, String> = BTreeMap::new();
+    for spec in spec_files().into_iter().filter(|s| !waits_for_gpu_kernels(s)) {
+        let rel = spec.to_str().unwrap();
+        let (bundle, _) = build_bundle(&program(rel), &shapes(), &cache()).unwrap_or_else(|e| panic!("{rel}: {e}"));
+        let mut table = String::new();
+        for k in &bundle.kernels {
+            let r = reports.entry(k.name.clone()).or_insert_with(|| {
+                let r = ptxas_report(&ptxas, &k.name, &k.ptx).unwrap_or_else(|e| panic!("{rel}: {e}"));
+                assert_eq!(r.spill_bytes, 0, "{rel}: kernel {} spills:\n{}", k.name, r.text);
+                format!("regs {:>3}  stack {:>5}  smem {:>6}", r.registers, r.stack_bytes, r.shared_bytes)
+            });
+            table.push_str(&format!("{:<72} {r}\n", k.name));
+        }
+        let stem = spec.file_stem().unwrap().to_string_lossy().replace('.', "_");
+        insta::assert_snapshot!(format!("ptxas__{stem}"), table);
+    }
+}
+
+#[test]
+fn kernels_of_the_tiny_specs_match_their_snapshots() {
+    let mut seen = std::collections::BTreeSet::new();
+    for spec in spec_files().into_iter().filter(|s| s.starts_with("specs/tiny") && !waits_for_gpu_kernels(s)) {
+        let rel = spec.to_str().unwrap();
+        let snaps = kernel_snapshots(&program(rel), &shapes(), &cache()).unwrap_or_else(|e| panic!("{rel}: {e}"));
+        for s in snaps {
+            if seen.insert(s.name.clone()) {
+                assert!(s.ptxas.is_some(), "ptxas not found: run scripts/setup.sh");
+                insta::assert_snapshot!(format!("kernel__{}", s.name), s.render());
+            }
+        }
+    }
+}
+
+fn tiny_bundle() -> Bundle {
+    build_bundle(&program("specs/tiny/samba-tiny.weft"), &shapes(), &cache()).expect("bundle").0
+}
+
+#[test]
+fn bundles_round_trip_and_damage_is_refused() {
+    let b = tiny_bundle();
+    let bytes = b.to_bytes();
+    let back = Bundle::from_bytes(&bytes).expect("reads back");
+    // Compared field by field: a failure prints what differs, not two whole bundles.
+    assert!(back.program == b.program, "the program changed in the round trip");
+    assert!(back.plans == b.plans, "the device plans changed in the round trip");
+    assert!(back.kernels == b.kernels, "the kernels changed in the round trip");
+
+    let err = |bytes: &[u8]| Bundle::from_bytes(bytes).expect_err("damaged bundle accepted").0;
+    assert!(err(b"hello").contains("not a weft bundle"));
+    let mut v = bytes.clone();
+    v[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+    let e = err(&v);
+    assert!(e.contains(&format!("format version {}", FORMAT_VERSION + 1)) && e.contains("weft build"), "{e}");
+    let e = err(&bytes[..bytes.len() / 2]);
+    assert!(e.contains("truncated") || e.contains("damaged"), "{e}");
+    // A flipped byte in the last kernel's PTX.
+    let mut v = bytes.clone();
+    let n = v.len();
+    v[n - 10] ^= 0x20;
+    let e = err(&v);
+    assert!(e.contains("does not match its checksum") && e.contains("kernel"), "{e}");
+    // A manifest that parses but launches a kernel the bundle lacks.
+    let mut b2 = b.clone();
+    b2.kernels.retain(|k| !k.name.starts_with("rms_norm_w"));
+    let e = err(&b2.to_bytes());
+    assert!(e.contains("which the bundle does not hold"), "{e}");
+}
