@@ -140,3 +140,55 @@ pub fn bench_cpu(spec: &Path, seq: u64, batch: u64, steps: usize) -> Result<Benc
         gemm_flops_per_s: 2.0 * (m * k * nn) as f64 / gemm_s,
     })
 }
+
+/// Compile time of a spec's whole bundle (training step, evaluation, optimizer, logits, prefill
+/// and decode; every kernel to PTX, no ptxas), from the spec text: once with an empty kernel
+/// cache, then again with the cache the first build filled.
+pub struct CompileReport {
+    pub model: String,
+    pub kernels: usize,
+    pub plans: usize,
+    pub cold_s: f64,
+    pub warm_s: f64,
+    pub bundle_bytes: usize,
+}
+
+pub fn bench_compile(spec: &Path, settings: &RunConfig) -> Result<CompileReport, String> {
+    let cache_dir = std::env::temp_dir().join(format!("weft-compile-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache_dir);
+    let cache = crate::lower::cache::Cache::at(&cache_dir);
+    let build = || -> Result<(usize, usize, usize), String> {
+        let checked = crate::check_file(spec).map_err(|f| f.render())?;
+        let max_context = settings.train.seq_len + settings.generate.max_new_tokens;
+        let program =
+            build_program(&checked.model, &OptimizerSettings::from_config(settings), max_context).map_err(|e| e.0)?;
+        let shapes = crate::build::Shapes::from_settings(settings);
+        let (bundle, stats) = crate::build::build_bundle(&program, &shapes, &cache).map_err(|e| e.to_string())?;
+        Ok((stats.kernels, bundle.plans.len(), bundle.to_bytes().len()))
+    };
+    let t = Instant::now();
+    let (kernels, plans, bundle_bytes) = build()?;
+    let cold_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    build()?;
+    let warm_s = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&cache_dir);
+    let model = spec.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    Ok(CompileReport { model, kernels, plans, cold_s, warm_s, bundle_bytes })
+}
+
+impl CompileReport {
+    pub fn render(&self) -> String {
+        format!(
+            "{}: bundle of {} plans, {} kernels ({:.1} MiB), on {} threads\n  cold build (empty kernel cache) {:>7.2} s\n  unchanged rebuild (cache hit)   {:>7.2} s ({:.0}x faster)\n",
+            self.model,
+            self.plans,
+            self.kernels,
+            self.bundle_bytes as f64 / (1 << 20) as f64,
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            self.cold_s,
+            self.warm_s,
+            self.cold_s / self.warm_s.max(1e-9)
+        )
+    }
+}

@@ -119,6 +119,12 @@ enum Command {
         /// Timed repetitions of each plan.
         #[arg(long, default_value_t = 3)]
         steps: usize,
+        /// Measure compile time instead: the whole bundle from the spec, cold and rebuilt.
+        #[arg(long)]
+        compile: bool,
+        /// Run settings (TOML) for --compile (batch, sequence length, generation).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Generate text from the newest checkpoint of a training run.
     Generate {
@@ -337,9 +343,15 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 out.display()
             );
         }
-        Command::Bench { spec, seq, batch, steps } => {
-            let r = report(weft::bench::bench_cpu(&spec, seq, batch, steps.max(1)))?;
-            print!("{}", r.render());
+        Command::Bench { spec, seq, batch, steps, compile, config } => {
+            if compile {
+                let settings = config.as_deref().map(load_config).transpose()?.unwrap_or_default();
+                let r = report(weft::bench::bench_compile(&spec, &settings))?;
+                print!("{}", r.render());
+            } else {
+                let r = report(weft::bench::bench_cpu(&spec, seq, batch, steps.max(1)))?;
+                print!("{}", r.render());
+            }
         }
         Command::Graph { spec, dot, train, fused, dump_dir } => {
             let checked = front_end(&spec)?;

@@ -88,6 +88,16 @@ pub enum Table {
     RopeCos { base: f64, head_dim: u64, positions: u64 },
     /// The matching sines.
     RopeSin { base: f64, head_dim: u64, positions: u64 },
+    /// 64-bit words: device addresses of plan buffers and integers (a multi-tensor kernel's
+    /// list of tensors), resolved when the runtime loads the plan.
+    Words { words: Vec<Word> },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "word", rename_all = "snake_case")]
+pub enum Word {
+    Address(BufferArg),
+    Int { value: i64 },
 }
 
 /// A device pointer: `base` plus `offset` bytes.

@@ -19,5 +19,20 @@ for b in ${BENCH:-samba-421m samba-1.3b}; do
   ./weft-run bench "$b.bundle" --steps 3 | tee "bench-$b.log"
   summary+=("bench $b: $(grep -o 'MFU [0-9.]*%' "bench-$b.log" || echo failed), $(grep -o '[0-9]* tokens/s' "bench-$b.log" || true)")
 done
+if [ -z "${SKIP_TRAIN:-}" ]; then
+  echo "=== train samba-micro on Moby-Dick"
+  rm -rf run-micro
+  if ./weft-run train samba-micro.bundle --train moby-train.tokens --valid moby-valid.tokens --out run-micro \
+      --steps 300 --tokenizer tokenizer.json | tee train-micro.log; then
+    summary+=("train samba-micro: $(tail -1 train-micro.log)")
+    if [ -n "${OUT:-}" ]; then
+      mkdir -p "$OUT/micro"
+      cp run-micro/metrics.jsonl run-micro/loss.svg "$OUT/micro/"
+      cp run-micro/step-*/params.safetensors run-micro/step-*/optimizer.safetensors run-micro/step-*/state.json "$OUT/micro/"
+    fi
+  else
+    summary+=("train samba-micro: FAIL")
+  fi
+fi
 echo "=== summary"
 printf '%s\n' "${summary[@]}"

@@ -422,6 +422,12 @@ impl KernelBuilder {
         )
     }
 
+    /// A 64-bit integer read as a global-memory pointer (addresses from a table).
+    pub fn int_to_ptr(&mut self, v: &V) -> V {
+        assert_eq!(v.ty, Ty::I64);
+        self.emit(Ty::Ptr, format!("llvm.inttoptr {} : i64 to !llvm.ptr<1>", v.name))
+    }
+
     /// `base[index]` as an element of type `elem`.
     pub fn load(&mut self, base: &V, index: &V, elem: Ty) -> V {
         let p = self.gep(base, index, elem);

@@ -51,11 +51,17 @@ pub fn lower_plan(
 ) -> Result<DevicePlan, LowerError> {
     let memory = plan_memory(plan, batch, seq);
     let mut e = Emit::new(plan, batch, seq, kernels);
+    // AdamW over every parameter in one launch per kind of parameter, where the plan allows.
+    let adamw = kernels::adamw_group(plan);
     for (i, step) in plan.steps.iter().enumerate() {
         let before = e.steps.len();
         e.step_scratch = 0;
-        kernels::lower_step(&mut e, step)
-            .map_err(|LowerError(m)| LowerError(format!("plan `{}`, step {i} ({}): {m}", plan.name, step.op)))?;
+        let lowered = match &adamw {
+            Some(group) if group.first() == Some(&i) => kernels::lower_adamw_group(&mut e, group),
+            Some(group) if group.contains(&i) => Ok(()),
+            _ => kernels::lower_step(&mut e, step),
+        };
+        lowered.map_err(|LowerError(m)| LowerError(format!("plan `{}`, step {i} ({}): {m}", plan.name, step.op)))?;
         e.origin.extend(std::iter::repeat_n(i, e.steps.len() - before));
     }
     Ok(DevicePlan {
@@ -208,6 +214,10 @@ impl<'a> Emit<'a> {
         self.step_scratch += (bytes.eval(self.batch, self.seq).max(0) as u64).div_ceil(256) * 256;
         self.scratch = self.scratch.max(self.step_scratch);
         BufferArg { base: Base::Scratch, offset }
+    }
+
+    pub fn plan(&self) -> &'a Plan {
+        self.plan
     }
 
     /// The name of a persistent value (a parameter or state), if `v` is one.

@@ -10,7 +10,9 @@ use weft_runtime::cuda::{check, Gpu, GpuBackend};
 
 const USAGE: &str = "usage: weft-run info
        weft-run check BUNDLE [--seed N]
-       weft-run bench BUNDLE [--steps N]";
+       weft-run bench BUNDLE [--steps N]
+       weft-run train BUNDLE --train SHARD --valid SHARD --out DIR [--steps N] [--seed N]
+                      [--tokenizer NAME] [--log-every N] [--eval-every N] [--eval-batches N]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -29,6 +31,11 @@ fn flag(args: &[String], name: &str, default: u64) -> Result<u64, String> {
         None => Ok(default),
         Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).ok_or_else(|| format!("{name} needs a whole number")),
     }
+}
+
+fn value<'a>(args: &'a [String], name: &str) -> Result<&'a str, String> {
+    let i = args.iter().position(|a| a == name).ok_or_else(|| format!("{name} is required\n{USAGE}"))?;
+    args.get(i + 1).map(String::as_str).ok_or_else(|| format!("{name} needs a value"))
 }
 
 fn open(path: &str) -> Result<(Gpu, Bundle), String> {
@@ -67,6 +74,8 @@ fn train_inputs(bundle: &Bundle, seed: u64) -> Vec<(String, Tensor<f32>)> {
     vec![
         ("tokens".into(), Tensor::ints(vec![b, t], tokens(b * t, v, seed))),
         ("targets".into(), Tensor::ints(vec![b, t], tokens(b * t, v, seed + 1))),
+        // The training step scales its gradients by this (1/grad_accum in the training loop).
+        ("loss_scale".into(), Tensor::scalar(1.0)),
     ]
 }
 
@@ -156,6 +165,52 @@ fn run(args: &[String]) -> Result<bool, String> {
             for (class, t) in &split {
                 println!("  {class:<10} {t:>8.2} ms  {:>5.1}%", 100.0 * t / sum);
             }
+            Ok(true)
+        }
+        Some("train") => {
+            use weft_runtime::data::corpus::{load_shards, Windows};
+            use weft_runtime::train::{train, TrainOptions};
+            let path = args.get(1).ok_or(USAGE)?;
+            let (gpu, bundle) = open(path)?;
+            let shape = bundle.plans.get("train_step").ok_or("the bundle has no training step")?.0;
+            let v = vocab(&bundle);
+            let load = |flag: &str| -> Result<Windows, String> {
+                let file = PathBuf::from(value(args, flag)?);
+                let tokens = load_shards(std::slice::from_ref(&file), v).map_err(|e| e.0)?;
+                Windows::new(tokens, shape.seq as usize, &file).map_err(|e| e.0)
+            };
+            let (train_w, valid_w) = (load("--train")?, load("--valid")?);
+            let steps = flag(args, "--steps", 300)?;
+            let seed = flag(args, "--seed", 3407)?;
+            let out_dir = PathBuf::from(value(args, "--out")?);
+            std::fs::create_dir_all(&out_dir).map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
+            let opts = TrainOptions {
+                seed,
+                steps,
+                batch_size: shape.batch as usize,
+                seq_len: shape.seq as usize,
+                grad_accum: 1,
+                log_every: flag(args, "--log-every", 25)?,
+                eval_every: flag(args, "--eval-every", 50)?,
+                eval_batches: flag(args, "--eval-batches", 8)? as usize,
+                out_dir: out_dir.clone(),
+                checkpoint_every: 0,
+                keep: 1,
+                tokenizer: value(args, "--tokenizer").unwrap_or("byte").to_string(),
+                progress: false,
+            };
+            println!(
+                "training {} on {} ({} x {} tokens per step)",
+                bundle.program.model, gpu.name, shape.batch, shape.seq
+            );
+            let mut be = GpuBackend::new(gpu, bundle, seed).map_err(|e| e.0)?;
+            let s = train(&mut be, &train_w, &valid_w, &opts)?;
+            println!(
+                "final training loss {:.4}, held-out loss {:.4}, {:.0} tokens/s",
+                s.final_loss.unwrap_or(f64::NAN),
+                s.eval_loss.unwrap_or(f64::NAN),
+                s.tokens_per_s
+            );
             Ok(true)
         }
         _ => Err(USAGE.to_string()),

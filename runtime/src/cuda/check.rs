@@ -65,6 +65,16 @@ pub fn norm_relative(got: &Tensor<f32>, want: &Tensor<f32>) -> f64 {
     }
 }
 
+/// The inputs plan `name` takes, of those given.
+fn only_inputs_of(
+    gpu: &GpuBackend,
+    name: &str,
+    inputs: &[(String, Tensor<f32>)],
+) -> Result<Vec<(String, Tensor<f32>)>, String> {
+    let plan = gpu.program().plan(name).map_err(|e| e.0)?;
+    Ok(inputs.iter().filter(|(n, _)| plan.inputs.iter().any(|(m, _)| m == n)).cloned().collect())
+}
+
 /// `t` rounded to what a tensor of `dtype` can hold.
 fn round_to(t: &Tensor<f32>, dtype: DType) -> Tensor<f32> {
     match (&t.data, dtype) {
@@ -86,6 +96,7 @@ fn cpu_store(gpu: &GpuBackend) -> Result<Store<f32>, String> {
 /// Compares every step of plan `name` on `inputs`; one row per step output, named
 /// `plan[step] op.output`.
 pub fn check_steps(gpu: &mut GpuBackend, name: &str, inputs: &[(String, Tensor<f32>)]) -> Result<Vec<Row>, String> {
+    let inputs = &only_inputs_of(gpu, name, inputs)?;
     let mut store = cpu_store(gpu)?;
     // Parameters as the GPU's kernels read them (bf16 copies, not the f32 masters).
     for (n, t) in store.tensors.iter_mut() {

@@ -62,7 +62,8 @@ impl Gpu {
             )));
         }
         let memory_bytes = ctx.total_mem().map_err(cuda("device memory"))?;
-        let stream = ctx.default_stream();
+        // A stream of our own: the legacy default stream cannot be captured into a CUDA graph.
+        let stream = ctx.new_stream().map_err(cuda("create a stream"))?;
         let blas = super::blas::Blas::new(&stream)?;
         Ok(Gpu { ctx, stream, blas, name, memory_bytes, capability })
     }

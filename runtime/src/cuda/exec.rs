@@ -11,10 +11,10 @@ use crate::backend::Backend;
 use crate::bundle::{Bundle, PlanShape};
 use crate::cpu::exec::Store;
 use crate::cpu::tensor::{Data, Tensor};
-use crate::device::{master_name, Arg, Base, BufferArg, DevicePlan, DeviceStep, Table};
+use crate::device::{master_name, Arg, Base, BufferArg, DevicePlan, DeviceStep, Table, Word};
 use crate::plan::{Plan, Program, ValueId};
 use crate::{DType, Dim, TensorType};
-use cudarc::driver::{result, sys, CudaFunction, CudaModule};
+use cudarc::driver::{result, sys, CudaFunction, CudaGraph, CudaModule};
 use cudarc::nvrtc::Ptx;
 use half::bf16;
 use std::collections::{BTreeMap, HashMap};
@@ -32,6 +32,11 @@ struct LoadedPlan {
     inputs: BTreeMap<String, DeviceBuffer>,
     /// The arena offset of each value a step writes.
     offsets: HashMap<ValueId, u64>,
+    /// The plan's device steps captured as a CUDA graph, per call shape (B, T): replayed in one
+    /// launch. Captured on the second call of a shape (the first loads every kernel and picks
+    /// every cuBLASLt algorithm).
+    graphs: HashMap<(u64, u64), CudaGraph>,
+    calls: HashMap<(u64, u64), usize>,
 }
 
 pub struct GpuBackend {
@@ -142,21 +147,51 @@ impl GpuBackend {
         let plan = self.bundle.program.plan(name).map_err(|e| GpuError(e.0))?.clone();
         let arena = self.gpu.alloc(device.memory.arena_bytes as usize)?;
         let scratch = self.gpu.alloc(device.scratch_bytes as usize)?;
-        let mut tables = Vec::new();
-        for t in &device.tables {
-            let values = table_values(t);
-            let buf = self.gpu.alloc(values.len() * 4)?;
-            self.gpu.upload(buf.ptr, &values.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>())?;
-            tables.push(buf);
-        }
+        let tables = Vec::new();
         let mut inputs = BTreeMap::new();
         for (n, v) in &plan.inputs {
             let ty = &plan.values[*v as usize];
             inputs.insert(n.clone(), self.gpu.alloc(dense_bytes(ty, shape.batch, shape.seq))?);
         }
         let offsets = device.memory.buffers.iter().map(|b| (b.value, b.offset)).collect();
-        self.plans
-            .insert(name.to_string(), LoadedPlan { shape, device, plan, arena, scratch, tables, inputs, offsets });
+        self.plans.insert(
+            name.to_string(),
+            LoadedPlan {
+                shape,
+                device,
+                plan,
+                arena,
+                scratch,
+                tables,
+                inputs,
+                offsets,
+                graphs: HashMap::new(),
+                calls: HashMap::new(),
+            },
+        );
+        // Tables last: lists of addresses need every buffer of the plan in place.
+        let lp = &self.plans[name];
+        let mut tables = Vec::new();
+        for t in &lp.device.tables {
+            let bytes: Vec<u8> = match t {
+                Table::Words { words } => {
+                    let mut v = Vec::with_capacity(words.len() * 8);
+                    for w in words {
+                        let x = match w {
+                            Word::Address(b) => self.addr(lp, b)?,
+                            Word::Int { value } => *value as u64,
+                        };
+                        v.extend_from_slice(&x.to_le_bytes());
+                    }
+                    v
+                }
+                _ => table_values(t).iter().flat_map(|x| x.to_le_bytes()).collect(),
+            };
+            let buf = self.gpu.alloc(bytes.len())?;
+            self.gpu.upload(buf.ptr, &bytes)?;
+            tables.push(buf);
+        }
+        self.plans.get_mut(name).expect("inserted above").tables = tables;
         Ok(())
     }
 
@@ -385,7 +420,22 @@ impl GpuBackend {
         Ok(out)
     }
 
-    /// Runs a plan: inputs by name; returns its outputs.
+    /// The plan's device steps at (B, T) captured as a CUDA graph (nothing runs).
+    fn capture(&mut self, name: &str, b: u64, t: u64) -> Result<CudaGraph, GpuError> {
+        let n = self.plans[name].device.steps.len();
+        let stream = self.gpu.stream.clone();
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(cuda("begin capturing a CUDA graph"))?;
+        let ran = self.run_device_steps(name, b, t, 0..n);
+        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        ran?;
+        let graph = graph.map_err(cuda("capture a CUDA graph"))?;
+        graph.ok_or_else(|| GpuError(format!("plan `{name}`: the CUDA graph came out empty")))
+    }
+
+    /// Runs a plan: inputs by name; returns its outputs. From the second call of a shape on, the
+    /// device steps replay as one CUDA graph (disable with `WEFT_NO_CUDA_GRAPH=1`).
     pub fn run_plan(
         &mut self,
         name: &str,
@@ -393,7 +443,22 @@ impl GpuBackend {
     ) -> Result<BTreeMap<String, Tensor<f32>>, GpuError> {
         let (b, t) = self.stage_inputs(name, inputs)?;
         let n = self.plans[name].device.steps.len();
-        self.run_device_steps(name, b, t, 0..n)?;
+        let use_graphs = std::env::var_os("WEFT_NO_CUDA_GRAPH").is_none();
+        let lp = self.plans.get_mut(name).expect("staged");
+        let calls = {
+            let c = lp.calls.entry((b, t)).or_insert(0);
+            *c += 1;
+            *c
+        };
+        if let Some(g) = lp.graphs.get(&(b, t)) {
+            g.launch().map_err(|e| GpuError(format!("plan `{name}`: replaying its CUDA graph: {e:?}")))?;
+        } else if use_graphs && calls >= 2 {
+            let graph = self.capture(name, b, t)?;
+            graph.launch().map_err(|e| GpuError(format!("plan `{name}`: launching its CUDA graph: {e:?}")))?;
+            self.plans.get_mut(name).expect("staged").graphs.insert((b, t), graph);
+        } else {
+            self.run_device_steps(name, b, t, 0..n)?;
+        }
         self.finish(name, b, t)
     }
 
@@ -414,9 +479,11 @@ impl GpuBackend {
         let mut by_class: BTreeMap<&'static str, f64> = BTreeMap::new();
         let start = self.gpu.ctx.new_event(flags).map_err(cuda("event"))?;
         let end = self.gpu.ctx.new_event(flags).map_err(cuda("event"))?;
+        // Timed as training runs: the whole plan replayed as one CUDA graph.
+        let graph = self.capture(name, b, t)?;
         start.record(&self.gpu.stream).map_err(cuda("event"))?;
         for _ in 0..repeats {
-            self.run_device_steps(name, b, t, 0..n)?;
+            graph.launch().map_err(cuda("launch the CUDA graph"))?;
         }
         end.record(&self.gpu.stream).map_err(cuda("event"))?;
         end.synchronize().map_err(cuda("event"))?;
@@ -445,6 +512,7 @@ impl GpuBackend {
 /// The values of a constant table (f32), computed as the CPU reference computes them.
 fn table_values(t: &Table) -> Vec<f32> {
     match *t {
+        Table::Words { .. } => Vec::new(),
         Table::RopeCos { base, head_dim, positions } | Table::RopeSin { base, head_dim, positions } => {
             let half = (head_dim / 2) as usize;
             let inv: Vec<f64> = (0..half).map(|i| base.powf(-2.0 * i as f64 / head_dim as f64)).collect();

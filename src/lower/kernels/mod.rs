@@ -65,6 +65,30 @@ pub(crate) fn lower_step(e: &mut Emit, step: &Step) -> Result<(), LowerError> {
     }
 }
 
+/// The AdamW steps of a plan, when there are several and every one's inputs are ready at the
+/// first (so one launch at its place can update them all).
+pub(crate) fn adamw_group(plan: &weft_runtime::plan::Plan) -> Option<Vec<usize>> {
+    let steps: Vec<usize> =
+        plan.steps.iter().enumerate().filter(|(_, s)| matches!(s.op, Op::AdamW(_))).map(|(i, _)| i).collect();
+    let first = *steps.first()?;
+    if steps.len() < 2 {
+        return None;
+    }
+    let attrs = &plan.steps[first].op;
+    let mut defined: std::collections::HashSet<u32> =
+        plan.inputs.iter().chain(&plan.persistent).map(|(_, v)| *v).collect();
+    for s in &plan.steps[..first] {
+        defined.extend(s.outputs.iter().copied());
+    }
+    let ok =
+        steps.iter().all(|&i| plan.steps[i].op == *attrs && plan.steps[i].inputs.iter().all(|v| defined.contains(v)));
+    ok.then_some(steps)
+}
+
+pub(crate) fn lower_adamw_group(e: &mut Emit, steps: &[usize]) -> Result<(), LowerError> {
+    optim::adamw_group(e, steps)
+}
+
 /// Bytes of an operand's tensor (dense).
 fn bytes_of(o: &Operand) -> weft_runtime::device::Extent {
     o.elems().times(o.dtype().bytes() as i64)

@@ -4,8 +4,9 @@
 use super::super::{grid_1d, Emit, LowerError, Operand};
 use super::{sig, THREADS};
 use crate::lower::mlir::{Cmp, KernelBuilder, Ty};
-use weft_runtime::device::{master_name, Arg, Base, BufferArg, Extent, GridDim};
+use weft_runtime::device::{master_name, Arg, Base, BufferArg, Extent, GridDim, Table, Word};
 use weft_runtime::op::{AdamWAttrs, ScheduleAttrs};
+use weft_runtime::Op;
 
 /// Blocks of the sum-of-squares kernel (each takes a strided share, then one atomic add).
 const SUM_BLOCKS: i64 = 264;
@@ -239,5 +240,152 @@ pub(super) fn adamw(e: &mut Emit, a: &AdamWAttrs, ins: &[Operand], outs: &[Opera
     args.extend(master.map(Arg::Buffer));
     args.push(Arg::I64 { value: p.elems() });
     e.launch(k, grid_1d(p.elems(), THREADS as u64), 0, args);
+    Ok(())
+}
+
+/// The words per tensor in a grouped AdamW's table: param, grad, m, v, param', m', v', master
+/// (0 when none), element count.
+const GROUP_WORDS: i64 = 9;
+
+/// AdamW over many tensors: one launch per kind of tensor (element types, master copy or not);
+/// block row `y` takes tensor `y` of a device table of addresses, block columns share its
+/// elements.
+pub(super) fn adamw_group(e: &mut Emit, steps: &[usize]) -> Result<(), LowerError> {
+    let plan = e.plan();
+    let Op::AdamW(a) = &plan.steps[steps[0]].op else { return Err(LowerError("not an AdamW group".into())) };
+    let a = a.clone();
+    // Tensors by kind: the signature of their operands' types.
+    let mut kinds: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
+    for &i in steps {
+        let s = &plan.steps[i];
+        let ops: Vec<Operand> = s.inputs.iter().chain(&s.outputs).map(|&v| e.operand(v)).collect();
+        let refs: Vec<&Operand> = ops.iter().take(4).chain(ops.iter().skip(7)).collect();
+        kinds.entry(sig(&refs)).or_default().push(i);
+    }
+    for (kind, members) in kinds {
+        let plan = e.plan();
+        let first = &plan.steps[members[0]];
+        let [p, g, m, v, lr, clip, step] = &first.inputs.iter().map(|&x| e.operand(x)).collect::<Vec<_>>()[..] else {
+            return Err(LowerError("adamw takes 7 inputs".into()));
+        };
+        let outs: Vec<Operand> = first.outputs.iter().map(|&x| e.operand(x)).collect();
+        let with_master = p.dtype() == weft_runtime::DType::BF16;
+        let mut words = Vec::new();
+        let mut largest = 0i64;
+        for &i in &members {
+            let s = &e.plan().steps[i];
+            let ops: Vec<Operand> = s.inputs.iter().chain(&s.outputs).map(|&x| e.operand(x)).collect();
+            for o in ops[..4].iter().chain(&ops[7..]) {
+                if !o.dense() {
+                    return Err(LowerError("adamw reads dense tensors".into()));
+                }
+                words.push(Word::Address(o.buf.clone()));
+            }
+            let master = match (&ops[0].buf.base, with_master) {
+                (Base::Value(v), true) => {
+                    let n = e
+                        .persistent_name(*v)
+                        .ok_or_else(|| LowerError("adamw on a bf16 value that is no parameter".into()))?;
+                    Word::Address(BufferArg { base: Base::Persistent(master_name(&n)), offset: 0 })
+                }
+                _ => Word::Int { value: 0 },
+            };
+            words.push(master);
+            let n = ops[0].elems().c;
+            largest = largest.max(n);
+            words.push(Word::Int { value: n });
+        }
+        let table = e.table(Table::Words { words });
+        let name = format!(
+            "adamw_group{}_{:08x}_{:08x}_{:08x}_{:08x}_{kind}",
+            if with_master { "_master" } else { "" },
+            (a.beta1 as f32).to_bits(),
+            (a.beta2 as f32).to_bits(),
+            (a.eps as f32).to_bits(),
+            (a.weight_decay as f32).to_bits(),
+        );
+        let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
+        let (tp, lrp, cp, sp) = (k.ptr("table"), k.ptr("lr"), k.ptr("clip"), k.ptr("step"));
+        let tensor = k.block_id('y');
+        let nw = k.i64(GROUP_WORDS);
+        let base = k.mul(&tensor, &nw);
+        let word = |k: &mut KernelBuilder, j: i64| {
+            let jj = k.i64(j);
+            let idx = k.add(&base, &jj);
+            k.load(&tp, &idx, Ty::I64)
+        };
+        let ptrs: Vec<_> = (0..8)
+            .map(|j| {
+                let w = word(&mut k, j);
+                k.int_to_ptr(&w)
+            })
+            .collect();
+        let n = word(&mut k, 8);
+        let z = k.i64(0);
+        let lrv = k.load(&lrp, &z, Ty::F32);
+        let clipv = k.load(&cp, &z, Ty::F32);
+        let st = k.load(&sp, &z, Ty::I32);
+        let one_i = k.i32(1);
+        let st = k.add(&st, &one_i);
+        let t = k.cast(&st, Ty::F32);
+        let l1 = k.f32((a.beta1 as f32).log2());
+        let l2 = k.f32((a.beta2 as f32).log2());
+        let e1 = k.mul(&t, &l1);
+        let e2 = k.mul(&t, &l2);
+        let b1t = k.exp2(&e1);
+        let b2t = k.exp2(&e2);
+        let one = k.f32(1.0);
+        let d1 = k.sub(&one, &b1t);
+        let d2 = k.sub(&one, &b2t);
+        let c1 = k.recip(&d1);
+        let c2 = k.recip(&d2);
+        let tid = k.thread_id('x');
+        let bid = k.block_id('x');
+        let nb = k.grid_dim('x');
+        let tt = k.i64(THREADS as i64);
+        let start = k.mul(&bid, &tt);
+        let start = k.add(&start, &tid);
+        let stride = k.mul(&nb, &tt);
+        let (pe, ge, me, ve) = (p.elem(), g.elem(), m.elem(), v.elem());
+        let (p2e, m2e, v2e) = (outs[0].elem(), outs[1].elem(), outs[2].elem());
+        k.for_dyn(&start, &n, &stride, &[], |k, i, _| {
+            let gv = k.load_f32(&ptrs[1], &i, ge);
+            let gv = k.mul(&gv, &clipv);
+            let b1 = k.f32(a.beta1 as f32);
+            let b2 = k.f32(a.beta2 as f32);
+            let ob1 = k.f32(1.0 - a.beta1 as f32);
+            let ob2 = k.f32(1.0 - a.beta2 as f32);
+            let mv = k.load_f32(&ptrs[2], &i, me);
+            let vv = k.load_f32(&ptrs[3], &i, ve);
+            let mg = k.mul(&ob1, &gv);
+            let mn = k.fma(&b1, &mv, &mg);
+            let gg = k.mul(&gv, &gv);
+            let vg = k.mul(&ob2, &gg);
+            let vn = k.fma(&b2, &vv, &vg);
+            let mhat = k.mul(&mn, &c1);
+            let vhat = k.mul(&vn, &c2);
+            let sq = k.sqrt(&vhat);
+            let eps = k.f32(a.eps as f32);
+            let den = k.add(&sq, &eps);
+            let upd = k.div(&mhat, &den);
+            let upd = k.mul(&lrv, &upd);
+            let wd = k.f32(a.weight_decay as f32);
+            let lwd = k.mul(&lrv, &wd);
+            let decay = k.sub(&one, &lwd);
+            let pv = if with_master { k.load(&ptrs[7], &i, Ty::F32) } else { k.load_f32(&ptrs[0], &i, pe) };
+            let pn = k.mul(&pv, &decay);
+            let pn = k.sub(&pn, &upd);
+            if with_master {
+                k.store(&pn, &ptrs[7], &i, Ty::F32);
+            }
+            k.store(&pn, &ptrs[4], &i, p2e);
+            k.store(&mn, &ptrs[5], &i, m2e);
+            k.store(&vn, &ptrs[6], &i, v2e);
+            vec![]
+        });
+        let blocks = (largest.max(1) as u64).div_ceil(THREADS as u64).min(1024) as i64;
+        let grid = [GridDim::fixed(blocks), GridDim::fixed(members.len() as i64), GridDim::fixed(1)];
+        e.launch(k, grid, 0, vec![Arg::Buffer(table), lr.arg(), clip.arg(), step.arg()]);
+    }
     Ok(())
 }
