@@ -154,6 +154,47 @@ pub fn build_bundle(program: &Program, shapes: &Shapes, cache: &Cache) -> Result
     Ok((bundle, stats))
 }
 
+/// Adds a cubin for sm_90 to every kernel of `bundle` with ptxas (cached like the PTX, on every
+/// core); returns how many were assembled anew.
+pub fn add_cubins(bundle: &mut Bundle, ptxas: &std::path::Path, cache: &Cache) -> Result<usize, String> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let todo: Vec<usize> = (0..bundle.kernels.len()).collect();
+    // (kernel index, cubin, assembled now rather than read from the cache)
+    type Assembled = Result<(usize, Vec<u8>, bool), String>;
+    let results: Vec<Assembled> = std::thread::scope(|s| {
+        let kernels = &bundle.kernels;
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let todo = &todo;
+                s.spawn(move || {
+                    todo.iter()
+                        .skip(t)
+                        .step_by(threads)
+                        .map(|&i| {
+                            let k = &kernels[i];
+                            match cache.get_cubin(&k.hash) {
+                                Some(c) => Ok((i, c, false)),
+                                None => crate::snapshot::assemble(ptxas, &k.name, &k.ptx).map(|c| (i, c, true)),
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("ptxas thread panicked")).collect()
+    });
+    let mut fresh = 0;
+    for r in results {
+        let (i, cubin, new) = r?;
+        if new {
+            cache.put_cubin(&bundle.kernels[i].hash, &cubin);
+            fresh += 1;
+        }
+        bundle.kernels[i].cubin = Some(cubin);
+    }
+    Ok(fresh)
+}
+
 /// The device plans as text: each plan's shape and arena, then one line per device step.
 pub fn render_plans(plans: &BTreeMap<String, (PlanShape, DevicePlan)>) -> String {
     use std::fmt::Write;

@@ -64,6 +64,10 @@ enum Command {
         /// Compile every kernel even when the cache holds it.
         #[arg(long)]
         no_cache: bool,
+        /// Leave out the cubins (by default each kernel is also assembled for sm_90 when ptxas is
+        /// found, so the driver need not compile PTX at load).
+        #[arg(long)]
+        no_cubin: bool,
     },
     /// Write one file per generated kernel (MLIR, ptxas report, PTX) into a directory, or with
     /// --check compare them with it and fail with a diff when any changed.
@@ -225,9 +229,9 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 print!("{}", analysis::render_table(&report));
             }
         }
-        Command::Build { spec, config, out, emit, dump_dir, no_cache } => {
+        Command::Build { spec, config, out, emit, dump_dir, no_cache, no_cubin } => {
             let settings = config.as_deref().map(load_config).transpose()?.unwrap_or_default();
-            build(&spec, &settings, out, emit, dump_dir, no_cache)?;
+            build(&spec, &settings, out, emit, dump_dir, no_cache, no_cubin)?;
         }
         Command::Snapshot { spec, dir, check, config } => {
             let settings = config.as_deref().map(load_config).transpose()?.unwrap_or_default();
@@ -410,6 +414,7 @@ fn build(
     emit: Option<EmitStage>,
     dump_dir: Option<PathBuf>,
     no_cache: bool,
+    no_cubin: bool,
 ) -> Result<(), Reported> {
     use weft::build::{build_bundle, lower_program};
     use weft::lower::cache::Cache;
@@ -461,7 +466,15 @@ fn build(
         return Ok(());
     }
     let cache = if no_cache { Cache::disabled() } else { Cache::user() };
-    let (bundle, stats) = report(build_bundle(&program, &shapes, &cache).map_err(|e| e.to_string()))?;
+    let (mut bundle, stats) = report(build_bundle(&program, &shapes, &cache).map_err(|e| e.to_string()))?;
+    let cubins = match weft::snapshot::ptxas_path().filter(|_| !no_cubin) {
+        Some(ptxas) => {
+            let t = std::time::Instant::now();
+            let fresh = report(weft::build::add_cubins(&mut bundle, &ptxas, &cache))?;
+            format!(", cubins for sm_90 ({fresh} assembled in {:.1} s)", t.elapsed().as_secs_f64())
+        }
+        None => ", PTX only (ptxas not found)".to_string(),
+    };
     if let Some(dir) = &dump_dir {
         for k in &bundle.kernels {
             write(dir.join(format!("{}.ptx", k.name)), &k.ptx)?;
@@ -471,7 +484,7 @@ fn build(
     report(bundle.write(&out).map_err(|e| e.0))?;
     let train = &bundle.plans["train_step"].1;
     println!(
-        "{} -> {}: {} plans, {} kernels ({} from the cache), lowered in {:.0} ms, compiled in {:.0} ms",
+        "{} -> {}: {} plans, {} kernels ({} from the cache), lowered in {:.0} ms, compiled in {:.0} ms{cubins}",
         spec.display(),
         out.display(),
         bundle.plans.len(),

@@ -50,6 +50,32 @@ pub fn ptxas_path() -> Option<PathBuf> {
     p.is_file().then_some(p)
 }
 
+/// A fresh scratch directory for one ptxas run (tests and threads run ptxas concurrently).
+fn scratch_dir() -> Result<PathBuf, String> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("weft-ptxas-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Assembles `ptx` into a cubin for [`PTXAS_ARCH`] (what the driver loads in 0.1 ms instead of
+/// compiling PTX at load).
+pub fn assemble(ptxas: &Path, kernel: &str, ptx: &str) -> Result<Vec<u8>, String> {
+    let dir = scratch_dir()?;
+    let (src, out) = (dir.join(format!("{kernel}.ptx")), dir.join(format!("{kernel}.cubin")));
+    std::fs::write(&src, ptx).map_err(|e| format!("cannot write {}: {e}", src.display()))?;
+    let status = Command::new(ptxas).arg(format!("-arch={PTXAS_ARCH}")).arg(&src).arg("-o").arg(&out).output();
+    let _ = std::fs::remove_file(&src);
+    let status = status.map_err(|e| format!("cannot run {}: {e}", ptxas.display()))?;
+    if !status.status.success() {
+        return Err(format!("ptxas rejects kernel `{kernel}`:\n{}", String::from_utf8_lossy(&status.stderr)));
+    }
+    let bytes = std::fs::read(&out).map_err(|e| format!("cannot read {}: {e}", out.display()));
+    let _ = std::fs::remove_dir_all(&dir);
+    bytes
+}
+
 /// Resources of one kernel as ptxas reports them (`-v`), or ptxas's error.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PtxasReport {
@@ -63,8 +89,7 @@ pub struct PtxasReport {
 
 /// Assembles `ptx` with ptxas for [`PTXAS_ARCH`]; an assembly error names the kernel.
 pub fn ptxas_report(ptxas: &Path, kernel: &str, ptx: &str) -> Result<PtxasReport, String> {
-    let dir = std::env::temp_dir().join(format!("weft-ptxas-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let dir = scratch_dir()?;
     let file = dir.join(format!("{kernel}.ptx"));
     std::fs::write(&file, ptx).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
     let out = Command::new(ptxas)
@@ -75,8 +100,7 @@ pub fn ptxas_report(ptxas: &Path, kernel: &str, ptx: &str) -> Result<PtxasReport
         .arg(dir.join(format!("{kernel}.cubin")))
         .output()
         .map_err(|e| format!("cannot run {}: {e}", ptxas.display()));
-    let _ = std::fs::remove_file(&file);
-    let _ = std::fs::remove_file(dir.join(format!("{kernel}.cubin")));
+    let _ = std::fs::remove_dir_all(&dir);
     let out = out?;
     let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {

@@ -45,14 +45,28 @@ impl Cache {
         std::fs::read_to_string(path).ok().filter(|s| s.contains(".entry"))
     }
 
+    /// A cubin assembled from the PTX of `key`.
+    pub fn get_cubin(&self, key: &str) -> Option<Vec<u8>> {
+        let path = self.dir.as_ref()?.join(format!("{key}.sm_90.cubin"));
+        std::fs::read(path).ok().filter(|b| b.starts_with(b"\x7fELF"))
+    }
+
+    pub fn put_cubin(&self, key: &str, cubin: &[u8]) {
+        self.write(&format!("{key}.sm_90.cubin"), cubin);
+    }
+
     pub fn put(&self, key: &str, ptx: &str) {
+        self.write(&format!("{key}.ptx"), ptx.as_bytes());
+    }
+
+    fn write(&self, file: &str, bytes: &[u8]) {
         let Some(dir) = &self.dir else { return };
         if std::fs::create_dir_all(dir).is_err() {
             return;
         }
-        let tmp = dir.join(format!(".{key}.{}.tmp", std::process::id()));
-        if std::fs::write(&tmp, ptx).is_ok() {
-            let _ = std::fs::rename(&tmp, dir.join(format!("{key}.ptx")));
+        let tmp = dir.join(format!(".{file}.{}.tmp", std::process::id()));
+        if std::fs::write(&tmp, bytes).is_ok() {
+            let _ = std::fs::rename(&tmp, dir.join(file));
         }
     }
 }

@@ -7,6 +7,10 @@
 //!
 //! - Forward on tensor cores (`attention_tc_*`, for bf16 q, k, v and head_dim 64 or 128): see
 //!   [`attention_tc`]; 4 warps × 16 query rows per block, `mma.sync` for S = QKᵀ and O = PV.
+//! - Backward on tensor cores (`attention_tcb_*`, wherever the forward runs on them and g is
+//!   bf16): see [`attention_backward_tc`]; a prepass (D, rotated and split q and k), then a dK/dV
+//!   kernel (blocks of keys looping over query tiles) and a dQ kernel (blocks of queries looping
+//!   over key tiles), every product on `mma.sync`.
 //!
 //! The other kernels are SIMT: one warp per query (or key) row, lane `l` holding the elements
 //! `d = l + 32e` of the row's head vector, dot products reduced with warp shuffles.
@@ -15,7 +19,7 @@
 //!   are rotated once into shared memory (f32), each warp scores the tile for its row, and an
 //!   online softmax per tile (max, then exponentials) accumulates the output; scores run in
 //!   base 2 (`q` pre-scaled by `log2 e/√head_dim`), the LSE is stored in natural log.
-//! - Backward: `attention_bwd_delta_*` (one warp per (token, head): D = rowsum(g ⊙ o) into
+//! - Backward (every other case): `attention_bwd_delta_*` (one warp per (token, head): D = rowsum(g ⊙ o) into
 //!   scratch), `attention_bwd_dq_*` (as the forward: P recomputed from the LSE, dS = P(dP − D),
 //!   dQ = scale·Σ dS·k, rotated back), `attention_bwd_dkdv_*` (8 key rows per block, grid
 //!   `B·⌈T/8⌉ × kv_heads`, looping over the query heads of the group and the queries that see
@@ -591,6 +595,10 @@ pub(super) fn attention_backward(
     let s = Spec::new(a)?;
     let (q, kk, v, o, lse, g) = (&ins[0], &ins[1], &ins[2], &ins[3], &ins[4], &ins[5]);
     let (gq, gk, gv) = (&outs[0], &outs[1], &outs[2]);
+    if tensor_cores(&s, &[q, kk, v, g]) {
+        attention_backward_tc(e, &s, [q, kk, v, o, lse, g], [gq, gk, gv]);
+        return Ok(());
+    }
     let delta = e.scratch(Extent::per_token(4 * s.heads as i64));
     backward_delta(e, &s, o, g, &delta);
     backward_dq(e, &s, [q, kk, v, lse, g], &delta, gq);
@@ -1535,4 +1543,704 @@ fn attention_tc(e: &mut Emit, s: &Spec, ins: [&Operand; 3], o: &Operand, lse: &O
     args.extend(s.tables(e, positions));
     args.extend([Arg::I64 { value: Extent::per_sequence(1) }, Arg::I64 { value: Extent::per_token(1) }]);
     e.launch(k, row_grid(s.heads, TC_ROWS), 0, args);
+}
+
+// ---- the tensor-core backward ----
+
+/// Rows of a loop tile of the tensor-core backward: the k extent of one mma.
+const TCB_TILE: i64 = 16;
+
+/// Warps per block of the tensor-core backward (16 own rows each), so that the block's operands
+/// and one loop tile fit the 48 KiB of static shared memory.
+fn tcb_warps(hd: u64) -> i64 {
+    if hd <= 64 {
+        4
+    } else {
+        2
+    }
+}
+
+/// Whether an operand is bf16 with its even columns at 4-byte aligned addresses (pairs load as
+/// one i32).
+fn pairs_aligned(o: &Operand) -> bool {
+    o.dtype() == weft_runtime::DType::BF16 && o.ld % 2 == 0 && o.buf.offset % 4 == 0
+}
+
+/// Elements `col`, `col + 1` (`col` even) of row `row` of a bf16 operand as one i32, `col` in the
+/// low half.
+fn load_pair(k: &mut KernelBuilder, p: &V, o: &Operand, row: &V, col: &V, aligned: bool) -> V {
+    let i = at(k, o, row, col);
+    if aligned {
+        let two = k.i64(2);
+        let w = k.div(&i, &two);
+        k.load(p, &w, Ty::I32)
+    } else {
+        let x0 = k.load_f32(p, &i, o.elem());
+        let one = k.i64(1);
+        let i1 = k.add(&i, &one);
+        let x1 = k.load_f32(p, &i1, o.elem());
+        pack(k, &x0, &x1)
+    }
+}
+
+fn xor(k: &mut KernelBuilder, a: &V, b: &V) -> V {
+    assert_eq!(a.ty, b.ty);
+    k.raw(a.ty, &format!("arith.xori {}, {} : {}", a.name, b.name, a.ty.mlir()))
+}
+
+/// Word `p` of row `r` of a row-major tile of `w2` words a row, rows padded by 4 words so that an
+/// mma fragment's 8 rows × 4 words fall in 32 banks (and its addresses are a lane's base plus a
+/// constant).
+fn row_word(k: &mut KernelBuilder, r: &V, p: &V, w2: i64) -> V {
+    let w = k.i64(w2 + 4);
+    let b = k.mul(r, &w);
+    k.add(&b, p)
+}
+
+/// Word `rp` (a pair of rows) of column `d` of a transposed tile of 16 rows (8 words a column),
+/// swizzled (`rp ^ (d & 4)`) so that a fragment's 8 columns × 4 words fall in 32 banks.
+fn swz_t(k: &mut KernelBuilder, d: &V, rp: &V) -> V {
+    let c4 = k.i64(4);
+    let m = k.and(d, &c4);
+    let x = xor(k, rp, &m);
+    let c8 = k.i64(8);
+    let b = k.mul(d, &c8);
+    k.add(&b, &x)
+}
+
+/// Two words of bf16 pairs of consecutive rows, `a` = (a₀, a₁) and `b` = (b₀, b₁), as the pairs
+/// of the columns: (a₀, b₀) and (a₁, b₁).
+fn transpose_pairs(k: &mut KernelBuilder, a: &V, b: &V) -> (V, V) {
+    let lo = k.i32(0xFFFF);
+    let hi = k.i32(-65536);
+    let c16 = k.i32(16);
+    let a0 = k.and(a, &lo);
+    let b0 = k.raw(Ty::I32, &format!("arith.shli {}, {} : i32", b.name, c16.name));
+    let t0 = k.or(&a0, &b0);
+    let a1 = k.raw(Ty::I32, &format!("arith.shrui {}, {} : i32", a.name, c16.name));
+    let b1 = k.and(b, &hi);
+    let t1 = k.or(&a1, &b1);
+    (t0, t1)
+}
+
+/// The scratch buffers of the tensor-core backward: D per (token, query head), and rotated q and
+/// k as bf16 pairs along the head, `[token, heads, head_dim/2]` i32 (hi, and lo with RoPE).
+struct TcbBufs {
+    delta: BufferArg,
+    q_hi: BufferArg,
+    q_lo: Option<BufferArg>,
+    k_hi: BufferArg,
+    k_lo: Option<BufferArg>,
+}
+
+/// Backward on tensor cores (bf16 q, k, v, g; head_dim 64 or 128), FlashAttention-2 style in three
+/// launches, every gradient element with one writer and a fixed summation order:
+/// - `attention_tcb_prep_*`: one warp per (token, head slot): D = rowsum(g ⊙ o) for the query
+///   heads, and q and k rotated, split into bf16 hi + lo (hi only without RoPE, where they are
+///   exact) and packed in pairs, into scratch, so the loops below copy tiles without recomputing
+///   angles.
+/// - `attention_tcb_dkdv_*`: a block owns 16·W keys of one kv head (W warps, 16 keys each; grid
+///   `B·⌈T/16W⌉ × kv_heads`) and loops over the group's query heads and the 16-query tiles that
+///   see its keys; per tile and warp, Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ (mma), Pᵀ = exp(Sᵀ·scale − lse),
+///   dSᵀ = Pᵀ ⊙ (dPᵀ − D), then dV += Pᵀ·dO and dK += dSᵀ·Q from the accumulator registers.
+/// - `attention_tcb_dq_*`: a block owns 16·W queries of one head (grid `B·⌈T/16W⌉ × heads`) and
+///   loops over the 16-key tiles they see: S, dP, dS as above, dQ += dS·K.
+///
+/// The block's own operands (K hi/lo and V, or Q hi/lo and dO) stay in shared memory for the whole
+/// loop; each tile is copied in twice, row-major (pairs along the head, for the products over the
+/// head) and transposed (pairs along the tile's rows, for the products over the tile). Precision
+/// as the forward's: S from split q and k (3 products), P and dS split into hi + lo for the
+/// products they enter; dK and dQ use the hi part of rotated q (resp. also the lo part of k).
+/// dK and dQ are rotated back in registers (a row's elements d and d + head_dim/2 are in one
+/// thread).
+fn attention_backward_tc(e: &mut Emit, s: &Spec, ins: [&Operand; 6], outs: [&Operand; 3]) {
+    let [q, kk, v, o, lse, g] = ins;
+    let [gq, gk, gv] = outs;
+    let split = s.rope.is_some();
+    let (h, kv, hd) = (s.heads as i64, s.kv_heads as i64, s.hd as i64);
+    let bufs = TcbBufs {
+        delta: e.scratch(Extent::per_token(4 * h)),
+        q_hi: e.scratch(Extent::per_token(2 * h * hd)),
+        q_lo: if split { Some(e.scratch(Extent::per_token(2 * h * hd))) } else { None },
+        k_hi: e.scratch(Extent::per_token(2 * kv * hd)),
+        k_lo: if split { Some(e.scratch(Extent::per_token(2 * kv * hd))) } else { None },
+    };
+    tcb_prep(e, s, [q, kk, o, g], &bufs);
+    tcb_main(e, s, true, [v, lse, g], &bufs, &[gk, gv]);
+    tcb_main(e, s, false, [v, lse, g], &bufs, &[gq]);
+}
+
+/// D, and the rotated q and k words (see [`attention_backward_tc`]).
+fn tcb_prep(e: &mut Emit, s: &Spec, ins: [&Operand; 4], bufs: &TcbBufs) {
+    let [q, kk, o, g] = ins;
+    let split = s.rope.is_some();
+    let (heads, kv, hd) = (s.heads as i64, s.kv_heads as i64, s.hd as i64);
+    let name = format!("attention_tcb_prep_{}_{}", s.tag(), sig(&[q, kk, o, g]));
+    let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
+    let qp = k.ptr("q");
+    let kp = k.ptr("k");
+    let op = k.ptr("o");
+    let gp = k.ptr("g");
+    let dp = k.ptr("delta");
+    let qhp = k.ptr("q_hi");
+    let qlp = if split { Some(k.ptr("q_lo")) } else { None };
+    let khp = k.ptr("k_hi");
+    let klp = if split { Some(k.ptr("k_lo")) } else { None };
+    let rope = s.rope_params(&mut k, None);
+    let batch = k.scalar_i64("batch");
+    let tokens = k.scalar_i64("tokens");
+    let (_, lane, warp) = lanes(&mut k);
+    let bid = k.block_id('x');
+    let w = k.i64(WARPS);
+    let base = k.mul(&bid, &w);
+    let r = k.add(&base, &warp);
+    let slots = k.i64(heads + kv);
+    let n = k.mul(&tokens, &slots);
+    let valid = k.cmp(Cmp::Lt, &r, &n);
+    k.if_(&valid, |k| {
+        let tok = k.div(&r, &slots);
+        let slot = k.rem(&r, &slots);
+        let one = k.i64(1);
+        let safe_b = k.max(&batch, &one);
+        let seq = k.div(&tokens, &safe_b);
+        let pos = k.rem(&tok, &seq);
+        let hv = k.i64(heads);
+        // The words of one head of q or k: lane l has pairs l + 32e.
+        let words = |k: &mut KernelBuilder, src: &V, x: &Operand, head: &V, nh: i64, hi: &V, lo: Option<&V>| {
+            for e in 0..hd / 64 {
+                let off = k.i64(32 * e);
+                let p = k.add(&lane, &off);
+                let d0 = k.add(&p, &p);
+                let one = k.i64(1);
+                let d1 = k.add(&d0, &one);
+                let x0 = load_head(k, src, x, &tok, head, s.hd, rope.as_ref(), &pos, &d0);
+                let x1 = load_head(k, src, x, &tok, head, s.hd, rope.as_ref(), &pos, &d1);
+                let nhv = k.i64(nh);
+                let i = k.mul(&tok, &nhv);
+                let i = k.add(&i, head);
+                let w2 = k.i64(hd / 2);
+                let i = k.mul(&i, &w2);
+                let i = k.add(&i, &p);
+                match lo {
+                    Some(lo) => {
+                        let (h0, l0) = split_bf16(k, &x0);
+                        let (h1, l1) = split_bf16(k, &x1);
+                        let ph = pack(k, &h0, &h1);
+                        let pl = pack(k, &l0, &l1);
+                        k.store(&ph, hi, &i, Ty::I32);
+                        k.store(&pl, lo, &i, Ty::I32);
+                    }
+                    None => {
+                        let h0 = round_bf16(k, &x0);
+                        let h1 = round_bf16(k, &x1);
+                        let ph = pack(k, &h0, &h1);
+                        k.store(&ph, hi, &i, Ty::I32);
+                    }
+                }
+            }
+        };
+        let is_q = k.cmp(Cmp::Lt, &slot, &hv);
+        k.if_(&is_q, |k| {
+            let dims = lane_dims(k, s, &lane);
+            let zero = k.i64(0);
+            let ov: Vec<V> =
+                dims.iter().map(|(d, _)| load_head(k, &op, o, &tok, &slot, s.hd, None, &zero, d)).collect();
+            let gv: Vec<V> =
+                dims.iter().map(|(d, _)| load_head(k, &gp, g, &tok, &slot, s.hd, None, &zero, d)).collect();
+            let dot = warp_dot(k, &dims, &gv, &ov);
+            let first = k.cmp(Cmp::Eq, &lane, &zero);
+            let di = k.mul(&tok, &hv);
+            let di = k.add(&di, &slot);
+            k.if_(&first, |k| k.store(&dot, &dp, &di, Ty::F32));
+            words(k, &qp, q, &slot, heads, &qhp, qlp.as_ref());
+        });
+        let is_k = k.cmp(Cmp::Ge, &slot, &hv);
+        k.if_(&is_k, |k| {
+            let gh = k.sub(&slot, &hv);
+            words(k, &kp, kk, &gh, kv, &khp, klp.as_ref());
+        });
+    });
+    let buf = |b: &BufferArg| Arg::Buffer(b.clone());
+    let mut args = vec![q.arg(), kk.arg(), o.arg(), g.arg(), buf(&bufs.delta), buf(&bufs.q_hi)];
+    args.extend(bufs.q_lo.as_ref().map(buf));
+    args.push(buf(&bufs.k_hi));
+    args.extend(bufs.k_lo.as_ref().map(buf));
+    let positions = e.max_shape().1;
+    args.extend(s.tables(e, positions));
+    args.extend([Arg::I64 { value: Extent::per_sequence(1) }, Arg::I64 { value: Extent::per_token(1) }]);
+    let grid = [
+        GridDim { extent: Extent::per_token(heads + kv), per_block: WARPS as u64 },
+        GridDim::fixed(1),
+        GridDim::fixed(1),
+    ];
+    e.launch(k, grid, 0, args);
+}
+
+/// The dK/dV kernel (`dkdv`) or the dQ kernel (see [`attention_backward_tc`]). In the names below
+/// the block's own rows are X (rotated, split: k for dK/dV, q for dQ) and Y (v, resp. g), the loop
+/// tile's Z (rotated, split: q, resp. k) and W (g, resp. v).
+fn tcb_main(e: &mut Emit, s: &Spec, dkdv: bool, ins: [&Operand; 3], bufs: &TcbBufs, outs: &[&Operand]) {
+    let [v, lse, g] = ins;
+    let split = s.rope.is_some();
+    let (heads, kvh, hd) = (s.heads as i64, s.kv_heads as i64, s.hd as i64);
+    let (w2, nst, nd) = (hd / 2, hd / 16, (hd / 8) as usize);
+    let nw = tcb_warps(s.hd);
+    let own = TCB_TILE * nw;
+    let threads = (32 * nw) as u32;
+    let aligned = pairs_aligned(v) && pairs_aligned(g);
+    let mut sig_ops = vec![v, lse, g];
+    sig_ops.extend(outs);
+    let name = format!(
+        "attention_tcb_{}_{}_{}{}",
+        if dkdv { "dkdv" } else { "dq" },
+        s.tag(),
+        sig(&sig_ops),
+        if aligned { "" } else { "_u" }
+    );
+    let mut k = KernelBuilder::new(&name, [threads, 1, 1]);
+    let (x_name, z_name) = if dkdv { ("k", "q") } else { ("q", "k") };
+    let xh = k.ptr(&format!("{x_name}_hi"));
+    let xl = if split { Some(k.ptr(&format!("{x_name}_lo"))) } else { None };
+    let zh = k.ptr(&format!("{z_name}_hi"));
+    let zl = if split { Some(k.ptr(&format!("{z_name}_lo"))) } else { None };
+    let vp = k.ptr("v");
+    let gp = k.ptr("g");
+    let lp = k.ptr("lse");
+    let dp = k.ptr("delta");
+    let outp: Vec<V> = if dkdv { vec![k.ptr("g_k"), k.ptr("g_v")] } else { vec![k.ptr("g_q")] };
+    let rope = s.rope_params(&mut k, None);
+    let batch = k.scalar_i64("batch");
+    let tokens = k.scalar_i64("tokens");
+    // (operand pointer, operand) of Y and W; heads of the X and Z scratch.
+    let (yp, yo, wp, wo) = if dkdv { (&vp, v, &gp, g) } else { (&gp, g, &vp, v) };
+    let (x_heads, z_heads) = if dkdv { (kvh, heads) } else { (heads, kvh) };
+    let fx_hi = k.shared("x_hi", Ty::I32, (own * (w2 + 4)) as u64);
+    let fx_lo = if split { Some(k.shared("x_lo", Ty::I32, (own * (w2 + 4)) as u64)) } else { None };
+    let fy = k.shared("y", Ty::I32, (own * (w2 + 4)) as u64);
+    let tz_hi = k.shared("z_hi", Ty::I32, (TCB_TILE * (w2 + 4)) as u64);
+    let tz_lo = if split { Some(k.shared("z_lo", Ty::I32, (TCB_TILE * (w2 + 4)) as u64)) } else { None };
+    let tw = k.shared("w", Ty::I32, (TCB_TILE * (w2 + 4)) as u64);
+    let tzt_hi = k.shared("z_t_hi", Ty::I32, (hd * 8) as u64);
+    // The second transposed tile: W for dV, or the lo part of Z for dQ.
+    let t2 = if dkdv || split {
+        Some(k.shared(if dkdv { "w_t" } else { "z_t_lo" }, Ty::I32, (hd * 8) as u64))
+    } else {
+        None
+    };
+    let lse_tile = if dkdv { Some(k.shared("lse_tile", Ty::F32, TCB_TILE as u64)) } else { None };
+    let d_tile = if dkdv { Some(k.shared("delta_tile", Ty::F32, TCB_TILE as u64)) } else { None };
+    let (tid, lane, warp) = lanes(&mut k);
+    let c4 = k.i64(4);
+    let gq4 = k.div(&lane, &c4);
+    let tq = k.rem(&lane, &c4);
+    let r = block_rows(&mut k, &batch, &tokens, own);
+    let hb = k.block_id('y');
+    k.if_(&r.live, |k| {
+        let seq = &r.seq;
+        let one = k.i64(1);
+        let last = k.sub(seq, &one);
+        let bs = k.mul(&r.b, seq);
+        let grp = k.i64(s.group() as i64);
+        let g_kv = if dkdv { hb.clone() } else { k.div(&hb, &grp) };
+        let hdv = k.i64(hd);
+        let w2v = k.i64(w2);
+        // The block's own operands.
+        let x_head = hb.clone();
+        let y_col = k.mul(&hb, &hdv);
+        // Thread t copies word t mod w2 of rows t/w2 + (threads/w2)·u, in batches of 8 rows:
+        // the batch's global loads first, then its shared stores.
+        assert!(threads as i64 % w2 == 0 && (8 * w2) % threads as i64 == 0);
+        let p = k.rem(&tid, &w2v);
+        let rr0 = k.div(&tid, &w2v);
+        let yc = k.add(&p, &p);
+        let yc = k.add(&y_col, &yc);
+        let rstep = threads as i64 / w2;
+        let per = own / rstep;
+        for batch in 0..(per + 7) / 8 {
+            let mut loaded = Vec::new();
+            for u in batch * 8..(batch * 8 + 8).min(per) {
+                let off = k.i64(rstep * u);
+                let rr = k.add(&rr0, &off);
+                let o = k.add(&r.first, &rr);
+                let oc = k.min(&o, &last);
+                let row = k.add(&bs, &oc);
+                let nh = k.i64(x_heads);
+                let xi = k.mul(&row, &nh);
+                let xi = k.add(&xi, &x_head);
+                let xi = k.mul(&xi, &w2v);
+                let xi = k.add(&xi, &p);
+                let x = k.load(&xh, &xi, Ty::I32);
+                let xlo = xl.as_ref().map(|xl| k.load(xl, &xi, Ty::I32));
+                let y = load_pair(k, yp, yo, &row, &yc, aligned);
+                loaded.push((rr, x, xlo, y));
+            }
+            for (rr, x, xlo, y) in &loaded {
+                let at = row_word(k, rr, &p, w2);
+                k.shared_store(x, &fx_hi, &at);
+                if let (Some(xlo), Some(fx_lo)) = (xlo, &fx_lo) {
+                    k.shared_store(xlo, fx_lo, &at);
+                }
+                k.shared_store(y, &fy, &at);
+            }
+        }
+        // This thread's own rows (fragment rows gq and gq + 8 of its warp), absolute in the
+        // sequence, and for dQ their LSE (base 2) and D.
+        let c16 = k.i64(16);
+        let wrow = k.mul(&warp, &c16);
+        let lrow0 = k.add(&wrow, &gq4);
+        let c8 = k.i64(8);
+        let lrow1 = k.add(&lrow0, &c8);
+        let own_rows: Vec<V> = [&lrow0, &lrow1].iter().map(|lr| k.add(&r.first, lr)).collect();
+        let l2e = k.f32(LOG2E);
+        let row_stats: Vec<(V, V)> = if dkdv {
+            vec![]
+        } else {
+            own_rows
+                .iter()
+                .map(|i| {
+                    let ic = k.min(i, &last);
+                    let row = k.add(&bs, &ic);
+                    let li = at(k, lse, &row, &hb);
+                    let lv = k.load_f32(&lp, &li, lse.elem());
+                    let l2 = k.mul(&lv, &l2e);
+                    let hv = k.i64(heads);
+                    let di = k.mul(&row, &hv);
+                    let di = k.add(&di, &hb);
+                    let dv = k.load(&dp, &di, Ty::F32);
+                    (l2, dv)
+                })
+                .collect()
+        };
+        // The loop's range of other rows (queries for dK/dV, keys for dQ), from a multiple of 16.
+        let (lo, hi) = if dkdv {
+            let hi = match s.window {
+                None => seq.clone(),
+                Some(w) => {
+                    let ext = k.i64(own - 1 + w as i64);
+                    let e = k.add(&r.first, &ext);
+                    k.min(&e, seq)
+                }
+            };
+            (r.first.clone(), hi)
+        } else {
+            let f = first_key(k, s, &r.first);
+            let fm = k.rem(&f, &c16);
+            let lo = k.sub(&f, &fm);
+            let ownv = k.i64(own);
+            let e = k.add(&r.first, &ownv);
+            (lo, k.min(&e, seq))
+        };
+        // Lane parts of the fragment addresses: word tq of A rows gq, gq + 8 of the warp's rows
+        // and of B row gq of a row-major tile; column gq of a transposed tile, words tq and
+        // tq + 4 (swizzled).
+        let arow0 = row_word(k, &lrow0, &tq, w2);
+        let arow1 = row_word(k, &lrow1, &tq, w2);
+        let brow = row_word(k, &gq4, &tq, w2);
+        let c8g = k.mul(&gq4, &c8);
+        let g4 = k.and(&gq4, &c4);
+        let tx = xor(k, &tq, &g4);
+        let tb0 = k.add(&c8g, &tx);
+        let tx1 = xor(k, &tx, &c4);
+        let tb1 = k.add(&c8g, &tx1);
+        let c = k.f32(s.scale() * LOG2E);
+        let zero = k.f32(0.0);
+        let n_acc = if dkdv { 2 * 4 * nd } else { 4 * nd };
+        let init = vec![zero.clone(); n_acc];
+        // One tile of other rows from t0, for query head `h` (kv head `g_kv`).
+        let tile = |k: &mut KernelBuilder, h: &V, t0: &V, cur: &[V]| -> Vec<V> {
+            let z_head = if dkdv { h.clone() } else { g_kv.clone() };
+            let w_head = if dkdv { h.clone() } else { g_kv.clone() };
+            k.barrier();
+            // Thread t copies the pair of rows 2·(t mod 8), + 1 at words t/8 + (threads/8)·u:
+            // every global load of the tile first, then the shared stores.
+            let c8 = k.i64(8);
+            let rp = k.rem(&tid, &c8);
+            let p0 = k.div(&tid, &c8);
+            let r0 = k.add(&rp, &rp);
+            let one = k.i64(1);
+            let r1 = k.add(&r0, &one);
+            let rows: Vec<V> = [&r0, &r1]
+                .iter()
+                .map(|rr| {
+                    let o = k.add(t0, rr);
+                    let oc = k.min(&o, &last);
+                    k.add(&bs, &oc)
+                })
+                .collect();
+            let zbase: Vec<V> = rows
+                .iter()
+                .map(|row| {
+                    let nh = k.i64(z_heads);
+                    let i = k.mul(row, &nh);
+                    let i = k.add(&i, &z_head);
+                    let i = k.mul(&i, &w2v);
+                    k.add(&i, &p0)
+                })
+                .collect();
+            let hdv = k.i64(hd);
+            let wc0 = k.mul(&w_head, &hdv);
+            let pc = k.add(&p0, &p0);
+            let wc0 = k.add(&wc0, &pc);
+            // The LSE and D of the tile's rows (dK/dV), loaded by every thread, stored by 16.
+            let stats = if dkdv {
+                let c16 = k.i64(TCB_TILE);
+                let ti = k.rem(&tid, &c16);
+                let i = k.add(t0, &ti);
+                let i = k.min(&i, &last);
+                let row = k.add(&bs, &i);
+                let li = at(k, lse, &row, h);
+                let lv = k.load_f32(&lp, &li, lse.elem());
+                let hv = k.i64(heads);
+                let di = k.mul(&row, &hv);
+                let di = k.add(&di, h);
+                let dv = k.load(&dp, &di, Ty::F32);
+                Some((lv, dv))
+            } else {
+                None
+            };
+            let per = 8 * w2 / threads as i64;
+            let step = threads as i64 / 8;
+            let mut loaded = Vec::new();
+            for u in 0..per {
+                let off = k.i64(step * u);
+                let zi: Vec<V> = zbase.iter().map(|b| k.add(b, &off)).collect();
+                let zhw: Vec<V> = zi.iter().map(|i| k.load(&zh, i, Ty::I32)).collect();
+                let zlw: Vec<V> = match &zl {
+                    Some(zl) => zi.iter().map(|i| k.load(zl, i, Ty::I32)).collect(),
+                    None => vec![],
+                };
+                let off2 = k.i64(2 * step * u);
+                let wc = k.add(&wc0, &off2);
+                let ww: Vec<V> = rows.iter().map(|row| load_pair(k, wp, wo, row, &wc, aligned)).collect();
+                loaded.push((zhw, zlw, ww));
+            }
+            for (u, (zhw, zlw, ww)) in loaded.iter().enumerate() {
+                let off = k.i64(step * u as i64);
+                let p = k.add(&p0, &off);
+                let ats: Vec<V> = [&r0, &r1].iter().map(|rr| row_word(k, rr, &p, w2)).collect();
+                for i in 0..2 {
+                    k.shared_store(&zhw[i], &tz_hi, &ats[i]);
+                    if let Some(tz_lo) = &tz_lo {
+                        k.shared_store(&zlw[i], tz_lo, &ats[i]);
+                    }
+                    k.shared_store(&ww[i], &tw, &ats[i]);
+                }
+                let d0 = k.add(&p, &p);
+                let d1 = k.add(&d0, &one);
+                let t_at0 = swz_t(k, &d0, &rp);
+                let t_at1 = swz_t(k, &d1, &rp);
+                let (a, b) = transpose_pairs(k, &zhw[0], &zhw[1]);
+                k.shared_store(&a, &tzt_hi, &t_at0);
+                k.shared_store(&b, &tzt_hi, &t_at1);
+                if let Some(t2) = &t2 {
+                    let (a, b) =
+                        if dkdv { transpose_pairs(k, &ww[0], &ww[1]) } else { transpose_pairs(k, &zlw[0], &zlw[1]) };
+                    k.shared_store(&a, t2, &t_at0);
+                    k.shared_store(&b, t2, &t_at1);
+                }
+            }
+            if let (Some(lt), Some(dt), Some((lv, dv))) = (&lse_tile, &d_tile, &stats) {
+                let nt = k.i64(TCB_TILE);
+                let few = k.cmp(Cmp::Lt, &tid, &nt);
+                k.if_(&few, |k| {
+                    let l2 = k.mul(lv, &l2e);
+                    k.shared_store(&l2, lt, &tid);
+                    k.shared_store(dv, dt, &tid);
+                });
+            }
+            k.barrier();
+            // S = X·Zᵀ and dP = Y·Wᵀ: 16 own rows × 16 tile rows, two accumulator tiles each.
+            let mut sacc = vec![vec![zero.clone(); 4]; 2];
+            let mut pacc = vec![vec![zero.clone(); 4]; 2];
+            for st in 0..nst {
+                let x0 = k.i64(8 * st);
+                let x1 = k.i64(8 * st + 4);
+                let afrag = |k: &mut KernelBuilder, t: &Shared| -> Vec<V> {
+                    [(&arow0, &x0), (&arow1, &x0), (&arow0, &x1), (&arow1, &x1)]
+                        .iter()
+                        .map(|(r, x)| {
+                            let i = k.add(r, x);
+                            k.shared_load(t, &i)
+                        })
+                        .collect()
+                };
+                let a_hi = afrag(k, &fx_hi);
+                let a_lo = fx_lo.as_ref().map(|t| afrag(k, t));
+                let a_y = afrag(k, &fy);
+                for nt in 0..2 {
+                    let ro = k.i64(8 * nt * (w2 + 4));
+                    let rb = k.add(&brow, &ro);
+                    let bfrag = |k: &mut KernelBuilder, t: &Shared| -> Vec<V> {
+                        [&x0, &x1]
+                            .iter()
+                            .map(|x| {
+                                let i = k.add(&rb, x);
+                                k.shared_load(t, &i)
+                            })
+                            .collect()
+                    };
+                    let b_hi = bfrag(k, &tz_hi);
+                    sacc[nt as usize] = mma(k, &a_hi, &b_hi, &sacc[nt as usize]);
+                    if let (Some(a_lo), Some(tz_lo)) = (&a_lo, &tz_lo) {
+                        let b_lo = bfrag(k, tz_lo);
+                        sacc[nt as usize] = mma(k, &a_hi, &b_lo, &sacc[nt as usize]);
+                        sacc[nt as usize] = mma(k, a_lo, &b_hi, &sacc[nt as usize]);
+                    }
+                    let b_w = bfrag(k, &tw);
+                    pacc[nt as usize] = mma(k, &a_y, &b_w, &pacc[nt as usize]);
+                }
+            }
+            // P and dS; element i of tile nt is (own row gq + 8⌊i/2⌋, tile row 8nt + 2tq + i%2).
+            let tq2 = k.add(&tq, &tq);
+            let mut pm: Vec<Vec<V>> = Vec::new();
+            let mut dsm: Vec<Vec<V>> = Vec::new();
+            for nt in 0..2usize {
+                let mut pt = Vec::new();
+                let mut dst = Vec::new();
+                for i in 0..4usize {
+                    let off = k.i64(8 * nt as i64 + (i % 2) as i64);
+                    let col = k.add(&tq2, &off);
+                    let other = k.add(t0, &col);
+                    let mine = &own_rows[i / 2];
+                    let (qi, kj) = if dkdv { (&other, mine) } else { (mine, &other) };
+                    let le = k.cmp(Cmp::Le, kj, qi);
+                    let inside = k.cmp(Cmp::Lt, qi, seq);
+                    let mut vis = k.and(&le, &inside);
+                    if let Some(w) = s.window {
+                        let dq = k.sub(qi, kj);
+                        let wv = k.i64(w as i64);
+                        let near = k.cmp(Cmp::Lt, &dq, &wv);
+                        vis = k.and(&vis, &near);
+                    }
+                    let (l2, dd) = match (&lse_tile, &d_tile) {
+                        (Some(lt), Some(dt)) => (k.shared_load(lt, &col), k.shared_load(dt, &col)),
+                        _ => row_stats[i / 2].clone(),
+                    };
+                    let x = k.mul(&sacc[nt][i], &c);
+                    let x = k.sub(&x, &l2);
+                    let pe = k.exp2(&x);
+                    let p = k.select(&vis, &pe, &zero);
+                    let t = k.sub(&pacc[nt][i], &dd);
+                    dst.push(k.mul(&p, &t));
+                    pt.push(p);
+                }
+                pm.push(pt);
+                dsm.push(dst);
+            }
+            // As A fragments over the 16 tile rows, hi and lo parts.
+            let frags = |k: &mut KernelBuilder, m: &[Vec<V>]| -> (Vec<V>, Vec<V>) {
+                let mut fh = Vec::new();
+                let mut fl = Vec::new();
+                for (x0, x1) in [(&m[0][0], &m[0][1]), (&m[0][2], &m[0][3]), (&m[1][0], &m[1][1]), (&m[1][2], &m[1][3])]
+                {
+                    let (h0, l0) = split_bf16(k, x0);
+                    let (h1, l1) = split_bf16(k, x1);
+                    fh.push(pack(k, &h0, &h1));
+                    fl.push(pack(k, &l0, &l1));
+                }
+                (fh, fl)
+            };
+            let (dsh, dsl) = frags(k, &dsm);
+            let pf = if dkdv { Some(frags(k, &pm)) } else { None };
+            let mut out: Vec<V> = cur.to_vec();
+            for dt in 0..nd {
+                let o0 = k.i64(64 * dt as i64);
+                let i0 = k.add(&tb0, &o0);
+                let i1 = k.add(&tb1, &o0);
+                let b = [k.shared_load(&tzt_hi, &i0), k.shared_load(&tzt_hi, &i1)];
+                let mut acc: Vec<V> = out[4 * dt..4 * dt + 4].to_vec();
+                acc = mma(k, &dsh, &b, &acc);
+                acc = mma(k, &dsl, &b, &acc);
+                if !dkdv {
+                    if let Some(t2) = &t2 {
+                        let bl = [k.shared_load(t2, &i0), k.shared_load(t2, &i1)];
+                        acc = mma(k, &dsh, &bl, &acc);
+                    }
+                }
+                out[4 * dt..4 * dt + 4].clone_from_slice(&acc);
+                if let (Some((ph, pl)), Some(t2)) = (&pf, &t2) {
+                    let b = [k.shared_load(t2, &i0), k.shared_load(t2, &i1)];
+                    let base = 4 * nd + 4 * dt;
+                    let mut acc: Vec<V> = out[base..base + 4].to_vec();
+                    acc = mma(k, ph, &b, &acc);
+                    acc = mma(k, pl, &b, &acc);
+                    out[base..base + 4].clone_from_slice(&acc);
+                }
+            }
+            out
+        };
+        let fin = if dkdv {
+            let h0 = k.mul(&g_kv, &grp);
+            let h1 = k.add(&h0, &grp);
+            k.for_(&h0, &h1, 1, &init, |k, h, cur| k.for_(&lo, &hi, TCB_TILE, cur, |k, t0, cur| tile(k, &h, &t0, cur)))
+        } else {
+            k.for_(&lo, &hi, TCB_TILE, &init, |k, t0, cur| tile(k, &hb, &t0, cur))
+        };
+        // Outputs: accumulator element i of tile dt is (own row gq + 8⌊i/2⌋, column
+        // 8dt + 2tq + i%2); dK (dQ) scaled and rotated back by the row's position.
+        let out_head = if dkdv { g_kv.clone() } else { hb.clone() };
+        let col0 = k.mul(&out_head, &hdv);
+        let tq2 = k.add(&tq, &tq);
+        let col0 = k.add(&col0, &tq2);
+        let sc = k.f32(s.scale());
+        let half = nd / 2;
+        for (ri, own_row) in own_rows.iter().enumerate() {
+            let valid = k.cmp(Cmp::Lt, own_row, seq);
+            k.if_(&valid, |k| {
+                let row = k.add(&bs, own_row);
+                let gop = outs[0];
+                for dt in 0..nd {
+                    for i in [2 * ri, 2 * ri + 1] {
+                        let y = match &rope {
+                            None => k.mul(&fin[4 * dt + i], &sc),
+                            Some(rp) => {
+                                // Pair (d, d + head_dim/2) sits in tiles dt and dt + nd/2.
+                                let (dlo, dhi) = if dt < half { (dt, dt + half) } else { (dt - half, dt) };
+                                let x1 = k.mul(&fin[4 * dlo + i], &sc);
+                                let x2 = k.mul(&fin[4 * dhi + i], &sc);
+                                let off = k.i64(8 * dlo as i64 + (i % 2) as i64);
+                                let ii = k.add(&tq2, &off);
+                                let (cs, sn) = rp.angles(k, own_row, &ii);
+                                if dt < half {
+                                    let a = k.mul(&x1, &cs);
+                                    let b = k.mul(&x2, &sn);
+                                    k.add(&a, &b)
+                                } else {
+                                    let a = k.mul(&x2, &cs);
+                                    let b = k.mul(&x1, &sn);
+                                    k.sub(&a, &b)
+                                }
+                            }
+                        };
+                        let off = k.i64(8 * dt as i64 + (i % 2) as i64);
+                        let col = k.add(&col0, &off);
+                        let idx = at(k, gop, &row, &col);
+                        k.store(&y, &outp[0], &idx, gop.elem());
+                        if dkdv {
+                            let gvo = outs[1];
+                            let idx = at(k, gvo, &row, &col);
+                            k.store(&fin[4 * nd + 4 * dt + i], &outp[1], &idx, gvo.elem());
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let buf = |b: &BufferArg| Arg::Buffer(b.clone());
+    let (x_hi, x_lo, z_hi, z_lo) = if dkdv {
+        (&bufs.k_hi, &bufs.k_lo, &bufs.q_hi, &bufs.q_lo)
+    } else {
+        (&bufs.q_hi, &bufs.q_lo, &bufs.k_hi, &bufs.k_lo)
+    };
+    let mut args = vec![buf(x_hi)];
+    args.extend(x_lo.as_ref().map(buf));
+    args.push(buf(z_hi));
+    args.extend(z_lo.as_ref().map(buf));
+    args.extend([v.arg(), g.arg(), lse.arg(), buf(&bufs.delta)]);
+    args.extend(outs.iter().map(|o| o.arg()));
+    let positions = e.max_shape().1;
+    args.extend(s.tables(e, positions));
+    args.extend([Arg::I64 { value: Extent::per_sequence(1) }, Arg::I64 { value: Extent::per_token(1) }]);
+    let y = if dkdv { s.kv_heads } else { s.heads };
+    e.launch(k, row_grid(y, own), 0, args);
 }
