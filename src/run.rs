@@ -100,6 +100,8 @@ pub fn train_on(spec: &Path, c: &RunConfig, progress: bool, choice: BackendChoic
     let out_dir = c.checkpoint.dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&model.name));
     std::fs::create_dir_all(&out_dir).map_err(|e| format!("cannot create `{}`: {e}", out_dir.display()))?;
 
+    // The backend first: a missing GPU is reported before any data is read.
+    let (mut backend, backend_name) = make_backend(program, c, choice)?;
     let (tok_name, train_stream, valid_stream) = load_data(c, &model, &out_dir)?;
     let entropy = unigram_entropy(&train_stream.iter().chain(&valid_stream).copied().collect::<Vec<_>>());
     let corpus_tokens = train_stream.len() + valid_stream.len();
@@ -115,7 +117,6 @@ pub fn train_on(spec: &Path, c: &RunConfig, progress: bool, choice: BackendChoic
     let json = serde_json::to_string_pretty(&info).map_err(|e| e.to_string())?;
     std::fs::write(out_dir.join(RUN_INFO), json).map_err(|e| format!("cannot write the run info: {e}"))?;
 
-    let (mut backend, backend_name) = make_backend(program, c, choice)?;
     let opts = TrainOptions {
         seed: c.train.seed,
         steps: c.train.steps,

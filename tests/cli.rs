@@ -146,3 +146,23 @@ fn a_damaged_bundle_is_refused_by_name() {
     let e = weft_runtime::bundle::Bundle::read(&p).expect_err("refused").0;
     assert!(e.contains("bad.bundle") && e.contains("truncated"), "{e}");
 }
+
+#[test]
+fn training_on_a_gpu_without_one_says_what_is_missing() {
+    // On a machine with a usable GPU this trains; everywhere else it must say why it cannot.
+    if weft_runtime::cuda::Gpu::open(0).is_ok() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("weft-nogpu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("run.toml");
+    std::fs::write(
+        &cfg,
+        "[train]\nsteps = 1\nseq_len = 32\nbatch_size = 1\n[data]\ntokenizer = \"byte\"\n[checkpoint]\ndir = \"run\"\n",
+    )
+    .unwrap();
+    let (code, _, err) =
+        weft(&["train", "--config", cfg.to_str().unwrap(), "specs/tiny/samba-micro.weft", "--backend", "gpu"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no usable GPU") && err.contains("driver"), "{err}");
+}
