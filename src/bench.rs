@@ -192,3 +192,21 @@ impl CompileReport {
         )
     }
 }
+
+/// The spec compiled at `batch × seq` and benchmarked on GPU 0 (see `weft_runtime::cuda::bench`).
+pub fn bench_gpu(spec: &Path, seq: u64, batch: u64, steps: usize) -> Result<String, String> {
+    use weft_runtime::cuda::{bench, Gpu, GpuBackend};
+    let gpu = Gpu::open(0).map_err(|e| format!("no usable GPU: {e}"))?;
+    let mut settings = RunConfig::default();
+    settings.train.seq_len = seq;
+    settings.train.batch_size = batch;
+    let checked = crate::check_file(spec).map_err(|f| f.render())?;
+    let max_context = seq + settings.generate.max_new_tokens;
+    let program =
+        build_program(&checked.model, &OptimizerSettings::from_config(&settings), max_context).map_err(|e| e.0)?;
+    let shapes = crate::build::Shapes { batch, seq, gen_batch: 1, max_prompt: seq };
+    let (bundle, _) = crate::build::build_bundle(&program, &shapes, &crate::lower::cache::Cache::user())
+        .map_err(|e| e.to_string())?;
+    let mut be = GpuBackend::new(gpu, bundle, 0).map_err(|e| e.0)?;
+    Ok(bench::bench(&mut be, steps)?.render())
+}

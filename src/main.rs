@@ -129,6 +129,10 @@ enum Command {
         /// Run settings (TOML) for --compile (batch, sequence length, generation).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// `cpu` (the reference, default) or `gpu`: the spec compiled to a bundle at --batch x
+        /// --seq and timed on the GPU (tokens/s, MFU, memory, time by kernel class, prefill).
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: BackendArg,
     },
     /// Generate text from the newest checkpoint of a training run.
     Generate {
@@ -347,8 +351,11 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 out.display()
             );
         }
-        Command::Bench { spec, seq, batch, steps, compile, config } => {
-            if compile {
+        Command::Bench { spec, seq, batch, steps, compile, config, backend } => {
+            if backend == BackendArg::Gpu && !compile {
+                let r = report(weft::bench::bench_gpu(&spec, seq, batch, steps.max(1)))?;
+                print!("{r}");
+            } else if compile {
                 let settings = config.as_deref().map(load_config).transpose()?.unwrap_or_default();
                 let r = report(weft::bench::bench_compile(&spec, &settings))?;
                 print!("{}", r.render());

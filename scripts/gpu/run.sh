@@ -17,7 +17,7 @@ done
 for b in ${BENCH:-samba-421m samba-1.3b}; do
   echo "=== bench $b"
   ./weft-run bench "$b.bundle" --steps 3 | tee "bench-$b.log"
-  summary+=("bench $b: $(grep -o 'MFU [0-9.]*%' "bench-$b.log" || echo failed), $(grep -o '[0-9]* tokens/s' "bench-$b.log" || true)")
+  summary+=("bench $b: $(grep -o 'MFU [0-9.]*%' "bench-$b.log" || echo failed), $(grep -o '[0-9]* tokens/s' "bench-$b.log" | head -1), prefill $(grep -o '[0-9]* tokens/s' "bench-$b.log" | sed -n 2p)")
 done
 if [ -z "${SKIP_TRAIN:-}" ]; then
   echo "=== train samba-micro on Moby-Dick"

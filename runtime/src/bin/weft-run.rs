@@ -44,18 +44,7 @@ fn open(path: &str) -> Result<(Gpu, Bundle), String> {
     Ok((gpu, bundle))
 }
 
-/// Deterministic token ids in `[0, vocab)`.
-fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<i32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            ((x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) % vocab as u64) as i32
-        })
-        .collect()
-}
+use weft_runtime::cuda::bench::tokens;
 
 fn vocab(bundle: &Bundle) -> usize {
     bundle
@@ -65,18 +54,6 @@ fn vocab(bundle: &Bundle) -> usize {
         .find(|p| p.name == "embed.weight")
         .and_then(|p| p.ty.shape.as_fixed())
         .map_or(256, |s| s[0] as usize)
-}
-
-fn train_inputs(bundle: &Bundle, seed: u64) -> Vec<(String, Tensor<f32>)> {
-    let s = bundle.plans["train_step"].0;
-    let (b, t) = (s.batch as usize, s.seq as usize);
-    let v = vocab(bundle);
-    vec![
-        ("tokens".into(), Tensor::ints(vec![b, t], tokens(b * t, v, seed))),
-        ("targets".into(), Tensor::ints(vec![b, t], tokens(b * t, v, seed + 1))),
-        // The training step scales its gradients by this (1/grad_accum in the training loop).
-        ("loss_scale".into(), Tensor::scalar(1.0)),
-    ]
 }
 
 fn run(args: &[String]) -> Result<bool, String> {
@@ -100,7 +77,7 @@ fn run(args: &[String]) -> Result<bool, String> {
             let t0 = Instant::now();
             let mut be = GpuBackend::new(gpu, bundle.clone(), seed).map_err(|e| e.0)?;
             let mut rows = Vec::new();
-            let inputs = train_inputs(&bundle, seed);
+            let inputs = weft_runtime::cuda::bench::train_inputs(&be, seed)?;
             for plan in ["train_step", "eval"] {
                 rows.extend(check::check_steps(&mut be, plan, &inputs)?);
             }
@@ -141,30 +118,8 @@ fn run(args: &[String]) -> Result<bool, String> {
             let path = args.get(1).ok_or(USAGE)?;
             let steps = flag(args, "--steps", 5)? as usize;
             let (gpu, bundle) = open(path)?;
-            let name = gpu.name.clone();
-            let mut be = GpuBackend::new(gpu, bundle.clone(), 0).map_err(|e| e.0)?;
-            let shape = bundle.plans["train_step"].0;
-            let tokens_per_step = (shape.batch * shape.seq) as f64;
-            let inputs = train_inputs(&bundle, 0);
-            let (split, ms) = be.time_plan("train_step", &inputs, steps).map_err(|e| e.0)?;
-            let (_, opt_ms) = be
-                .time_plan("optimizer_step", &[("step".into(), Tensor::ints(vec![], vec![0]))], steps)
-                .map_err(|e| e.0)?;
-            let total = ms + opt_ms;
-            let flops = weft_runtime::flops::train_flops_per_token(&bundle.program, shape.seq)? * tokens_per_step;
-            let tps = tokens_per_step / (total * 1e-3);
-            let mfu = flops / (total * 1e-3) / 989e12;
-            let peak = be.gpu().used_bytes().map_err(|e| e.0)?;
-            println!("{} on {name}: batch {} x seq {}", bundle.program.model, shape.batch, shape.seq);
-            println!(
-                "training step {total:.1} ms (forward+backward {ms:.1}, optimizer {opt_ms:.1}): {tps:.0} tokens/s"
-            );
-            println!("model FLOPs {:.3e} per step: MFU {:.1}% of 989 TFLOP/s", flops, mfu * 100.0);
-            println!("device memory in use {:.1} GiB", peak as f64 / (1u64 << 30) as f64);
-            let sum: f64 = split.values().sum();
-            for (class, t) in &split {
-                println!("  {class:<10} {t:>8.2} ms  {:>5.1}%", 100.0 * t / sum);
-            }
+            let mut be = GpuBackend::new(gpu, bundle, 0).map_err(|e| e.0)?;
+            print!("{}", weft_runtime::cuda::bench::bench(&mut be, steps)?.render());
             Ok(true)
         }
         Some("train") => {

@@ -6,6 +6,7 @@
 //! `exec.rs` is the [`Backend`](crate::backend::Backend) that runs plans; `check.rs` compares
 //! every step and a whole model with the CPU reference.
 
+pub mod bench;
 mod blas;
 pub mod check;
 mod device;
