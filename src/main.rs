@@ -512,6 +512,13 @@ fn build(
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so printing into a closed pipe would panic; a command-line tool
+    // should end quietly, as `cat` does.
+    // SAFETY: called first, before any thread exists; sets a signal disposition only.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Reported) => ExitCode::FAILURE,
