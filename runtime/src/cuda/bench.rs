@@ -22,6 +22,8 @@ pub struct GpuBench {
     pub memory_bytes: usize,
     /// Milliseconds of one training step by kernel class.
     pub split: BTreeMap<&'static str, f64>,
+    /// The training step's costliest kernels (summed over launches), milliseconds.
+    pub kernels: Vec<(String, f64)>,
     pub prefill_tokens: u64,
     pub prefill_tokens_per_s: f64,
 }
@@ -67,6 +69,9 @@ pub fn bench(be: &mut GpuBackend, repeats: usize) -> Result<GpuBench, String> {
     let tokens_per_step = (shape.batch * shape.seq) as f64;
     let inputs = train_inputs(be, 0)?;
     let (split, step_ms) = be.time_plan("train_step", &inputs, repeats).map_err(|e| e.0)?;
+    let mut kernels: Vec<(String, f64)> = be.last_profile.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    kernels.sort_by(|a, b| b.1.total_cmp(&a.1));
+    kernels.truncate(12);
     let (_, optimizer_ms) =
         be.time_plan("optimizer_step", &[("step".into(), Tensor::ints(vec![], vec![0]))], repeats).map_err(|e| e.0)?;
     let total = step_ms + optimizer_ms;
@@ -96,6 +101,7 @@ pub fn bench(be: &mut GpuBackend, repeats: usize) -> Result<GpuBench, String> {
         mfu: flops_per_step / (total * 1e-3) / PEAK_FLOPS,
         memory_bytes,
         split,
+        kernels,
         prefill_tokens,
         prefill_tokens_per_s,
     })
@@ -118,6 +124,10 @@ impl GpuBench {
         let sum: f64 = self.split.values().sum();
         for (class, t) in &self.split {
             s += &format!("  {class:<10} {t:>8.2} ms  {:>5.1}%\n", 100.0 * t / sum.max(1e-9));
+        }
+        s += "costliest kernels of the training step:\n";
+        for (k, t) in &self.kernels {
+            s += &format!("  {t:>8.2} ms  {k}\n");
         }
         if self.prefill_tokens > 0 {
             s += &format!("prefill of {} tokens: {:.0} tokens/s\n", self.prefill_tokens, self.prefill_tokens_per_s);

@@ -45,6 +45,8 @@ pub struct GpuBackend {
     functions: HashMap<String, (Arc<CudaModule>, CudaFunction)>,
     store: BTreeMap<String, (TensorType, DeviceBuffer)>,
     plans: HashMap<String, LoadedPlan>,
+    /// Milliseconds by kernel (and by matrix-product shape) of the last `time_plan`'s profiled run.
+    pub last_profile: BTreeMap<String, f64>,
 }
 
 fn dense_bytes(ty: &TensorType, batch: u64, seq: u64) -> usize {
@@ -101,7 +103,14 @@ impl GpuBackend {
                 store.insert(master_name(name), (master_ty, m));
             }
         }
-        Ok(GpuBackend { gpu, bundle, functions: HashMap::new(), store, plans: HashMap::new() })
+        Ok(GpuBackend {
+            gpu,
+            bundle,
+            functions: HashMap::new(),
+            store,
+            plans: HashMap::new(),
+            last_profile: BTreeMap::new(),
+        })
     }
 
     pub fn gpu(&self) -> &Gpu {
@@ -477,6 +486,7 @@ impl GpuBackend {
         self.gpu.synchronize()?;
         let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
         let mut by_class: BTreeMap<&'static str, f64> = BTreeMap::new();
+        self.last_profile.clear();
         let start = self.gpu.ctx.new_event(flags).map_err(cuda("event"))?;
         let end = self.gpu.ctx.new_event(flags).map_err(cuda("event"))?;
         // Timed as training runs: the whole plan replayed as one CUDA graph.
@@ -499,7 +509,14 @@ impl GpuBackend {
         events[n].synchronize().map_err(cuda("event"))?;
         for i in 0..n {
             let ms = events[i].elapsed_ms(&events[i + 1]).map_err(cuda("event"))? as f64;
-            *by_class.entry(self.plans[name].device.steps[i].class()).or_default() += ms;
+            let step = &self.plans[name].device.steps[i];
+            *by_class.entry(step.class()).or_default() += ms;
+            let kernel = match step {
+                DeviceStep::Launch(l) => l.kernel.clone(),
+                DeviceStep::Gemm(g) => format!("gemm {}x{}x{}", g.m.eval(b, t), g.n.eval(b, t), g.k.eval(b, t)),
+                DeviceStep::Zero { .. } => "zero".to_string(),
+            };
+            *self.last_profile.entry(kernel).or_default() += ms;
         }
         Ok((by_class, total))
     }
