@@ -1266,6 +1266,16 @@ fn attention_tc(e: &mut Emit, s: &Spec, ins: [&Operand; 3], o: &Operand, lse: &O
     let vp = k.ptr("v");
     let op = k.ptr("o");
     let lp = k.ptr("lse");
+    // With RoPE the keys come rotated and split from the prep kernel's scratch words.
+    let pre = if split {
+        let hi = e.scratch(Extent::per_token(2 * s.kv_heads as i64 * hd));
+        let lo = e.scratch(Extent::per_token(2 * s.kv_heads as i64 * hd));
+        tc_prep_keys(e, s, kk, &hi, &lo);
+        let ptrs = (k.ptr("k_rot_hi"), k.ptr("k_rot_lo"));
+        Some((hi, lo, ptrs))
+    } else {
+        None
+    };
     let rope = s.rope_params(&mut k, None);
     let batch = k.scalar_i64("batch");
     let tokens = k.scalar_i64("tokens");
@@ -1353,24 +1363,28 @@ fn attention_tc(e: &mut Emit, s: &Spec, ins: [&Operand; 3], o: &Operand, lse: &O
                 let j = k.add(&j0, &jj);
                 let j = k.min(&j, &last);
                 let row = k.add(&bs, &j);
-                let d0 = k.add(&dp, &dp);
-                let one = k.i64(1);
-                let d1 = k.add(&d0, &one);
-                let x0 = load_head(k, &kp, kk, &row, &g_kv, s.hd, rope.as_ref(), &j, &d0);
-                let x1 = load_head(k, &kp, kk, &row, &g_kv, s.hd, rope.as_ref(), &j, &d1);
                 let stride = k.i64(ks);
                 let at = k.mul(&jj, &stride);
                 let at = k.add(&at, &dp);
-                match &kl {
-                    Some(kl) => {
-                        let (h0, l0) = split_bf16(k, &x0);
-                        let (h1, l1) = split_bf16(k, &x1);
-                        let ph = pack(k, &h0, &h1);
-                        let pl = pack(k, &l0, &l1);
+                match (&kl, &pre) {
+                    (Some(kl), Some((_, _, (khp, klp)))) => {
+                        // Word (token, kv head, pair) of the prep kernel's [token, kv, hd/2].
+                        let nkv = k.i64(s.kv_heads as i64);
+                        let i = k.mul(&row, &nkv);
+                        let i = k.add(&i, &g_kv);
+                        let i = k.mul(&i, &half);
+                        let i = k.add(&i, &dp);
+                        let ph = k.load(khp, &i, Ty::I32);
+                        let pl = k.load(klp, &i, Ty::I32);
                         k.shared_store(&ph, &kh, &at);
                         k.shared_store(&pl, kl, &at);
                     }
-                    None => {
+                    _ => {
+                        let d0 = k.add(&dp, &dp);
+                        let one = k.i64(1);
+                        let d1 = k.add(&d0, &one);
+                        let x0 = load_head(k, &kp, kk, &row, &g_kv, s.hd, None, &j, &d0);
+                        let x1 = load_head(k, &kp, kk, &row, &g_kv, s.hd, None, &j, &d1);
                         let h0 = round_bf16(k, &x0);
                         let h1 = round_bf16(k, &x1);
                         let ph = pack(k, &h0, &h1);
@@ -1539,10 +1553,71 @@ fn attention_tc(e: &mut Emit, s: &Spec, ins: [&Operand; 3], o: &Operand, lse: &O
         }
     });
     let mut args = vec![q.arg(), kk.arg(), v.arg(), o.arg(), lse.arg()];
+    if let Some((hi, lo, _)) = &pre {
+        args.extend([Arg::Buffer(hi.clone()), Arg::Buffer(lo.clone())]);
+    }
     let positions = e.max_shape().1;
     args.extend(s.tables(e, positions));
     args.extend([Arg::I64 { value: Extent::per_sequence(1) }, Arg::I64 { value: Extent::per_token(1) }]);
     e.launch(k, row_grid(s.heads, TC_ROWS), 0, args);
+}
+
+/// The forward's rotated keys, once per token (`attention_tc_prep_*`): one warp per (token, kv
+/// head) writes k rotated, split into bf16 hi + lo and packed in pairs along the head,
+/// `[token, kv_heads, head_dim/2]` i32, as the backward's prep does.
+fn tc_prep_keys(e: &mut Emit, s: &Spec, kk: &Operand, hi: &BufferArg, lo: &BufferArg) {
+    let (kv, hd) = (s.kv_heads as i64, s.hd as i64);
+    let name = format!("attention_tc_prep_{}_{}", s.tag(), sig(&[kk]));
+    let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
+    let kp = k.ptr("k");
+    let khp = k.ptr("k_hi");
+    let klp = k.ptr("k_lo");
+    let rope = s.rope_params(&mut k, None);
+    let batch = k.scalar_i64("batch");
+    let tokens = k.scalar_i64("tokens");
+    let (_, lane, warp) = lanes(&mut k);
+    let bid = k.block_id('x');
+    let w = k.i64(WARPS);
+    let base = k.mul(&bid, &w);
+    let r = k.add(&base, &warp);
+    let slots = k.i64(kv);
+    let n = k.mul(&tokens, &slots);
+    let valid = k.cmp(Cmp::Lt, &r, &n);
+    k.if_(&valid, |k| {
+        let tok = k.div(&r, &slots);
+        let head = k.rem(&r, &slots);
+        let one = k.i64(1);
+        let safe_b = k.max(&batch, &one);
+        let seq = k.div(&tokens, &safe_b);
+        let pos = k.rem(&tok, &seq);
+        // Lane l has pairs l + 32e.
+        for e in 0..hd / 64 {
+            let off = k.i64(32 * e);
+            let p = k.add(&lane, &off);
+            let d0 = k.add(&p, &p);
+            let d1 = k.add(&d0, &one);
+            let x0 = load_head(k, &kp, kk, &tok, &head, s.hd, rope.as_ref(), &pos, &d0);
+            let x1 = load_head(k, &kp, kk, &tok, &head, s.hd, rope.as_ref(), &pos, &d1);
+            let i = k.mul(&tok, &slots);
+            let i = k.add(&i, &head);
+            let w2 = k.i64(hd / 2);
+            let i = k.mul(&i, &w2);
+            let i = k.add(&i, &p);
+            let (h0, l0) = split_bf16(k, &x0);
+            let (h1, l1) = split_bf16(k, &x1);
+            let ph = pack(k, &h0, &h1);
+            let pl = pack(k, &l0, &l1);
+            k.store(&ph, &khp, &i, Ty::I32);
+            k.store(&pl, &klp, &i, Ty::I32);
+        }
+    });
+    let mut args = vec![kk.arg(), Arg::Buffer(hi.clone()), Arg::Buffer(lo.clone())];
+    let positions = e.max_shape().1;
+    args.extend(s.tables(e, positions));
+    args.extend([Arg::I64 { value: Extent::per_sequence(1) }, Arg::I64 { value: Extent::per_token(1) }]);
+    let grid =
+        [GridDim { extent: Extent::per_token(kv), per_block: WARPS as u64 }, GridDim::fixed(1), GridDim::fixed(1)];
+    e.launch(k, grid, 0, args);
 }
 
 // ---- the tensor-core backward ----
