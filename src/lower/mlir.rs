@@ -527,30 +527,36 @@ impl KernelBuilder {
         r
     }
 
-    /// Sum over the 32 lanes of a warp, in a fixed butterfly order; every lane gets the total.
-    pub fn warp_sum(&mut self, v: &V) -> V {
+    /// `combine` over the 32 lanes of a warp, in a fixed butterfly order; every lane gets the
+    /// result.
+    fn warp_reduce(&mut self, v: &V, combine: fn(&mut KernelBuilder, &V, &V) -> V) -> V {
         let mut acc = v.clone();
         for off in [16, 8, 4, 2, 1] {
             let o = self.shuffle_xor(&acc, off);
-            acc = self.add(&acc, &o);
+            acc = combine(self, &acc, &o);
         }
         acc
+    }
+
+    pub fn warp_sum(&mut self, v: &V) -> V {
+        self.warp_reduce(v, KernelBuilder::add)
     }
 
     pub fn warp_max(&mut self, v: &V) -> V {
-        let mut acc = v.clone();
-        for off in [16, 8, 4, 2, 1] {
-            let o = self.shuffle_xor(&acc, off);
-            acc = self.max(&acc, &o);
-        }
-        acc
+        self.warp_reduce(v, KernelBuilder::max)
     }
 
-    /// Sum over all threads of the block (x only); every thread gets the total. Uses `scratch`
-    /// (one f32 per warp) and two barriers.
-    pub fn block_sum(&mut self, v: &V, scratch: &Shared) -> V {
+    /// `combine` over all threads of the block (x only), `identity` its neutral element; every
+    /// thread gets the result. Uses `scratch` (one f32 per warp) and two barriers.
+    fn block_reduce(
+        &mut self,
+        v: &V,
+        scratch: &Shared,
+        combine: fn(&mut KernelBuilder, &V, &V) -> V,
+        identity: f32,
+    ) -> V {
         let warps = (self.block_threads() / 32).max(1);
-        let w = self.warp_sum(v);
+        let w = self.warp_reduce(v, combine);
         if warps == 1 {
             return w;
         }
@@ -562,14 +568,24 @@ impl KernelBuilder {
         let first = self.cmp(Cmp::Eq, &lane, &zero);
         self.if_(&first, |b| b.shared_store(&w, scratch, &warp));
         self.barrier();
-        let init = self.f32(0.0);
+        let init = self.f32(identity);
         let n = self.i64(warps);
         let total = self.for_(&zero, &n, 1, &[init], |b, k, acc| {
             let p = b.shared_load(scratch, &k);
-            vec![b.add(&acc[0], &p)]
+            vec![combine(b, &acc[0], &p)]
         });
         self.barrier();
         total[0].clone()
+    }
+
+    /// Sum over all threads of the block (x only), in a fixed order.
+    pub fn block_sum(&mut self, v: &V, scratch: &Shared) -> V {
+        self.block_reduce(v, scratch, KernelBuilder::add, 0.0)
+    }
+
+    /// Maximum over all threads of the block (x only).
+    pub fn block_max(&mut self, v: &V, scratch: &Shared) -> V {
+        self.block_reduce(v, scratch, KernelBuilder::max, f32::NEG_INFINITY)
     }
 
     // ---- control flow ----

@@ -44,17 +44,7 @@ fn open(path: &str) -> Result<(Gpu, Bundle), String> {
     Ok((gpu, bundle))
 }
 
-use weft_runtime::cuda::bench::tokens;
-
-fn vocab(bundle: &Bundle) -> usize {
-    bundle
-        .program
-        .params
-        .iter()
-        .find(|p| p.name == "embed.weight")
-        .and_then(|p| p.ty.shape.as_fixed())
-        .map_or(256, |s| s[0] as usize)
-}
+use weft_runtime::cuda::bench::{tokens, vocab};
 
 fn run(args: &[String]) -> Result<bool, String> {
     match args.first().map(String::as_str) {
@@ -81,7 +71,7 @@ fn run(args: &[String]) -> Result<bool, String> {
             for plan in ["train_step", "eval"] {
                 rows.extend(check::check_steps(&mut be, plan, &inputs)?);
             }
-            let v = vocab(&bundle);
+            let v = vocab(&bundle.program);
             let prompt = tokens(24, v, seed + 7);
             let pre = vec![("tokens".to_string(), Tensor::ints(vec![1, prompt.len()], prompt.clone()))];
             rows.extend(check::check_steps(&mut be, "prefill", &pre)?);
@@ -128,7 +118,7 @@ fn run(args: &[String]) -> Result<bool, String> {
             let path = args.get(1).ok_or(USAGE)?;
             let (gpu, bundle) = open(path)?;
             let shape = bundle.plans.get("train_step").ok_or("the bundle has no training step")?.0;
-            let v = vocab(&bundle);
+            let v = vocab(&bundle.program);
             let load = |flag: &str| -> Result<Windows, String> {
                 let file = PathBuf::from(value(args, flag)?);
                 let tokens = load_shards(std::slice::from_ref(&file), v).map_err(|e| e.0)?;

@@ -42,8 +42,8 @@ pub fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<i32> {
 }
 
 /// The vocabulary of a program (rows of its embedding).
-pub fn vocab(be: &GpuBackend) -> usize {
-    be.program()
+pub fn vocab(program: &crate::plan::Program) -> usize {
+    program
         .params
         .iter()
         .find(|p| p.name == "embed.weight")
@@ -55,7 +55,7 @@ pub fn vocab(be: &GpuBackend) -> usize {
 pub fn train_inputs(be: &GpuBackend, seed: u64) -> Result<Vec<(String, Tensor<f32>)>, String> {
     let s = be.bundle().plans.get("train_step").ok_or("the bundle has no training step")?.0;
     let (b, t) = (s.batch as usize, s.seq as usize);
-    let v = vocab(be);
+    let v = vocab(be.program());
     Ok(vec![
         ("tokens".into(), Tensor::ints(vec![b, t], tokens(b * t, v, seed))),
         ("targets".into(), Tensor::ints(vec![b, t], tokens(b * t, v, seed + 1))),
@@ -82,7 +82,7 @@ pub fn bench(be: &mut GpuBackend, repeats: usize) -> Result<GpuBench, String> {
     let (prefill_tokens, prefill_tokens_per_s) = match p {
         Some(ps) => {
             let n = (ps.batch * ps.seq) as usize;
-            let ids = tokens(n, vocab(be), 7);
+            let ids = tokens(n, vocab(be.program()), 7);
             let pin = vec![("tokens".to_string(), Tensor::ints(vec![ps.batch as usize, ps.seq as usize], ids))];
             let (_, ms) = be.time_plan("prefill", &pin, repeats).map_err(|e| e.0)?;
             (n as u64, n as f64 / (ms * 1e-3))

@@ -4,9 +4,8 @@
 
 use super::super::{grid_1d, Emit, LowerError, Operand};
 use super::{load_at, sig, store_at, THREADS};
-use crate::lower::mlir::{Cmp, KernelBuilder, Ty, V};
+use crate::lower::mlir::{Cmp, KernelBuilder, V};
 use weft_runtime::device::{Arg, Extent, GridDim};
-use weft_runtime::Dim;
 
 fn kernel_width(w: &Operand) -> u64 {
     w.width
@@ -320,6 +319,5 @@ pub(super) fn conv_step(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Resu
     });
     let args = vec![x.arg(), w.arg(), b.arg(), s.arg(), y.arg(), s2.arg(), Arg::I64 { value: Extent::per_sequence(1) }];
     e.launch(k, grid_1d(Extent::per_sequence(ch as i64), THREADS as u64), 0, args);
-    let _ = (Ty::F32, Dim::Batch);
     Ok(())
 }

@@ -4,7 +4,7 @@
 
 use super::super::{Emit, LowerError, Operand};
 use super::{sig, THREADS};
-use crate::lower::mlir::{Cmp, KernelBuilder, Ty, V};
+use crate::lower::mlir::{Cmp, KernelBuilder, Ty};
 use weft_runtime::device::{Arg, BufferArg, Extent, Gemm, GridDim, MatrixArg};
 use weft_runtime::DType;
 
@@ -67,7 +67,7 @@ fn rows_kernel(vocab: u64, backward: bool, tag: &str) -> KernelBuilder {
         let z = k.load(&zp, &i, Ty::F32);
         vec![k.max(&acc[0], &z)]
     });
-    let m = block_max(&mut k, &m[0], &scratch);
+    let m = k.block_max(&m[0], &scratch);
     let zero = k.f32(0.0);
     let s = k.for_(&tid, &v, THREADS as i64, &[zero], |k, j, acc| {
         let i = k.add(&base, &j);
@@ -117,24 +117,21 @@ fn rows_kernel(vocab: u64, backward: bool, tag: &str) -> KernelBuilder {
     k
 }
 
-fn block_max(k: &mut KernelBuilder, v: &V, scratch: &crate::lower::mlir::Shared) -> V {
-    let w = k.warp_max(v);
-    let tid = k.thread_id('x');
-    let c32 = k.i64(32);
-    let lane = k.rem(&tid, &c32);
-    let warp = k.div(&tid, &c32);
-    let zero = k.i64(0);
-    let first = k.cmp(Cmp::Eq, &lane, &zero);
-    k.if_(&first, |k| k.shared_store(&w, scratch, &warp));
-    k.barrier();
-    let init = k.f32(f32::NEG_INFINITY);
-    let n = k.i64((THREADS / 32) as i64);
-    let m = k.for_(&zero, &n, 1, &[init], |k, i, acc| {
-        let p = k.shared_load(scratch, &i);
-        vec![k.max(&acc[0], &p)]
+/// `z = h[first .. first + rows] · wᵀ` into the f32 logits scratch.
+fn chunk_logits(e: &mut Emit, h: &Operand, w: &Operand, first: u64, rows: u64, z: &BufferArg) {
+    let vocab = vocab_of(w);
+    e.gemm(Gemm {
+        m: Extent::constant(rows as i64),
+        n: Extent::constant(vocab as i64),
+        k: Extent::constant(h.width as i64),
+        a: chunk_matrix(h, first),
+        trans_a: false,
+        b: w.matrix(),
+        trans_b: true,
+        c: MatrixArg { buffer: z.clone(), dtype: DType::F32, ld: vocab },
+        alpha: 1.0,
+        beta: 0.0,
     });
-    k.barrier();
-    m[0].clone()
 }
 
 fn chunk_matrix(o: &Operand, first: u64) -> MatrixArg {
@@ -148,18 +145,7 @@ pub(super) fn cross_entropy(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> 
     e.zero(loss.buf.clone(), Extent::constant(4));
     let tag = sig(&[h, w]);
     for (first, rows) in chunks(e, h) {
-        e.gemm(Gemm {
-            m: Extent::constant(rows as i64),
-            n: Extent::constant(vocab as i64),
-            k: Extent::constant(h.width as i64),
-            a: chunk_matrix(h, first),
-            trans_a: false,
-            b: w.matrix(),
-            trans_b: true,
-            c: MatrixArg { buffer: z.clone(), dtype: DType::F32, ld: vocab },
-            alpha: 1.0,
-            beta: 0.0,
-        });
+        chunk_logits(e, h, w, first, rows, &z);
         let k = rows_kernel(vocab, false, &tag);
         let args = vec![
             Arg::Buffer(z.clone()),
@@ -184,18 +170,7 @@ pub(super) fn cross_entropy_backward(e: &mut Emit, ins: &[Operand], outs: &[Oper
     let tag = sig(&[h, w]);
     for (first, rows) in chunks(e, h) {
         let m = Extent::constant(rows as i64);
-        e.gemm(Gemm {
-            m,
-            n: Extent::constant(vocab as i64),
-            k: Extent::constant(h.width as i64),
-            a: chunk_matrix(h, first),
-            trans_a: false,
-            b: w.matrix(),
-            trans_b: true,
-            c: MatrixArg { buffer: z.clone(), dtype: DType::F32, ld: vocab },
-            alpha: 1.0,
-            beta: 0.0,
-        });
+        chunk_logits(e, h, w, first, rows, &z);
         let k = rows_kernel(vocab, true, &tag);
         let args = vec![
             Arg::Buffer(z.clone()),

@@ -10,7 +10,7 @@ mod optim;
 mod scan;
 
 use super::{Emit, LowerError, Operand};
-use crate::lower::mlir::{KernelBuilder, Ty, V};
+use crate::lower::mlir::{KernelBuilder, V};
 use weft_runtime::plan::Step;
 use weft_runtime::{DType, Op};
 
@@ -132,8 +132,3 @@ fn store_at(k: &mut KernelBuilder, v: &V, p: &V, o: &Operand, row: &V, col: &V) 
 
 /// The number of threads per block of the row-wise and elementwise kernels.
 const THREADS: u32 = 256;
-
-#[allow(dead_code)]
-fn f32_ty() -> Ty {
-    Ty::F32
-}

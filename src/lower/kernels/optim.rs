@@ -3,7 +3,7 @@
 
 use super::super::{grid_1d, Emit, LowerError, Operand};
 use super::{sig, THREADS};
-use crate::lower::mlir::{Cmp, KernelBuilder, Ty};
+use crate::lower::mlir::{Cmp, KernelBuilder, Ty, V};
 use weft_runtime::device::{master_name, Arg, Base, BufferArg, Extent, GridDim, Table, Word};
 use weft_runtime::op::{AdamWAttrs, ScheduleAttrs};
 use weft_runtime::Op;
@@ -50,7 +50,7 @@ fn scalar_kernel(
     name: &str,
     ins: &[&Operand],
     out: &Operand,
-    f: impl FnOnce(&mut KernelBuilder, &[crate::lower::mlir::V]) -> crate::lower::mlir::V,
+    f: impl FnOnce(&mut KernelBuilder, &[V]) -> V,
 ) {
     let mut k = KernelBuilder::new(name, [1, 1, 1]);
     let ptrs: Vec<_> = (0..ins.len()).map(|i| k.ptr(&format!("in{i}"))).collect();
@@ -150,12 +150,9 @@ pub(super) fn adamw(e: &mut Emit, a: &AdamWAttrs, ins: &[Operand], outs: &[Opera
         None => None,
     };
     let name = format!(
-        "adamw{}_{:08x}_{:08x}_{:08x}_{:08x}_{}",
+        "adamw{}_{}_{}",
         if master.is_some() { "_master" } else { "" },
-        (a.beta1 as f32).to_bits(),
-        (a.beta2 as f32).to_bits(),
-        (a.eps as f32).to_bits(),
-        (a.weight_decay as f32).to_bits(),
+        attrs_tag(a),
         sig(&[p, g, m, v, p2, m2, v2])
     );
     let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
@@ -179,55 +176,16 @@ pub(super) fn adamw(e: &mut Emit, a: &AdamWAttrs, ins: &[Operand], outs: &[Opera
     let i = k.mul(&bid, &t);
     let i = k.add(&i, &tid);
     let inside = k.cmp(Cmp::Lt, &i, &n);
+    let sc = step_scalars(&mut k, a, &lrp, &cp, &sp);
     k.if_(&inside, |k| {
-        let z = k.i64(0);
-        let lr = k.load(&lrp, &z, Ty::F32);
-        let clip = k.load(&cp, &z, Ty::F32);
-        let st = k.load(&sp, &z, Ty::I32);
-        let one_i = k.i32(1);
-        let st = k.add(&st, &one_i);
-        let t = k.cast(&st, Ty::F32);
-        // βᵗ = 2^(t·log2 β).
-        let l1 = k.f32((a.beta1 as f32).log2());
-        let l2 = k.f32((a.beta2 as f32).log2());
-        let e1 = k.mul(&t, &l1);
-        let e2 = k.mul(&t, &l2);
-        let b1t = k.exp2(&e1);
-        let b2t = k.exp2(&e2);
-        let one = k.f32(1.0);
-        let d1 = k.sub(&one, &b1t);
-        let d2 = k.sub(&one, &b2t);
-        let c1 = k.recip(&d1);
-        let c2 = k.recip(&d2);
         let gv = k.load_f32(&gp, &i, g.elem());
-        let gv = k.mul(&gv, &clip);
-        let b1 = k.f32(a.beta1 as f32);
-        let b2 = k.f32(a.beta2 as f32);
-        let ob1 = k.f32(1.0 - a.beta1 as f32);
-        let ob2 = k.f32(1.0 - a.beta2 as f32);
         let mv = k.load_f32(&mp, &i, m.elem());
         let vv = k.load_f32(&vp, &i, v.elem());
-        let mg = k.mul(&ob1, &gv);
-        let mn = k.fma(&b1, &mv, &mg);
-        let gg = k.mul(&gv, &gv);
-        let vg = k.mul(&ob2, &gg);
-        let vn = k.fma(&b2, &vv, &vg);
-        let mhat = k.mul(&mn, &c1);
-        let vhat = k.mul(&vn, &c2);
-        let sq = k.sqrt(&vhat);
-        let eps = k.f32(a.eps as f32);
-        let den = k.add(&sq, &eps);
-        let upd = k.div(&mhat, &den);
-        let upd = k.mul(&lr, &upd);
-        let wd = k.f32(a.weight_decay as f32);
-        let lwd = k.mul(&lr, &wd);
-        let decay = k.sub(&one, &lwd);
         let pv = match &mp32 {
             Some(mp) => k.load(mp, &i, Ty::F32),
             None => k.load_f32(&pp, &i, p.elem()),
         };
-        let pn = k.mul(&pv, &decay);
-        let pn = k.sub(&pn, &upd);
+        let (pn, mn, vn) = adamw_element(k, a, &sc, &gv, &mv, &vv, &pv);
         if let Some(mp) = &mp32 {
             k.store(&pn, mp, &i, Ty::F32);
         }
@@ -296,14 +254,7 @@ pub(super) fn adamw_group(e: &mut Emit, steps: &[usize]) -> Result<(), LowerErro
             words.push(Word::Int { value: n });
         }
         let table = e.table(Table::Words { words });
-        let name = format!(
-            "adamw_group{}_{:08x}_{:08x}_{:08x}_{:08x}_{kind}",
-            if with_master { "_master" } else { "" },
-            (a.beta1 as f32).to_bits(),
-            (a.beta2 as f32).to_bits(),
-            (a.eps as f32).to_bits(),
-            (a.weight_decay as f32).to_bits(),
-        );
+        let name = format!("adamw_group{}_{}_{kind}", if with_master { "_master" } else { "" }, attrs_tag(&a));
         let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
         let (tp, lrp, cp, sp) = (k.ptr("table"), k.ptr("lr"), k.ptr("clip"), k.ptr("step"));
         let tensor = k.block_id('y');
@@ -321,24 +272,7 @@ pub(super) fn adamw_group(e: &mut Emit, steps: &[usize]) -> Result<(), LowerErro
             })
             .collect();
         let n = word(&mut k, 8);
-        let z = k.i64(0);
-        let lrv = k.load(&lrp, &z, Ty::F32);
-        let clipv = k.load(&cp, &z, Ty::F32);
-        let st = k.load(&sp, &z, Ty::I32);
-        let one_i = k.i32(1);
-        let st = k.add(&st, &one_i);
-        let t = k.cast(&st, Ty::F32);
-        let l1 = k.f32((a.beta1 as f32).log2());
-        let l2 = k.f32((a.beta2 as f32).log2());
-        let e1 = k.mul(&t, &l1);
-        let e2 = k.mul(&t, &l2);
-        let b1t = k.exp2(&e1);
-        let b2t = k.exp2(&e2);
-        let one = k.f32(1.0);
-        let d1 = k.sub(&one, &b1t);
-        let d2 = k.sub(&one, &b2t);
-        let c1 = k.recip(&d1);
-        let c2 = k.recip(&d2);
+        let sc = step_scalars(&mut k, &a, &lrp, &cp, &sp);
         let tid = k.thread_id('x');
         let bid = k.block_id('x');
         let nb = k.grid_dim('x');
@@ -350,31 +284,10 @@ pub(super) fn adamw_group(e: &mut Emit, steps: &[usize]) -> Result<(), LowerErro
         let (p2e, m2e, v2e) = (outs[0].elem(), outs[1].elem(), outs[2].elem());
         k.for_dyn(&start, &n, &stride, &[], |k, i, _| {
             let gv = k.load_f32(&ptrs[1], &i, ge);
-            let gv = k.mul(&gv, &clipv);
-            let b1 = k.f32(a.beta1 as f32);
-            let b2 = k.f32(a.beta2 as f32);
-            let ob1 = k.f32(1.0 - a.beta1 as f32);
-            let ob2 = k.f32(1.0 - a.beta2 as f32);
             let mv = k.load_f32(&ptrs[2], &i, me);
             let vv = k.load_f32(&ptrs[3], &i, ve);
-            let mg = k.mul(&ob1, &gv);
-            let mn = k.fma(&b1, &mv, &mg);
-            let gg = k.mul(&gv, &gv);
-            let vg = k.mul(&ob2, &gg);
-            let vn = k.fma(&b2, &vv, &vg);
-            let mhat = k.mul(&mn, &c1);
-            let vhat = k.mul(&vn, &c2);
-            let sq = k.sqrt(&vhat);
-            let eps = k.f32(a.eps as f32);
-            let den = k.add(&sq, &eps);
-            let upd = k.div(&mhat, &den);
-            let upd = k.mul(&lrv, &upd);
-            let wd = k.f32(a.weight_decay as f32);
-            let lwd = k.mul(&lrv, &wd);
-            let decay = k.sub(&one, &lwd);
             let pv = if with_master { k.load(&ptrs[7], &i, Ty::F32) } else { k.load_f32(&ptrs[0], &i, pe) };
-            let pn = k.mul(&pv, &decay);
-            let pn = k.sub(&pn, &upd);
+            let (pn, mn, vn) = adamw_element(k, &a, &sc, &gv, &mv, &vv, &pv);
             if with_master {
                 k.store(&pn, &ptrs[7], &i, Ty::F32);
             }
@@ -388,4 +301,69 @@ pub(super) fn adamw_group(e: &mut Emit, steps: &[usize]) -> Result<(), LowerErro
         e.launch(k, grid, 0, vec![Arg::Buffer(table), lr.arg(), clip.arg(), step.arg()]);
     }
     Ok(())
+}
+
+/// AdamW's attributes as exact f32 bit patterns, for kernel names.
+fn attrs_tag(a: &AdamWAttrs) -> String {
+    [a.beta1, a.beta2, a.eps, a.weight_decay].map(|x| format!("{:08x}", (x as f32).to_bits())).join("_")
+}
+
+/// The scalars every element of a step shares, read from the device: the learning rate, the
+/// clip factor and the bias corrections `1/(1 − β₁ᵗ)`, `1/(1 − β₂ᵗ)` at `t = step + 1`.
+struct StepScalars {
+    lr: V,
+    clip: V,
+    c1: V,
+    c2: V,
+}
+
+fn step_scalars(k: &mut KernelBuilder, a: &AdamWAttrs, lr: &V, clip: &V, step: &V) -> StepScalars {
+    let z = k.i64(0);
+    let lr = k.load(lr, &z, Ty::F32);
+    let clip = k.load(clip, &z, Ty::F32);
+    let st = k.load(step, &z, Ty::I32);
+    let one_i = k.i32(1);
+    let st = k.add(&st, &one_i);
+    let t = k.cast(&st, Ty::F32);
+    let one = k.f32(1.0);
+    // βᵗ = 2^(t·log2 β).
+    let mut correction = |beta: f64| {
+        let l = k.f32((beta as f32).log2());
+        let e = k.mul(&t, &l);
+        let bt = k.exp2(&e);
+        let d = k.sub(&one, &bt);
+        k.recip(&d)
+    };
+    let (c1, c2) = (correction(a.beta1), correction(a.beta2));
+    StepScalars { lr, clip, c1, c2 }
+}
+
+/// One element of AdamW (PyTorch's form, decoupled decay) from f32 gradient, moments and
+/// parameter: returns the parameter and the moments after the step.
+#[allow(clippy::too_many_arguments)]
+fn adamw_element(k: &mut KernelBuilder, a: &AdamWAttrs, s: &StepScalars, g: &V, m: &V, v: &V, p: &V) -> (V, V, V) {
+    let g = k.mul(g, &s.clip);
+    let b1 = k.f32(a.beta1 as f32);
+    let b2 = k.f32(a.beta2 as f32);
+    let ob1 = k.f32(1.0 - a.beta1 as f32);
+    let ob2 = k.f32(1.0 - a.beta2 as f32);
+    let mg = k.mul(&ob1, &g);
+    let mn = k.fma(&b1, m, &mg);
+    let gg = k.mul(&g, &g);
+    let vg = k.mul(&ob2, &gg);
+    let vn = k.fma(&b2, v, &vg);
+    let mhat = k.mul(&mn, &s.c1);
+    let vhat = k.mul(&vn, &s.c2);
+    let sq = k.sqrt(&vhat);
+    let eps = k.f32(a.eps as f32);
+    let den = k.add(&sq, &eps);
+    let upd = k.div(&mhat, &den);
+    let upd = k.mul(&s.lr, &upd);
+    let one = k.f32(1.0);
+    let wd = k.f32(a.weight_decay as f32);
+    let lwd = k.mul(&s.lr, &wd);
+    let decay = k.sub(&one, &lwd);
+    let pn = k.mul(p, &decay);
+    let pn = k.sub(&pn, &upd);
+    (pn, mn, vn)
 }
