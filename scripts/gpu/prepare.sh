@@ -12,6 +12,8 @@ cp target/release/weft-run "$out/"
 for s in samba-tiny llama-tiny mistral-tiny mamba-tiny mamba-swa-mlp-tiny mlp2-swa-mlp-tiny samba-nope-tiny mamba-mlp-tiny; do
   ./target/release/weft build "specs/tiny/$s.weft" --config scripts/gpu/check.toml -o "$out/$s.bundle" >/dev/null
 done
+# Grouped-query attention (not in the tiny specs), as Samba 1.7B and 3.8B use it.
+./target/release/weft build scripts/gpu/gqa-tiny.weft --config scripts/gpu/check.toml -o "$out/gqa-tiny.bundle" >/dev/null
 for s in samba-421m samba-1.3b; do
   ./target/release/weft build "specs/$s.weft" --config scripts/gpu/bench.toml -o "$out/$s.bundle" >/dev/null
 done

@@ -10,7 +10,7 @@ LT=$(find $SP -name 'libcublasLt.so.13*' 2>/dev/null | head -1)
 [ -z "$LT" ] && LT=$(find / -xdev -name 'libcublasLt.so.13*' 2>/dev/null | head -1)
 export LD_LIBRARY_PATH="$(dirname "$LT")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 summary=()
-for b in ${CHECK:-samba-tiny llama-tiny mistral-tiny mamba-tiny mamba-swa-mlp-tiny mlp2-swa-mlp-tiny samba-nope-tiny mamba-mlp-tiny}; do
+for b in ${CHECK:-samba-tiny llama-tiny mistral-tiny mamba-tiny mamba-swa-mlp-tiny mlp2-swa-mlp-tiny samba-nope-tiny mamba-mlp-tiny gqa-tiny}; do
   echo "=== check $b"
   if ./weft-run check "$b.bundle" | tee "check-$b.log"; then summary+=("check $b: pass"); else summary+=("check $b: FAIL"); fi
 done

@@ -120,7 +120,12 @@ pub struct KernelBuilder {
     body: String,
     indent: usize,
     next: usize,
+    /// Whether the kernel reads dynamic shared memory.
+    dynamic_shared: bool,
 }
+
+/// The symbol of a kernel's dynamic shared memory.
+const DYNAMIC_SHARED: &str = "weft_dynamic_shared";
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2: f32 = std::f32::consts::LN_2;
@@ -137,6 +142,7 @@ impl KernelBuilder {
             body: String::new(),
             indent: 3,
             next: 0,
+            dynamic_shared: false,
         }
     }
 
@@ -293,8 +299,15 @@ impl KernelBuilder {
         self.emit(a.ty, format!("arith.negf {} : {}", a.name, a.ty.mlir()))
     }
 
-    /// `a * b + c`.
+    /// `a * b + c`: one fused multiply-add (a single rounding) for f32, multiply then add
+    /// otherwise.
     pub fn fma(&mut self, a: &V, b: &V, c: &V) -> V {
+        if a.ty == Ty::F32 && b.ty == Ty::F32 && c.ty == Ty::F32 {
+            return self.emit(
+                Ty::F32,
+                format!("llvm.intr.fma({}, {}, {}) : (f32, f32, f32) -> f32", a.name, b.name, c.name),
+            );
+        }
         let p = self.mul(a, b);
         self.add(&p, c)
     }
@@ -468,6 +481,49 @@ impl KernelBuilder {
 
     pub fn barrier(&mut self) {
         self.line("gpu.barrier");
+    }
+
+    /// The start of the kernel's dynamic shared memory (sized by the launch) as a 32-bit
+    /// shared-window address, for the inline PTX that addresses shared memory directly. (An
+    /// external zero-length `.shared` array, as CUDA's `extern __shared__`.)
+    pub fn dynamic_shared_base(&mut self) -> V {
+        self.dynamic_shared = true;
+        let p = format!("%v{}", self.next);
+        self.next += 1;
+        self.line(&format!("{p} = llvm.mlir.addressof @{DYNAMIC_SHARED} : !llvm.ptr<3>"));
+        self.emit(Ty::I32, format!("llvm.ptrtoint {p} : !llvm.ptr<3> to i32"))
+    }
+
+    /// A global-memory pointer as a 64-bit integer (its address).
+    pub fn ptr_to_int(&mut self, p: &V) -> V {
+        assert_eq!(p.ty, Ty::Ptr);
+        self.emit(Ty::I64, format!("llvm.ptrtoint {} : !llvm.ptr<1> to i64", p.name))
+    }
+
+    /// The bits of `v` as another type of the same width (f32 and i32).
+    pub fn bitcast(&mut self, v: &V, to: Ty) -> V {
+        self.emit(to, format!("arith.bitcast {} : {} to {}", v.name, v.ty.mlir(), to.mlir()))
+    }
+
+    /// Inline PTX: `$0…` name the outputs (of types `outs`), then the inputs; `constraints` in
+    /// LLVM's notation (`=r` an i32 output, `f` an f32 input, `l` an i64 one). Marked as having
+    /// side effects, so it keeps its place among barriers, stores and other inline PTX.
+    pub fn asm(&mut self, ptx: &str, constraints: &str, outs: &[Ty], ins: &[&V]) -> Vec<V> {
+        let args = ins.iter().map(|v| v.name.clone()).collect::<Vec<_>>().join(", ");
+        let in_tys = ins.iter().map(|v| v.ty.mlir()).collect::<Vec<_>>().join(", ");
+        let head =
+            format!("llvm.inline_asm has_side_effects asm_dialect = att \"{ptx}\", \"{constraints}\" {args} : ({in_tys}) -> ");
+        match outs {
+            [] => {
+                self.line(&format!("{head}()"));
+                Vec::new()
+            }
+            [t] => vec![self.emit(*t, format!("{head}{}", t.mlir()))],
+            _ => {
+                let fields = outs.iter().map(|t| t.mlir()).collect::<Vec<_>>().join(", ");
+                self.raw_struct(outs, &format!("{head}!llvm.struct<({fields})>"))
+            }
+        }
     }
 
     // ---- operations the builder has no method for ----
@@ -715,6 +771,13 @@ impl KernelBuilder {
         writeln!(s, "module attributes {{gpu.container_module}} {{").unwrap();
         writeln!(s, "  gpu.module @{} [#nvvm.target<chip = \"{chip}\", features = \"+ptx80\", O = 3>] {{", self.name)
             .unwrap();
+        if self.dynamic_shared {
+            writeln!(
+                s,
+                "    llvm.mlir.global external @{DYNAMIC_SHARED}() {{addr_space = 3 : i32, alignment = 16 : i64}} : !llvm.array<0 x i8>"
+            )
+            .unwrap();
+        }
         writeln!(
             s,
             "    gpu.func @{}({params}){shared} kernel attributes {{known_block_size = array<i32: {x}, {y}, {z}>}} {{",

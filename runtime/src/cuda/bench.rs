@@ -71,7 +71,7 @@ pub fn bench(be: &mut GpuBackend, repeats: usize) -> Result<GpuBench, String> {
     let (split, step_ms) = be.time_plan("train_step", &inputs, repeats).map_err(|e| e.0)?;
     let mut kernels: Vec<(String, f64)> = be.last_profile.iter().map(|(k, v)| (k.clone(), *v)).collect();
     kernels.sort_by(|a, b| b.1.total_cmp(&a.1));
-    kernels.truncate(12);
+    kernels.truncate(24);
     let (_, optimizer_ms) =
         be.time_plan("optimizer_step", &[("step".into(), Tensor::ints(vec![], vec![0]))], repeats).map_err(|e| e.0)?;
     let total = step_ms + optimizer_ms;

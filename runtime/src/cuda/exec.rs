@@ -39,10 +39,15 @@ struct LoadedPlan {
     calls: HashMap<(u64, u64), usize>,
 }
 
+/// Dynamic shared memory a kernel may use without opting in.
+const DEFAULT_DYNAMIC_SHARED: u32 = 48 * 1024;
+
 pub struct GpuBackend {
     gpu: Gpu,
     bundle: Bundle,
     functions: HashMap<String, (Arc<CudaModule>, CudaFunction)>,
+    /// Kernels allowed more than the default dynamic shared memory, and how much.
+    shared_opt_in: HashMap<String, u32>,
     store: BTreeMap<String, (TensorType, DeviceBuffer)>,
     plans: HashMap<String, LoadedPlan>,
     /// Milliseconds by kernel (and by matrix-product shape) of the last `time_plan`'s profiled run.
@@ -107,6 +112,7 @@ impl GpuBackend {
             gpu,
             bundle,
             functions: HashMap::new(),
+            shared_opt_in: HashMap::new(),
             store,
             plans: HashMap::new(),
             last_profile: BTreeMap::new(),
@@ -121,7 +127,28 @@ impl GpuBackend {
         &self.bundle
     }
 
-    fn function(&mut self, name: &str) -> Result<sys::CUfunction, GpuError> {
+    /// The kernel `name`, loaded on first use, allowed `shared_bytes` of dynamic shared memory
+    /// (above the default 48 KiB a kernel must opt in).
+    fn function(&mut self, name: &str, shared_bytes: u32) -> Result<sys::CUfunction, GpuError> {
+        let f = self.load_function(name)?;
+        if shared_bytes > DEFAULT_DYNAMIC_SHARED && self.shared_opt_in.get(name).is_none_or(|&b| b < shared_bytes) {
+            // SAFETY: `f` is a live function of a module this backend keeps loaded.
+            unsafe {
+                result::function::set_function_attribute(
+                    f,
+                    sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared_bytes as i32,
+                )
+            }
+            .map_err(|e| {
+                GpuError(format!("kernel `{name}` needs {shared_bytes} bytes of shared memory, which this GPU refuses: {e:?}"))
+            })?;
+            self.shared_opt_in.insert(name.to_string(), shared_bytes);
+        }
+        Ok(f)
+    }
+
+    fn load_function(&mut self, name: &str) -> Result<sys::CUfunction, GpuError> {
         if let Some((_, f)) = self.functions.get(name) {
             return Ok(f.cu_function());
         }
@@ -290,7 +317,7 @@ impl GpuBackend {
             let step = self.plans[name].device.steps[i].clone();
             match &step {
                 DeviceStep::Launch(l) => {
-                    let f = self.function(&l.kernel)?;
+                    let f = self.function(&l.kernel, l.shared_bytes)?;
                     let lp = &self.plans[name];
                     let grid: Vec<u32> = l.grid.iter().map(|g| g.eval(batch, seq)).collect();
                     if grid.contains(&0) {

@@ -195,8 +195,3 @@ pub(super) fn embed_backward(e: &mut Emit, ins: &[Operand], outs: &[Operand]) ->
     e.launch(k, grid_1d(r.times(width as i64), THREADS as u64), 0, args);
     Ok(())
 }
-
-/// `out = in`, converting the element type.
-pub(super) fn copy(e: &mut Emit, input: &Operand, out: &Operand) {
-    map(e, "copy", &[input], &[out], |_, v| vec![v[0].clone()]);
-}
