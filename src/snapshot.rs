@@ -106,9 +106,18 @@ pub fn ptxas_report(ptxas: &Path, kernel: &str, ptx: &str) -> Result<PtxasReport
     if !out.status.success() {
         return Err(format!("ptxas rejects kernel `{kernel}`:\n{text}"));
     }
+    Ok(parse_ptxas_report(&text))
+}
+
+/// The resources in ptxas's `-v` output (registers, spilled and stack bytes, shared memory).
+pub fn parse_ptxas_report(text: &str) -> PtxasReport {
+    // ptxas prints the stack frame and spill line indented, without the `ptxas info` prefix.
     let lines: Vec<String> = text
         .lines()
-        .filter_map(|l| l.strip_prefix("ptxas info    : "))
+        .filter_map(|l| {
+            l.strip_prefix("ptxas info    : ")
+                .or_else(|| l.trim_start().contains("bytes spill stores").then(|| l.trim_start()))
+        })
         .filter(|l| !l.starts_with("Compiling entry") && !l.contains("Compile time"))
         .map(str::to_string)
         .collect();
@@ -121,13 +130,13 @@ pub fn ptxas_report(ptxas: &Path, kernel: &str, ptx: &str) -> Result<PtxasReport
             })
             .unwrap_or(0)
     };
-    Ok(PtxasReport {
+    PtxasReport {
         registers: num_before(" registers"),
         spill_bytes: num_before(" bytes spill stores"),
         stack_bytes: num_before(" bytes stack frame"),
         shared_bytes: num_before(" bytes smem"),
         text: lines.join("\n") + "\n",
-    })
+    }
 }
 
 /// Every kernel of `program` lowered at `shapes`, with its PTX and (when ptxas is found) its

@@ -123,7 +123,7 @@ fn build_writes_a_bundle_and_snapshot_check_catches_a_changed_kernel() {
         .map(|e| e.path())
         .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("rms_norm_w"));
     let file = file.expect("an rms_norm kernel");
-    let text = std::fs::read_to_string(&file).unwrap().replacen("gpu.barrier", "gpu.barrier // edited", 1);
+    let text = std::fs::read_to_string(&file).unwrap().replacen("gpu.return", "gpu.return // edited", 1);
     std::fs::write(&file, text).unwrap();
     let (code, _, err) = weft(&["snapshot", "specs/tiny/mamba-tiny.weft", "--dir", snaps_s, "--check"]);
     assert_eq!(code, 1);

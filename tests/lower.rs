@@ -133,8 +133,22 @@ fn ptxas_assembles_every_kernel_of_every_spec() {
         for k in &bundle.kernels {
             let r = reports.entry(k.name.clone()).or_insert_with(|| {
                 let r = ptxas_report(&ptxas, &k.name, &k.ptx).unwrap_or_else(|e| panic!("{rel}: {e}"));
-                assert_eq!(r.spill_bytes, 0, "{rel}: kernel {} spills:\n{}", k.name, r.text);
-                format!("regs {:>3}  stack {:>5}  smem {:>6}", r.registers, r.stack_bytes, r.shared_bytes)
+                // Only a kernel whose registers are capped for occupancy may spill, and little.
+                if k.ptx.contains(".maxnreg") {
+                    assert!(
+                        r.spill_bytes <= 128,
+                        "{rel}: kernel {} spills {} bytes:\n{}",
+                        k.name,
+                        r.spill_bytes,
+                        r.text
+                    );
+                } else {
+                    assert_eq!(r.spill_bytes, 0, "{rel}: kernel {} spills:\n{}", k.name, r.text);
+                }
+                format!(
+                    "regs {:>3}  stack {:>5}  spill {:>3}  smem {:>6}",
+                    r.registers, r.stack_bytes, r.spill_bytes, r.shared_bytes
+                )
             });
             table.push_str(&format!("{:<72} {r}\n", k.name));
         }
@@ -191,4 +205,18 @@ fn bundles_round_trip_and_damage_is_refused() {
     b2.kernels.retain(|k| !k.name.starts_with("rms_norm_w"));
     let e = err(&b2.to_bytes());
     assert!(e.contains("which the bundle does not hold"), "{e}");
+}
+
+#[test]
+fn ptxas_reports_are_read_with_their_spills() {
+    // ptxas 13.0's `-v` output for a kernel that spills: the stack line has no `ptxas info`.
+    let text = "ptxas info    : 0 bytes gmem\n\
+                ptxas info    : Compiling entry function 'k' for 'sm_90'\n\
+                ptxas info    : Function properties for k\n    \
+                616 bytes stack frame, 140 bytes spill stores, 136 bytes spill loads\n\
+                ptxas info    : Used 168 registers, used 1 barriers, 616 bytes cumulative stack size, 32768 bytes smem\n\
+                ptxas info    : Compile time = 147.631 ms\n";
+    let r = weft::snapshot::parse_ptxas_report(text);
+    assert_eq!((r.registers, r.spill_bytes, r.stack_bytes, r.shared_bytes), (168, 140, 616, 32768));
+    assert!(r.text.contains("140 bytes spill stores") && !r.text.contains("Compile time"), "{}", r.text);
 }

@@ -122,6 +122,8 @@ pub struct KernelBuilder {
     next: usize,
     /// Whether the kernel reads dynamic shared memory.
     dynamic_shared: bool,
+    /// A cap on registers per thread (`.maxnreg`), for occupancy.
+    max_registers: Option<u32>,
 }
 
 /// The symbol of a kernel's dynamic shared memory.
@@ -143,11 +145,17 @@ impl KernelBuilder {
             indent: 3,
             next: 0,
             dynamic_shared: false,
+            max_registers: None,
         }
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Caps the registers per thread (ptxas spills past it), so that more blocks fit an SM.
+    pub fn max_registers(&mut self, n: u32) {
+        self.max_registers = Some(n);
     }
 
     pub fn block(&self) -> [u32; 3] {
@@ -303,10 +311,8 @@ impl KernelBuilder {
     /// otherwise.
     pub fn fma(&mut self, a: &V, b: &V, c: &V) -> V {
         if a.ty == Ty::F32 && b.ty == Ty::F32 && c.ty == Ty::F32 {
-            return self.emit(
-                Ty::F32,
-                format!("llvm.intr.fma({}, {}, {}) : (f32, f32, f32) -> f32", a.name, b.name, c.name),
-            );
+            return self
+                .emit(Ty::F32, format!("llvm.intr.fma({}, {}, {}) : (f32, f32, f32) -> f32", a.name, b.name, c.name));
         }
         let p = self.mul(a, b);
         self.add(&p, c)
@@ -399,13 +405,14 @@ impl KernelBuilder {
         self.mul(x, &s)
     }
 
-    /// `1/(1 + e^-x)`.
+    /// `1/(1 + e^-x)`, the reciprocal approximate (`rcp.approx`, within an ulp: far below the
+    /// bf16 rounding every activation gets) rather than IEEE division's slow path.
     pub fn sigmoid(&mut self, x: &V) -> V {
         let n = self.neg(x);
         let e = self.exp(&n);
         let one = self.f32(1.0);
         let d = self.add(&one, &e);
-        self.div(&one, &d)
+        self.intrinsic("llvm.nvvm.rcp.approx.ftz.f", &d)
     }
 
     /// `ln(1 + e^x)`, linear above 20 as in the reference.
@@ -447,6 +454,24 @@ impl KernelBuilder {
         self.emit(elem, format!("llvm.load {} : !llvm.ptr<1> -> {}", p.name, elem.mlir()))
     }
 
+    /// `lanes` consecutive elements from `base[index]` in one vector load (`base[index]` must be
+    /// aligned to the vector's size, at most 16 bytes), each widened to f32.
+    pub fn load_vector_f32(&mut self, base: &V, index: &V, elem: Ty, lanes: usize) -> Vec<V> {
+        let p = self.gep(base, index, elem);
+        let vt = format!("vector<{lanes}x{}>", elem.mlir());
+        let v = format!("%v{}", self.next);
+        self.next += 1;
+        let align = lanes * elem_bytes(elem);
+        self.line(&format!("{v} = llvm.load {} {{alignment = {align} : i64}} : !llvm.ptr<1> -> {vt}", p.name));
+        (0..lanes)
+            .map(|i| {
+                let c = self.i32(i as i32);
+                let x = self.emit(elem, format!("llvm.extractelement {v}[{} : i32] : {vt}", c.name));
+                self.cast(&x, Ty::F32)
+            })
+            .collect()
+    }
+
     /// Loads and widens to f32.
     pub fn load_f32(&mut self, base: &V, index: &V, elem: Ty) -> V {
         let v = self.load(base, index, elem);
@@ -458,6 +483,21 @@ impl KernelBuilder {
         let v = self.cast(v, elem);
         let p = self.gep(base, index, elem);
         self.line(&format!("llvm.store {}, {} : {}, !llvm.ptr<1>", v.name, p.name, elem.mlir()));
+    }
+
+    /// Stores `vals` (converted to `elem`) at `base[index]…` in one vector store (`base[index]`
+    /// must be aligned to the vector's size, at most 16 bytes).
+    pub fn store_vector(&mut self, vals: &[V], base: &V, index: &V, elem: Ty) {
+        let vt = format!("vector<{}x{}>", vals.len(), elem.mlir());
+        let mut v = self.emit(Ty::Index, format!("llvm.mlir.undef : {vt}"));
+        for (i, x) in vals.iter().enumerate() {
+            let x = self.cast(x, elem);
+            let c = self.i32(i as i32);
+            v = self.emit(Ty::Index, format!("llvm.insertelement {}, {}[{} : i32] : {vt}", x.name, v.name, c.name));
+        }
+        let p = self.gep(base, index, elem);
+        let align = vals.len() * elem_bytes(elem);
+        self.line(&format!("llvm.store {}, {} {{alignment = {align} : i64}} : {vt}, !llvm.ptr<1>", v.name, p.name));
     }
 
     /// `base[index] += v` atomically (f32).
@@ -511,8 +551,9 @@ impl KernelBuilder {
     pub fn asm(&mut self, ptx: &str, constraints: &str, outs: &[Ty], ins: &[&V]) -> Vec<V> {
         let args = ins.iter().map(|v| v.name.clone()).collect::<Vec<_>>().join(", ");
         let in_tys = ins.iter().map(|v| v.ty.mlir()).collect::<Vec<_>>().join(", ");
-        let head =
-            format!("llvm.inline_asm has_side_effects asm_dialect = att \"{ptx}\", \"{constraints}\" {args} : ({in_tys}) -> ");
+        let head = format!(
+            "llvm.inline_asm has_side_effects asm_dialect = att \"{ptx}\", \"{constraints}\" {args} : ({in_tys}) -> "
+        );
         match outs {
             [] => {
                 self.line(&format!("{head}()"));
@@ -768,6 +809,7 @@ impl KernelBuilder {
             format!(" workgroup({})", list.join(", "))
         };
         let [x, y, z] = self.block;
+        let maxnreg = self.max_registers.map_or(String::new(), |n| format!(", nvvm.maxnreg = {n} : i32"));
         writeln!(s, "module attributes {{gpu.container_module}} {{").unwrap();
         writeln!(s, "  gpu.module @{} [#nvvm.target<chip = \"{chip}\", features = \"+ptx80\", O = 3>] {{", self.name)
             .unwrap();
@@ -780,7 +822,7 @@ impl KernelBuilder {
         }
         writeln!(
             s,
-            "    gpu.func @{}({params}){shared} kernel attributes {{known_block_size = array<i32: {x}, {y}, {z}>}} {{",
+            "    gpu.func @{}({params}){shared} kernel attributes {{known_block_size = array<i32: {x}, {y}, {z}>{maxnreg}}} {{",
             self.name
         )
         .unwrap();
@@ -790,6 +832,16 @@ impl KernelBuilder {
         writeln!(s, "  }}").unwrap();
         writeln!(s, "}}").unwrap();
         s
+    }
+}
+
+/// Bytes of one element of a memory type.
+fn elem_bytes(t: Ty) -> usize {
+    match t {
+        Ty::BF16 => 2,
+        Ty::F32 | Ty::I32 => 4,
+        Ty::I64 | Ty::Ptr | Ty::Index => 8,
+        Ty::I1 => 1,
     }
 }
 

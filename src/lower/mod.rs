@@ -53,12 +53,16 @@ pub fn lower_plan(
     let mut e = Emit::new(plan, batch, seq, kernels);
     // AdamW over every parameter in one launch per kind of parameter, where the plan allows.
     let adamw = kernels::adamw_group(plan);
+    // The loss and its backward in one pass over the logits, where they are adjacent.
+    let fused_loss: Vec<usize> = (0..plan.steps.len()).filter(|&i| kernels::fused_loss_at(plan, i)).collect();
     for (i, step) in plan.steps.iter().enumerate() {
         let before = e.steps.len();
         e.step_scratch = 0;
         let lowered = match &adamw {
             Some(group) if group.first() == Some(&i) => kernels::lower_adamw_group(&mut e, group),
             Some(group) if group.contains(&i) => Ok(()),
+            _ if fused_loss.contains(&i) => kernels::lower_fused_loss(&mut e, step, &plan.steps[i + 1]),
+            _ if i > 0 && fused_loss.contains(&(i - 1)) => Ok(()),
             _ => kernels::lower_step(&mut e, step),
         };
         lowered.map_err(|LowerError(m)| LowerError(format!("plan `{}`, step {i} ({}): {m}", plan.name, step.op)))?;

@@ -132,36 +132,58 @@ pub fn check_steps(gpu: &mut GpuBackend, name: &str, inputs: &[(String, Tensor<f
             next += 1;
         }
         if start == next {
-            continue; // a view: nothing runs
+            continue; // a view, or a step lowered with the one before it
         }
-        let rounded: Vec<Tensor<f32>> =
-            step.inputs.iter().zip(&step_inputs[i]).map(|(v, t)| round_to(t, plan.values[*v as usize].dtype)).collect();
-        for (k, v) in step.inputs.iter().enumerate() {
-            // Put the value (or, for a view, the tensor it views) where the kernel reads it.
-            let root = view_root.get(v).copied().unwrap_or(*v);
-            if !in_arena.contains(&root) {
-                continue; // inputs and persistent tensors are in place already
+        // Steps lowered together with this one (no device steps of their own, and no view):
+        // their outputs are written by this step's device steps.
+        let mut group = vec![i];
+        while let Some(s) = plan.steps.get(group.len() + i) {
+            let j = i + group.len();
+            if matches!(s.op, crate::Op::Slice { .. }) || device.origin.contains(&j) {
+                break;
             }
-            let t = if root == *v {
-                rounded[k].clone()
-            } else {
-                round_to(&values[&root], plan.values[root as usize].dtype)
-            };
-            gpu.put(name, root, &t).map_err(|e| e.0)?;
+            group.push(j);
         }
-        let shapes: Vec<Vec<usize>> = step.outputs.iter().map(|v| values[v].shape.clone()).collect();
-        let refs: Vec<&Tensor<f32>> = rounded.iter().collect();
-        let want_all = crate::cpu::exec::execute(&step.op, &refs, &shapes).map_err(|e| format!("CPU step {i}: {e}"))?;
+        let mut wants = Vec::new();
+        for &j in &group {
+            let step = &plan.steps[j];
+            let rounded: Vec<Tensor<f32>> = step
+                .inputs
+                .iter()
+                .zip(&step_inputs[j])
+                .map(|(v, t)| round_to(t, plan.values[*v as usize].dtype))
+                .collect();
+            for (k, v) in step.inputs.iter().enumerate() {
+                // Put the value (or, for a view, the tensor it views) where the kernel reads it.
+                let root = view_root.get(v).copied().unwrap_or(*v);
+                if !in_arena.contains(&root) {
+                    continue; // inputs and persistent tensors are in place already
+                }
+                let t = if root == *v {
+                    rounded[k].clone()
+                } else {
+                    round_to(&values[&root], plan.values[root as usize].dtype)
+                };
+                gpu.put(name, root, &t).map_err(|e| e.0)?;
+            }
+            let shapes: Vec<Vec<usize>> = step.outputs.iter().map(|v| values[v].shape.clone()).collect();
+            let refs: Vec<&Tensor<f32>> = rounded.iter().collect();
+            let want = crate::cpu::exec::execute(&step.op, &refs, &shapes).map_err(|e| format!("CPU step {j}: {e}"))?;
+            wants.push(want);
+        }
         gpu.run_device_steps(name, batch, seq, start..next).map_err(|e| format!("step {i} ({}): {}", step.op, e.0))?;
-        for (k, v) in step.outputs.iter().enumerate() {
-            let got = gpu.fetch_value(name, *v, batch, seq).map_err(|e| e.0)?;
-            let want = &want_all[k];
-            let dtype = plan.values[*v as usize].dtype;
-            rows.push(Row {
-                what: format!("{name}[{i}] {}.{k}", step.op.name()),
-                error: norm_relative(&got, want),
-                tolerance: step_tolerance(dtype),
-            });
+        for (&j, want_all) in group.iter().zip(&wants) {
+            let step = &plan.steps[j];
+            for (k, v) in step.outputs.iter().enumerate() {
+                let got = gpu.fetch_value(name, *v, batch, seq).map_err(|e| e.0)?;
+                let want = &want_all[k];
+                let dtype = plan.values[*v as usize].dtype;
+                rows.push(Row {
+                    what: format!("{name}[{j}] {}.{k}", step.op.name()),
+                    error: norm_relative(&got, want),
+                    tolerance: step_tolerance(dtype),
+                });
+            }
         }
     }
     Ok(rows)

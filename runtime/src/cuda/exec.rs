@@ -141,7 +141,9 @@ impl GpuBackend {
                 )
             }
             .map_err(|e| {
-                GpuError(format!("kernel `{name}` needs {shared_bytes} bytes of shared memory, which this GPU refuses: {e:?}"))
+                GpuError(format!(
+                    "kernel `{name}` needs {shared_bytes} bytes of shared memory, which this GPU refuses: {e:?}"
+                ))
             })?;
             self.shared_opt_in.insert(name.to_string(), shared_bytes);
         }

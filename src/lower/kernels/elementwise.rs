@@ -2,19 +2,25 @@
 //! with its own row stride (slices are views), math in f32.
 
 use super::super::{grid_1d, Emit, LowerError, Operand};
-use super::{load_at, sig, store_at, THREADS};
+use super::{load8, load_at, sig, store8, store_at, vector_aligned, THREADS, VEC};
 use crate::lower::mlir::{Cmp, KernelBuilder, Ty, V};
 use weft_runtime::device::{Arg, Extent};
 
-/// `outs[r, j] = f(ins[r, j]...)` over the first output's rows × width.
+/// `outs[r, j] = f(ins[r, j]...)` over the first output's rows × width. Where the width is a
+/// multiple of 8 and every operand's rows are 16-byte aligned, a thread takes 8 consecutive
+/// elements of a row as 16-byte vectors.
 fn map(
     e: &mut Emit,
     family: &str,
     ins: &[&Operand],
     outs: &[&Operand],
-    f: impl FnOnce(&mut KernelBuilder, &[V]) -> Vec<V>,
+    f: impl Fn(&mut KernelBuilder, &[V]) -> Vec<V>,
 ) {
     let width = outs[0].width;
+    if width % VEC == 0 && ins.iter().chain(outs).all(|o| vector_aligned(o)) {
+        map_vectors(e, family, ins, outs, f);
+        return;
+    }
     let all: Vec<&Operand> = ins.iter().chain(outs).copied().collect();
     let name = format!("{family}_w{width}_{}", sig(&all));
     let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
@@ -35,6 +41,46 @@ fn map(
     let mut args: Vec<Arg> = ins.iter().chain(outs).map(|o| o.arg()).collect();
     args.push(Arg::I64 { value: outs[0].rows() });
     e.launch(k, grid_1d(outs[0].rows().times(width as i64), THREADS as u64), 0, args);
+}
+
+/// [`map`] with 8 elements a thread.
+fn map_vectors(
+    e: &mut Emit,
+    family: &str,
+    ins: &[&Operand],
+    outs: &[&Operand],
+    f: impl Fn(&mut KernelBuilder, &[V]) -> Vec<V>,
+) {
+    let width = outs[0].width;
+    let all: Vec<&Operand> = ins.iter().chain(outs).copied().collect();
+    let name = format!("{family}_v{VEC}_w{width}_{}", sig(&all));
+    let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
+    let in_ptrs: Vec<V> = (0..ins.len()).map(|i| k.ptr(&format!("in{i}"))).collect();
+    let out_ptrs: Vec<V> = (0..outs.len()).map(|i| k.ptr(&format!("out{i}"))).collect();
+    let rows = k.scalar_i64("rows");
+    let groups = width / VEC;
+    let (idx, row, g) = element_index(&mut k, groups);
+    let gv = k.i64(groups as i64);
+    let total = k.mul(&rows, &gv);
+    let inside = k.cmp(Cmp::Lt, &idx, &total);
+    k.if_(&inside, |k| {
+        let v8 = k.i64(VEC as i64);
+        let col = k.mul(&g, &v8);
+        let vals: Vec<Vec<V>> = ins.iter().zip(&in_ptrs).map(|(o, p)| load8(k, p, o, &row, &col)).collect();
+        let mut res: Vec<Vec<V>> = vec![Vec::new(); outs.len()];
+        for i in 0..VEC as usize {
+            let args: Vec<V> = vals.iter().map(|v| v[i].clone()).collect();
+            for (r, y) in res.iter_mut().zip(f(k, &args)) {
+                r.push(y);
+            }
+        }
+        for ((o, p), v) in outs.iter().zip(&out_ptrs).zip(&res) {
+            store8(k, v, p, o, &row, &col);
+        }
+    });
+    let mut args: Vec<Arg> = ins.iter().chain(outs).map(|o| o.arg()).collect();
+    args.push(Arg::I64 { value: outs[0].rows() });
+    e.launch(k, grid_1d(outs[0].rows().times(groups as i64), THREADS as u64), 0, args);
 }
 
 /// The global thread index and its row and column in a tensor `width` wide.
@@ -81,10 +127,48 @@ pub(super) fn swiglu_backward(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -
     Ok(())
 }
 
-/// The gradient of a slice: `g` placed at columns `[start, start + len)`, zero elsewhere.
+/// The gradient of a slice: `g` placed at columns `[start, start + len)`, zero elsewhere. With
+/// the slice's edges and the rows on 8-element boundaries, a thread writes 8 columns as one
+/// vector (read from `g` as one, or zeros).
 pub(super) fn slice_backward(e: &mut Emit, start: u64, ins: &[Operand], outs: &[Operand]) -> Result<(), LowerError> {
     let (g, out) = (&ins[0], &outs[0]);
     let width = out.width;
+    if width % VEC == 0 && start % VEC == 0 && g.width % VEC == 0 && vector_aligned(g) && vector_aligned(out) {
+        let name = format!("slice_backward_v{VEC}_w{width}_s{start}_l{}_{}", g.width, sig(&[g, out]));
+        let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
+        let gp = k.ptr("g");
+        let op = k.ptr("out");
+        let rows = k.scalar_i64("rows");
+        let groups = width / VEC;
+        let (idx, row, grp) = element_index(&mut k, groups);
+        let gv = k.i64(groups as i64);
+        let total = k.mul(&rows, &gv);
+        let inside = k.cmp(Cmp::Lt, &idx, &total);
+        k.if_(&inside, |k| {
+            let v8 = k.i64(VEC as i64);
+            let col = k.mul(&grp, &v8);
+            let lo = k.i64(start as i64);
+            let hi = k.i64((start + g.width) as i64);
+            let ge = k.cmp(Cmp::Ge, &col, &lo);
+            let lt = k.cmp(Cmp::Lt, &col, &hi);
+            let within = k.and(&ge, &lt);
+            k.if_(&within, |k| {
+                let c = k.sub(&col, &lo);
+                let v = load8(k, &gp, g, &row, &c);
+                store8(k, &v, &op, out, &row, &col);
+            });
+            let t = k.raw(Ty::I1, "arith.constant true");
+            let outside = k.raw(Ty::I1, &format!("arith.xori {}, {} : i1", within.name, t.name));
+            k.if_(&outside, |k| {
+                let z = k.f32(0.0);
+                let zeros = vec![z; VEC as usize];
+                store8(k, &zeros, &op, out, &row, &col);
+            });
+        });
+        let args = vec![g.arg(), out.arg(), Arg::I64 { value: out.rows() }];
+        e.launch(k, grid_1d(out.rows().times(groups as i64), THREADS as u64), 0, args);
+        return Ok(());
+    }
     let name = format!("slice_backward_w{width}_s{start}_l{}_{}", g.width, sig(&[g, out]));
     let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
     let gp = k.ptr("g");

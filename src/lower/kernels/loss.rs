@@ -4,9 +4,10 @@
 
 use super::super::{Emit, LowerError, Operand};
 use super::{sig, THREADS};
-use crate::lower::mlir::{Cmp, KernelBuilder, Ty};
+use crate::lower::mlir::{Cmp, KernelBuilder, Ty, V};
 use weft_runtime::device::{Arg, BufferArg, Extent, Gemm, GridDim, MatrixArg};
-use weft_runtime::DType;
+use weft_runtime::plan::{Plan, Step, ValueId};
+use weft_runtime::{DType, Op};
 
 /// Rows of logits per chunk.
 pub const CHUNK_ROWS: u64 = 2048;
@@ -45,15 +46,30 @@ fn vocab_of(w: &Operand) -> u64 {
     w.rows().c as u64
 }
 
-/// The row-wise kernel: per row of `z` (f32 logits), `lse = log Σ exp z`; forward: `loss +=
-/// (lse − z[target]) / N`; backward: `G = (softmax(z) − onehot)·g_loss/N` as bf16.
-fn rows_kernel(vocab: u64, backward: bool, tag: &str) -> KernelBuilder {
-    let family = if backward { "cross_entropy_backward_rows" } else { "cross_entropy_rows" };
+/// What a row-wise kernel writes.
+#[derive(Clone, Copy, PartialEq)]
+enum Rows {
+    /// `loss += (lse − z[target]) / N`.
+    Loss,
+    /// `G = (softmax(z) − onehot)·g_loss/N` as bf16.
+    Grad,
+    Both,
+}
+
+/// The row-wise kernel, one block per row of `z` (f32 logits): `lse = log Σ exp z` in one pass,
+/// then the loss and/or (a second pass) the logits' gradient (see [`Rows`]).
+fn rows_kernel(vocab: u64, mode: Rows, tag: &str) -> KernelBuilder {
+    let family = match mode {
+        Rows::Loss => "cross_entropy_rows_online",
+        Rows::Grad => "cross_entropy_backward_rows_online",
+        Rows::Both => "cross_entropy_fused_rows_online",
+    };
     let mut k = KernelBuilder::new(&format!("{family}_v{vocab}_{tag}"), [THREADS, 1, 1]);
     let zp = k.ptr("logits");
     let tp = k.ptr("targets");
-    let out = k.ptr(if backward { "g_logits" } else { "loss" });
-    let gl = if backward { Some(k.ptr("g_loss")) } else { None };
+    let gz = (mode != Rows::Loss).then(|| k.ptr("g_logits"));
+    let loss = (mode != Rows::Grad).then(|| k.ptr("loss"));
+    let gl = (mode != Rows::Loss).then(|| k.ptr("g_loss"));
     let first = k.scalar_i64("first_row");
     let total = k.scalar_i64("total_rows");
     let scratch = k.shared("partial", Ty::F32, (THREADS / 32) as u64);
@@ -62,57 +78,92 @@ fn rows_kernel(vocab: u64, backward: bool, tag: &str) -> KernelBuilder {
     let v = k.i64(vocab as i64);
     let base = k.mul(&row, &v);
     let ninf = k.f32(f32::NEG_INFINITY);
-    let m = k.for_(&tid, &v, THREADS as i64, &[ninf], |k, j, acc| {
-        let i = k.add(&base, &j);
-        let z = k.load(&zp, &i, Ty::F32);
-        vec![k.max(&acc[0], &z)]
-    });
-    let m = k.block_max(&m[0], &scratch);
     let zero = k.f32(0.0);
-    let s = k.for_(&tid, &v, THREADS as i64, &[zero], |k, j, acc| {
+    // One pass of online softmax statistics: per thread the running max and the sum of
+    // exponentials below it (rescaled when the max grows), over 4-wide vectors where the row
+    // allows, then the block's max and its sum rescaled to it.
+    let groups = if vocab % 4 == 0 { vocab / 4 } else { vocab };
+    let lanes = (vocab / groups) as usize;
+    let load_group = |k: &mut KernelBuilder, q: &V| -> Vec<V> {
+        let l = k.i64(lanes as i64);
+        let j = k.mul(q, &l);
         let i = k.add(&base, &j);
-        let z = k.load(&zp, &i, Ty::F32);
-        let d = k.sub(&z, &m);
-        let ex = k.exp(&d);
-        vec![k.add(&acc[0], &ex)]
+        if lanes == 1 {
+            vec![k.load(&zp, &i, Ty::F32)]
+        } else {
+            k.load_vector_f32(&zp, &i, Ty::F32, lanes)
+        }
+    };
+    let gv = k.i64(groups as i64);
+    let stats = k.for_(&tid, &gv, THREADS as i64, &[ninf.clone(), zero.clone()], |k, q, acc| {
+        let z = load_group(k, &q);
+        let mut mx = acc[0].clone();
+        for x in &z {
+            mx = k.max(&mx, x);
+        }
+        let d = k.sub(&acc[0], &mx);
+        let r = k.exp(&d);
+        let mut sum = k.mul(&acc[1], &r);
+        for x in &z {
+            let d = k.sub(x, &mx);
+            let ex = k.exp(&d);
+            sum = k.add(&sum, &ex);
+        }
+        vec![mx, sum]
     });
-    let s = k.block_sum(&s[0], &scratch);
+    let m = k.block_max(&stats[0], &scratch);
+    let d = k.sub(&stats[0], &m);
+    let r = k.exp(&d);
+    let mine = k.mul(&stats[1], &r);
+    let s = k.block_sum(&mine, &scratch);
     let ls = k.ln(&s);
     let lse = k.add(&m, &ls);
     let grow = k.add(&first, &row);
     let t = k.load(&tp, &grow, Ty::I32);
     let t = k.cast(&t, Ty::I64);
     let n = k.cast(&total, Ty::F32);
-    match gl {
-        None => {
-            let z0 = k.i64(0);
-            let is0 = k.cmp(Cmp::Eq, &tid, &z0);
-            k.if_(&is0, |k| {
-                let i = k.add(&base, &t);
-                let zt = k.load(&zp, &i, Ty::F32);
-                let l = k.sub(&lse, &zt);
-                let l = k.div(&l, &n);
-                let zi = k.i64(0);
-                k.atomic_add(&l, &out, &zi);
-            });
-        }
-        Some(gl) => {
+    if let Some(out) = &loss {
+        let z0 = k.i64(0);
+        let is0 = k.cmp(Cmp::Eq, &tid, &z0);
+        k.if_(&is0, |k| {
+            let i = k.add(&base, &t);
+            let zt = k.load(&zp, &i, Ty::F32);
+            let l = k.sub(&lse, &zt);
+            let l = k.div(&l, &n);
             let zi = k.i64(0);
-            let g = k.load(&gl, &zi, Ty::F32);
-            let scale = k.div(&g, &n);
-            k.for_(&tid, &v, THREADS as i64, &[], |k, j, _| {
-                let i = k.add(&base, &j);
-                let z = k.load(&zp, &i, Ty::F32);
-                let d = k.sub(&z, &lse);
-                let p = k.exp(&d);
-                let p = k.mul(&p, &scale);
-                let hit = k.cmp(Cmp::Eq, &j, &t);
-                let q = k.sub(&p, &scale);
-                let r = k.select(&hit, &q, &p);
-                k.store(&r, &out, &i, Ty::BF16);
-                vec![]
-            });
-        }
+            k.atomic_add(&l, out, &zi);
+        });
+    }
+    if let (Some(out), Some(gl)) = (&gz, &gl) {
+        let zi = k.i64(0);
+        let g = k.load(gl, &zi, Ty::F32);
+        let scale = k.div(&g, &n);
+        k.for_(&tid, &gv, THREADS as i64, &[], |k, q, _| {
+            let z = load_group(k, &q);
+            let l = k.i64(lanes as i64);
+            let j0 = k.mul(&q, &l);
+            let g: Vec<_> = z
+                .iter()
+                .enumerate()
+                .map(|(u, x)| {
+                    let d = k.sub(x, &lse);
+                    let p = k.exp(&d);
+                    let p = k.mul(&p, &scale);
+                    let off = k.i64(u as i64);
+                    let j = k.add(&j0, &off);
+                    let hit = k.cmp(Cmp::Eq, &j, &t);
+                    let q = k.sub(&p, &scale);
+                    k.select(&hit, &q, &p)
+                })
+                .collect();
+            let i = k.add(&base, &j0);
+            if lanes == 1 {
+                k.store(&g[0], out, &i, Ty::BF16);
+            } else {
+                k.store_vector(&g, out, &i, Ty::BF16);
+            }
+            vec![]
+        });
     }
     k
 }
@@ -146,7 +197,7 @@ pub(super) fn cross_entropy(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> 
     let tag = sig(&[h, w]);
     for (first, rows) in chunks(e, h) {
         chunk_logits(e, h, w, first, rows, &z);
-        let k = rows_kernel(vocab, false, &tag);
+        let k = rows_kernel(vocab, Rows::Loss, &tag);
         let args = vec![
             Arg::Buffer(z.clone()),
             targets.arg(),
@@ -161,25 +212,58 @@ pub(super) fn cross_entropy(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> 
 }
 
 pub(super) fn cross_entropy_backward(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Result<(), LowerError> {
+    backward_chunks(e, ins, outs, None)
+}
+
+/// A cross-entropy and its backward in one pass over the logits (see [`fusable_pair`]): the
+/// backward's chunk loop also adds up the loss, so the logits are computed once.
+pub(super) fn cross_entropy_fused(e: &mut Emit, fwd: &Step, bwd: &Step) -> Result<(), LowerError> {
+    let loss = e.operand(fwd.outputs[0]);
+    let ins: Vec<Operand> = bwd.inputs.iter().map(|&v| e.operand(v)).collect();
+    let outs: Vec<Operand> = bwd.outputs.iter().map(|&v| e.operand(v)).collect();
+    backward_chunks(e, &ins, &outs, Some(&loss))
+}
+
+/// Whether plan step `i` (a cross-entropy) and step `i + 1` (its backward on the same
+/// operands) can be lowered as one at step `i`: the backward's gradient input is ready by then,
+/// and no value's life ends at step `i` (the backward's outputs, written a step early, may
+/// share bytes with values that die there).
+pub(crate) fn fusable_pair(plan: &Plan, i: usize) -> bool {
+    let (Some(fwd), Some(bwd)) = (plan.steps.get(i), plan.steps.get(i + 1)) else { return false };
+    if !matches!(fwd.op, Op::CrossEntropy) || !matches!(bwd.op, Op::CrossEntropyBackward) {
+        return false;
+    }
+    if fwd.inputs.len() != 3 || bwd.inputs.len() != 4 || fwd.inputs[..] != bwd.inputs[..3] {
+        return false;
+    }
+    let ready = |v: ValueId| {
+        plan.inputs.iter().chain(&plan.persistent).any(|(_, x)| *x == v)
+            || plan.steps[..i].iter().any(|s| s.outputs.contains(&v))
+    };
+    let read_later = |v: ValueId| {
+        plan.steps[i + 1..].iter().any(|s| s.inputs.contains(&v)) || plan.outputs.iter().any(|(_, x)| *x == v)
+    };
+    ready(bwd.inputs[3]) && fwd.outputs.iter().all(|&v| read_later(v))
+}
+
+fn backward_chunks(e: &mut Emit, ins: &[Operand], outs: &[Operand], loss: Option<&Operand>) -> Result<(), LowerError> {
     let (h, w, targets, g_loss) = (&ins[0], &ins[1], &ins[2], &ins[3]);
     let (gh, gw) = (&outs[0], &outs[1]);
     let vocab = vocab_of(w);
     let z = e.scratch(Extent::constant((CHUNK_ROWS * vocab * 4) as i64));
     let gz = e.scratch(Extent::constant((CHUNK_ROWS * vocab * 2) as i64));
     e.zero(gw.buf.clone(), super::bytes_of(gw));
+    if let Some(l) = loss {
+        e.zero(l.buf.clone(), Extent::constant(4));
+    }
     let tag = sig(&[h, w]);
     for (first, rows) in chunks(e, h) {
         let m = Extent::constant(rows as i64);
         chunk_logits(e, h, w, first, rows, &z);
-        let k = rows_kernel(vocab, true, &tag);
-        let args = vec![
-            Arg::Buffer(z.clone()),
-            targets.arg(),
-            Arg::Buffer(gz.clone()),
-            g_loss.arg(),
-            Arg::I64 { value: Extent::constant(first as i64) },
-            Arg::I64 { value: h.rows() },
-        ];
+        let k = rows_kernel(vocab, if loss.is_some() { Rows::Both } else { Rows::Grad }, &tag);
+        let mut args = vec![Arg::Buffer(z.clone()), targets.arg(), Arg::Buffer(gz.clone())];
+        args.extend(loss.map(|l| l.arg()));
+        args.extend([g_loss.arg(), Arg::I64 { value: Extent::constant(first as i64) }, Arg::I64 { value: h.rows() }]);
         e.launch(k, [GridDim::fixed(rows as i64), GridDim::fixed(1), GridDim::fixed(1)], 0, args);
         let g = MatrixArg { buffer: gz.clone(), dtype: DType::BF16, ld: vocab };
         // g_h[chunk] = G · w

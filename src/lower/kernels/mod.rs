@@ -1,6 +1,7 @@
 //! One module per kernel family; `lower_step` picks the family for each operation.
 
 mod attention;
+mod chunks;
 mod conv;
 mod elementwise;
 mod gemm;
@@ -89,6 +90,15 @@ pub(crate) fn lower_adamw_group(e: &mut Emit, steps: &[usize]) -> Result<(), Low
     optim::adamw_group(e, steps)
 }
 
+/// Whether plan steps `i` and `i + 1` are a cross-entropy and its backward that lower as one.
+pub(crate) fn fused_loss_at(plan: &weft_runtime::plan::Plan, i: usize) -> bool {
+    loss::fusable_pair(plan, i)
+}
+
+pub(crate) fn lower_fused_loss(e: &mut Emit, fwd: &Step, bwd: &Step) -> Result<(), LowerError> {
+    loss::cross_entropy_fused(e, fwd, bwd)
+}
+
 /// Bytes of an operand's tensor (dense).
 fn bytes_of(o: &Operand) -> weft_runtime::device::Extent {
     o.elems().times(o.dtype().bytes() as i64)
@@ -128,6 +138,43 @@ fn store_at(k: &mut KernelBuilder, v: &V, p: &V, o: &Operand, row: &V, col: &V) 
     let r = k.mul(row, &ld);
     let i = k.add(&r, col);
     k.store(v, p, &i, o.elem());
+}
+
+/// Elements per thread of the vectorised row-wise and elementwise kernels (16 bytes of bf16).
+const VEC: u64 = 8;
+
+/// Whether an operand's rows start at 16-byte aligned addresses (so 8 bf16 or 4 f32 elements
+/// from a column that is a multiple of 8 load as vectors).
+fn vector_aligned(o: &Operand) -> bool {
+    let bytes = o.dtype().bytes();
+    matches!(o.dtype(), DType::BF16 | DType::F32) && (o.ld * bytes) % 16 == 0 && o.buf.offset % 16 == 0
+}
+
+/// Columns `col..col + 8` of row `row` as f32.
+fn load8(k: &mut KernelBuilder, p: &V, o: &Operand, row: &V, col: &V) -> Vec<V> {
+    let ld = k.i64(o.ld as i64);
+    let r = k.mul(row, &ld);
+    let i = k.add(&r, col);
+    let lanes = 16 / o.dtype().bytes() as usize;
+    (0..VEC as usize / lanes)
+        .flat_map(|v| {
+            let off = k.i64((v * lanes) as i64);
+            let iv = k.add(&i, &off);
+            k.load_vector_f32(p, &iv, o.elem(), lanes)
+        })
+        .collect()
+}
+
+fn store8(k: &mut KernelBuilder, vals: &[V], p: &V, o: &Operand, row: &V, col: &V) {
+    let ld = k.i64(o.ld as i64);
+    let r = k.mul(row, &ld);
+    let i = k.add(&r, col);
+    let lanes = 16 / o.dtype().bytes() as usize;
+    for (v, part) in vals.chunks(lanes).enumerate() {
+        let off = k.i64((v * lanes) as i64);
+        let iv = k.add(&i, &off);
+        k.store_vector(part, p, &iv, o.elem());
+    }
 }
 
 /// The number of threads per block of the row-wise and elementwise kernels.

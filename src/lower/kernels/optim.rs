@@ -205,6 +205,9 @@ pub(super) fn adamw(e: &mut Emit, a: &AdamWAttrs, ins: &[Operand], outs: &[Opera
 /// (0 when none), element count.
 const GROUP_WORDS: i64 = 9;
 
+/// Elements per thread of the vectorised grouped AdamW.
+const GROUP_VEC: i64 = 4;
+
 /// AdamW over many tensors: one launch per kind of tensor (element types, master copy or not);
 /// block row `y` takes tensor `y` of a device table of addresses, block columns share its
 /// elements.
@@ -230,6 +233,9 @@ pub(super) fn adamw_group(e: &mut Emit, steps: &[usize]) -> Result<(), LowerErro
         let with_master = p.dtype() == weft_runtime::DType::BF16;
         let mut words = Vec::new();
         let mut largest = 0i64;
+        // Vectors of four need every tensor's length a multiple of four and its start 16-byte
+        // aligned (plan values and persistent tensors are allocated 256-byte aligned).
+        let mut vectors_ok = true;
         for &i in &members {
             let s = &e.plan().steps[i];
             let ops: Vec<Operand> = s.inputs.iter().chain(&s.outputs).map(|&x| e.operand(x)).collect();
@@ -237,6 +243,7 @@ pub(super) fn adamw_group(e: &mut Emit, steps: &[usize]) -> Result<(), LowerErro
                 if !o.dense() {
                     return Err(LowerError("adamw reads dense tensors".into()));
                 }
+                vectors_ok &= o.buf.offset % 16 == 0;
                 words.push(Word::Address(o.buf.clone()));
             }
             let master = match (&ops[0].buf.base, with_master) {
@@ -250,11 +257,18 @@ pub(super) fn adamw_group(e: &mut Emit, steps: &[usize]) -> Result<(), LowerErro
             };
             words.push(master);
             let n = ops[0].elems().c;
+            vectors_ok &= n % GROUP_VEC == 0;
             largest = largest.max(n);
             words.push(Word::Int { value: n });
         }
         let table = e.table(Table::Words { words });
-        let name = format!("adamw_group{}_{}_{kind}", if with_master { "_master" } else { "" }, attrs_tag(&a));
+        let vectors = vectors_ok;
+        let name = format!(
+            "adamw_group{}{}_{}_{kind}",
+            if with_master { "_master" } else { "" },
+            if vectors { "_v4" } else { "" },
+            attrs_tag(&a)
+        );
         let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
         let (tp, lrp, cp, sp) = (k.ptr("table"), k.ptr("lr"), k.ptr("clip"), k.ptr("step"));
         let tensor = k.block_id('y');
@@ -282,6 +296,41 @@ pub(super) fn adamw_group(e: &mut Emit, steps: &[usize]) -> Result<(), LowerErro
         let stride = k.mul(&nb, &tt);
         let (pe, ge, me, ve) = (p.elem(), g.elem(), m.elem(), v.elem());
         let (p2e, m2e, v2e) = (outs[0].elem(), outs[1].elem(), outs[2].elem());
+        if vectors {
+            // Four elements a thread, each tensor read and written as vectors.
+            let four = k.i64(GROUP_VEC);
+            let n4 = k.div(&n, &four);
+            k.for_dyn(&start, &n4, &stride, &[], |k, q, _| {
+                let i = k.mul(&q, &four);
+                let lanes = GROUP_VEC as usize;
+                let gv = k.load_vector_f32(&ptrs[1], &i, ge, lanes);
+                let mv = k.load_vector_f32(&ptrs[2], &i, me, lanes);
+                let vv = k.load_vector_f32(&ptrs[3], &i, ve, lanes);
+                let pv = if with_master {
+                    k.load_vector_f32(&ptrs[7], &i, Ty::F32, lanes)
+                } else {
+                    k.load_vector_f32(&ptrs[0], &i, pe, lanes)
+                };
+                let mut out: [Vec<V>; 3] = Default::default();
+                for j in 0..lanes {
+                    let (pn, mn, vn) = adamw_element(k, &a, &sc, &gv[j], &mv[j], &vv[j], &pv[j]);
+                    out[0].push(pn);
+                    out[1].push(mn);
+                    out[2].push(vn);
+                }
+                if with_master {
+                    k.store_vector(&out[0], &ptrs[7], &i, Ty::F32);
+                }
+                k.store_vector(&out[0], &ptrs[4], &i, p2e);
+                k.store_vector(&out[1], &ptrs[5], &i, m2e);
+                k.store_vector(&out[2], &ptrs[6], &i, v2e);
+                vec![]
+            });
+            let blocks = (largest.max(1) as u64).div_ceil(GROUP_VEC as u64 * THREADS as u64).min(1024) as i64;
+            let grid = [GridDim::fixed(blocks), GridDim::fixed(members.len() as i64), GridDim::fixed(1)];
+            e.launch(k, grid, 0, vec![Arg::Buffer(table), lr.arg(), clip.arg(), step.arg()]);
+            continue;
+        }
         k.for_dyn(&start, &n, &stride, &[], |k, i, _| {
             let gv = k.load_f32(&ptrs[1], &i, ge);
             let mv = k.load_f32(&ptrs[2], &i, me);

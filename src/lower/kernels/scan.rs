@@ -28,14 +28,15 @@
 //! fixed summation order: no atomics, results independent of scheduling.
 
 use super::super::{Emit, LowerError, Operand};
+use super::chunks::{channel, chunk_grid, chunk_pos, seq_chunks, sequence_grid, sum_over_chunks, ChunkPos, CHUNK};
 use super::{load_at, sig, store_at};
 use crate::lower::mlir::{Cmp, KernelBuilder, Ty, V};
-use weft_runtime::device::{Arg, BufferArg, Extent, GridDim};
+use weft_runtime::device::{Arg, BufferArg, Extent};
 
-/// Tokens per chunk: the unit of parallelism along the sequence.
-const CHUNK: i64 = 64;
 /// Tokens per sub-chunk of the backward, whose states live in registers.
 const SUB: usize = 4;
+/// The register cap of the backward's main kernel.
+const BWD_REGISTERS: u32 = 168;
 
 /// The scan's operands: u, delta, a_log, b, c, d, dt_bias, z (d and z absent for the state).
 struct Scan<'a> {
@@ -76,68 +77,12 @@ impl<'a> Scan<'a> {
     }
 }
 
-/// Grid of the per-chunk passes: channel blocks by `⌈(B·T + B·(CHUNK−1)) / CHUNK⌉ ≥ B·⌈T/CHUNK⌉`
-/// chunk rows (the extra ones find no sequence and return).
-fn chunk_grid(x_blocks: u64) -> [GridDim; 3] {
-    [
-        GridDim::fixed(x_blocks as i64),
-        GridDim { extent: Extent { bt: 1, b: CHUNK - 1, c: 0 }, per_block: CHUNK as u64 },
-        GridDim::fixed(1),
-    ]
-}
-
-/// Grid of the per-(sequence, channel) passes.
-fn sequence_grid(x_blocks: u64) -> [GridDim; 3] {
-    [GridDim::fixed(x_blocks as i64), GridDim { extent: Extent::per_sequence(1), per_block: 1 }, GridDim::fixed(1)]
-}
-
 fn sizes() -> Vec<Arg> {
     vec![Arg::I64 { value: Extent::per_token(1) }, Arg::I64 { value: Extent::per_sequence(1) }]
 }
 
 fn name(family: &str, s: &Scan, ops: &[&Operand]) -> String {
     format!("{family}_e{}_n{}_c{CHUNK}_{}", s.channels, s.state, sig(ops))
-}
-
-/// The chunk of this block (block y): its sequence, tokens `t0..t1` of it, the sequence's first
-/// row, the chunk's index among all chunks (`b·nch + chunk`), and whether it exists.
-struct ChunkPos {
-    t0: V,
-    t1: V,
-    row0: V,
-    index: V,
-    live: V,
-}
-
-/// `(seq, nch)`: tokens per sequence and chunks per sequence.
-fn seq_chunks(k: &mut KernelBuilder, rows: &V, batch: &V) -> (V, V) {
-    let one = k.i64(1);
-    let b = k.max(batch, &one);
-    let seq = k.div(rows, &b);
-    let q = k.i64(CHUNK);
-    let qm = k.i64(CHUNK - 1);
-    let n = k.add(&seq, &qm);
-    let nch = k.div(&n, &q);
-    (seq, nch)
-}
-
-fn chunk_pos(k: &mut KernelBuilder, rows: &V, batch: &V) -> ChunkPos {
-    let (seq, nch) = seq_chunks(k, rows, batch);
-    let index = k.block_id('y');
-    let one = k.i64(1);
-    let nch1 = k.max(&nch, &one);
-    let b = k.div(&index, &nch1);
-    let kc = k.rem(&index, &nch1);
-    let in_batch = k.cmp(Cmp::Lt, &b, batch);
-    let zero = k.i64(0);
-    let nonempty = k.cmp(Cmp::Gt, &seq, &zero);
-    let live = k.and(&in_batch, &nonempty);
-    let q = k.i64(CHUNK);
-    let t0 = k.mul(&kc, &q);
-    let t1 = k.add(&t0, &q);
-    let t1 = k.min(&t1, &seq);
-    let row0 = k.mul(&b, &seq);
-    ChunkPos { t0, t1, row0, index, live }
 }
 
 /// `A = −exp(A_log)` for some state entries of a channel, and `A·log₂e` (exponentials of `Δ·A`
@@ -181,18 +126,38 @@ fn delta_t(k: &mut KernelBuilder, s: &Scan, delta: &V, beta: &V, row: &V, ch: &V
     (k.softplus(&x), x)
 }
 
-/// Row `row`, state entries `n0 + j` of B (or C).
+/// Row `row`, state entries `n0 + j`, `j < count`, of B (or C): 16-byte vector loads where the
+/// rows and `n0` allow (B and C are slices of one projection's rows), else one load each.
 fn state_row(k: &mut KernelBuilder, p: &V, o: &Operand, row: &V, n0: Option<&V>, count: u64) -> Vec<V> {
-    (0..count)
-        .map(|j| {
-            let jj = k.i64(j as i64);
-            let n = match n0 {
-                Some(n0) => k.add(n0, &jj),
-                None => jj,
-            };
-            load_at(k, p, o, row, &n)
-        })
-        .collect()
+    let bytes = o.dtype().bytes();
+    let lanes = 16 / bytes;
+    let vectors = (o.dtype() == weft_runtime::DType::BF16 || o.dtype() == weft_runtime::DType::F32)
+        && (o.ld * bytes) % 16 == 0
+        && o.buf.offset % 16 == 0
+        && count % lanes == 0;
+    let ld = k.i64(o.ld as i64);
+    let base = k.mul(row, &ld);
+    let base = match n0 {
+        Some(n0) => k.add(&base, n0),
+        None => base,
+    };
+    if vectors {
+        (0..count / lanes)
+            .flat_map(|v| {
+                let off = k.i64((v * lanes) as i64);
+                let i = k.add(&base, &off);
+                k.load_vector_f32(p, &i, o.elem(), lanes as usize)
+            })
+            .collect()
+    } else {
+        (0..count)
+            .map(|j| {
+                let jj = k.i64(j as i64);
+                let i = k.add(&base, &jj);
+                k.load_f32(p, &i, o.elem())
+            })
+            .collect()
+    }
 }
 
 /// One token: `h ← exp(Δ a) ⊙ h + Δ u B`; returns the new state and `exp(Δ a)`.
@@ -217,15 +182,6 @@ fn chunk_slot(k: &mut KernelBuilder, s: &Scan, index: &V, per: u64, n: &V, ch: &
     let e = k.i64(s.channels as i64);
     let r = k.mul(&r, &e);
     k.add(&r, ch)
-}
-
-/// The channel of a one-thread-per-channel pass.
-fn channel(k: &mut KernelBuilder) -> V {
-    let tid = k.thread_id('x');
-    let bid = k.block_id('x');
-    let n = k.i64(k.block_threads());
-    let base = k.mul(&bid, &n);
-    k.add(&base, &tid)
 }
 
 /// Scratch of the forward's first two passes: per chunk the states (`[chunks, N, E]` f32) and
@@ -279,52 +235,102 @@ fn chunk_states(e: &mut Emit, s: &Scan, block: u32, cr: &Carries) {
     e.launch(k, chunk_grid(s.channels / block as u64), 0, args);
 }
 
-/// `selective_scan_carry_*`: per (sequence, channel), the chunks in order; each chunk's end
-/// state is replaced by the state entering it, and the state after the last chunk goes to
-/// `last` (`[B, E, N]` f32) when given.
-fn carry_states(e: &mut Emit, s: &Scan, block: u32, cr: &Carries, last: Option<&Operand>) {
+/// Chunks a carry pass reads ahead.
+const CARRY_UNROLL: i64 = 8;
+
+/// Which way a carry pass walks the chunks.
+#[derive(Clone, Copy, PartialEq)]
+enum Walk {
+    /// The forward's states: chunks in order; each chunk's end state (from zero) becomes the
+    /// state entering it.
+    States,
+    /// The backward's adjoints: chunks last to first; each chunk's `exp(Δ_{t0}A)·λ_{t0}` (from
+    /// zero) becomes the part of λ entering it from the right, `exp(Δ_{t1}A)·λ_{t1}`.
+    Adjoints,
+}
+
+/// `selective_scan_carry_*` / `selective_scan_bwd_carry_*`: one thread per (sequence, state
+/// entry, channel) walks the chunks (see [`Walk`]), replacing each chunk's local value `x_k` in
+/// place by the carry entering it, `carry ← exp(A·ΣΔ_k)·carry + x_k`. With `last`, the carry
+/// after the last chunk (the state after the prompt) goes to `last` (`[B, E, N]` f32).
+fn carry(e: &mut Emit, s: &Scan, walk: Walk, vals: &BufferArg, sd: &BufferArg, last: Option<&Operand>) {
     let mut ops = vec![s.a_log];
     ops.extend(last);
-    let family = if last.is_some() { "selective_scan_carry_final" } else { "selective_scan_carry" };
-    let mut k = KernelBuilder::new(&name(family, s, &ops), [block, 1, 1]);
+    let family = match (walk, last.is_some()) {
+        (Walk::States, false) => "selective_scan_carry",
+        (Walk::States, true) => "selective_scan_carry_final",
+        (Walk::Adjoints, _) => "selective_scan_bwd_carry",
+    };
+    let threads = 256u32;
+    let mut k = KernelBuilder::new(&name(family, s, &ops), [threads, 1, 1]);
     let ap = k.ptr("a_log");
-    let (hp, sdp) = (k.ptr("h"), k.ptr("sum_delta"));
+    let (xp, sdp) = (k.ptr("values"), k.ptr("sum_delta"));
     let lp = last.map(|_| k.ptr("state"));
     let rows = k.scalar_i64("rows");
     let batch = k.scalar_i64("batch");
-    let ch = channel(&mut k);
-    let b = k.block_id('y');
-    let (_, nch) = seq_chunks(&mut k, &rows, &batch);
-    let a = neg_a(&mut k, s, &ap, &ch, None, s.state);
-    let init: Vec<V> = (0..s.state).map(|_| k.f32(0.0)).collect();
-    let zero = k.i64(0);
-    let fin = k.for_(&zero, &nch, 1, &init, |k, kc, carry| {
-        let r = k.mul(&b, &nch);
-        let index = k.add(&r, &kc);
-        let z = k.i64(0);
-        let si = chunk_slot(k, s, &index, 1, &z, &ch);
-        let sd = k.load(&sdp, &si, Ty::F32);
-        (0..s.state as usize)
-            .map(|j| {
-                let jj = k.i64(j as i64);
-                let i = chunk_slot(k, s, &index, s.state, &jj, &ch);
-                let local = k.load(&hp, &i, Ty::F32);
-                k.store(&carry[j], &hp, &i, Ty::F32);
-                let decay = a.exp(k, &sd, j);
-                k.fma(&decay, &carry[j], &local)
-            })
-            .collect()
-    });
-    if let Some(lp) = &lp {
-        for (j, hn) in fin.iter().enumerate() {
-            let i = state_index(&mut k, s, &b, &ch, j);
-            k.store(hn, lp, &i, Ty::F32);
+    let idx = channel(&mut k);
+    let ev = k.i64(s.channels as i64);
+    let n = k.div(&idx, &ev);
+    let ch = k.rem(&idx, &ev);
+    let nv = k.i64(s.state as i64);
+    let inside = k.cmp(Cmp::Lt, &n, &nv);
+    k.if_(&inside, |k| {
+        let b = k.block_id('y');
+        let (_, nch) = seq_chunks(k, &rows, &batch);
+        let al = load_at(k, &ap, s.a_log, &ch, &n);
+        let ex = k.exp(&al);
+        let a = k.neg(&ex);
+        let l2e = k.f32(std::f32::consts::LOG2_E);
+        let a2 = k.mul(&a, &l2e);
+        let zf = k.f32(0.0);
+        let zero = k.i64(0);
+        // CARRY_UNROLL chunks at a time: their loads first (they do not depend on the carry),
+        // then the carries in order, so each thread has several loads in flight.
+        let fin = k.for_(&zero, &nch, CARRY_UNROLL, &[zf], |k, i0, c| {
+            let mut carry = c[0].clone();
+            let mut loaded = Vec::new();
+            for u in 0..CARRY_UNROLL {
+                let off = k.i64(u);
+                let i = k.add(&i0, &off);
+                let valid = k.cmp(Cmp::Lt, &i, &nch);
+                let one = k.i64(1);
+                let lastc = k.sub(&nch, &one);
+                let i = k.min(&i, &lastc);
+                let kc = match walk {
+                    Walk::States => i.clone(),
+                    Walk::Adjoints => k.sub(&lastc, &i),
+                };
+                let r = k.mul(&b, &nch);
+                let index = k.add(&r, &kc);
+                let z = k.i64(0);
+                let si = chunk_slot(k, s, &index, 1, &z, &ch);
+                let sdv = k.load(&sdp, &si, Ty::F32);
+                let vi = chunk_slot(k, s, &index, s.state, &n, &ch);
+                let local = k.load(&xp, &vi, Ty::F32);
+                loaded.push((valid, vi, sdv, local));
+            }
+            for (valid, vi, sdv, local) in loaded {
+                k.if_(&valid, |k| k.store(&carry, &xp, &vi, Ty::F32));
+                let t = k.mul(&a2, &sdv);
+                let decay = k.exp2(&t);
+                let next = k.fma(&decay, &carry, &local);
+                carry = k.select(&valid, &next, &carry);
+            }
+            vec![carry]
+        });
+        if let Some(lp) = &lp {
+            let r = k.mul(&b, &ev);
+            let r = k.add(&r, &ch);
+            let r = k.mul(&r, &nv);
+            let i = k.add(&r, &n);
+            k.store(&fin[0], lp, &i, Ty::F32);
         }
-    }
-    let mut args: Vec<Arg> = vec![s.a_log.arg(), Arg::Buffer(cr.h.clone()), Arg::Buffer(cr.sd.clone())];
+    });
+    let mut args: Vec<Arg> = vec![s.a_log.arg(), Arg::Buffer(vals.clone()), Arg::Buffer(sd.clone())];
     args.extend(last.map(|o| o.arg()));
     args.extend(sizes());
-    e.launch(k, sequence_grid(s.channels / block as u64), 0, args);
+    let total = s.channels * s.state;
+    e.launch(k, sequence_grid(total.div_ceil(threads as u64)), 0, args);
 }
 
 pub(super) fn forward(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Result<(), LowerError> {
@@ -334,7 +340,7 @@ pub(super) fn forward(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Result
     let block = s.block()?;
     let cr = carries(e, &s);
     chunk_states(e, &s, block, &cr);
-    carry_states(e, &s, block, &cr, None);
+    carry(e, &s, Walk::States, &cr.h, &cr.sd, None);
     let ops = [u, delta, a_log, b, c, d, dt_bias, z, y];
     let mut k = KernelBuilder::new(&name("selective_scan", &s, &ops), [block, 1, 1]);
     let (up, dp, ap, bp, cp_, dd, bip, zp, yp) = (
@@ -398,7 +404,7 @@ pub(super) fn state(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Result<(
     let block = s.block()?;
     let cr = carries(e, &s);
     chunk_states(e, &s, block, &cr);
-    carry_states(e, &s, block, &cr, Some(&outs[0]));
+    carry(e, &s, Walk::States, &cr.h, &cr.sd, Some(&outs[0]));
     Ok(())
 }
 
@@ -496,10 +502,8 @@ struct BwdLayout {
 impl BwdLayout {
     fn new(s: &Scan) -> Result<BwdLayout, LowerError> {
         let split = if s.state % 2 == 0 { 2 } else { 1 };
-        let cb = [256u64 / split, 128 / split, 64 / split, 32 / split]
-            .into_iter()
-            .find(|cb| s.channels % cb == 0)
-            .ok_or_else(|| {
+        let cb =
+            [128u64 / split, 64 / split, 32 / split].into_iter().find(|cb| s.channels % cb == 0).ok_or_else(|| {
                 LowerError(format!(
                     "the scan backward needs an inner width divisible by {} (it is {})",
                     32 / split,
@@ -659,47 +663,6 @@ fn adjoint_chunks(e: &mut Emit, s: &Scan, z: &Operand, g: &Operand, block: u32, 
     e.launch(k, chunk_grid(s.channels / block as u64), 0, args);
 }
 
-/// `selective_scan_bwd_carry_*`: per (sequence, channel), the chunks last to first; each chunk's
-/// local `exp(Δ_{t0}A)λ_{t0}` is replaced by the λ part entering it from the right,
-/// `exp(Δ_{t1}A)·λ_{t1}` (zero for the last chunk).
-fn carry_adjoints(e: &mut Emit, s: &Scan, block: u32, cr: &Carries, xi: &BufferArg) {
-    let ops = [s.a_log];
-    let mut k = KernelBuilder::new(&name("selective_scan_bwd_carry", s, &ops), [block, 1, 1]);
-    let ap = k.ptr("a_log");
-    let (xp, sdp) = (k.ptr("xi"), k.ptr("sum_delta"));
-    let rows = k.scalar_i64("rows");
-    let batch = k.scalar_i64("batch");
-    let ch = channel(&mut k);
-    let b = k.block_id('y');
-    let (_, nch) = seq_chunks(&mut k, &rows, &batch);
-    let a = neg_a(&mut k, s, &ap, &ch, None, s.state);
-    let init: Vec<V> = (0..s.state).map(|_| k.f32(0.0)).collect();
-    let zero = k.i64(0);
-    k.for_(&zero, &nch, 1, &init, |k, i, carry| {
-        let one = k.i64(1);
-        let kc = k.sub(&nch, &one);
-        let kc = k.sub(&kc, &i);
-        let r = k.mul(&b, &nch);
-        let index = k.add(&r, &kc);
-        let z = k.i64(0);
-        let si = chunk_slot(k, s, &index, 1, &z, &ch);
-        let sd = k.load(&sdp, &si, Ty::F32);
-        (0..s.state as usize)
-            .map(|j| {
-                let jj = k.i64(j as i64);
-                let idx = chunk_slot(k, s, &index, s.state, &jj, &ch);
-                let local = k.load(&xp, &idx, Ty::F32);
-                k.store(&carry[j], &xp, &idx, Ty::F32);
-                let decay = a.exp(k, &sd, j);
-                k.fma(&decay, &carry[j], &local)
-            })
-            .collect()
-    });
-    let mut args = vec![s.a_log.arg(), Arg::Buffer(xi.clone()), Arg::Buffer(cr.sd.clone())];
-    args.extend(sizes());
-    e.launch(k, sequence_grid(s.channels / block as u64), 0, args);
-}
-
 pub(super) fn backward(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Result<(), LowerError> {
     let [u, delta, a_log, b, c, d, dt_bias, z, g] = ins else {
         return Err(LowerError("the scan backward takes 9 inputs".into()));
@@ -718,9 +681,9 @@ pub(super) fn backward(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Resul
         params: e.scratch(s.per_chunk(n + 2)),
     };
     chunk_states(e, &s, block, &cr);
-    carry_states(e, &s, block, &cr, None);
+    carry(e, &s, Walk::States, &cr.h, &cr.sd, None);
     adjoint_chunks(e, &s, z, g, block, &bufs.xi);
-    carry_adjoints(e, &s, block, &cr, &bufs.xi);
+    carry(e, &s, Walk::Adjoints, &bufs.xi, &cr.sd, None);
     backward_main(e, &s, &lay, [d, z, g], [gu, gdelta, gz], &cr, &bufs);
     reduce_bc(e, &s, &lay, &bufs, gb, gc);
     reduce_params(e, &s, &bufs, [ga, gd, gbeta]);
@@ -744,6 +707,9 @@ fn backward_main(
     let nsub = CHUNK / SUB as i64;
     let ops = [s.u, s.delta, s.a_log, s.b, s.c, d, s.dt_bias, z, g, gu, gdelta, gz];
     let mut k = KernelBuilder::new(&name("selective_scan_backward", s, &ops), [lay.threads, 1, 1]);
+    // 168 registers fit three blocks per SM for a few spilled bytes (measured faster on an H200
+    // than two blocks without spills).
+    k.max_registers(BWD_REGISTERS);
     let (up, dp, ap, bp, cp_, dd, bip, zp, gp) = (
         k.ptr("u"),
         k.ptr("delta"),
@@ -760,7 +726,8 @@ fn backward_main(
     let rows = k.scalar_i64("rows");
     let batch = k.scalar_i64("batch");
     let warps = lay.warps();
-    let red = k.shared("bc_reduce", Ty::F32, SUB as u64 * warps * 2 * n);
+    // g_B/g_C of the chunk's tokens per warp, summed over the block's warps at the chunk's end.
+    let red = k.shared("bc_reduce", Ty::F32, CHUNK as u64 * warps * 2 * n);
     let bounds = k.local("bounds", Ty::F32, nsub as u64 * nh);
     let tid = k.thread_id('x');
     let c32 = k.i64(32);
@@ -867,7 +834,18 @@ fn backward_main(
                 let gv = k.select(&tok.valid, &gv, &zf);
                 let cv = state_row(k, &cp_, s.c, &tok.row, Some(&n0), nh);
                 let bv = state_row(k, &bp, s.b, &tok.row, Some(&n0), nh);
-                let (ht, ab) = advance(k, &a, &bv, &tok.dt, &tok.u, hp_);
+                // h_t = Ā·h_{t−1} + Δu·B, keeping Ā·h_{t−1} for dΔ and dA.
+                let dtu = k.mul(&tok.dt, &tok.u);
+                let mut ab = Vec::new();
+                let mut ah = Vec::new();
+                let mut ht = Vec::new();
+                for j in 0..nhu {
+                    let x = a.exp(k, &tok.dt, j);
+                    let y = k.mul(&x, &hp_[j]);
+                    ht.push(k.fma(&dtu, &bv[j], &y));
+                    ab.push(x);
+                    ah.push(y);
+                }
                 let mut yp = k.f32(0.0);
                 for (cn, hn) in cv.iter().zip(&ht) {
                     yp = k.fma(cn, hn, &yp);
@@ -884,28 +862,24 @@ fn backward_main(
                 let gzv = k.mul(&gyz, &dsilu);
                 let silu_z = k.mul(&zv, &sg);
                 let gy = k.mul(&gv, &silu_z);
-                let dtu = k.mul(&tok.dt, &tok.u);
                 let mut vals_b = Vec::new();
                 let mut vals_c = Vec::new();
                 let mut lam_b = k.f32(0.0);
-                let mut gdt = k.f32(0.0);
+                let mut lah_a = k.f32(0.0);
                 for j in 0..nhu {
                     let lam = k.fma(&gy, &cv[j], &xi[j]);
                     vals_b.push(k.mul(&lam, &dtu));
                     vals_c.push(k.mul(&gy, &ht[j]));
                     lam_b = k.fma(&lam, &bv[j], &lam_b);
-                    // dΔ: λ·(u·B + a·Ā·h_{t−1}); dA: λ·Δ·Ā·h_{t−1}.
-                    let ah = k.mul(&ab[j], &hp_[j]);
-                    let aah = k.mul(&a.a[j], &ah);
-                    let ub = k.mul(&tok.u, &bv[j]);
-                    let sum = k.add(&ub, &aah);
-                    gdt = k.fma(&lam, &sum, &gdt);
-                    let lah = k.mul(&lam, &ah);
+                    // dΔ = Σ λ·(u·B + a·Ā·h_{t−1}) = u·Σ λB + Σ (λĀh_{t−1})·a; dA = λ·Δ·Ā·h_{t−1}.
+                    let lah = k.mul(&lam, &ah[j]);
+                    lah_a = k.fma(&lah, &a.a[j], &lah_a);
                     ga[j] = k.fma(&lah, &tok.dt, &ga[j]);
                     xi[j] = k.mul(&ab[j], &lam);
                 }
                 let lam_b = pair_sum(k, &lam_b, split);
-                let gdt = pair_sum(k, &gdt, split);
+                let lah_a = pair_sum(k, &lah_a, split);
+                let gdt = k.fma(&tok.u, &lam_b, &lah_a);
                 let gdu = k.mul(&tok.dt, &lam_b);
                 let guv = k.fma(&dv, &gy, &gdu);
                 // softplus' = σ(x), 1 on the linear branch.
@@ -927,10 +901,15 @@ fn backward_main(
                 let mut vals = vals_b;
                 vals.extend(vals_c);
                 let r = butterfly(k, vals, &lane, &offsets);
-                let slot_base = k.i64((st as u64 * warps * 2 * n) as i64);
+                let sv = k.i64(SUB as i64);
+                let tc = k.mul(&jb, &sv);
+                let stv = k.i64(st as i64);
+                let tc = k.add(&tc, &stv);
+                let wn = k.i64(warps as i64);
+                let slot_base = k.mul(&tc, &wn);
+                let slot_base = k.add(&slot_base, &warp);
                 let w2n = k.i64(2 * n as i64);
-                let wo = k.mul(&warp, &w2n);
-                let slot_base = k.add(&slot_base, &wo);
+                let slot_base = k.mul(&slot_base, &w2n);
                 for (j, v) in r.values.iter().enumerate() {
                     let jv = k.i64(j as i64);
                     let idx = k.add(&r.index, &jv);
@@ -949,43 +928,42 @@ fn backward_main(
                     });
                 }
             }
-            // The sub-chunk's partial rows: the block's warps summed in order.
-            k.barrier();
-            let total = k.i64((SUB as u64 * 2 * n) as i64);
-            k.for_(&tid, &total, lay.threads as i64, &[], |k, i, _| {
-                let w2n = k.i64(2 * n as i64);
-                let st = k.div(&i, &w2n);
-                let slot = k.rem(&i, &w2n);
-                let mut sum = k.f32(0.0);
-                let wn = k.i64(warps as i64);
-                let row_base = k.mul(&st, &wn);
-                for w in 0..warps {
-                    let wv = k.i64(w as i64);
-                    let wv = k.add(&row_base, &wv);
-                    let at = k.mul(&wv, &w2n);
-                    let at = k.add(&at, &slot);
-                    let x = k.shared_load(&red, &at);
-                    sum = k.add(&sum, &x);
-                }
-                let t = k.add(&t_sub, &st);
-                let inside = k.cmp(Cmp::Lt, &t, &cp.t1);
-                k.if_(&inside, |k| {
-                    let row = k.add(&cp.row0, &t);
-                    let nb = k.i64(lay.blocks(s) as i64);
-                    let r = k.mul(&row, &nb);
-                    let r = k.add(&r, &bx);
-                    let r = k.mul(&r, &w2n);
-                    let r = k.add(&r, &slot);
-                    k.store(&sum, &bcp, &r, Ty::F32);
-                });
-                vec![]
-            });
-            k.barrier();
             let mut out = xi;
             out.extend(ga);
             out.push(gdsum);
             out.push(gbsum);
             out
+        });
+        // The chunk's partial rows of g_B and g_C: the block's warps summed in order.
+        k.barrier();
+        let total = k.i64((CHUNK as u64 * 2 * n) as i64);
+        k.for_(&tid, &total, lay.threads as i64, &[], |k, i, _| {
+            let w2n = k.i64(2 * n as i64);
+            let tc = k.div(&i, &w2n);
+            let slot = k.rem(&i, &w2n);
+            let mut sum = k.f32(0.0);
+            let wn = k.i64(warps as i64);
+            let row_base = k.mul(&tc, &wn);
+            for w in 0..warps {
+                let wv = k.i64(w as i64);
+                let wv = k.add(&row_base, &wv);
+                let at = k.mul(&wv, &w2n);
+                let at = k.add(&at, &slot);
+                let x = k.shared_load(&red, &at);
+                sum = k.add(&sum, &x);
+            }
+            let t = k.add(&cp.t0, &tc);
+            let inside = k.cmp(Cmp::Lt, &t, &cp.t1);
+            k.if_(&inside, |k| {
+                let row = k.add(&cp.row0, &t);
+                let nb = k.i64(lay.blocks(s) as i64);
+                let r = k.mul(&row, &nb);
+                let r = k.add(&r, &bx);
+                let r = k.mul(&r, &w2n);
+                let r = k.add(&r, &slot);
+                k.store(&sum, &bcp, &r, Ty::F32);
+            });
+            vec![]
         });
         // Per-chunk parameter sums: g_A (before the factor A) per state entry, g_D and g_β once
         // per channel.
@@ -1069,15 +1047,7 @@ fn reduce_params(e: &mut Emit, s: &Scan, bufs: &BwdBufs, outs: [&Operand; 3]) {
     let np2 = k.i64(n + 2);
     let inside = k.cmp(Cmp::Lt, &q, &np2);
     k.if_(&inside, |k| {
-        let (_, nch) = seq_chunks(k, &rows, &batch);
-        let chunks = k.mul(&nch, &batch);
-        let zero = k.i64(0);
-        let zf = k.f32(0.0);
-        let sum = k.for_(&zero, &chunks, 1, &[zf], |k, y, acc| {
-            let i = chunk_slot(k, s, &y, (n + 2) as u64, &q, &ch);
-            let x = k.load(&pp, &i, Ty::F32);
-            vec![k.add(&acc[0], &x)]
-        });
+        let sum = [sum_over_chunks(k, &rows, &batch, &pp, n + 2, &q, &ch, s.channels as i64)];
         let nv = k.i64(n);
         let is_a = k.cmp(Cmp::Lt, &q, &nv);
         k.if_(&is_a, |k| {

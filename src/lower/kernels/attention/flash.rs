@@ -34,6 +34,8 @@ const OWN: i64 = 16 * FA_WARPS;
 const FWD_TILE: i64 = 64;
 const DQ_TILE: i64 = 32;
 const KV_TILE: i64 = 32;
+/// The forward kernel's register cap.
+const FWD_REGISTERS: u32 = 168;
 
 /// Whether the tensor-core kernels serve these operands: bf16 and a head of 64 or 128.
 pub(super) fn usable(s: &Spec, ins: &[&Operand]) -> bool {
@@ -148,6 +150,102 @@ impl Tile {
     }
 }
 
+/// Where a sequence's key and value rows of one kv head come from (the dense copies).
+struct KvRows {
+    k: V,
+    v: V,
+    heads: i64,
+    head: V,
+    /// The sequence's first row, and its last position.
+    bs: V,
+    last: V,
+}
+
+impl KvRows {
+    /// Starts copying keys and values `j0..` into the (K tile, V tile) buffer at `at`.
+    fn load(&self, k: &mut KernelBuilder, tile: &Tile, j0: &V, at: &V) {
+        tile.load(k, &self.k, self.heads, &self.head, &self.bs, j0, &self.last, at);
+        let tv = k.i32(tile.bytes() as i32);
+        let vb = k.add(at, &tv);
+        tile.load(k, &self.v, self.heads, &self.head, &self.bs, j0, &self.last, &vb);
+        commit_copies(k);
+    }
+}
+
+/// The keys the block's queries `first..first + OWN` see, in tiles of `rows`: (first key, tiles).
+fn key_tiles(k: &mut KernelBuilder, s: &Spec, first: &V, seq: &V, rows: i64) -> (V, V) {
+    let lo = first_key(k, s, first);
+    let nrows = k.i64(OWN);
+    let end = k.add(first, &nrows);
+    let hi = k.min(&end, seq);
+    let span = k.sub(&hi, &lo);
+    let tl = k.i64(rows);
+    let tl1 = k.i64(rows - 1);
+    let nt = k.add(&span, &tl1);
+    (lo, k.div(&nt, &tl))
+}
+
+/// The top of trip `it` of a double-buffered tile loop of `ntiles` trips: waits until this trip's
+/// tile is in shared memory (everyone's copies, and everyone done with the other buffer), then
+/// starts trip `it + 1`'s copies into the other buffer with `prefetch(k, it + 1, offset)`.
+/// Returns this trip's buffer offset (buffers `buf_bytes` apart, i32).
+fn next_tile(
+    k: &mut KernelBuilder,
+    it: &V,
+    ntiles: &V,
+    buf_bytes: i64,
+    prefetch: impl FnOnce(&mut KernelBuilder, &V, &V),
+) -> V {
+    wait_copies(k);
+    k.barrier();
+    let one = k.i64(1);
+    let next = k.add(it, &one);
+    let two = k.i64(2);
+    let par = k.rem(it, &two);
+    let bb = k.i64(buf_bytes);
+    let cur = k.mul(&par, &bb);
+    let other = k.sub(&bb, &cur);
+    let cur = k.cast(&cur, Ty::I32);
+    let other = k.cast(&other, Ty::I32);
+    let more = k.cmp(Cmp::Lt, &next, ntiles);
+    k.if_(&more, |k| prefetch(k, &next, &other));
+    cur
+}
+
+/// The key-tile loop of the forward and dQ kernels: the tiles of `kv`'s keys from `lo`, copied
+/// into double buffers at `sbase`; `body(k, j0, kb, vb, cur)` gets each tile's first key and the
+/// addresses of its K and V tiles.
+#[allow(clippy::too_many_arguments)]
+fn key_tile_loop(
+    k: &mut KernelBuilder,
+    tile: &Tile,
+    kv: &KvRows,
+    sbase: &V,
+    lo: &V,
+    ntiles: &V,
+    init: &[V],
+    body: impl FnOnce(&mut KernelBuilder, &V, &V, &V, &[V]) -> Vec<V>,
+) -> Vec<V> {
+    kv.load(k, tile, lo, sbase);
+    let tb = tile.bytes();
+    let z = k.i64(0);
+    k.for_(&z, ntiles, 1, init, |k, it, cur| {
+        let tlv = k.i64(tile.rows);
+        let cur_off = next_tile(k, &it, ntiles, 2 * tb, |k, next, other| {
+            let j1 = k.mul(next, &tlv);
+            let j1 = k.add(lo, &j1);
+            let at = k.add(sbase, other);
+            kv.load(k, tile, &j1, &at);
+        });
+        let j0 = k.mul(&it, &tlv);
+        let j0 = k.add(lo, &j0);
+        let kb = k.add(sbase, &cur_off);
+        let tv = k.i32(tb as i32);
+        let vb = k.add(&kb, &tv);
+        body(k, &j0, &kb, &vb, cur)
+    })
+}
+
 fn xor(k: &mut KernelBuilder, a: &V, b: &V) -> V {
     k.raw(a.ty, &format!("arith.xori {}, {} : {}", a.name, b.name, a.ty.mlir()))
 }
@@ -224,8 +322,10 @@ fn b_frags(k: &mut KernelBuilder, t: &Tile, base: &V, kk: i64, dp: i64, lp: &Lan
 fn products_t(k: &mut KernelBuilder, t: &Tile, base: &V, a: &[Vec<V>], n_tiles: usize, lp: &LanePos) -> Vec<Vec<V>> {
     let zero = k.f32(0.0);
     let mut acc = vec![vec![zero; 4]; n_tiles];
-    for p in 0..n_tiles / 2 {
-        for (ks, af) in a.iter().enumerate() {
+    // k-steps outermost: the products of one k-step go to different accumulators, so they do
+    // not wait on each other.
+    for (ks, af) in a.iter().enumerate() {
+        for p in 0..n_tiles / 2 {
             let b = bt_frags(k, t, base, 16 * p as i64, ks as i64, lp);
             acc[2 * p] = mma(k, af, &b[0..2], &acc[2 * p]);
             acc[2 * p + 1] = mma(k, af, &b[2..4], &acc[2 * p + 1]);
@@ -236,8 +336,9 @@ fn products_t(k: &mut KernelBuilder, t: &Tile, base: &V, a: &[Vec<V>], n_tiles: 
 
 /// `acc[d] += P·T` with `p` the A fragments per 16-row k-step of the tile.
 fn products(k: &mut KernelBuilder, t: &Tile, base: &V, p: &[Vec<V>], acc: &mut [Vec<V>], lp: &LanePos) {
-    for dp in 0..(t.hd / 16) as usize {
-        for (kk, pf) in p.iter().enumerate() {
+    // As in `products_t`: one k-step's products go to different accumulators.
+    for (kk, pf) in p.iter().enumerate() {
+        for dp in 0..(t.hd / 16) as usize {
             let b = b_frags(k, t, base, kk as i64, dp as i64, lp);
             acc[2 * dp] = mma(k, pf, &b[0..2], &acc[2 * dp]);
             acc[2 * dp + 1] = mma(k, pf, &b[2..4], &acc[2 * dp + 1]);
@@ -251,7 +352,12 @@ fn as_a_frags(k: &mut KernelBuilder, m: &[Vec<V>]) -> Vec<Vec<V>> {
     (0..m.len() / 2)
         .map(|j| {
             let (a, b) = (&m[2 * j], &m[2 * j + 1]);
-            vec![pack_bf16(k, &a[0], &a[1]), pack_bf16(k, &a[2], &a[3]), pack_bf16(k, &b[0], &b[1]), pack_bf16(k, &b[2], &b[3])]
+            vec![
+                pack_bf16(k, &a[0], &a[1]),
+                pack_bf16(k, &a[2], &a[3]),
+                pack_bf16(k, &b[0], &b[1]),
+                pack_bf16(k, &b[2], &b[3]),
+            ]
         })
         .collect()
 }
@@ -390,7 +496,8 @@ fn prep(e: &mut Emit, s: &Spec, ins: [&Operand; 3], back: Option<[&Operand; 2]>)
     let positions = e.max_shape().1;
     args.extend(s.tables(e, positions));
     args.extend([Arg::I64 { value: Extent::per_sequence(1) }, Arg::I64 { value: Extent::per_token(1) }]);
-    let grid = [GridDim { extent: Extent::per_token(nslots), per_block: WARPS as u64 }, GridDim::fixed(1), GridDim::fixed(1)];
+    let grid =
+        [GridDim { extent: Extent::per_token(nslots), per_block: WARPS as u64 }, GridDim::fixed(1), GridDim::fixed(1)];
     e.launch(k, grid, 0, args);
     copies
 }
@@ -496,6 +603,8 @@ pub(super) fn forward(e: &mut Emit, s: &Spec, ins: [&Operand; 3], o: &Operand, l
     let smem = 4 * tb;
     let name = format!("attention_fa_{}_{}", s.tag(), sig(&[o, lse]));
     let mut k = KernelBuilder::new(&name, [FA_THREADS, 1, 1]);
+    // Three blocks per SM instead of two, for a few spilled bytes (faster on an H200).
+    k.max_registers(FWD_REGISTERS);
     let (qp, kp, vp) = (k.ptr("q"), k.ptr("k"), k.ptr("v"));
     let (op, lp) = (k.ptr("o"), k.ptr("lse"));
     let batch = k.scalar_i64("batch");
@@ -525,25 +634,8 @@ pub(super) fn forward(e: &mut Emit, s: &Spec, ins: [&Operand; 3], o: &Operand, l
         let w32 = k.cast(&warp, Ty::I32);
         let wr = k.mul(&w32, &c16);
         let qf = a_frags(k, &qt, &stage, &wr, &lpos);
-        let lo = first_key(k, s, &r.first);
-        let nrows = k.i64(OWN);
-        let end = k.add(&r.first, &nrows);
-        let hi = k.min(&end, seq);
-        let span = k.sub(&hi, &lo);
-        let tl = k.i64(FWD_TILE);
-        let tl1 = k.i64(FWD_TILE - 1);
-        let nt = k.add(&span, &tl1);
-        let ntiles = k.div(&nt, &tl);
-        let load_kv = |k: &mut KernelBuilder, j0: &V, buf: &V| {
-            let kb = k.add(&sbase, buf);
-            tile.load(k, &kp, kvh, &g_kv, &bs, j0, &last, &kb);
-            let tv = k.i32(tb as i32);
-            let vb = k.add(&kb, &tv);
-            tile.load(k, &vp, kvh, &g_kv, &bs, j0, &last, &vb);
-            commit_copies(k);
-        };
-        let z32 = k.i32(0);
-        load_kv(k, &lo, &z32);
+        let (lo, ntiles) = key_tiles(k, s, &r.first, seq, FWD_TILE);
+        let kv = KvRows { k: kp.clone(), v: vp.clone(), heads: kvh, head: g_kv, bs: bs.clone(), last: last.clone() };
         let ninf = k.f32(f32::NEG_INFINITY);
         let zero = k.f32(0.0);
         let c = k.f32(s.scale() * LOG2E);
@@ -553,34 +645,11 @@ pub(super) fn forward(e: &mut Emit, s: &Spec, ins: [&Operand; 3], o: &Operand, l
         let i_rows: Vec<V> = qd.rows.iter().map(|x| k.cast(x, Ty::I32)).collect();
         let t2 = k.add(&qd.t, &qd.t);
         let t2 = k.cast(&t2, Ty::I32);
-        let z = k.i64(0);
-        let fin = k.for_(&z, &ntiles, 1, &init, |k, it, cur| {
-            wait_copies(k);
-            k.barrier();
-            let one = k.i64(1);
-            let next = k.add(&it, &one);
-            let two = k.i64(2);
-            let par = k.rem(&it, &two);
-            let buf_bytes = k.i64(2 * tb);
-            let cur_off = k.mul(&par, &buf_bytes);
-            let tlv = k.i64(FWD_TILE);
-            let j0 = k.mul(&it, &tlv);
-            let j0 = k.add(&lo, &j0);
-            let other_off = k.sub(&buf_bytes, &cur_off);
-            let other_off = k.cast(&other_off, Ty::I32);
-            let cur_off = k.cast(&cur_off, Ty::I32);
-            let more = k.cmp(Cmp::Lt, &next, &ntiles);
-            k.if_(&more, |k| {
-                let j1 = k.add(&j0, &tlv);
-                load_kv(k, &j1, &other_off);
-            });
-            let kb = k.add(&sbase, &cur_off);
-            let tv = k.i32(tb as i32);
-            let vb = k.add(&kb, &tv);
+        let fin = key_tile_loop(k, &tile, &kv, &sbase, &lo, &ntiles, &init, |k, j0, kb, vb, cur| {
             // S = Q·Kᵀ, 16 × 64 per warp, as 8 accumulator tiles.
-            let acc = products_t(k, &tile, &kb, &qf, (FWD_TILE / 8) as usize, &lpos);
+            let acc = products_t(k, &tile, kb, &qf, (FWD_TILE / 8) as usize, &lpos);
             // Scale to base 2 and mask: element i is (row i/2, key j0 + 8nt + 2t + i%2).
-            let j32 = k.cast(&j0, Ty::I32);
+            let j32 = k.cast(j0, Ty::I32);
             let jt = k.add(&j32, &t2);
             let sc: Vec<Vec<V>> = acc
                 .iter()
@@ -641,7 +710,7 @@ pub(super) fn forward(e: &mut Emit, s: &Spec, ins: [&Operand; 3], o: &Operand, l
             let mut oacc: Vec<Vec<V>> =
                 (0..nd).map(|dt| (0..4).map(|i| k.mul(&cur[4 + 4 * dt + i], &corr[i / 2])).collect()).collect();
             let pf = as_a_frags(k, &p);
-            products(k, &tile, &vb, &pf, &mut oacc, &lpos);
+            products(k, &tile, vb, &pf, &mut oacc, &lpos);
             for a in oacc {
                 out.extend(a);
             }
@@ -816,21 +885,9 @@ fn dkdv(e: &mut Emit, s: &Spec, cp: &Copies, lse: &Operand, outs: [&Operand; 2])
         let w32 = k.cast(&warp, Ty::I32);
         let wr = k.mul(&w32, &c16);
         let fin = k.for_(&z, &ntiles, 1, &init, |k, it, cur| {
-            wait_copies(k);
-            k.barrier();
-            let one = k.i64(1);
-            let next = k.add(&it, &one);
-            let two = k.i64(2);
-            let par = k.rem(&it, &two);
-            let bb = k.i64(buf_bytes);
-            let cur_off = k.mul(&par, &bb);
-            let other_off = k.sub(&bb, &cur_off);
-            let cur_off = k.cast(&cur_off, Ty::I32);
-            let other_off = k.cast(&other_off, Ty::I32);
-            let more = k.cmp(Cmp::Lt, &next, &ntiles);
-            k.if_(&more, |k| {
-                let dst = k.add(&bufs0, &other_off);
-                load_tile(k, &next, &dst);
+            let cur_off = next_tile(k, &it, &ntiles, buf_bytes, |k, next, other| {
+                let dst = k.add(&bufs0, other);
+                load_tile(k, next, &dst);
             });
             let qb = k.add(&bufs0, &cur_off);
             let tbv = k.i32(tb as i32);
@@ -883,7 +940,8 @@ fn dkdv(e: &mut Emit, s: &Spec, cp: &Copies, lse: &Operand, outs: [&Operand; 2])
             let pf = as_a_frags(k, &pm);
             let dsf = as_a_frags(k, &dsm);
             let mut dk_acc: Vec<Vec<V>> = (0..nd).map(|dt| cur[4 * dt..4 * dt + 4].to_vec()).collect();
-            let mut dv_acc: Vec<Vec<V>> = (0..nd).map(|dt| cur[4 * nd + 4 * dt..4 * nd + 4 * dt + 4].to_vec()).collect();
+            let mut dv_acc: Vec<Vec<V>> =
+                (0..nd).map(|dt| cur[4 * nd + 4 * dt..4 * nd + 4 * dt + 4].to_vec()).collect();
             products(k, &tile, &gb, &pf, &mut dv_acc, &lpos);
             products(k, &tile, &qb, &dsf, &mut dk_acc, &lpos);
             let mut out: Vec<V> = dk_acc.into_iter().flatten().collect();
@@ -958,25 +1016,8 @@ fn dq(e: &mut Emit, s: &Spec, cp: &Copies, lse: &Operand, gq: &Operand) {
                 row_stats(k, lse, &lp, &dp, heads, &grow, &h)
             })
             .collect();
-        let lo = first_key(k, s, &r.first);
-        let nrows = k.i64(OWN);
-        let end = k.add(&r.first, &nrows);
-        let hi = k.min(&end, seq);
-        let span = k.sub(&hi, &lo);
-        let tl = k.i64(DQ_TILE);
-        let tl1 = k.i64(DQ_TILE - 1);
-        let nt = k.add(&span, &tl1);
-        let ntiles = k.div(&nt, &tl);
-        let load_kv = |k: &mut KernelBuilder, j0: &V, buf: &V| {
-            let kb = k.add(&sbase, buf);
-            tile.load(k, &kp, kvh, &g_kv, &bs, j0, &last, &kb);
-            let tv = k.i32(tb as i32);
-            let vb = k.add(&kb, &tv);
-            tile.load(k, &vp, kvh, &g_kv, &bs, j0, &last, &vb);
-            commit_copies(k);
-        };
-        let z32 = k.i32(0);
-        load_kv(k, &lo, &z32);
+        let (lo, ntiles) = key_tiles(k, s, &r.first, seq, DQ_TILE);
+        let kv = KvRows { k: kp.clone(), v: vp.clone(), heads: kvh, head: g_kv, bs: bs.clone(), last: last.clone() };
         let zero = k.f32(0.0);
         let c = k.f32(s.scale() * LOG2E);
         let nd = (hd / 8) as usize;
@@ -984,33 +1025,10 @@ fn dq(e: &mut Emit, s: &Spec, cp: &Copies, lse: &Operand, gq: &Operand) {
         let i_rows: Vec<V> = qd.rows.iter().map(|x| k.cast(x, Ty::I32)).collect();
         let t2 = k.add(&qd.t, &qd.t);
         let t2 = k.cast(&t2, Ty::I32);
-        let z = k.i64(0);
-        let fin = k.for_(&z, &ntiles, 1, &init, |k, it, cur| {
-            wait_copies(k);
-            k.barrier();
-            let one = k.i64(1);
-            let next = k.add(&it, &one);
-            let two = k.i64(2);
-            let par = k.rem(&it, &two);
-            let bb = k.i64(2 * tb);
-            let cur_off = k.mul(&par, &bb);
-            let other_off = k.sub(&bb, &cur_off);
-            let cur_off = k.cast(&cur_off, Ty::I32);
-            let other_off = k.cast(&other_off, Ty::I32);
-            let tlv = k.i64(DQ_TILE);
-            let j0 = k.mul(&it, &tlv);
-            let j0 = k.add(&lo, &j0);
-            let more = k.cmp(Cmp::Lt, &next, &ntiles);
-            k.if_(&more, |k| {
-                let j1 = k.add(&j0, &tlv);
-                load_kv(k, &j1, &other_off);
-            });
-            let kb = k.add(&sbase, &cur_off);
-            let tv = k.i32(tb as i32);
-            let vb = k.add(&kb, &tv);
-            let sacc = products_t(k, &tile, &kb, &qf, (DQ_TILE / 8) as usize, &lpos);
-            let pacc = products_t(k, &tile, &vb, &gf, (DQ_TILE / 8) as usize, &lpos);
-            let j32 = k.cast(&j0, Ty::I32);
+        let fin = key_tile_loop(k, &tile, &kv, &sbase, &lo, &ntiles, &init, |k, j0, kb, vb, cur| {
+            let sacc = products_t(k, &tile, kb, &qf, (DQ_TILE / 8) as usize, &lpos);
+            let pacc = products_t(k, &tile, vb, &gf, (DQ_TILE / 8) as usize, &lpos);
+            let j32 = k.cast(j0, Ty::I32);
             let jt = k.add(&j32, &t2);
             let dsm: Vec<Vec<V>> = (0..sacc.len())
                 .map(|nt| {
@@ -1032,7 +1050,7 @@ fn dq(e: &mut Emit, s: &Spec, cp: &Copies, lse: &Operand, gq: &Operand) {
                 .collect();
             let dsf = as_a_frags(k, &dsm);
             let mut acc: Vec<Vec<V>> = (0..nd).map(|dt| cur[4 * dt..4 * dt + 4].to_vec()).collect();
-            products(k, &tile, &kb, &dsf, &mut acc, &lpos);
+            products(k, &tile, kb, &dsf, &mut acc, &lpos);
             acc.into_iter().flatten().collect()
         });
         let sc = k.f32(s.scale());
