@@ -24,6 +24,7 @@ if [ ! -f runs/samba-micro/tokenizer.json ]; then
   ./target/release/weft train --config "$config" --backend cpu --steps 0 --no-progress >/dev/null
 fi
 ./target/release/weft build specs/tiny/samba-micro.weft --config "$config" -o "$out/samba-micro.bundle" >/dev/null
+cp runs/samba-micro/tokenizer.json "$out/"
 mapfile -t files < <(ls data/corpus/moby-dick/chapter-*.txt | sort)
 n=${#files[@]}
 nv=$(( (n * 5 + 99) / 100 ))

@@ -26,13 +26,24 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
       --steps 300 --tokenizer tokenizer.json | tee train-micro.log; then
     summary+=("train samba-micro: $(tail -1 train-micro.log)")
     if [ -n "${OUT:-}" ]; then
-      mkdir -p "$OUT/micro"
-      cp run-micro/metrics.jsonl run-micro/loss.svg "$OUT/micro/"
-      cp run-micro/step-*/params.safetensors run-micro/step-*/optimizer.safetensors run-micro/step-*/state.json "$OUT/micro/"
+      # The whole run directory (checkpoints, metrics, loss plot), for `weft generate --run`.
+      cp tokenizer.json run-micro/ 2>/dev/null
+      tar czf "$OUT/run-micro.tar.gz" run-micro
     fi
   else
     summary+=("train samba-micro: FAIL")
   fi
 fi
+if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
+  # Hardware counters of the kernels matching $NCU (a regex), from their first launches.
+  b=${BENCH%% *}; b=${b:-samba-421m}
+  echo "=== ncu $NCU on $b"
+  ncu --clock-control none -k "regex:$NCU" -c "${NCU_COUNT:-2}" --section SpeedOfLight --section Occupancy \
+    --section LaunchStats --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
+    ./weft-run bench "$b.bundle" --steps 1 > ncu.log 2>&1 || echo "ncu failed (see ncu.log)"
+  summary+=("ncu: $(grep -c 'Section: GPU Speed Of Light' ncu.log) kernel reports in ncu.log")
+fi
 echo "=== summary"
-printf '%s\n' "${summary[@]}"
+printf '%s\n' "${summary[@]}" | tee summary.log
+# Everything printed above, as one archive, where the caller collects files.
+if [ -n "${OUT:-}" ]; then tar czf "$OUT/logs.tar.gz" *.log; fi
