@@ -608,6 +608,23 @@ pub(super) fn attention_backward(
     Ok(())
 }
 
+/// One warp per (token, slot) of `slots` per token (8 per block, grid [`warp_slot_grid`]): the
+/// warp's index `r = token·slots + slot`, `slots` as a value, and whether `r` is a real pair.
+fn warp_slots(k: &mut KernelBuilder, warp: &V, tokens: &V, slots: i64) -> (V, V, V) {
+    let bid = k.block_id('x');
+    let w = k.i64(WARPS);
+    let base = k.mul(&bid, &w);
+    let r = k.add(&base, warp);
+    let sv = k.i64(slots);
+    let n = k.mul(tokens, &sv);
+    let valid = k.cmp(Cmp::Lt, &r, &n);
+    (r, sv, valid)
+}
+
+fn warp_slot_grid(slots: i64) -> [GridDim; 3] {
+    [GridDim { extent: Extent::per_token(slots), per_block: WARPS as u64 }, GridDim::fixed(1), GridDim::fixed(1)]
+}
+
 /// `D[t·heads + h] = Σ_d g[t, h, d]·o[t, h, d]` (f32), one warp per (token, head).
 fn backward_delta(e: &mut Emit, s: &Spec, o: &Operand, g: &Operand, delta: &BufferArg) {
     let name = format!("attention_bwd_delta_h{}_d{}_{}", s.heads, s.hd, sig(&[o, g]));
@@ -617,13 +634,7 @@ fn backward_delta(e: &mut Emit, s: &Spec, o: &Operand, g: &Operand, delta: &Buff
     let dp = k.ptr("delta");
     let tokens = k.scalar_i64("tokens");
     let (_, lane, warp) = lanes(&mut k);
-    let bid = k.block_id('x');
-    let w = k.i64(WARPS);
-    let base = k.mul(&bid, &w);
-    let r = k.add(&base, &warp);
-    let heads = k.i64(s.heads as i64);
-    let n = k.mul(&tokens, &heads);
-    let valid = k.cmp(Cmp::Lt, &r, &n);
+    let (r, heads, valid) = warp_slots(&mut k, &warp, &tokens, s.heads as i64);
     k.if_(&valid, |k| {
         let tok = k.div(&r, &heads);
         let h = k.rem(&r, &heads);
@@ -636,12 +647,7 @@ fn backward_delta(e: &mut Emit, s: &Spec, o: &Operand, g: &Operand, delta: &Buff
         k.if_(&first, |k| k.store(&dot, &dp, &r, Ty::F32));
     });
     let args = vec![o.arg(), g.arg(), Arg::Buffer(delta.clone()), Arg::I64 { value: Extent::per_token(1) }];
-    let grid = [
-        GridDim { extent: Extent::per_token(s.heads as i64), per_block: WARPS as u64 },
-        GridDim::fixed(1),
-        GridDim::fixed(1),
-    ];
-    e.launch(k, grid, 0, args);
+    e.launch(k, warp_slot_grid(s.heads as i64), 0, args);
 }
 
 /// dQ: one warp per query row, key tiles as in the forward, rotated back at the end.

@@ -19,11 +19,14 @@
 //! Every gradient element has one writer and a fixed summation order (no atomics). Operands of
 //! the products are bf16: the rotated q and k, P and dS are rounded once, as in FlashAttention.
 
-use super::{at, block_rows, first_key, lanes, load_head, mma, quad, row_grid, Spec, LN2, LOG2E, THREADS, WARPS};
+use super::{
+    at, block_rows, first_key, lanes, load_head, mma, quad, row_grid, warp_slot_grid, warp_slots, Spec, LN2, LOG2E,
+    THREADS,
+};
 use crate::lower::kernels::sig;
 use crate::lower::mlir::{Cmp, KernelBuilder, Ty, V};
 use crate::lower::{Emit, Operand};
-use weft_runtime::device::{Arg, BufferArg, Extent, GridDim};
+use weft_runtime::device::{Arg, BufferArg, Extent};
 
 /// Threads (4 warps) per block of the main kernels.
 const FA_THREADS: u32 = 128;
@@ -413,14 +416,8 @@ fn prep(e: &mut Emit, s: &Spec, ins: [&Operand; 3], back: Option<[&Operand; 2]>)
     let batch = k.scalar_i64("batch");
     let tokens = k.scalar_i64("tokens");
     let (_, lane, warp) = lanes(&mut k);
-    let bid = k.block_id('x');
-    let w = k.i64(WARPS);
-    let base = k.mul(&bid, &w);
-    let r = k.add(&base, &warp);
     let nslots = h + 2 * kv + if back.is_some() { h } else { 0 };
-    let slots = k.i64(nslots);
-    let n = k.mul(&tokens, &slots);
-    let valid = k.cmp(Cmp::Lt, &r, &n);
+    let (r, slots, valid) = warp_slots(&mut k, &warp, &tokens, nslots);
     k.if_(&valid, |k| {
         let tok = k.div(&r, &slots);
         let slot = k.rem(&r, &slots);
@@ -496,9 +493,7 @@ fn prep(e: &mut Emit, s: &Spec, ins: [&Operand; 3], back: Option<[&Operand; 2]>)
     let positions = e.max_shape().1;
     args.extend(s.tables(e, positions));
     args.extend([Arg::I64 { value: Extent::per_sequence(1) }, Arg::I64 { value: Extent::per_token(1) }]);
-    let grid =
-        [GridDim { extent: Extent::per_token(nslots), per_block: WARPS as u64 }, GridDim::fixed(1), GridDim::fixed(1)];
-    e.launch(k, grid, 0, args);
+    e.launch(k, warp_slot_grid(nslots), 0, args);
     copies
 }
 
