@@ -38,6 +38,17 @@ impl Ty {
         }
     }
 
+    /// The parameter type of a kernel parameter of this type (pointers, i64 and f32 only).
+    pub fn param_kind(self) -> weft_runtime::device::ParamKind {
+        use weft_runtime::device::ParamKind;
+        match self {
+            Ty::Ptr => ParamKind::Ptr,
+            Ty::I64 => ParamKind::I64,
+            Ty::F32 => ParamKind::F32,
+            other => panic!("a kernel parameter of type {} (weft passes pointers, i64 and f32)", other.mlir()),
+        }
+    }
+
     pub fn is_float(self) -> bool {
         matches!(self, Ty::F32 | Ty::BF16)
     }
@@ -498,13 +509,6 @@ impl KernelBuilder {
         let p = self.gep(base, index, elem);
         let align = vals.len() * elem_bytes(elem);
         self.line(&format!("llvm.store {}, {} {{alignment = {align} : i64}} : {vt}, !llvm.ptr<1>", v.name, p.name));
-    }
-
-    /// `base[index] += v` atomically (f32).
-    pub fn atomic_add(&mut self, v: &V, base: &V, index: &V) {
-        assert_eq!(v.ty, Ty::F32);
-        let p = self.gep(base, index, Ty::F32);
-        self.emit(Ty::F32, format!("llvm.atomicrmw fadd {}, {} monotonic : !llvm.ptr<1>, f32", p.name, v.name));
     }
 
     pub fn shared_load(&mut self, s: &Shared, index: &V) -> V {

@@ -25,6 +25,23 @@ pub fn check_tokens(tokens: &[i32], vocab: usize) -> Result<(), BadToken> {
     }
 }
 
+/// The target that marks a position with no target (padding, or a masked token): it adds no
+/// loss and is not counted in the mean.
+pub const NO_TARGET: i32 = -1;
+
+/// Targets are token ids or [`NO_TARGET`].
+pub fn check_targets(targets: &[i32], vocab: usize) -> Result<(), BadToken> {
+    match targets.iter().position(|&t| t != NO_TARGET && (t < 0 || t as usize >= vocab)) {
+        Some(position) => Err(BadToken { position, id: targets[position], vocab }),
+        None => Ok(()),
+    }
+}
+
+/// The number of positions that have a target.
+pub fn target_count(targets: &[i32]) -> usize {
+    targets.iter().filter(|&&t| t >= 0).count()
+}
+
 /// `out[i] = table[tokens[i]]`, rows of width `d`. Tokens must be checked first.
 pub fn embed_fwd<T: Real>(d: usize, tokens: &[i32], table: &[T], out: &mut [T]) {
     assert_eq!(out.len(), tokens.len() * d, "embed: output size");
@@ -84,8 +101,8 @@ pub fn slice_bwd<T: Real>(width: usize, start: usize, len: usize, g: &[T], out: 
 /// Tokens per cross-entropy chunk: bounds the logits held at once to `CHUNK × vocab`.
 pub const CE_CHUNK: usize = 256;
 
-/// Mean token cross-entropy of `h · wᵀ` against `targets`, computed chunk by chunk so only
-/// `CE_CHUNK × vocab` logits exist at a time. Returns the loss and each token's log-sum-exp.
+/// Mean token cross-entropy of `h · wᵀ` against `targets` over the positions that have one
+/// (0 when none has), computed chunk by chunk so only `CE_CHUNK × vocab` logits exist at a time.
 pub fn cross_entropy_fwd<T: Real>(d: usize, vocab: usize, h: &[T], w: &[T], targets: &[i32]) -> T {
     let n = targets.len();
     let losses: Vec<T> = (0..n.div_ceil(CE_CHUNK))
@@ -97,12 +114,15 @@ pub fn cross_entropy_fwd<T: Real>(d: usize, vocab: usize, h: &[T], w: &[T], targ
             gemm(rows, d, vocab, &h[lo * d..(lo + rows) * d], false, w, true, &mut z, T::zero());
             let mut sum = T::zero();
             for (r, zr) in z.chunks(vocab).enumerate() {
-                sum = sum + log_sum_exp(zr) - zr[targets[lo + r] as usize];
+                let t = targets[lo + r];
+                if t >= 0 {
+                    sum = sum + log_sum_exp(zr) - zr[t as usize];
+                }
             }
             sum
         })
         .collect();
-    losses.into_iter().fold(T::zero(), |a, b| a + b) / T::of(n.max(1) as f64)
+    losses.into_iter().fold(T::zero(), |a, b| a + b) / T::of(target_count(targets).max(1) as f64)
 }
 
 fn log_sum_exp<T: Real>(z: &[T]) -> T {
@@ -110,7 +130,8 @@ fn log_sum_exp<T: Real>(z: &[T]) -> T {
     m + z.iter().fold(T::zero(), |a, &v| a + (v - m).exp()).ln()
 }
 
-/// Gradients of `g_loss · cross_entropy_fwd`: with `G = (softmax(z) − onehot)·g_loss/N`,
+/// Gradients of `g_loss · cross_entropy_fwd`: with `G = (softmax(z) − onehot)·g_loss/N` (zero
+/// rows where there is no target, `N` the positions with one),
 /// `g_h = G · w` and `g_w = Gᵀ · h`. Chunks run in order (each product is itself parallel), so
 /// `g_w` accumulates in a fixed order and only one chunk of logits exists at a time.
 #[allow(clippy::too_many_arguments)]
@@ -125,7 +146,7 @@ pub fn cross_entropy_bwd<T: Real>(
     gw: &mut [T],
 ) {
     let n = targets.len();
-    let scale = g_loss / T::of(n.max(1) as f64);
+    let scale = g_loss / T::of(target_count(targets).max(1) as f64);
     gw.iter_mut().for_each(|v| *v = T::zero());
     let mut z = vec![T::zero(); CE_CHUNK.min(n) * vocab];
     for (c, gh) in gh.chunks_mut(CE_CHUNK * d).enumerate() {
@@ -135,11 +156,16 @@ pub fn cross_entropy_bwd<T: Real>(
         let z = &mut z[..rows * vocab];
         gemm(rows, d, vocab, hc, false, w, true, z, T::zero());
         z.par_chunks_mut(vocab).enumerate().for_each(|(r, zr)| {
+            let t = targets[lo + r];
+            if t < 0 {
+                zr.iter_mut().for_each(|v| *v = T::zero());
+                return;
+            }
             let lse = log_sum_exp(zr);
             for v in zr.iter_mut() {
                 *v = (*v - lse).exp() * scale;
             }
-            let t = targets[lo + r] as usize;
+            let t = t as usize;
             zr[t] = zr[t] - scale;
         });
         gemm(rows, vocab, d, z, false, w, false, gh, T::zero());

@@ -329,7 +329,7 @@ pub(crate) fn execute<T: Real>(
         Op::CrossEntropy => {
             let targets = ints(ins[2], "targets")?;
             let (vocab, d) = (ins[1].shape[0], ins[1].shape[1]);
-            check_tokens(targets, vocab).map_err(|e| ExecError(format!("target {e}")))?;
+            check_targets(targets, vocab).map_err(|e| ExecError(format!("target {e}")))?;
             emit((Vec::new(), vec![cross_entropy_fwd(d, vocab, r(0)?, r(1)?, targets)]));
         }
         Op::Logits => {
@@ -442,7 +442,7 @@ pub(crate) fn execute<T: Real>(
         Op::CrossEntropyBackward => {
             let targets = ints(ins[2], "targets")?;
             let (vocab, d) = (ins[1].shape[0], ins[1].shape[1]);
-            check_tokens(targets, vocab).map_err(|e| ExecError(format!("target {e}")))?;
+            check_targets(targets, vocab).map_err(|e| ExecError(format!("target {e}")))?;
             let g_loss = ins[3].item().ok_or_else(|| ExecError("g_loss must be a real scalar".into()))?;
             let (mut gh, mut gw) = (out(0), out(1));
             cross_entropy_bwd(d, vocab, r(0)?, r(1)?, targets, g_loss, &mut gh.1, &mut gw.1);

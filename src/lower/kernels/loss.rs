@@ -46,10 +46,11 @@ fn vocab_of(w: &Operand) -> u64 {
     w.rows().c as u64
 }
 
-/// What a row-wise kernel writes.
+/// What a row-wise kernel writes. A row whose target is negative (no target: a padded or
+/// masked position) has no loss and a zero gradient; `N` counts the rows with a target.
 #[derive(Clone, Copy, PartialEq)]
 enum Rows {
-    /// `loss += (lse − z[target]) / N`.
+    /// `row_loss[r] = lse − z[target]` (0 without a target), summed by [`loss_sum`].
     Loss,
     /// `G = (softmax(z) − onehot)·g_loss/N` as bf16.
     Grad,
@@ -57,7 +58,7 @@ enum Rows {
 }
 
 /// The row-wise kernel, one block per row of `z` (f32 logits): `lse = log Σ exp z` in one pass,
-/// then the loss and/or (a second pass) the logits' gradient (see [`Rows`]).
+/// then the row's loss and/or (a second pass) the logits' gradient (see [`Rows`]).
 fn rows_kernel(vocab: u64, mode: Rows, tag: &str) -> KernelBuilder {
     let family = match mode {
         Rows::Loss => "cross_entropy_rows_online",
@@ -68,10 +69,10 @@ fn rows_kernel(vocab: u64, mode: Rows, tag: &str) -> KernelBuilder {
     let zp = k.ptr("logits");
     let tp = k.ptr("targets");
     let gz = (mode != Rows::Loss).then(|| k.ptr("g_logits"));
-    let loss = (mode != Rows::Grad).then(|| k.ptr("loss"));
+    let loss = (mode != Rows::Grad).then(|| k.ptr("row_loss"));
     let gl = (mode != Rows::Loss).then(|| k.ptr("g_loss"));
+    let count = k.ptr("count");
     let first = k.scalar_i64("first_row");
-    let total = k.scalar_i64("total_rows");
     let scratch = k.shared("partial", Ty::F32, (THREADS / 32) as u64);
     let row = k.block_id('x');
     let tid = k.thread_id('x');
@@ -121,23 +122,32 @@ fn rows_kernel(vocab: u64, mode: Rows, tag: &str) -> KernelBuilder {
     let grow = k.add(&first, &row);
     let t = k.load(&tp, &grow, Ty::I32);
     let t = k.cast(&t, Ty::I64);
-    let n = k.cast(&total, Ty::F32);
+    let z0 = k.i64(0);
+    let has_target = k.cmp(Cmp::Ge, &t, &z0);
     if let Some(out) = &loss {
-        let z0 = k.i64(0);
         let is0 = k.cmp(Cmp::Eq, &tid, &z0);
         k.if_(&is0, |k| {
-            let i = k.add(&base, &t);
+            // Ids are checked where they enter; clamped anyway so no row reads out of bounds.
+            let tc = k.max(&t, &z0);
+            let last = k.i64(vocab as i64 - 1);
+            let tc = k.min(&tc, &last);
+            let i = k.add(&base, &tc);
             let zt = k.load(&zp, &i, Ty::F32);
             let l = k.sub(&lse, &zt);
-            let l = k.div(&l, &n);
-            let zi = k.i64(0);
-            k.atomic_add(&l, out, &zi);
+            let zf = k.f32(0.0);
+            let l = k.select(&has_target, &l, &zf);
+            k.store(&l, out, &grow, Ty::F32);
         });
     }
     if let (Some(out), Some(gl)) = (&gz, &gl) {
         let zi = k.i64(0);
         let g = k.load(gl, &zi, Ty::F32);
+        let n = k.load(&count, &zi, Ty::F32);
+        let one = k.f32(1.0);
+        let n = k.max(&n, &one);
         let scale = k.div(&g, &n);
+        let zf = k.f32(0.0);
+        let scale = k.select(&has_target, &scale, &zf);
         k.for_(&tid, &gv, THREADS as i64, &[], |k, q, _| {
             let z = load_group(k, &q);
             let l = k.i64(lanes as i64);
@@ -193,7 +203,7 @@ pub(super) fn cross_entropy(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> 
     let (h, w, targets, loss) = (&ins[0], &ins[1], &ins[2], &outs[0]);
     let vocab = vocab_of(w);
     let z = e.scratch(Extent::constant((CHUNK_ROWS * vocab * 4) as i64));
-    e.zero(loss.buf.clone(), Extent::constant(4));
+    let (count, row_loss) = count_targets(e, h, targets);
     let tag = sig(&[h, w]);
     for (first, rows) in chunks(e, h) {
         chunk_logits(e, h, w, first, rows, &z);
@@ -201,14 +211,74 @@ pub(super) fn cross_entropy(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> 
         let args = vec![
             Arg::Buffer(z.clone()),
             targets.arg(),
-            loss.arg(),
+            Arg::Buffer(row_loss.clone()),
+            Arg::Buffer(count.clone()),
             Arg::I64 { value: Extent::constant(first as i64) },
-            Arg::I64 { value: h.rows() },
         ];
         e.launch(k, [GridDim::fixed(rows as i64), GridDim::fixed(1), GridDim::fixed(1)], 0, args);
     }
+    loss_sum(e, &row_loss, &count, h.rows(), loss);
     e.exact_shape();
     Ok(())
+}
+
+/// Scratch for the number of rows with a target (f32, written by a one-block kernel counting
+/// `targets ≥ 0` in a fixed order) and for each row's loss.
+fn count_targets(e: &mut Emit, h: &Operand, targets: &Operand) -> (BufferArg, BufferArg) {
+    let count = e.scratch(Extent::constant(4));
+    let row_loss = e.scratch(h.rows().times(4));
+    let mut k = KernelBuilder::new("cross_entropy_count_targets", [THREADS, 1, 1]);
+    let tp = k.ptr("targets");
+    let cp = k.ptr("count");
+    let n = k.scalar_i64("rows");
+    let scratch = k.shared("partial", Ty::F32, (THREADS / 32) as u64);
+    let tid = k.thread_id('x');
+    let zf = k.f32(0.0);
+    let c = k.for_(&tid, &n, THREADS as i64, &[zf], |k, i, acc| {
+        let t = k.load(&tp, &i, Ty::I32);
+        let z = k.i32(0);
+        let has = k.cmp(Cmp::Ge, &t, &z);
+        let one = k.f32(1.0);
+        let zf = k.f32(0.0);
+        let x = k.select(&has, &one, &zf);
+        vec![k.add(&acc[0], &x)]
+    });
+    // Counts below 2^24 are exact in f32 whatever the order.
+    let total = k.block_sum(&c[0], &scratch);
+    let z = k.i64(0);
+    let first = k.cmp(Cmp::Eq, &tid, &z);
+    k.if_(&first, |k| k.store(&total, &cp, &z, Ty::F32));
+    let args = vec![targets.arg(), Arg::Buffer(count.clone()), Arg::I64 { value: h.rows() }];
+    e.launch(k, [GridDim::fixed(1), GridDim::fixed(1), GridDim::fixed(1)], 0, args);
+    (count, row_loss)
+}
+
+/// `loss = Σ row_loss / max(count, 1)`, the rows added by one block in a fixed order.
+fn loss_sum(e: &mut Emit, row_loss: &BufferArg, count: &BufferArg, rows: Extent, loss: &Operand) {
+    let mut k = KernelBuilder::new("cross_entropy_loss_sum", [THREADS, 1, 1]);
+    let lp = k.ptr("row_loss");
+    let cp = k.ptr("count");
+    let op = k.ptr("loss");
+    let n = k.scalar_i64("rows");
+    let scratch = k.shared("partial", Ty::F32, (THREADS / 32) as u64);
+    let tid = k.thread_id('x');
+    let zf = k.f32(0.0);
+    let s = k.for_(&tid, &n, THREADS as i64, &[zf], |k, i, acc| {
+        let v = k.load(&lp, &i, Ty::F32);
+        vec![k.add(&acc[0], &v)]
+    });
+    let total = k.block_sum(&s[0], &scratch);
+    let z = k.i64(0);
+    let first = k.cmp(Cmp::Eq, &tid, &z);
+    k.if_(&first, |k| {
+        let c = k.load(&cp, &z, Ty::F32);
+        let one = k.f32(1.0);
+        let c = k.max(&c, &one);
+        let l = k.div(&total, &c);
+        k.store(&l, &op, &z, Ty::F32);
+    });
+    let args = vec![Arg::Buffer(row_loss.clone()), Arg::Buffer(count.clone()), loss.arg(), Arg::I64 { value: rows }];
+    e.launch(k, [GridDim::fixed(1), GridDim::fixed(1), GridDim::fixed(1)], 0, args);
 }
 
 pub(super) fn cross_entropy_backward(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Result<(), LowerError> {
@@ -253,17 +323,17 @@ fn backward_chunks(e: &mut Emit, ins: &[Operand], outs: &[Operand], loss: Option
     let z = e.scratch(Extent::constant((CHUNK_ROWS * vocab * 4) as i64));
     let gz = e.scratch(Extent::constant((CHUNK_ROWS * vocab * 2) as i64));
     e.zero(gw.buf.clone(), super::bytes_of(gw));
-    if let Some(l) = loss {
-        e.zero(l.buf.clone(), Extent::constant(4));
-    }
+    let (count, row_loss) = count_targets(e, h, targets);
     let tag = sig(&[h, w]);
     for (first, rows) in chunks(e, h) {
         let m = Extent::constant(rows as i64);
         chunk_logits(e, h, w, first, rows, &z);
         let k = rows_kernel(vocab, if loss.is_some() { Rows::Both } else { Rows::Grad }, &tag);
         let mut args = vec![Arg::Buffer(z.clone()), targets.arg(), Arg::Buffer(gz.clone())];
-        args.extend(loss.map(|l| l.arg()));
-        args.extend([g_loss.arg(), Arg::I64 { value: Extent::constant(first as i64) }, Arg::I64 { value: h.rows() }]);
+        if loss.is_some() {
+            args.push(Arg::Buffer(row_loss.clone()));
+        }
+        args.extend([g_loss.arg(), Arg::Buffer(count.clone()), Arg::I64 { value: Extent::constant(first as i64) }]);
         e.launch(k, [GridDim::fixed(rows as i64), GridDim::fixed(1), GridDim::fixed(1)], 0, args);
         let g = MatrixArg { buffer: gz.clone(), dtype: DType::BF16, ld: vocab };
         // g_h[chunk] = G · w
@@ -292,6 +362,9 @@ fn backward_chunks(e: &mut Emit, ins: &[Operand], outs: &[Operand], loss: Option
             alpha: 1.0,
             beta: 1.0,
         });
+    }
+    if let Some(l) = loss {
+        loss_sum(e, &row_loss, &count, h.rows(), l);
     }
     e.exact_shape();
     Ok(())

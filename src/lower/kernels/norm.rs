@@ -11,7 +11,7 @@
 use super::super::{grid_1d, Emit, LowerError, Operand};
 use super::{load8, load_at, sig, store8, store_at, vector_aligned, THREADS, VEC};
 use crate::lower::mlir::{Cmp, KernelBuilder, Ty, V};
-use weft_runtime::device::{Arg, Extent, GridDim};
+use weft_runtime::device::{Arg, BufferArg, Extent, GridDim};
 
 /// `1 / sqrt(mean(x²) + eps)` of the row, computed by the whole block from `value(j)`.
 fn inv_rms(k: &mut KernelBuilder, width: u64, eps: f64, value: impl Fn(&mut KernelBuilder, &V) -> V) -> V {
@@ -101,7 +101,7 @@ pub(super) fn add_rms_norm(e: &mut Emit, eps: f64, ins: &[Operand], outs: &[Oper
 }
 
 /// Blocks of the backward kernels: each takes rows `block, block + BLOCKS, ...` and keeps its
-/// share of the weight gradient in shared memory, added to the f32 output once at the end.
+/// share of the weight gradient in shared memory, written out as one partial row at the end.
 const BLOCKS: i64 = 528;
 
 /// With `r = inv_rms(x)`, `x̂ = x·r`, `u = g·w`: `g_x = r·(u − x̂·mean(u·x̂))` (plus `g_skip`
@@ -128,13 +128,14 @@ pub(super) fn rms_norm_backward(
     all.extend(skip);
     all.extend([gx, gw]);
     let name = format!("{family}_w{width}_{}", sig(&all));
+    let partial = e.scratch(Extent::constant(BLOCKS * width as i64 * 4));
     let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
     let xp = k.ptr("x");
     let wp = k.ptr("weight");
     let gp = k.ptr("g");
     let sp = skip.map(|_| k.ptr("g_skip"));
     let gxp = k.ptr("g_x");
-    let gwp = k.ptr("g_weight");
+    let pp = k.ptr("block_partials");
     let rows = k.scalar_i64("rows");
     let acc = k.shared("g_weight_part", Ty::F32, width);
     let dot_scratch = k.shared("dot_partial", Ty::F32, (THREADS / 32) as u64);
@@ -184,17 +185,21 @@ pub(super) fn rms_norm_backward(
         });
         vec![]
     });
+    // The block's share of g_w, summed over blocks in block order by the next kernel.
+    let bid = k.block_id('x');
     k.for_(&tid, &wd, THREADS as i64, &[], |k, j, _| {
         let v = k.shared_load(&acc, &j);
-        k.atomic_add(&v, &gwp, &j);
+        let r = k.mul(&bid, &wd);
+        let r = k.add(&r, &j);
+        k.store(&v, &pp, &r, Ty::F32);
         vec![]
     });
-    e.zero(gw.buf.clone(), super::bytes_of(gw));
     let mut args = vec![x.arg(), w.arg(), g.arg()];
     args.extend(skip.map(|s| s.arg()));
-    args.extend([gx.arg(), gw.arg(), Arg::I64 { value: x.rows() }]);
+    args.extend([gx.arg(), Arg::Buffer(partial.clone()), Arg::I64 { value: x.rows() }]);
     let grid = [GridDim { extent: Extent::constant(BLOCKS), per_block: 1 }, GridDim::fixed(1), GridDim::fixed(1)];
     e.launch(k, grid, 0, args);
+    weight_grad(e, &partial, BLOCKS, width, gw);
     Ok(())
 }
 
@@ -434,8 +439,12 @@ fn backward_warp(e: &mut Emit, eps: f64, ops: [&Operand; 5], skip: Option<&Opera
     let grid = [GridDim::fixed(WARP_BLOCKS), GridDim::fixed(1), GridDim::fixed(1)];
     e.launch(k, grid, 0, args);
 
-    // g_w[j] = Σ over blocks, in block order.
-    let name = format!("rms_norm_weight_grad_w{width}_b{WARP_BLOCKS}_{}", sig(&[gw]));
+    weight_grad(e, &partial, WARP_BLOCKS, width, gw);
+}
+
+/// `g_w[j] = Σ_b partial[b·width + j]` over `blocks` block rows, in block order.
+fn weight_grad(e: &mut Emit, partial: &BufferArg, blocks: i64, width: u64, gw: &Operand) {
+    let name = format!("rms_norm_weight_grad_w{width}_b{blocks}_{}", sig(&[gw]));
     let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
     let pp = k.ptr("partial");
     let gwp = k.ptr("g_weight");
@@ -444,7 +453,7 @@ fn backward_warp(e: &mut Emit, eps: f64, ops: [&Operand; 5], skip: Option<&Opera
     let inside = k.cmp(Cmp::Lt, &j, &wd);
     k.if_(&inside, |k| {
         let zero = k.i64(0);
-        let nb = k.i64(WARP_BLOCKS);
+        let nb = k.i64(blocks);
         let zf = k.f32(0.0);
         let sum = k.for_(&zero, &nb, 1, &[zf], |k, b, acc| {
             let r = k.mul(&b, &wd);
@@ -455,5 +464,6 @@ fn backward_warp(e: &mut Emit, eps: f64, ops: [&Operand; 5], skip: Option<&Opera
         let z = k.i64(0);
         store_at(k, &sum[0], &gwp, gw, &z, &j);
     });
-    e.launch(k, grid_1d(Extent::constant(width as i64), THREADS as u64), 0, vec![Arg::Buffer(partial), gw.arg()]);
+    let args = vec![Arg::Buffer(partial.clone()), gw.arg()];
+    e.launch(k, grid_1d(Extent::constant(width as i64), THREADS as u64), 0, args);
 }

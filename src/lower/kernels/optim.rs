@@ -8,17 +8,22 @@ use weft_runtime::device::{master_name, Arg, Base, BufferArg, Extent, GridDim, T
 use weft_runtime::op::{AdamWAttrs, ScheduleAttrs};
 use weft_runtime::Op;
 
-/// Blocks of the sum-of-squares kernel (each takes a strided share, then one atomic add).
+/// Blocks of the sum-of-squares kernel: each takes a strided share and writes its partial sum;
+/// a one-block kernel then adds the partials in block order (no atomics: the same sum every run).
 const SUM_BLOCKS: i64 = 264;
 
 pub(super) fn sum_squares(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Result<(), LowerError> {
     let (x, out) = (&ins[0], &outs[0]);
+    if !x.dense() {
+        return Err(LowerError("sum_squares reads a dense tensor".into()));
+    }
+    let partial = e.scratch(Extent::constant(SUM_BLOCKS * 4));
     let name = format!("sum_squares_{}", sig(&[x]));
     let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
     let xp = k.ptr("x");
-    let op = k.ptr("out");
+    let pp = k.ptr("partial");
     let n = k.scalar_i64("n");
-    let scratch = k.shared("partial", Ty::F32, (THREADS / 32) as u64);
+    let scratch = k.shared("warp_sums", Ty::F32, (THREADS / 32) as u64);
     let tid = k.thread_id('x');
     let bid = k.block_id('x');
     let nb = k.grid_dim('x');
@@ -34,14 +39,33 @@ pub(super) fn sum_squares(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Re
     let total = k.block_sum(&s[0], &scratch);
     let z = k.i64(0);
     let first = k.cmp(Cmp::Eq, &tid, &z);
-    k.if_(&first, |k| k.atomic_add(&total, &op, &z));
-    e.zero(out.buf.clone(), Extent::constant(4));
-    if !x.dense() {
-        return Err(LowerError("sum_squares reads a dense tensor".into()));
-    }
-    let args = vec![x.arg(), out.arg(), Arg::I64 { value: x.elems() }];
+    k.if_(&first, |k| k.store(&total, &pp, &bid, Ty::F32));
+    let args = vec![x.arg(), Arg::Buffer(partial.clone()), Arg::I64 { value: x.elems() }];
     e.launch(k, [GridDim::fixed(SUM_BLOCKS), GridDim::fixed(1), GridDim::fixed(1)], 0, args);
+    sum_partials(e, &partial, SUM_BLOCKS as u64, out);
     Ok(())
+}
+
+/// `out = Σ partial[0..n]` (f32) by one block: each thread a strided share in index order, then
+/// the block's fixed-order reduction.
+pub(super) fn sum_partials(e: &mut Emit, partial: &BufferArg, n: u64, out: &Operand) {
+    let name = format!("sum_partials_n{n}_{}", sig(&[out]));
+    let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
+    let pp = k.ptr("partial");
+    let op = k.ptr("out");
+    let scratch = k.shared("warp_sums", Ty::F32, (THREADS / 32) as u64);
+    let tid = k.thread_id('x');
+    let nv = k.i64(n as i64);
+    let zero = k.f32(0.0);
+    let s = k.for_(&tid, &nv, THREADS as i64, &[zero], |k, i, acc| {
+        let v = k.load(&pp, &i, Ty::F32);
+        vec![k.add(&acc[0], &v)]
+    });
+    let total = k.block_sum(&s[0], &scratch);
+    let z = k.i64(0);
+    let first = k.cmp(Cmp::Eq, &tid, &z);
+    k.if_(&first, |k| k.store(&total, &op, &z, out.elem()));
+    e.launch(k, grid_1d(Extent::constant(1), 1), 0, vec![Arg::Buffer(partial.clone()), out.arg()]);
 }
 
 /// A one-thread kernel over f32 scalars.
