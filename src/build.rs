@@ -148,9 +148,10 @@ pub fn build_bundle(program: &Program, shapes: &Shapes, cache: &Cache) -> Result
             hash: cache::key(&k.mlir),
             ptx: ptx[&k.name].clone(),
             cubin: None,
+            params: k.params.clone(),
         })
         .collect();
-    let bundle = Bundle { program: program.clone(), plans: lowered.plans, kernels };
+    let bundle = Bundle { program: program.clone(), plans: lowered.plans, kernels, source: None };
     Ok((bundle, stats))
 }
 

@@ -129,8 +129,22 @@ fn ptxas_assembles_every_kernel_of_every_spec() {
     for spec in spec_files().into_iter().filter(|s| !waits_for_gpu_kernels(s)) {
         let rel = spec.to_str().unwrap();
         let (bundle, _) = build_bundle(&program(rel), &shapes(), &cache()).unwrap_or_else(|e| panic!("{rel}: {e}"));
+        // Every launch passes what its kernel's PTX declares (reading the bundle checks it).
+        Bundle::from_bytes(&bundle.to_bytes()).unwrap_or_else(|e| panic!("{rel}: {e}"));
         let mut table = String::new();
         for k in &bundle.kernels {
+            let atomics = float_atomics(&k.ptx);
+            assert!(
+                atomics.is_empty(),
+                "{rel}: kernel {} sums with float atomics (order varies run to run): {atomics:?}",
+                k.name
+            );
+            assert_eq!(
+                weft_runtime::device::ptx_entry_params(&k.ptx, &k.name).unwrap(),
+                k.params,
+                "{rel}: kernel {}",
+                k.name
+            );
             let r = reports.entry(k.name.clone()).or_insert_with(|| {
                 let r = ptxas_report(&ptxas, &k.name, &k.ptx).unwrap_or_else(|e| panic!("{rel}: {e}"));
                 // Only a kernel whose registers are capped for occupancy may spill, and little.
@@ -157,6 +171,71 @@ fn ptxas_assembles_every_kernel_of_every_spec() {
     }
 }
 
+/// PTX instructions that add floats atomically (`atom`/`red` on f16, bf16, f32 or f64): their
+/// order depends on scheduling, so a sum through them differs between runs.
+fn float_atomics(ptx: &str) -> Vec<String> {
+    ptx.lines()
+        .filter(|l| {
+            l.split_whitespace().any(|w| {
+                (w.starts_with("atom.") || w.starts_with("red."))
+                    && [".f16", ".bf16", ".f32", ".f64", ".f16x2", ".bf16x2"].iter().any(|t| w.contains(t))
+            })
+        })
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+#[test]
+fn the_float_atomics_scan_finds_them() {
+    let ptx = "\tld.global.f32 %f1, [%rd1];\n\t@%p1 atom.global.add.f32 %f2, [%rd2], %f1;\n\tred.global.add.noftz.bf16 [%rd3], %h1;\n\tatom.global.add.u32 %r1, [%rd4], 1;\n";
+    assert_eq!(float_atomics(ptx).len(), 2, "{:?}", float_atomics(ptx));
+}
+
+#[test]
+fn a_signature_mismatch_in_a_bundle_is_refused() {
+    let b = tiny_bundle();
+    let err = |b: &Bundle| Bundle::from_bytes(&b.to_bytes()).expect_err("mismatch accepted").0;
+    // The manifest's parameter list disagrees with the PTX.
+    let mut m = b.clone();
+    let k = m.kernels.iter_mut().find(|k| k.params.len() > 1).unwrap();
+    let name = k.name.clone();
+    k.params.pop();
+    let e = err(&m);
+    assert!(e.contains(&name) && e.contains("PTX declares"), "{e}");
+    // A launch passes an argument of the wrong type.
+    let mut m = b.clone();
+    let launch = m
+        .plans
+        .values_mut()
+        .flat_map(|(_, dp)| dp.steps.iter_mut())
+        .find_map(|s| match s {
+            DeviceStep::Launch(l) if l.args.iter().any(|a| matches!(a, weft_runtime::device::Arg::I64 { .. })) => {
+                Some(l)
+            }
+            _ => None,
+        })
+        .unwrap();
+    let i = launch.args.iter().position(|a| matches!(a, weft_runtime::device::Arg::I64 { .. })).unwrap();
+    launch.args[i] = weft_runtime::device::Arg::F32 { value: 1.0 };
+    let name = launch.kernel.clone();
+    let e = err(&m);
+    assert!(e.contains(&name) && e.contains("with arguments") && e.contains("f32"), "{e}");
+    // A launch with one argument too few.
+    let mut m = b.clone();
+    let launch = m
+        .plans
+        .values_mut()
+        .flat_map(|(_, dp)| dp.steps.iter_mut())
+        .find_map(|s| match s {
+            DeviceStep::Launch(l) => Some(l),
+            _ => None,
+        })
+        .unwrap();
+    launch.args.pop();
+    let e = err(&m);
+    assert!(e.contains("with arguments") && e.contains("but it takes"), "{e}");
+}
+
 #[test]
 fn kernels_of_the_tiny_specs_match_their_snapshots() {
     let mut seen = std::collections::BTreeSet::new();
@@ -170,6 +249,17 @@ fn kernels_of_the_tiny_specs_match_their_snapshots() {
             }
         }
     }
+    // A snapshot no kernel produces any more is a stale review record.
+    let stale: Vec<String> = std::fs::read_dir(crate::root().join("tests/snapshots"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let f = e.file_name().to_string_lossy().into_owned();
+            let name = f.strip_prefix("integration__lower__kernel__")?.strip_suffix(".snap")?.to_string();
+            (!seen.contains(&name)).then_some(f)
+        })
+        .collect();
+    assert!(stale.is_empty(), "kernel snapshots of kernels no tiny spec generates (delete them): {stale:?}");
 }
 
 fn tiny_bundle() -> Bundle {

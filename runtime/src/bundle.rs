@@ -11,15 +11,16 @@
 //! or whose bytes do not match their checksums, is refused with a message saying which.
 
 use crate::checkpoint::fnv64;
-use crate::device::{Arg, Base, DevicePlan, DeviceStep};
+use crate::device::{ptx_entry_params, render_params, Arg, Base, DevicePlan, DeviceStep, ParamKind};
 use crate::plan::Program;
+use crate::run::{RunSettings, SpecSource};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 
 pub const MAGIC: &[u8; 8] = b"WEFTBNDL";
 /// Bumped on every change to the manifest or the device plan types.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const HEADER: usize = 8 + 4 + 8;
 
 /// The largest call a plan's arena is planned for.
@@ -36,6 +37,18 @@ pub struct KernelModule {
     pub hash: String,
     pub ptx: String,
     pub cubin: Option<Vec<u8>>,
+    /// The kernel's parameters in order: what every launch of it must pass.
+    pub params: Vec<ParamKind>,
+}
+
+/// What a bundle was built from: a run trained from the bundle records this identity, so its
+/// directory resumes and generates like one `weft train` wrote.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BundleSource {
+    pub spec: SpecSource,
+    pub settings: RunSettings,
+    /// The longest context the generation plans take.
+    pub max_context: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -43,6 +56,7 @@ pub struct Bundle {
     pub program: Program,
     pub plans: BTreeMap<String, (PlanShape, DevicePlan)>,
     pub kernels: Vec<KernelModule>,
+    pub source: Option<BundleSource>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -56,6 +70,7 @@ struct Blob {
 struct KernelEntry {
     name: String,
     hash: String,
+    params: Vec<ParamKind>,
     ptx: Blob,
     cubin: Option<Blob>,
 }
@@ -75,6 +90,8 @@ struct Manifest {
     program: Program,
     plans: BTreeMap<String, PlanEntry>,
     kernels: Vec<KernelEntry>,
+    #[serde(default)]
+    source: Option<BundleSource>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,6 +120,7 @@ impl Bundle {
             .map(|k| KernelEntry {
                 name: k.name.clone(),
                 hash: k.hash.clone(),
+                params: k.params.clone(),
                 ptx: put(k.ptx.as_bytes()),
                 cubin: k.cubin.as_deref().map(&mut put),
             })
@@ -118,6 +136,7 @@ impl Bundle {
                 .map(|(n, (s, d))| (n.clone(), PlanEntry { shape: *s, device: d.clone() }))
                 .collect(),
             kernels,
+            source: self.source.clone(),
         };
         let json = serde_json::to_vec(&manifest).expect("the manifest serialises");
         let mut out = Vec::with_capacity(HEADER + json.len() + blobs.len());
@@ -169,14 +188,36 @@ impl Bundle {
             let ptx = String::from_utf8(blob(&k.ptx, &format!("the PTX of kernel `{}`", k.name))?)
                 .map_err(|_| BundleError(format!("the PTX of kernel `{}` is not text", k.name)))?;
             let cubin = k.cubin.as_ref().map(|c| blob(c, &format!("the cubin of kernel `{}`", k.name))).transpose()?;
-            kernels.push(KernelModule { name: k.name.clone(), hash: k.hash.clone(), ptx, cubin });
+            let declared =
+                ptx_entry_params(&ptx, &k.name).map_err(|e| BundleError(format!("kernel `{}`: {e}", k.name)))?;
+            if declared != k.params {
+                return err(format!(
+                    "kernel `{}`: the manifest says it takes {} but its PTX declares {}",
+                    k.name,
+                    render_params(&k.params),
+                    render_params(&declared)
+                ));
+            }
+            kernels.push(KernelModule {
+                name: k.name.clone(),
+                hash: k.hash.clone(),
+                ptx,
+                cubin,
+                params: k.params.clone(),
+            });
         }
         manifest.program.validate().map_err(|e| BundleError(format!("the bundle's program is invalid: {e}")))?;
         let bundle = Bundle {
             program: manifest.program,
             plans: manifest.plans.into_iter().map(|(n, p)| (n, (p.shape, p.device))).collect(),
             kernels,
+            source: manifest.source,
         };
+        if let Some(src) = &bundle.source {
+            if src.spec.files.is_empty() {
+                return err("the bundle's recorded spec holds no file".into());
+            }
+        }
         bundle.check_plans()?;
         Ok(bundle)
     }
@@ -195,8 +236,17 @@ impl Bundle {
                 let mut values = Vec::new();
                 match step {
                     DeviceStep::Launch(l) => {
-                        if !self.kernels.iter().any(|k| k.name == l.kernel) {
+                        let Some(k) = self.kernels.iter().find(|k| k.name == l.kernel) else {
                             return fail(format!("launches kernel `{}`, which the bundle does not hold", l.kernel));
+                        };
+                        let passed: Vec<ParamKind> = l.args.iter().map(Arg::kind).collect();
+                        if passed != k.params {
+                            return fail(format!(
+                                "launches kernel `{}` with arguments {}, but it takes {}",
+                                l.kernel,
+                                render_params(&passed),
+                                render_params(&k.params)
+                            ));
                         }
                         for a in &l.args {
                             if let Arg::Buffer(b) = a {

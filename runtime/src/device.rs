@@ -115,6 +115,71 @@ pub enum Arg {
     F32 { value: f32 },
 }
 
+/// The type of a kernel parameter, as the bundle records it and the PTX declares it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParamKind {
+    /// A global-memory pointer (`.param .u64 .ptr`).
+    Ptr,
+    /// A 64-bit integer (`.param .u64`).
+    I64,
+    /// A 32-bit float (`.param .f32`).
+    F32,
+}
+
+impl ParamKind {
+    /// Bytes the parameter takes in the kernel's parameter buffer.
+    pub fn bytes(self) -> usize {
+        match self {
+            ParamKind::Ptr | ParamKind::I64 => 8,
+            ParamKind::F32 => 4,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ParamKind::Ptr => "pointer",
+            ParamKind::I64 => "i64",
+            ParamKind::F32 => "f32",
+        }
+    }
+}
+
+impl Arg {
+    /// The parameter type this argument fills.
+    pub fn kind(&self) -> ParamKind {
+        match self {
+            Arg::Buffer(_) => ParamKind::Ptr,
+            Arg::I64 { .. } => ParamKind::I64,
+            Arg::F32 { .. } => ParamKind::F32,
+        }
+    }
+}
+
+/// The parameters of the `.entry` named `kernel` in `ptx`, in order, or why they cannot be read.
+pub fn ptx_entry_params(ptx: &str, kernel: &str) -> Result<Vec<ParamKind>, String> {
+    let head = format!(".entry {kernel}(");
+    let start = ptx.find(&head).ok_or_else(|| format!("the PTX has no entry `{kernel}`"))? + head.len();
+    let end = ptx[start..].find(')').ok_or_else(|| format!("the PTX entry `{kernel}` is not closed"))? + start;
+    let mut kinds = Vec::new();
+    for decl in ptx[start..end].split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let words: Vec<&str> = decl.split_whitespace().collect();
+        let kind = match words.as_slice() {
+            [".param", ".u64", ".ptr", ..] => ParamKind::Ptr,
+            [".param", ".u64" | ".b64" | ".s64", _] => ParamKind::I64,
+            [".param", ".f32", _] => ParamKind::F32,
+            _ => return Err(format!("the PTX entry `{kernel}` declares a parameter weft does not pass: `{decl}`")),
+        };
+        kinds.push(kind);
+    }
+    Ok(kinds)
+}
+
+/// `(ptr, i64, f32)`: a parameter list as text, for errors.
+pub fn render_params(kinds: &[ParamKind]) -> String {
+    format!("({})", kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(", "))
+}
+
 /// A grid dimension: `ceil(extent / per_block)` blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GridDim {

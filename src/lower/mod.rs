@@ -14,7 +14,7 @@ pub mod mlir;
 use crate::lower::mlir::{KernelBuilder, Ty};
 use std::collections::BTreeMap;
 use weft_runtime::device::{
-    Arg, Base, BufferArg, DevicePlan, DeviceStep, Extent, Gemm, GridDim, Launch, MatrixArg, Table,
+    Arg, Base, BufferArg, DevicePlan, DeviceStep, Extent, Gemm, GridDim, Launch, MatrixArg, ParamKind, Table,
 };
 use weft_runtime::memory::{plan_memory, row_pitch};
 use weft_runtime::plan::{Plan, ValueId};
@@ -39,6 +39,8 @@ impl std::error::Error for LowerError {}
 pub struct Kernel {
     pub name: String,
     pub mlir: String,
+    /// Its parameters in order (what every launch passes).
+    pub params: Vec<ParamKind>,
 }
 
 /// Lowers `plan` for calls of up to `batch` sequences of `seq` tokens; new kernels are added
@@ -264,12 +266,15 @@ impl<'a> Emit<'a> {
             args.len()
         );
         let name = k.name().to_string();
+        let params: Vec<ParamKind> = k.params().iter().map(|p| p.ty.param_kind()).collect();
+        let passed: Vec<ParamKind> = args.iter().map(Arg::kind).collect();
+        assert_eq!(params, passed, "kernel `{name}`: launched with arguments of the wrong types");
         let mlir = k.finish(CHIP);
         match self.kernels.get(&name) {
             // A kernel's name carries everything it is specialised to; one name, one kernel.
             Some(old) => assert_eq!(old.mlir, mlir, "two different kernels are named `{name}`"),
             None => {
-                self.kernels.insert(name.clone(), Kernel { name: name.clone(), mlir });
+                self.kernels.insert(name.clone(), Kernel { name: name.clone(), mlir, params });
             }
         }
         self.steps.push(DeviceStep::Launch(Launch { kernel: name, grid, block, shared_bytes, args }));

@@ -168,6 +168,7 @@ impl GpuBackend {
             .load_function(name)
             .map_err(|e| GpuError(format!("kernel `{name}` is missing from its module: {e:?}")))?;
         let raw = f.cu_function();
+        check_params(raw, name, &k.params)?;
         self.functions.insert(name.to_string(), (module, f));
         Ok(raw)
     }
@@ -336,7 +337,9 @@ impl GpuBackend {
                     let mut params: Vec<*mut c_void> = cells.iter_mut().map(|c| c as *mut u64 as *mut c_void).collect();
                     // SAFETY: the kernel's parameters are 8-byte pointers and integers or 4-byte
                     // floats (read from the cell's first bytes, little-endian), in the order the
-                    // compiler recorded; every buffer lies inside memory this plan owns.
+                    // compiler recorded: the bundle checked every launch's arguments against the
+                    // kernel's recorded types and its PTX, and loading checked them against the
+                    // driver's view. Every buffer lies inside memory this plan owns.
                     unsafe {
                         result::launch_kernel(
                             f,
@@ -377,6 +380,8 @@ impl GpuBackend {
     ) -> Result<(u64, u64), GpuError> {
         self.load_plan(name)?;
         let lp = &self.plans[name];
+        // Ids index tables on the device: one outside the vocabulary would read stray memory.
+        lp.plan.check_token_ids(inputs).map_err(|e| GpuError(e.0))?;
         let (b, t) = self.bind(lp, inputs)?;
         for (n, v) in &lp.plan.inputs {
             let tensor = &inputs.iter().find(|(x, _)| x == n).expect("bound above").1;
@@ -553,6 +558,43 @@ impl GpuBackend {
     pub fn program(&self) -> &Program {
         &self.bundle.program
     }
+}
+
+/// Compares the parameters the driver sees in a loaded kernel with those the bundle records
+/// (and every launch passes): their number and each one's size.
+fn check_params(f: sys::CUfunction, name: &str, params: &[crate::device::ParamKind]) -> Result<(), GpuError> {
+    let info = |i: usize| -> Option<usize> {
+        let (mut offset, mut size) = (0usize, 0usize);
+        // SAFETY: `f` is a live function; the driver writes two integers.
+        let r = unsafe { sys::cuFuncGetParamInfo(f, i, &mut offset, &mut size) };
+        (r == sys::CUresult::CUDA_SUCCESS).then_some(size)
+    };
+    let expected = crate::device::render_params(params);
+    for (i, kind) in params.iter().enumerate() {
+        match info(i) {
+            Some(size) if size == kind.bytes() => {}
+            Some(size) => {
+                return Err(GpuError(format!(
+                    "kernel `{name}`: parameter {i} takes {size} bytes on the device, but the bundle passes a {} ({} bytes); launches pass {expected}",
+                    kind.name(),
+                    kind.bytes()
+                )))
+            }
+            None => {
+                return Err(GpuError(format!(
+                    "kernel `{name}` has {i} parameters on the device, but the bundle passes {}: {expected}",
+                    params.len()
+                )))
+            }
+        }
+    }
+    if info(params.len()).is_some() {
+        return Err(GpuError(format!(
+            "kernel `{name}` takes more than the {} parameters the bundle passes ({expected})",
+            params.len()
+        )));
+    }
+    Ok(())
 }
 
 /// The values of a constant table (f32), computed as the CPU reference computes them.
