@@ -168,3 +168,112 @@ fn step_by_step_decoding_matches_the_full_forward_pass() {
         }
     }
 }
+
+/// Token ids are checked where they enter a plan, naming the input, the place, the id and the
+/// vocabulary (the GPU executor calls the same check before it uploads anything).
+#[test]
+fn token_ids_outside_the_vocabulary_are_refused_where_they_enter() {
+    use weft_runtime::backend::{Backend, CpuBackend};
+    let (p, _) = program(EVERY_KIND);
+    let mut be = CpuBackend::new(p.clone(), 1);
+    let mut inputs: Vec<(String, Tensor<f32>)> = batch(2, 5, 32, 3).into_iter().map(|(n, t)| (n, t.cast())).collect();
+    assert!(be.run("eval", inputs.clone()).is_ok());
+    let set = |inputs: &mut Vec<(String, Tensor<f32>)>, which: usize, at: usize, id: i32| {
+        if let weft_runtime::cpu::tensor::Data::Int(v) = &mut inputs[which].1.data {
+            v[at] = id;
+        }
+    };
+    set(&mut inputs, 0, 7, 32);
+    let e = be.run("eval", inputs.clone()).unwrap_err();
+    assert!(e.contains("input `tokens`") && e.contains("token id 32 at sequence 1, position 2"), "{e}");
+    assert!(e.contains("vocabulary of 32 ids"), "{e}");
+    set(&mut inputs, 0, 7, -1);
+    let e = be.run("eval", inputs.clone()).unwrap_err();
+    assert!(e.contains("token id -1"), "{e}");
+    // Targets may be -1 (no target there), nothing else outside the vocabulary.
+    set(&mut inputs, 0, 7, 3);
+    set(&mut inputs, 1, 0, -1);
+    assert!(be.run("eval", inputs.clone()).is_ok());
+    set(&mut inputs, 1, 0, -2);
+    let e = be.run("eval", inputs.clone()).unwrap_err();
+    assert!(e.contains("input `targets`") && e.contains("token id -2") && e.contains("or -1 for no target"), "{e}");
+    // The decode plan's one token per sequence.
+    let decode = p.plan("decode").unwrap();
+    let t = weft_runtime::plan::TokenInput { name: "tokens".into(), vocab: 32, targets: false };
+    assert!(decode.token_inputs().contains(&t));
+    let bad = vec![("tokens".to_string(), Tensor::<f32>::ints(vec![1, 1], vec![99]))];
+    let e = decode.check_token_ids(&bad).unwrap_err().0;
+    assert!(e.contains("token id 99"), "{e}");
+}
+
+/// Evaluation of a number of windows that is not a multiple of the batch: the last batch is
+/// padded with rows that have no target, and the result is the mean over the real windows.
+#[test]
+fn evaluation_takes_any_number_of_windows() {
+    use weft_runtime::backend::{Backend, CpuBackend};
+    use weft_runtime::data::Windows;
+    let (p, _) = program(EVERY_KIND);
+    let mut be = CpuBackend::new(p, 4);
+    let (seq, batch) = (6, 4);
+    // 5 windows of 6 tokens (+1): batches of 4 and 1 (padded with 3 empty rows).
+    let tokens: Vec<u32> = (0..5 * seq as u32 + 1).map(|i| (i * 7 + i / 3) % 32).collect();
+    let w = Windows::new(tokens, seq, Path::new("test windows")).unwrap();
+    assert_eq!(w.count(), 5);
+    let got = weft_runtime::train::evaluate(&mut be, &w, batch, seq, 2).unwrap();
+    // Each window alone.
+    let mut sum = 0.0;
+    for i in 0..5 {
+        let (x, y) = w.window(i);
+        let inputs = vec![
+            ("tokens".to_string(), Tensor::ints(vec![1, seq], x.iter().map(|&v| v as i32).collect())),
+            ("targets".to_string(), Tensor::ints(vec![1, seq], y.iter().map(|&v| v as i32).collect())),
+        ];
+        sum += be.run("eval", inputs).unwrap()["loss"].item().unwrap() as f64;
+    }
+    let want = sum / 5.0;
+    // Each window's loss is the same sum of the same terms alone or in a batch; the means
+    // differ only by f32 rounding of the per-batch means (a few ulps of a value near ln 32).
+    assert!((got - want).abs() <= 8.0 * f32::EPSILON as f64 * want, "{got} vs {want}");
+    // The padded last batch alone: one window plus three empty rows is that window's loss.
+    let (x, y) = w.window(4);
+    let mut xs: Vec<i32> = x.iter().map(|&v| v as i32).collect();
+    let mut ys: Vec<i32> = y.iter().map(|&v| v as i32).collect();
+    xs.resize(batch * seq, 0);
+    ys.resize(batch * seq, -1);
+    let padded = be
+        .run(
+            "eval",
+            vec![
+                ("tokens".into(), Tensor::ints(vec![batch, seq], xs)),
+                ("targets".into(), Tensor::ints(vec![batch, seq], ys)),
+            ],
+        )
+        .unwrap()["loss"]
+        .item()
+        .unwrap();
+    let alone = be
+        .run(
+            "eval",
+            vec![
+                ("tokens".into(), Tensor::ints(vec![1, seq], x.iter().map(|&v| v as i32).collect())),
+                ("targets".into(), Tensor::ints(vec![1, seq], y.iter().map(|&v| v as i32).collect())),
+            ],
+        )
+        .unwrap()["loss"]
+        .item()
+        .unwrap();
+    assert_eq!(padded.to_bits(), alone.to_bits(), "padded {padded} vs alone {alone}");
+    // A batch with no target at all has loss 0 (not NaN).
+    let none = be
+        .run(
+            "eval",
+            vec![
+                ("tokens".into(), Tensor::ints(vec![1, seq], vec![0; seq])),
+                ("targets".into(), Tensor::ints(vec![1, seq], vec![-1; seq])),
+            ],
+        )
+        .unwrap()["loss"]
+        .item()
+        .unwrap();
+    assert_eq!(none, 0.0);
+}

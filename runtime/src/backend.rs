@@ -65,6 +65,7 @@ impl Backend for CpuBackend {
 
     fn run(&mut self, plan: &str, inputs: Vec<(String, Tensor<f32>)>) -> Result<BTreeMap<String, Tensor<f32>>, String> {
         let plan = self.program.plan(plan).map_err(|e| e.0)?;
+        plan.check_token_ids(&inputs).map_err(|e| e.0)?;
         match &mut self.store {
             CpuStore::F32(s) => run(plan, s, inputs).map_err(|e| e.0),
             CpuStore::F64(s) => {

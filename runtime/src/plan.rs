@@ -131,6 +131,69 @@ impl Plan {
     }
 }
 
+/// An input of a plan that holds token ids: read by an embedding, or as a loss's targets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenInput {
+    pub name: String,
+    pub vocab: usize,
+    /// Targets may also be [`NO_TARGET`](crate::cpu::dense::NO_TARGET) (no loss there).
+    pub targets: bool,
+}
+
+impl Plan {
+    /// The inputs that carry token ids, with the vocabulary each indexes.
+    pub fn token_inputs(&self) -> Vec<TokenInput> {
+        let mut found: Vec<TokenInput> = Vec::new();
+        let input_name = |v: ValueId| self.inputs.iter().find(|(_, x)| *x == v).map(|(n, _)| n.clone());
+        let rows = |v: ValueId| match self.values[v as usize].shape.0.first() {
+            Some(crate::Dim::Fixed(n)) => *n as usize,
+            _ => 0,
+        };
+        for step in &self.steps {
+            let (ids, vocab, targets) = match step.op {
+                Op::Embed => (step.inputs[0], rows(step.inputs[1]), false),
+                Op::EmbedBackward { vocab } => (step.inputs[0], vocab as usize, false),
+                Op::CrossEntropy | Op::CrossEntropyBackward => (step.inputs[2], rows(step.inputs[1]), true),
+                _ => continue,
+            };
+            if let Some(name) = input_name(ids) {
+                if !found.iter().any(|t| t.name == name) {
+                    found.push(TokenInput { name, vocab, targets });
+                }
+            }
+        }
+        found
+    }
+
+    /// Refuses token ids outside the vocabulary where they enter a call, naming the input, the
+    /// place and the id: every backend calls this before it runs the plan.
+    pub fn check_token_ids<T>(&self, inputs: &[(String, crate::cpu::tensor::Tensor<T>)]) -> Result<(), PlanError> {
+        for ti in self.token_inputs() {
+            let Some((_, t)) = inputs.iter().find(|(n, _)| *n == ti.name) else { continue };
+            let crate::cpu::tensor::Data::Int(ids) = &t.data else { continue };
+            let check = if ti.targets { crate::cpu::dense::check_targets } else { crate::cpu::dense::check_tokens };
+            if let Err(bad) = check(ids, ti.vocab) {
+                let width = t.shape.last().copied().unwrap_or(1).max(1);
+                let place = if t.shape.len() >= 2 {
+                    format!("sequence {}, position {}", bad.position / width, bad.position % width)
+                } else {
+                    format!("position {}", bad.position)
+                };
+                let allowed = if ti.targets {
+                    format!("0..{} (or {} for no target)", ti.vocab - 1, crate::cpu::dense::NO_TARGET)
+                } else {
+                    format!("0..{}", ti.vocab.saturating_sub(1))
+                };
+                return Err(PlanError(format!(
+                    "plan `{}`, input `{}`: token id {} at {place} is outside the model's vocabulary of {} ids ({allowed})",
+                    self.name, ti.name, bad.id, ti.vocab
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Program {
     pub fn plan(&self, name: &str) -> Result<&Plan, PlanError> {
         self.plans.get(name).ok_or_else(|| {

@@ -6,6 +6,7 @@ use crate::backend::Backend;
 use crate::checkpoint::{self, RunState};
 use crate::cpu::tensor::Tensor;
 use crate::data::Windows;
+use crate::run::{AcceptedChange, InitFrom, RunInfo};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -14,22 +15,124 @@ use std::time::Instant;
 
 #[derive(Clone, Debug)]
 pub struct TrainOptions {
-    pub seed: u64,
+    /// Train until this many optimizer steps are done (the schedule's length is a setting of
+    /// the run, which this does not change).
     pub steps: u64,
-    pub batch_size: usize,
-    pub seq_len: usize,
-    pub grad_accum: usize,
     pub log_every: u64,
     pub eval_every: u64,
     pub eval_batches: usize,
-    /// Where checkpoints, metrics and the loss curve go.
+    /// Where `run.json`, checkpoints, metrics and the loss curve go.
     pub out_dir: PathBuf,
     /// Steps between checkpoints; 0 saves only at the end.
     pub checkpoint_every: u64,
     pub keep: usize,
-    /// `byte`, or the tokenizer file name in `out_dir`.
-    pub tokenizer: String,
     pub progress: bool,
+    /// The run's identity (written to `run.json`); seed, batch, sequence length and gradient
+    /// accumulation come from its settings.
+    pub run: RunInfo,
+    /// Resume even though the spec, settings or tokenizer differ from the checkpoint's (the
+    /// change is recorded in `run.json`).
+    pub accept_changes: bool,
+    /// Start from another run's newest parameters, with fresh optimizer state and schedule.
+    pub init_from: Option<PathBuf>,
+    /// The `tokenizer.json` text to keep in the run directory (`run.tokenizer` names it and
+    /// `run.tokenizer_hash` is its hash), written once the run is known to be this one.
+    pub tokenizer_json: Option<String>,
+}
+
+impl TrainOptions {
+    fn seed(&self) -> u64 {
+        self.run.settings.seed
+    }
+    fn batch_size(&self) -> usize {
+        self.run.settings.batch_size as usize
+    }
+    fn seq_len(&self) -> usize {
+        self.run.settings.seq_len as usize
+    }
+    fn grad_accum(&self) -> usize {
+        self.run.settings.grad_accum as usize
+    }
+}
+
+/// A training run of a bundle on token shards (`weft-run train`).
+#[derive(Clone, Debug)]
+pub struct ShardRun {
+    pub train: Vec<PathBuf>,
+    pub valid: Vec<PathBuf>,
+    /// `byte`, or the tokenizer.json the shards were made with.
+    pub tokenizer: String,
+    pub out: PathBuf,
+    /// Default: the schedule's length.
+    pub steps: Option<u64>,
+    pub log_every: u64,
+    pub eval_every: u64,
+    pub eval_batches: usize,
+    pub checkpoint_every: u64,
+    pub keep: usize,
+    pub accept_changes: bool,
+    pub init_from: Option<PathBuf>,
+}
+
+/// The options and data [`train`] takes for a [`ShardRun`]: the run's identity is the spec and
+/// settings the bundle records, so the run directory is one `weft train` would write.
+pub fn shard_run(bundle: &crate::bundle::Bundle, r: &ShardRun) -> Result<(TrainOptions, Windows, Windows), String> {
+    use crate::data::corpus::load_shards;
+    use crate::data::Tokenizer;
+    use crate::run::sha256;
+    let source = bundle
+        .source
+        .clone()
+        .ok_or("the bundle records no spec and settings (built by an older weft): rebuild it with `weft build`")?;
+    let shape = bundle.plans.get("train_step").ok_or("the bundle has no training step")?.0;
+    let mut settings = source.settings.clone();
+    if (settings.batch_size, settings.seq_len) != (shape.batch, shape.seq) {
+        return Err(format!(
+            "the training step is planned for {} x {} tokens but the recorded settings say {} x {}: the bundle is inconsistent",
+            shape.batch, shape.seq, settings.batch_size, settings.seq_len
+        ));
+    }
+    let vocab = crate::cuda::bench::vocab(&bundle.program);
+    let (tok, json) = if r.tokenizer == "byte" {
+        (Tokenizer::Bytes, None)
+    } else {
+        let json = std::fs::read_to_string(&r.tokenizer)
+            .map_err(|e| format!("cannot read tokenizer `{}`: {e}", r.tokenizer))?;
+        (Tokenizer::from_json(&json).map_err(|e| format!("`{}`: {}", r.tokenizer, e.0))?, Some(json))
+    };
+    if tok.vocab_size() > vocab {
+        return Err(format!("the tokenizer has {} tokens but the model's vocabulary is {vocab}", tok.vocab_size()));
+    }
+    settings.tokenizer = if json.is_some() { "file" } else { "byte" }.to_string();
+    settings.data_format = "tokens".to_string();
+    let load = |files: &[PathBuf], what: &str| -> Result<Windows, String> {
+        let tokens = load_shards(files, vocab).map_err(|e| e.0)?;
+        Windows::new(tokens, shape.seq as usize, Path::new(what)).map_err(|e| e.0)
+    };
+    let (train_w, valid_w) = (load(&r.train, "the training shards")?, load(&r.valid, "the held-out shards")?);
+    let info = RunInfo::new(
+        &bundle.program.model,
+        source.spec.clone(),
+        settings.clone(),
+        if json.is_some() { "tokenizer.json" } else { "byte" }.to_string(),
+        json.as_deref().map(|j| sha256(j.as_bytes())),
+        source.max_context,
+    );
+    let opts = TrainOptions {
+        steps: r.steps.unwrap_or(settings.schedule_steps),
+        log_every: r.log_every,
+        eval_every: r.eval_every,
+        eval_batches: r.eval_batches,
+        out_dir: r.out.clone(),
+        checkpoint_every: r.checkpoint_every,
+        keep: r.keep,
+        progress: false,
+        run: info,
+        accept_changes: r.accept_changes,
+        init_from: r.init_from.clone(),
+        tokenizer_json: json,
+    };
+    Ok((opts, train_w, valid_w))
 }
 
 /// One line of `metrics.jsonl`.
@@ -68,7 +171,9 @@ fn batch_inputs(x: Vec<i32>, y: Vec<i32>, b: usize, t: usize) -> Vec<(String, Te
     vec![("tokens".into(), Tensor::ints(vec![b, t], x)), ("targets".into(), Tensor::ints(vec![b, t], y))]
 }
 
-/// Mean loss over the first `batches` held-out batches, in order.
+/// Mean loss per token over the first `batches · batch` held-out windows (all of them if there
+/// are fewer), in order. Every call has the full batch (plans with a loss run at one shape): a
+/// last batch with fewer windows is padded with rows that have no targets, which add no loss.
 pub fn evaluate(
     backend: &mut dyn Backend,
     valid: &Windows,
@@ -76,23 +181,29 @@ pub fn evaluate(
     seq: usize,
     batches: usize,
 ) -> Result<f64, String> {
-    let n = (batches * batch).min(valid.count()).max(1);
+    let n = (batches * batch).min(valid.count());
+    if n == 0 {
+        return Err("there is no held-out window to evaluate".into());
+    }
     let mut total = 0.0;
     let mut done = 0;
     while done < n {
         let b = batch.min(n - done);
-        let mut x = Vec::new();
-        let mut y = Vec::new();
+        let mut x = Vec::with_capacity(batch * seq);
+        let mut y = Vec::with_capacity(batch * seq);
         for i in done..done + b {
             let (inp, tgt) = valid.window(i);
             x.extend(inp.iter().map(|&v| v as i32));
             y.extend(tgt.iter().map(|&v| v as i32));
         }
-        let out = backend.run("eval", batch_inputs(x, y, b, seq))?;
-        total += scalar(&out, "loss")? * b as f64;
+        x.resize(batch * seq, 0);
+        y.resize(batch * seq, crate::cpu::dense::NO_TARGET);
+        let out = backend.run("eval", batch_inputs(x, y, batch, seq))?;
+        // The plan's loss is the mean over the positions with a target: b·seq of them.
+        total += scalar(&out, "loss")? * (b * seq) as f64;
         done += b;
     }
-    Ok(total / n as f64)
+    Ok(total / (n * seq) as f64)
 }
 
 fn metrics_path(dir: &Path) -> PathBuf {
@@ -123,25 +234,91 @@ fn append(file: &mut std::fs::File, r: &Record) -> Result<(), String> {
     writeln!(file, "{line}").map_err(|e| format!("cannot write metrics: {e}"))
 }
 
-/// Trains `steps` optimizer steps, resuming from the newest checkpoint in `out_dir` if there is
-/// one.
+/// The step to start from: the newest checkpoint's (its tensors written into the backend) if
+/// the run directory has one and it is the same run, else 0 (from another run's parameters with
+/// `init_from`). Writes `run.json`.
+fn start(backend: &mut dyn Backend, o: &TrainOptions) -> Result<u64, String> {
+    let program = backend.program().clone();
+    let mut info = o.run.clone();
+    let previous = RunInfo::read(&o.out_dir)?;
+    let keep_tokenizer = |info: &RunInfo| -> Result<(), String> {
+        if let Some(json) = &o.tokenizer_json {
+            crate::checkpoint::write_atomic(&o.out_dir.join(&info.tokenizer), json.as_bytes()).map_err(|e| e.0)?;
+        }
+        info.write(&o.out_dir)
+    };
+    if let Some(ckpt) = checkpoint::latest(&o.out_dir).map_err(|e| e.0)? {
+        // The identity first: a different run is refused before its tensors are read.
+        let state = checkpoint::read_state(&ckpt).map_err(|e| e.0)?;
+        if state.model != program.model {
+            return Err(format!(
+                "`{}` is a checkpoint of model `{}`, not `{}`: train into another directory",
+                ckpt.display(),
+                state.model,
+                program.model
+            ));
+        }
+        let Some(identity) = state.identity() else {
+            return Err(format!(
+                "`{}` was written by an older weft and records no run identity, so it cannot resume: start a new run directory with --init-from {} to keep its parameters",
+                ckpt.display(),
+                o.out_dir.display()
+            ));
+        };
+        let changes = info.changes_from(&identity, previous.as_ref());
+        if !changes.is_empty() {
+            if !o.accept_changes {
+                return Err(format!(
+                    "`{}` was trained under another {}: {}. Resuming would continue it as a different run; restore them, train into a new directory (--init-from {} starts from its parameters), or pass --accept-changes to resume anyway (recorded in run.json)",
+                    o.out_dir.display(),
+                    if changes.len() == 1 { "setting" } else { "set of settings" },
+                    changes.join("; "),
+                    o.out_dir.display()
+                ));
+            }
+            eprintln!("warning: resuming `{}` with changes: {}", o.out_dir.display(), changes.join("; "));
+            if let Some(p) = &previous {
+                info.accepted_changes = p.accepted_changes.clone();
+                info.init_from = p.init_from.clone();
+            }
+            info.accepted_changes.push(AcceptedChange { step: state.step, what: changes });
+        } else if let Some(p) = &previous {
+            info.accepted_changes = p.accepted_changes.clone();
+            info.init_from = p.init_from.clone();
+        }
+        let (state, tensors) = checkpoint::load(&ckpt, &program).map_err(|e| e.0)?;
+        backend.write(tensors)?;
+        keep_tokenizer(&info)?;
+        if o.init_from.is_some() {
+            eprintln!("note: --init-from is ignored: `{}` resumes from its own checkpoint", o.out_dir.display());
+        }
+        return Ok(state.step);
+    }
+    if let Some(from) = &o.init_from {
+        let ckpt = checkpoint::latest(from)
+            .map_err(|e| e.0)?
+            .ok_or_else(|| format!("--init-from `{}`: the run has no checkpoint", from.display()))?;
+        let (state, params) = checkpoint::load_params(&ckpt, &program)
+            .map_err(|e| format!("--init-from `{}`: {}", from.display(), e.0))?;
+        backend.write(params)?;
+        info.init_from = Some(InitFrom {
+            run: std::fs::canonicalize(from).unwrap_or_else(|_| from.clone()),
+            checkpoint: ckpt.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            step: state.step,
+            spec_hash: state.spec_hash.clone(),
+        });
+        eprintln!("starting from the parameters of `{}` (step {}), with a fresh optimizer", ckpt.display(), state.step);
+    }
+    keep_tokenizer(&info)?;
+    Ok(0)
+}
+
+/// Trains until `steps` optimizer steps are done, resuming from the newest checkpoint in
+/// `out_dir` if there is one (and it is the same run: see [`crate::run`]).
 pub fn train(backend: &mut dyn Backend, train: &Windows, valid: &Windows, o: &TrainOptions) -> Result<Summary, String> {
     std::fs::create_dir_all(&o.out_dir).map_err(|e| format!("cannot create `{}`: {e}", o.out_dir.display()))?;
     let program = backend.program().clone();
-    let mut first_step = 0;
-    if let Some(ckpt) = checkpoint::latest(&o.out_dir).map_err(|e| e.0)? {
-        let (state, tensors) = checkpoint::load(&ckpt, &program).map_err(|e| e.0)?;
-        if state.seed != o.seed {
-            return Err(format!(
-                "`{}` was trained with seed {}, not {}: use another directory",
-                ckpt.display(),
-                state.seed,
-                o.seed
-            ));
-        }
-        backend.write(tensors)?;
-        first_step = state.step;
-    }
+    let first_step = start(backend, o)?;
     let mut history = truncate_metrics(&o.out_dir, first_step)?;
     let mut metrics = std::fs::OpenOptions::new()
         .append(true)
@@ -155,21 +332,22 @@ pub fn train(backend: &mut dyn Backend, train: &Windows, valid: &Windows, o: &Tr
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_position(first_step);
-    let tokens_per_step = (o.batch_size * o.seq_len * o.grad_accum) as f64;
+    let (batch_size, seq_len, grad_accum, seed) = (o.batch_size(), o.seq_len(), o.grad_accum(), o.seed());
+    let tokens_per_step = (batch_size * seq_len * grad_accum) as f64;
     let started = Instant::now();
     let mut last =
         Summary { first_step, steps: o.steps, final_loss: None, eval_loss: None, tokens_per_s: 0.0, checkpoint: None };
-    let scale = Tensor::scalar(1.0 / o.grad_accum as f32);
+    let scale = Tensor::scalar(1.0 / grad_accum as f32);
     for step in first_step..o.steps {
         let t0 = Instant::now();
         let mut loss = 0.0;
-        for micro in 0..o.grad_accum {
-            let first = (step * o.grad_accum as u64 + micro as u64) * o.batch_size as u64;
-            let (x, y) = train.batch(o.seed, first, o.batch_size);
-            let mut inputs = batch_inputs(x, y, o.batch_size, o.seq_len);
+        for micro in 0..grad_accum {
+            let first = (step * grad_accum as u64 + micro as u64) * batch_size as u64;
+            let (x, y) = train.batch(seed, first, batch_size);
+            let mut inputs = batch_inputs(x, y, batch_size, seq_len);
             inputs.push(("loss_scale".into(), scale.clone()));
             let out = backend.run("train_step", inputs)?;
-            loss += scalar(&out, "loss")? / o.grad_accum as f64;
+            loss += scalar(&out, "loss")? / grad_accum as f64;
         }
         if !loss.is_finite() {
             return Err(format!("the loss is {loss} at step {}: training diverged", step + 1));
@@ -187,7 +365,7 @@ pub fn train(backend: &mut dyn Backend, train: &Windows, valid: &Windows, o: &Tr
             eval_ppl: None,
         };
         if (o.eval_every > 0 && done % o.eval_every == 0) || done == o.steps {
-            let e = evaluate(backend, valid, o.batch_size, o.seq_len, o.eval_batches)?;
+            let e = evaluate(backend, valid, batch_size, seq_len, o.eval_batches)?;
             r.eval_loss = Some(e);
             r.eval_ppl = Some(e.exp());
             last.eval_loss = Some(e);
@@ -215,13 +393,17 @@ pub fn train(backend: &mut dyn Backend, train: &Windows, valid: &Windows, o: &Tr
                 .chain(program.states.iter().map(|s| s.name.as_str()))
                 .collect();
             let tensors = backend.read(&names)?;
+            let id = o.run.identity();
             let state = RunState {
                 format_version: checkpoint::FORMAT_VERSION,
                 model: program.model.clone(),
                 step: done,
-                seed: o.seed,
-                tokenizer: o.tokenizer.clone(),
+                seed,
+                tokenizer: o.run.tokenizer.clone(),
                 checksums: Default::default(),
+                spec_hash: Some(id.spec_hash),
+                settings_hash: Some(id.settings_hash),
+                tokenizer_hash: id.tokenizer_hash,
             };
             last.checkpoint = Some(checkpoint::save(&o.out_dir, &program, &tensors, &state, o.keep).map_err(|e| e.0)?);
             plot(&o.out_dir.join("loss.svg"), &history)?;
