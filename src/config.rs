@@ -64,6 +64,9 @@ pub struct Optimizer {
     pub weight_decay: f64,
     /// Global gradient-norm limit; 0 turns clipping off.
     pub grad_clip: f64,
+    /// The schedule's length in optimizer steps (default: `train.steps` as the file gives it).
+    /// `weft train --steps` does not change it: training past it holds the minimum rate.
+    pub schedule_steps: Option<u64>,
 }
 
 impl Default for Optimizer {
@@ -77,6 +80,7 @@ impl Default for Optimizer {
             eps: 1e-8,
             weight_decay: 0.1,
             grad_clip: 1.0,
+            schedule_steps: None,
         }
     }
 }
@@ -202,6 +206,7 @@ pub fn parse(src: &str, file: FileId) -> Result<RunConfig, Diagnostics> {
     check(o.eps > 0.0, &["optimizer", "eps"], "a positive number");
     check(o.weight_decay >= 0.0, &["optimizer", "weight_decay"], "zero or more");
     check(o.grad_clip >= 0.0, &["optimizer", "grad_clip"], "zero or more");
+    check(o.schedule_steps.is_none_or(|n| n >= 1), &["optimizer", "schedule_steps"], "at least 1");
     let g = &config.generate;
     check(g.temperature >= 0.0 && g.temperature.is_finite(), &["generate", "temperature"], "zero or more");
     check(g.top_p > 0.0 && g.top_p <= 1.0, &["generate", "top_p"], "in (0, 1]");
@@ -233,6 +238,17 @@ fn find(table: &toml::de::DeTable, path: &[&str]) -> Option<std::ops::Range<usiz
 }
 
 impl RunConfig {
+    /// The learning-rate schedule's length: its own setting, else `train.steps`.
+    pub fn schedule_steps(&self) -> u64 {
+        self.optimizer.schedule_steps.unwrap_or(self.train.steps).max(1)
+    }
+
+    /// Fixes the schedule's length at what the file says, so that changing `train.steps`
+    /// afterwards (`weft train --steps`) trains longer without changing the schedule.
+    pub fn pin_schedule(&mut self) {
+        self.optimizer.schedule_steps = Some(self.schedule_steps());
+    }
+
     /// Makes every path in the settings relative to the settings file's directory.
     pub fn resolve_paths(&mut self, config_path: &Path) {
         let fix = |p: &mut PathBuf| *p = relative_to(config_path, p);

@@ -52,6 +52,18 @@ impl SourceMap {
         self.files.get(id.0 as usize).map(|f| f.source().as_str()).unwrap_or("")
     }
 
+    /// Every file, in the order added, as (path, text).
+    pub fn files(&self) -> Vec<weft_runtime::run::SpecFile> {
+        self.paths
+            .iter()
+            .enumerate()
+            .map(|(i, p)| weft_runtime::run::SpecFile {
+                path: p.display().to_string(),
+                text: self.source(FileId(i as u32)).to_string(),
+            })
+            .collect()
+    }
+
     pub fn path(&self, id: FileId) -> &Path {
         &self.paths[id.0 as usize]
     }

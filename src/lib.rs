@@ -54,6 +54,22 @@ pub fn check_str(path: &Path, src: &str) -> Result<Checked, Failed> {
     front_end(spec::load_str(path, src.to_string()))
 }
 
+/// The same on a run's recorded spec (every file of its `extends` chain): nothing is read from
+/// the disk.
+pub fn check_source(source: &weft_runtime::run::SpecSource) -> Result<Checked, Failed> {
+    let files: Vec<(std::path::PathBuf, String)> =
+        source.files.iter().map(|f| (std::path::PathBuf::from(&f.path), f.text.clone())).collect();
+    front_end(spec::load_stored(&files))
+}
+
+impl Checked {
+    /// The spec's text as read (the file named, then each file it extends), for `run.json`
+    /// and bundles.
+    pub fn source(&self) -> weft_runtime::run::SpecSource {
+        weft_runtime::run::SpecSource { files: self.sources.files() }
+    }
+}
+
 fn front_end(loaded: spec::Loaded) -> Result<Checked, Failed> {
     let (model, sources, mut diags) = loaded.into_result().map_err(|(sources, diags)| Failed { sources, diags })?;
     let graph = match graph::build(&model) {

@@ -100,6 +100,14 @@ enum Command {
         /// Where to train: `auto` (a GPU when one is usable, else the CPU), `cpu` or `gpu`.
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendArg,
+        /// Resume even though the spec, the settings that shape the run or the tokenizer changed
+        /// since the newest checkpoint (the change is recorded in the run's run.json).
+        #[arg(long)]
+        accept_changes: bool,
+        /// Start from the newest parameters of another run directory, with a fresh optimizer
+        /// and schedule (fine-tuning); recorded in run.json.
+        #[arg(long, value_name = "RUN")]
+        init_from: Option<PathBuf>,
     },
     /// Tokenize text files (each a document, followed by end-of-text) into a token shard.
     Shard {
@@ -265,8 +273,10 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 println!("wrote {} kernel snapshots to {}", snaps.len(), dir.display());
             }
         }
-        Command::Train { config, spec, steps, no_progress, f64, backend } => {
+        Command::Train { config, spec, steps, no_progress, f64, backend, accept_changes, init_from } => {
             let mut settings = load_config(&config)?;
+            // The schedule keeps the length the file gives; --steps only trains more or less.
+            settings.pin_schedule();
             if let Some(s) = steps {
                 settings.train.steps = s;
             }
@@ -285,13 +295,15 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 (BackendArg::Cpu, _) => BackendChoice::Cpu,
                 (BackendArg::Gpu, _) => BackendChoice::Gpu,
             };
-            let r = report(weft::run::train_on(&spec, &settings, !no_progress, choice))?;
+            let start = weft::run::StartOptions { progress: !no_progress, accept_changes, init_from };
+            let r = report(weft::run::train_on(&spec, &settings, &start, choice))?;
             let s = &r.summary;
             if s.first_step >= s.steps {
                 println!(
-                    "{} is already trained to step {}; delete it, or raise --steps, to train more",
+                    "{} is already trained to step {}; raise --steps to train more (the learning rate holds its minimum past the schedule's {} steps)",
                     r.out_dir.display(),
-                    s.first_step
+                    s.first_step,
+                    settings.schedule_steps()
                 );
             }
             println!(
@@ -426,6 +438,11 @@ fn build(
     use weft::build::{build_bundle, lower_program};
     use weft::lower::cache::Cache;
     let (checked, program, shapes) = build_inputs(spec, settings)?;
+    let source = weft_runtime::bundle::BundleSource {
+        spec: checked.source(),
+        settings: weft::run::run_settings(settings),
+        max_context: weft::run::max_context(settings),
+    };
     let write = |path: PathBuf, text: &str| {
         report(std::fs::write(&path, text).map_err(|e| format!("cannot write `{}`: {e}", path.display())))
     };
@@ -474,6 +491,7 @@ fn build(
     }
     let cache = if no_cache { Cache::disabled() } else { Cache::user() };
     let (mut bundle, stats) = report(build_bundle(&program, &shapes, &cache).map_err(|e| e.to_string()))?;
+    bundle.source = Some(source);
     let cubins = match weft::snapshot::ptxas_path().filter(|_| !no_cubin) {
         Some(ptxas) => {
             let t = std::time::Instant::now();

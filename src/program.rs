@@ -28,7 +28,7 @@ pub struct OptimizerSettings {
 impl OptimizerSettings {
     pub fn from_config(c: &RunConfig) -> OptimizerSettings {
         let o = &c.optimizer;
-        let total = c.train.steps.max(1);
+        let total = c.schedule_steps();
         OptimizerSettings {
             adamw: AdamWAttrs { beta1: o.beta1, beta2: o.beta2, eps: o.eps, weight_decay: o.weight_decay },
             schedule: ScheduleAttrs {

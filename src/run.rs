@@ -6,7 +6,6 @@
 use crate::config::{DataFormat, RunConfig};
 use crate::program::{build_program, OptimizerSettings};
 use crate::spec::Model;
-use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use weft_runtime::backend::{Backend, CpuBackend};
 use weft_runtime::checkpoint;
@@ -14,27 +13,51 @@ use weft_runtime::data::corpus::{load_shards, pack, read_documents, text_files, 
 use weft_runtime::data::{Tokenizer, Windows};
 use weft_runtime::generate::{generate, Sampling};
 use weft_runtime::plan::Program;
+use weft_runtime::run::{sha256, RunInfo, RunSettings};
 use weft_runtime::train::{train, Summary, TrainOptions};
 
-/// What `weft generate` needs to rebuild a trained model: written into the run directory.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RunInfo {
-    /// The spec file, absolute.
-    pub spec: PathBuf,
-    /// `byte`, or the tokenizer file in the run directory.
-    pub tokenizer: String,
-    pub max_context: u64,
-    pub seed: u64,
+/// The settings of `c` that shape a run (what `run.json` and checkpoints identify it by).
+pub fn run_settings(c: &RunConfig) -> RunSettings {
+    let opt = OptimizerSettings::from_config(c);
+    let tokenizer = match c.data.tokenizer.as_deref() {
+        None | Some("bpe") => "bpe",
+        Some("byte") => "byte",
+        Some(_) => "file",
+    };
+    RunSettings {
+        seq_len: c.train.seq_len,
+        batch_size: c.train.batch_size,
+        grad_accum: c.train.grad_accum,
+        seed: c.train.seed,
+        schedule_steps: opt.schedule.total,
+        warmup_steps: opt.schedule.warmup,
+        lr: opt.schedule.peak,
+        min_lr: opt.schedule.min,
+        beta1: opt.adamw.beta1,
+        beta2: opt.adamw.beta2,
+        eps: opt.adamw.eps,
+        weight_decay: opt.adamw.weight_decay,
+        grad_clip: opt.grad_clip,
+        tokenizer: tokenizer.to_string(),
+        data_format: match c.data.format {
+            DataFormat::Text => "text",
+            DataFormat::Tokens => "tokens",
+        }
+        .to_string(),
+    }
 }
 
-pub const RUN_INFO: &str = "run.json";
+/// The longest context the generation plans of a run with settings `c` take.
+pub fn max_context(c: &RunConfig) -> u64 {
+    c.train.seq_len + c.generate.max_new_tokens
+}
 
 /// The spec checked and its program built; errors come back rendered.
-pub fn program_for(spec: &Path, settings: &RunConfig, max_context: u64) -> Result<(Model, Program), String> {
+pub fn program_for(spec: &Path, settings: &RunConfig, max_context: u64) -> Result<(crate::Checked, Program), String> {
     let checked = crate::check_file(spec).map_err(|f| f.render())?;
     let opt = OptimizerSettings::from_config(settings);
     let program = build_program(&checked.model, &opt, max_context).map_err(|e| e.0)?;
-    Ok((checked.model, program))
+    Ok((checked, program))
 }
 
 /// Everything a training run prints at the end.
@@ -87,82 +110,137 @@ pub fn make_backend(
     }
 }
 
+/// How a training run starts besides its settings.
+#[derive(Clone, Debug, Default)]
+pub struct StartOptions {
+    pub progress: bool,
+    /// Resume even though the spec, settings or tokenizer changed (recorded in run.json).
+    pub accept_changes: bool,
+    /// Start from another run's newest parameters, with a fresh optimizer and schedule.
+    pub init_from: Option<PathBuf>,
+}
+
 /// Trains `spec` as the run settings say, on the CPU reference.
 /// `f64` runs the CPU reference in double precision (the check mode).
 pub fn train_cpu(spec: &Path, c: &RunConfig, progress: bool, f64: bool) -> Result<TrainReport, String> {
-    train_on(spec, c, progress, if f64 { BackendChoice::CpuF64 } else { BackendChoice::Cpu })
+    let start = StartOptions { progress, ..StartOptions::default() };
+    train_on(spec, c, &start, if f64 { BackendChoice::CpuF64 } else { BackendChoice::Cpu })
 }
 
 /// Trains `spec` as the run settings say, on the backend `choice` picks.
-pub fn train_on(spec: &Path, c: &RunConfig, progress: bool, choice: BackendChoice) -> Result<TrainReport, String> {
-    let max_context = c.train.seq_len + c.generate.max_new_tokens;
-    let (model, program) = program_for(spec, c, max_context)?;
+pub fn train_on(
+    spec: &Path,
+    c: &RunConfig,
+    start: &StartOptions,
+    choice: BackendChoice,
+) -> Result<TrainReport, String> {
+    let max_context = max_context(c);
+    let (checked, program) = program_for(spec, c, max_context)?;
+    let model = &checked.model;
     let out_dir = c.checkpoint.dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&model.name));
     std::fs::create_dir_all(&out_dir).map_err(|e| format!("cannot create `{}`: {e}", out_dir.display()))?;
 
     // The backend first: a missing GPU is reported before any data is read.
     let (mut backend, backend_name) = make_backend(program, c, choice)?;
-    let (tok_name, train_stream, valid_stream) = load_data(c, &model, &out_dir)?;
-    let entropy = unigram_entropy(&train_stream.iter().chain(&valid_stream).copied().collect::<Vec<_>>());
-    let corpus_tokens = train_stream.len() + valid_stream.len();
+    let data = load_data(c, model, &out_dir)?;
+    let entropy = unigram_entropy(&data.train.iter().chain(&data.valid).copied().collect::<Vec<_>>());
+    let corpus_tokens = data.train.len() + data.valid.len();
     let seq = c.train.seq_len as usize;
-    let train_w = Windows::new(train_stream, seq, Path::new("the training data")).map_err(|e| e.0)?;
-    let valid_w = Windows::new(valid_stream, seq, Path::new("the held-out data")).map_err(|e| e.0)?;
-    let info = RunInfo {
-        spec: std::fs::canonicalize(spec).unwrap_or_else(|_| spec.to_path_buf()),
-        tokenizer: tok_name.clone(),
+    let train_w = Windows::new(data.train, seq, Path::new("the training data")).map_err(|e| e.0)?;
+    let valid_w = Windows::new(data.valid, seq, Path::new("the held-out data")).map_err(|e| e.0)?;
+    let info = RunInfo::new(
+        &model.name,
+        checked.source(),
+        run_settings(c),
+        data.name.clone(),
+        data.json.as_deref().map(|j| sha256(j.as_bytes())),
         max_context,
-        seed: c.train.seed,
-    };
-    let json = serde_json::to_string_pretty(&info).map_err(|e| e.to_string())?;
-    std::fs::write(out_dir.join(RUN_INFO), json).map_err(|e| format!("cannot write the run info: {e}"))?;
-
+    );
     let opts = TrainOptions {
-        seed: c.train.seed,
         steps: c.train.steps,
-        batch_size: c.train.batch_size as usize,
-        seq_len: seq,
-        grad_accum: c.train.grad_accum as usize,
         log_every: c.train.log_every,
         eval_every: c.train.eval_every,
         eval_batches: c.train.eval_batches as usize,
         out_dir: out_dir.clone(),
         checkpoint_every: c.checkpoint.every,
         keep: c.checkpoint.keep as usize,
-        tokenizer: tok_name.clone(),
-        progress,
+        progress: start.progress,
+        run: info,
+        accept_changes: start.accept_changes,
+        init_from: start.init_from.clone(),
+        tokenizer_json: data.json,
     };
     let summary = train(backend.as_mut(), &train_w, &valid_w, &opts)?;
     Ok(TrainReport {
         summary,
         out_dir,
-        tokenizer: tok_name,
+        tokenizer: data.name,
         corpus_tokens,
         unigram_entropy: entropy,
         backend: backend_name,
     })
 }
 
-/// The tokenizer's name in the run directory (trained or copied there, or `byte`) and the
+/// A run's tokenizer and token streams.
+struct Data {
+    /// `byte`, or `tokenizer.json` (the file the run keeps).
+    name: String,
+    /// That file's text (none for bytes).
+    json: Option<String>,
+    train: Vec<u32>,
+    valid: Vec<u32>,
+}
+
+/// The tokenizer (trained, read from the run directory, or read from a given file; nothing is
+/// written here: the training loop keeps it once the run is known to be this one) and the
 /// training and held-out token streams.
-fn load_data(c: &RunConfig, model: &Model, out_dir: &Path) -> Result<(String, Vec<u32>, Vec<u32>), String> {
+fn load_data(c: &RunConfig, model: &Model, out_dir: &Path) -> Result<Data, String> {
     let vocab = model.vocab as usize;
     let tok_spec = c.data.tokenizer.clone().unwrap_or_else(|| "bpe".to_string());
     let saved = out_dir.join("tokenizer.json");
+    let read_saved = || -> Result<(Tokenizer, String), String> {
+        let json = std::fs::read_to_string(&saved).map_err(|e| format!("cannot read `{}`: {e}", saved.display()))?;
+        let t = Tokenizer::from_json(&json).map_err(|e| format!("`{}`: {}", saved.display(), e.0))?;
+        Ok((t, json))
+    };
+    let read_file = |path: &str| -> Result<(Tokenizer, String), String> {
+        let json = std::fs::read_to_string(path).map_err(|e| format!("cannot read tokenizer `{path}`: {e}"))?;
+        let t = Tokenizer::from_json(&json).map_err(|e| format!("`{path}`: {}", e.0))?;
+        Ok((t, json))
+    };
+    let named = |t: Tokenizer, json: Option<String>| match json {
+        None => (t, "byte".to_string(), None),
+        Some(j) => (t, "tokenizer.json".to_string(), Some(j)),
+    };
     let train_files = text_files(&c.data.train).map_err(|e| e.0)?;
+    let check_vocab = |t: &Tokenizer| -> Result<(), String> {
+        if t.vocab_size() > vocab {
+            return Err(format!(
+                "the {} tokenizer has {} tokens but the model's vocabulary is {vocab}: use a model with vocab ≥ {} or a smaller tokenizer",
+                t.kind(),
+                t.vocab_size(),
+                t.vocab_size()
+            ));
+        }
+        Ok(())
+    };
     if c.data.format == DataFormat::Tokens {
         // Shards are tokenized already; the tokenizer is kept for generation.
-        let tokenizer = Tokenizer::load(&tok_spec).map_err(|e| e.0)?;
-        let name = match tokenizer {
-            Tokenizer::Bytes => "byte".to_string(),
-            _ => {
-                tokenizer.save(&saved).map_err(|e| e.0)?;
-                "tokenizer.json".to_string()
+        let (tokenizer, name, json) = match tok_spec.as_str() {
+            "byte" => named(Tokenizer::Bytes, None),
+            "bpe" => return Err(
+                "token shards need the tokenizer that made them: set `data.tokenizer` to `byte` or a tokenizer.json"
+                    .into(),
+            ),
+            path => {
+                let (t, j) = read_file(path)?;
+                named(t, Some(j))
             }
         };
+        check_vocab(&tokenizer)?;
         let train = load_shards(&train_files, vocab).map_err(|e| e.0)?;
         let valid = load_shards(&text_files(&c.data.valid).map_err(|e| e.0)?, vocab).map_err(|e| e.0)?;
-        return Ok((name, train, valid));
+        return Ok(Data { name, json, train, valid });
     }
     let mut docs = read_documents(&train_files).map_err(|e| e.0)?;
     let valid_docs = if c.data.valid.is_empty() {
@@ -174,33 +252,81 @@ fn load_data(c: &RunConfig, model: &Model, out_dir: &Path) -> Result<(String, Ve
     } else {
         read_documents(&text_files(&c.data.valid).map_err(|e| e.0)?).map_err(|e| e.0)?
     };
-    let (tokenizer, name) = match tok_spec.as_str() {
-        "byte" => (Tokenizer::Bytes, "byte".to_string()),
+    let (tokenizer, name, json) = match tok_spec.as_str() {
+        "byte" => named(Tokenizer::Bytes, None),
         "bpe" if saved.exists() => {
-            (Tokenizer::load(&saved.display().to_string()).map_err(|e| e.0)?, "tokenizer.json".to_string())
+            let (t, j) = read_saved()?;
+            named(t, Some(j))
         }
         "bpe" => {
             let t = Tokenizer::train_bpe(&docs, vocab).map_err(|e| e.0)?;
-            t.save(&saved).map_err(|e| e.0)?;
-            (t, "tokenizer.json".to_string())
+            let j = t.to_json().map_err(|e| e.0)?;
+            named(t, j)
         }
         path => {
-            let t = Tokenizer::load(path).map_err(|e| e.0)?;
-            t.save(&saved).map_err(|e| e.0)?;
-            (t, "tokenizer.json".to_string())
+            let (t, j) = read_file(path)?;
+            named(t, Some(j))
         }
     };
-    if tokenizer.vocab_size() > vocab {
-        return Err(format!(
-            "the {} tokenizer has {} tokens but the model's vocabulary is {vocab}: use a model with vocab ≥ {} or a smaller tokenizer",
-            tokenizer.kind(),
-            tokenizer.vocab_size(),
-            tokenizer.vocab_size()
-        ));
-    }
+    check_vocab(&tokenizer)?;
     let train = pack(&docs, &tokenizer).map_err(|e| e.0)?;
     let valid = pack(&valid_docs, &tokenizer).map_err(|e| e.0)?;
-    Ok((name, train, valid))
+    Ok(Data { name, json, train, valid })
+}
+
+/// A trained run, opened for generation: its recorded spec checked and built into a program,
+/// its newest parameters and its tokenizer, each checked against `run.json`.
+pub struct OpenRun {
+    pub info: RunInfo,
+    pub program: Program,
+    pub params: std::collections::BTreeMap<String, weft_runtime::cpu::tensor::Tensor<f32>>,
+    pub tokenizer: Tokenizer,
+    /// The checkpoint read.
+    pub checkpoint: PathBuf,
+}
+
+/// Opens `run_dir` for generation. The model is rebuilt from the spec text `run.json` keeps
+/// (an edited spec file changes nothing); a checkpoint or tokenizer that is not the run's is
+/// refused.
+pub fn open_run(run_dir: &Path) -> Result<OpenRun, String> {
+    let info = RunInfo::read(run_dir)?.ok_or_else(|| {
+        format!("`{}` is not a training run (it has no {})", run_dir.display(), weft_runtime::run::RUN_INFO)
+    })?;
+    let checked = crate::check_source(&info.spec).map_err(|f| {
+        format!("the spec recorded in `{}` no longer checks:\n{}", run_dir.join("run.json").display(), f.render())
+    })?;
+    let settings = RunConfig::default();
+    let program =
+        build_program(&checked.model, &OptimizerSettings::from_config(&settings), info.max_context).map_err(|e| e.0)?;
+    let ckpt = checkpoint::latest(run_dir)
+        .map_err(|e| e.0)?
+        .ok_or_else(|| format!("`{}` has no checkpoint yet", run_dir.display()))?;
+    let (state, params) = checkpoint::load_params(&ckpt, &program).map_err(|e| e.0)?;
+    if let Some(h) = &state.spec_hash {
+        if *h != info.spec_hash {
+            return Err(format!(
+                "`{}` was trained from another spec than the one `{}` records: the run directory has been mixed with another",
+                ckpt.display(),
+                run_dir.join("run.json").display()
+            ));
+        }
+    }
+    let tokenizer = match info.tokenizer.as_str() {
+        "byte" => Tokenizer::Bytes,
+        name => {
+            let path = run_dir.join(name);
+            let json = std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read the run's tokenizer `{}`: {e}", path.display()))?;
+            if info.tokenizer_hash.as_deref() != Some(sha256(json.as_bytes()).as_str()) {
+                return Err(format!(
+                    "`{}` is not the tokenizer this run was trained with (its hash differs from run.json's)",
+                    path.display()
+                ));
+            }
+            Tokenizer::from_json(&json).map_err(|e| format!("`{}`: {}", path.display(), e.0))?
+        }
+    };
+    Ok(OpenRun { info, program, params, tokenizer, checkpoint: ckpt })
 }
 
 /// Generates text from the newest checkpoint of a run directory on the CPU reference.
@@ -211,28 +337,16 @@ pub fn generate_cpu(
     sampling: &Sampling,
     mut out: impl FnMut(&str),
 ) -> Result<String, String> {
-    let info_path = run_dir.join(RUN_INFO);
-    let text = std::fs::read_to_string(&info_path)
-        .map_err(|e| format!("`{}` is not a training run ({}: {e})", run_dir.display(), info_path.display()))?;
-    let info: RunInfo =
-        serde_json::from_str(&text).map_err(|e| format!("`{}` is damaged: {e}", info_path.display()))?;
-    let (_, program) = program_for(&info.spec, &RunConfig::default(), info.max_context)?;
-    let ckpt = checkpoint::latest(run_dir)
-        .map_err(|e| e.0)?
-        .ok_or_else(|| format!("`{}` has no checkpoint yet", run_dir.display()))?;
-    let (_, params) = checkpoint::load_params(&ckpt, &program).map_err(|e| e.0)?;
-    let tokenizer = match info.tokenizer.as_str() {
-        "byte" => Tokenizer::Bytes,
-        name => Tokenizer::load(&run_dir.join(name).display().to_string()).map_err(|e| e.0)?,
-    };
-    let mut backend = CpuBackend::new(program, info.seed);
-    backend.write(params)?;
+    let run = open_run(run_dir)?;
+    let tokenizer = run.tokenizer;
+    let mut backend = CpuBackend::new(run.program, run.info.settings.seed);
+    backend.write(run.params)?;
     let mut ids = tokenizer.encode(prompt).map_err(|e| e.0)?;
     if ids.is_empty() {
         // With no prompt, generate as after the end of a document.
         ids.push(tokenizer.eot());
     }
-    let budget = (info.max_context as usize).saturating_sub(ids.len());
+    let budget = (run.info.max_context as usize).saturating_sub(ids.len());
     let mut emitted = String::new();
     let mut all = Vec::new();
     generate(&mut backend, &ids, max_new.min(budget), sampling, Some(tokenizer.eot()), |t| {

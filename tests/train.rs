@@ -254,3 +254,210 @@ fn f64_check_mode_trains_to_the_f32_losses_within_rounding() {
     assert_ne!(runs[0], runs[1], "the two precisions should not round identically");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn run_json(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap()
+}
+
+fn metric(run: &Path, key: &str) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()[key].as_f64().unwrap())
+        .collect()
+}
+
+fn train_cmd(cfg: &Path, extra: &[&str]) -> std::process::Output {
+    weft().args(["train", "--no-progress", "--config"]).arg(cfg).args(extra).output().unwrap()
+}
+
+fn greedy(run: &Path) -> String {
+    let out = weft()
+        .args(["generate", "--max-new-tokens", "8", "--temperature", "0", "--prompt", "the whale", "--run"])
+        .arg(run)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_run_knows_its_spec_and_settings_and_refuses_to_resume_after_a_change() {
+    let dir = temp_dir("identity");
+    let docs = write_corpus(&dir);
+    let spec = dir.join("micro.weft");
+    std::fs::copy(crate::root().join("specs/tiny/samba-micro.weft"), &spec).unwrap();
+    // It extends samba-tiny.weft: the whole chain is recorded.
+    std::fs::copy(crate::root().join("specs/tiny/samba-tiny.weft"), dir.join("samba-tiny.weft")).unwrap();
+    let cfg = config(&dir, &docs, 4, 2, "byte");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = text.replace(&crate::root().join("specs/tiny/samba-micro.weft").display().to_string(), "micro.weft");
+    std::fs::write(&cfg, &text).unwrap();
+    let out = train_cmd(&cfg, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run = dir.join("run");
+    let info = run_json(&run);
+    assert_eq!(info["spec"]["files"][0]["text"].as_str().unwrap(), std::fs::read_to_string(&spec).unwrap());
+    assert!(info["spec"]["files"][1]["path"].as_str().unwrap().ends_with("samba-tiny.weft"), "{info}");
+    assert_eq!(info["settings"]["schedule_steps"], 4);
+    assert_eq!(info["settings"]["grad_accum"], 2);
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("step-00000004/state.json")).unwrap()).unwrap();
+    assert_eq!(state["spec_hash"], info["spec_hash"]);
+    assert_eq!(state["settings_hash"], info["settings_hash"]);
+
+    // Generation rebuilds the model from the recorded spec: the file is not read at all.
+    let before = greedy(&run);
+    std::fs::rename(&spec, dir.join("moved.weft")).unwrap();
+    std::fs::write(dir.join("samba-tiny.weft"), "garbage").unwrap();
+    assert_eq!(greedy(&run), before);
+    std::fs::rename(dir.join("moved.weft"), &spec).unwrap();
+    std::fs::copy(crate::root().join("specs/tiny/samba-tiny.weft"), dir.join("samba-tiny.weft")).unwrap();
+
+    // An edited spec (one comment added) is refused on resume, saying what changed.
+    std::fs::write(&spec, std::fs::read_to_string(&spec).unwrap() + "// tuned\n").unwrap();
+    let out = train_cmd(&cfg, &["--steps", "6"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the spec's text") && err.contains("micro.weft: first change at line"), "{err}");
+    assert!(err.contains("--accept-changes"), "{err}");
+    assert_eq!(metric(&run, "loss").len(), 4, "a refused resume trained anyway");
+    // Resumed on purpose, the change is recorded.
+    let out = train_cmd(&cfg, &["--steps", "6", "--accept-changes"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info = run_json(&run);
+    assert_eq!(info["accepted_changes"][0]["step"], 4);
+    assert!(info["accepted_changes"][0]["what"][0].as_str().unwrap().contains("spec"), "{info}");
+
+    // A changed setting is refused with its old and new values.
+    std::fs::write(&cfg, text.replace("lr = 3e-3", "lr = 1e-3")).unwrap();
+    let out = train_cmd(&cfg, &["--steps", "8"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("lr: 0.003 -> 0.001") && err.contains("min_lr"), "{err}");
+    std::fs::write(&cfg, &text).unwrap();
+
+    // --steps past the schedule trains on at the minimum rate: the schedule keeps its 4 steps.
+    let out = train_cmd(&cfg, &["--steps", "8"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lr = metric(&run, "lr");
+    assert_eq!(lr.len(), 8);
+    for (i, &l) in lr.iter().enumerate().skip(4) {
+        // The rate is an f32 of the plan: within its rounding (2^-24 relative) of 3e-4.
+        assert!((l - 3e-4).abs() <= 3e-4 * 2f64.powi(-23), "step {}: lr {l}, not the schedule's minimum 3e-4", i + 1);
+    }
+    assert!(lr[0] > 3e-4 && lr[1] > 3e-4, "{lr:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn init_from_starts_from_another_runs_parameters_with_a_fresh_optimizer() {
+    let dir = temp_dir("init-from");
+    let docs = write_corpus(&dir);
+    let cfg = config(&dir, &docs, 4, 4, "byte");
+    let out = train_cmd(&cfg, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let a = dir.join("run");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("dir = \"run\"", "dir = \"tuned\"");
+    let cfg_b = dir.join("tuned.toml");
+    std::fs::write(&cfg_b, text).unwrap();
+    let out = train_cmd(&cfg_b, &["--steps", "2", "--init-from", a.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let b = dir.join("tuned");
+    let info = run_json(&b);
+    assert_eq!(info["init_from"]["step"], 4);
+    assert_eq!(info["init_from"]["checkpoint"], "step-00000004");
+    // The same first batch, from trained parameters: a lower loss; the schedule starts afresh.
+    let (la, lb) = (metric(&a, "loss"), metric(&b, "loss"));
+    assert!(lb[0] < la[0] - 0.1, "init-from run starts at {} against {} from initialisation", lb[0], la[0]);
+    assert_eq!(metric(&a, "lr")[0], metric(&b, "lr")[0]);
+    // Resuming keeps the record.
+    let out = train_cmd(&cfg_b, &["--steps", "3", "--init-from", a.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(run_json(&b)["init_from"]["step"], 4);
+    // A run with no checkpoint, or of another model, is refused.
+    let cfg_c = dir.join("c.toml");
+    std::fs::write(&cfg_c, std::fs::read_to_string(&cfg_b).unwrap().replace("dir = \"tuned\"", "dir = \"c\"")).unwrap();
+    let out = train_cmd(&cfg_c, &["--init-from", dir.join("docs").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no checkpoint"));
+    let text = std::fs::read_to_string(&cfg_c).unwrap().replace("samba-micro.weft", "mamba-tiny.weft");
+    std::fs::write(&cfg_c, text).unwrap();
+    let out = train_cmd(&cfg_c, &["--init-from", a.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--init-from") && err.contains("samba-micro"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `weft-run train` (here on the CPU reference, through the same library call) writes a run
+/// directory that `weft generate` reads and that resumes like one `weft train` wrote.
+#[test]
+fn a_bundle_trains_into_a_run_directory_weft_generates_from() {
+    use weft_runtime::backend::CpuBackend;
+    use weft_runtime::train::{shard_run, train, ShardRun};
+    let dir = temp_dir("bundle-run");
+    let docs = write_corpus(&dir);
+    let cfg = config(&dir, &docs, 3, 2, "byte");
+    let bundle_path = dir.join("micro.bundle");
+    let out = weft()
+        .args(["build", "--no-cubin", "--config"])
+        .arg(&cfg)
+        .arg("specs/tiny/samba-micro.weft")
+        .arg("-o")
+        .arg(&bundle_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shard = dir.join("docs.tokens");
+    let out = weft().args(["shard", "--tokenizer", "byte", "--out"]).arg(&shard).arg(&docs).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bundle = weft_runtime::bundle::Bundle::read(&bundle_path).unwrap();
+    let run_dir = dir.join("gpu-style-run");
+    let mut r = ShardRun {
+        train: vec![shard.clone()],
+        valid: vec![shard.clone()],
+        tokenizer: "byte".into(),
+        out: run_dir.clone(),
+        steps: Some(2),
+        log_every: 1,
+        eval_every: 0,
+        eval_batches: 1,
+        checkpoint_every: 1,
+        keep: 2,
+        accept_changes: false,
+        init_from: None,
+    };
+    let go = |r: &ShardRun| {
+        let (opts, tw, vw) = shard_run(&bundle, r).unwrap();
+        let mut be = CpuBackend::new(bundle.program.clone(), opts.run.settings.seed);
+        train(&mut be, &tw, &vw, &opts)
+    };
+    go(&r).unwrap();
+    let info = run_json(&run_dir);
+    assert_eq!(info["settings"]["grad_accum"], 2);
+    assert_eq!(info["settings"]["data_format"], "tokens");
+    assert!(info["spec"]["files"][0]["text"].as_str().unwrap().contains("model samba-micro"));
+    assert!(greedy(&run_dir).starts_with("the whale"));
+    // It resumes from its checkpoint to the schedule's end (3 steps, from the bundle's settings).
+    r.steps = None;
+    go(&r).unwrap();
+    assert_eq!(metric(&run_dir, "loss").len(), 3);
+    // A bundle of another model cannot resume it.
+    let other = dir.join("other.bundle");
+    let out = weft()
+        .args(["build", "--no-cubin", "--config"])
+        .arg(&cfg)
+        .arg("specs/tiny/mamba-tiny.weft")
+        .arg("-o")
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let other = weft_runtime::bundle::Bundle::read(&other).unwrap();
+    let (opts, tw, vw) = shard_run(&other, &r).unwrap();
+    let mut be = CpuBackend::new(other.program.clone(), 0);
+    let e = train(&mut be, &tw, &vw, &opts).unwrap_err();
+    assert!(e.contains("is a checkpoint of model `samba-micro`, not `mamba-tiny`"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

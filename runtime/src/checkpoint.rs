@@ -17,7 +17,9 @@ use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-pub const FORMAT_VERSION: u32 = 1;
+/// Format 2 records the run's identity (spec, settings and tokenizer hashes); format 1
+/// checkpoints still load for generation and `--init-from`, but do not resume.
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct CheckpointError(pub String);
@@ -46,6 +48,24 @@ pub struct RunState {
     pub tokenizer: String,
     /// Checksums (FNV-1a 64, hex) of the tensor files.
     pub checksums: BTreeMap<String, String>,
+    /// The run's identity when it was saved (see [`crate::run`]); absent in format 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer_hash: Option<String>,
+}
+
+impl RunState {
+    /// The identity recorded, if the checkpoint has one (format 2).
+    pub fn identity(&self) -> Option<crate::run::Identity> {
+        Some(crate::run::Identity {
+            spec_hash: self.spec_hash.clone()?,
+            settings_hash: self.settings_hash.clone()?,
+            tokenizer_hash: self.tokenizer_hash.clone(),
+        })
+    }
 }
 
 pub(crate) fn fnv64(bytes: &[u8]) -> String {
@@ -58,7 +78,7 @@ fn io<E: fmt::Display>(what: String) -> impl FnOnce(E) -> CheckpointError {
 }
 
 /// Writes bytes to `path` through a temporary file, synced, then renamed.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp).map_err(io(format!("cannot create `{}`", tmp.display())))?;
     f.write_all(bytes).map_err(io(format!("cannot write `{}`", tmp.display())))?;
@@ -182,17 +202,33 @@ pub fn latest(dir: &Path) -> Result<Option<PathBuf>, CheckpointError> {
 /// Loads a checkpoint and checks it against the program: every parameter and optimizer state
 /// present with its shape, nothing unknown, checksums intact.
 pub fn load(path: &Path, program: &Program) -> Result<(RunState, BTreeMap<String, Tensor<f32>>), CheckpointError> {
+    let state = read_state(path)?;
+    let tensors = load_tensors(path, program, &state)?;
+    Ok((state, tensors))
+}
+
+/// Reads a checkpoint's `state.json` alone (its format and model checked later by [`load`]).
+pub fn read_state(path: &Path) -> Result<RunState, CheckpointError> {
     let state_path = path.join("state.json");
     let text = std::fs::read_to_string(&state_path).map_err(io(format!("cannot read `{}`", state_path.display())))?;
     let state: RunState =
         serde_json::from_str(&text).map_err(io(format!("`{}` is not a valid run state", state_path.display())))?;
-    if state.format_version != FORMAT_VERSION {
+    if !(1..=FORMAT_VERSION).contains(&state.format_version) {
         return fail(format!(
             "`{}` is checkpoint format {}; this weft reads format {FORMAT_VERSION}",
             path.display(),
             state.format_version
         ));
     }
+    Ok(state)
+}
+
+/// The tensors of a checkpoint whose state was read, checked against the program.
+fn load_tensors(
+    path: &Path,
+    program: &Program,
+    state: &RunState,
+) -> Result<BTreeMap<String, Tensor<f32>>, CheckpointError> {
     if state.model != program.model {
         return fail(format!(
             "`{}` is a checkpoint of model `{}`, not `{}`",
@@ -235,7 +271,7 @@ pub fn load(path: &Path, program: &Program) -> Result<(RunState, BTreeMap<String
     if let Some(extra) = tensors.keys().find(|k| !expected.iter().any(|(n, _)| n == k)) {
         return fail(format!("`{}` holds `{extra}`, which the model does not have", path.display()));
     }
-    Ok((state, tensors))
+    Ok(tensors)
 }
 
 /// Reads only the parameters of a checkpoint (for generation), checked against the program.

@@ -18,6 +18,7 @@ pub mod init;
 pub mod memory;
 pub mod op;
 pub mod plan;
+pub mod run;
 pub mod shape;
 pub mod train;
 

@@ -62,10 +62,50 @@ pub fn load_file(path: &Path) -> Loaded {
 
 /// Loads a spec from text; `extends` paths are relative to `path`'s directory.
 pub fn load_str(path: &Path, src: String) -> Loaded {
+    load_with(path, src, &Files::Disk)
+}
+
+/// Loads a spec whose every file is given (a run's recorded spec): `extends` resolves to the
+/// given files by path, never to the disk, so edits made since do not leak in.
+pub fn load_stored(files: &[(PathBuf, String)]) -> Loaded {
+    let Some((root, text)) = files.first() else {
+        let mut diags = Diagnostics::default();
+        diags.push(Diagnostic::error("the recorded spec holds no file"));
+        return Loaded { sources: SourceMap::new(), model: None, diags };
+    };
+    load_with(root, text.clone(), &Files::Stored(files))
+}
+
+/// Where `extends` reads a base spec from.
+enum Files<'a> {
+    Disk,
+    Stored(&'a [(PathBuf, String)]),
+}
+
+impl Files<'_> {
+    fn read(&self, path: &Path) -> std::io::Result<String> {
+        match self {
+            Files::Disk => std::fs::read_to_string(path),
+            Files::Stored(files) => files.iter().find(|(p, _)| p == path).map(|(_, t)| t.clone()).ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::NotFound, "the recorded spec does not hold this file")
+            }),
+        }
+    }
+
+    /// The name a file is known by, for finding cycles.
+    fn identity(&self, path: &Path) -> PathBuf {
+        match self {
+            Files::Disk => std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
+            Files::Stored(_) => path.to_path_buf(),
+        }
+    }
+}
+
+fn load_with(path: &Path, src: String, files: &Files) -> Loaded {
     let mut sources = SourceMap::new();
     let mut diags = Diagnostics::default();
     let mut stack = Vec::new();
-    let merged = load_chain(path, src, &mut sources, &mut diags, &mut stack);
+    let merged = load_chain(path, src, files, &mut sources, &mut diags, &mut stack);
     // Semantic errors after a syntax error are mostly its echoes: report the syntax alone.
     let model = if diags.has_errors() { None } else { resolve(&merged, &mut diags) };
     diags.sort_by_place();
@@ -75,6 +115,7 @@ pub fn load_str(path: &Path, src: String) -> Loaded {
 fn load_chain(
     path: &Path,
     src: String,
+    files: &Files,
     sources: &mut SourceMap,
     diags: &mut Diagnostics,
     stack: &mut Vec<PathBuf>,
@@ -82,7 +123,7 @@ fn load_chain(
     let file = sources.add(path, src);
     let (ast, syntax) = parse(sources.source(file), file);
     diags.extend(syntax);
-    stack.push(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()));
+    stack.push(files.identity(path));
 
     let mut merged = Merged { root: Some(file), ..Merged::default() };
     let mut seen_model: Option<Span> = None;
@@ -98,7 +139,7 @@ fn load_chain(
                     );
                     continue;
                 }
-                if let Some(base) = load_base(path, target, sources, diags, stack) {
+                if let Some(base) = load_base(path, target, files, sources, diags, stack) {
                     merged = Merged { root: Some(file), ..base };
                 }
             }
@@ -179,12 +220,13 @@ fn load_chain(
 fn load_base(
     path: &Path,
     target: &Spanned<String>,
+    files: &Files,
     sources: &mut SourceMap,
     diags: &mut Diagnostics,
     stack: &mut Vec<PathBuf>,
 ) -> Option<Merged> {
     let base_path = path.parent().unwrap_or(Path::new(".")).join(&target.value);
-    let canonical = std::fs::canonicalize(&base_path).unwrap_or_else(|_| base_path.clone());
+    let canonical = files.identity(&base_path);
     if stack.contains(&canonical) {
         diags.push(
             Diagnostic::error(format!("`{}` extends itself", target.value))
@@ -199,8 +241,8 @@ fn load_base(
         );
         return None;
     }
-    match std::fs::read_to_string(&base_path) {
-        Ok(src) => Some(load_chain(&base_path, src, sources, diags, stack)),
+    match files.read(&base_path) {
+        Ok(src) => Some(load_chain(&base_path, src, files, sources, diags, stack)),
         Err(e) => {
             diags.push(
                 Diagnostic::error(format!("cannot read base spec `{}`: {e}", base_path.display()))

@@ -10,5 +10,5 @@ mod resolve;
 mod suggest;
 
 pub use layers::{Attention, Gla, LayerKind, Mamba, RetNet, SwiGlu, LAYER_KINDS};
-pub use load::{load_file, load_str, Loaded};
+pub use load::{load_file, load_stored, load_str, Loaded};
 pub use model::{InitScheme, LayerDef, LayerUse, Model, MAX_LAYERS};

@@ -1,22 +1,96 @@
 //! `weft-run`: runs weft bundles on a GPU, with no compiler inside. `check` compares every
-//! kernel and a whole model with the CPU reference; `bench` measures training throughput.
+//! kernel and a whole model with the CPU reference; `bench` measures training throughput;
+//! `train` trains into a run directory like `weft train` writes.
 
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
+use weft_runtime::backend::{Backend, CpuBackend};
 use weft_runtime::bundle::Bundle;
 use weft_runtime::cpu::tensor::Tensor;
 use weft_runtime::cuda::{check, Gpu, GpuBackend};
 
-const USAGE: &str = "usage: weft-run info
-       weft-run check BUNDLE [--seed N]
-       weft-run bench BUNDLE [--steps N]
-       weft-run train BUNDLE --train SHARD --valid SHARD --out DIR [--steps N] [--seed N]
-                      [--tokenizer NAME] [--log-every N] [--eval-every N] [--eval-batches N]";
+#[derive(Parser)]
+#[command(name = "weft-run", version, about = "Runs weft bundles on an NVIDIA GPU")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Name the GPU and its memory.
+    Info,
+    /// Compare every kernel of a bundle, then the whole model, with the CPU reference.
+    Check {
+        bundle: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Measure training throughput (tokens/s, MFU, memory, time by kernel class) and prefill.
+    Bench {
+        bundle: PathBuf,
+        /// Timed repetitions.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        steps: u64,
+    },
+    /// Train a bundle's model on token shards into a run directory (resumes from its newest
+    /// checkpoint). The settings that shape the run (batch, sequence length, gradient
+    /// accumulation, seed, optimizer and schedule) are the ones the bundle was built with.
+    Train {
+        bundle: PathBuf,
+        /// Token shards to train on (made by `weft shard`).
+        #[arg(long = "train", required = true, num_args = 1..)]
+        train_shards: Vec<PathBuf>,
+        /// Held-out token shards.
+        #[arg(long = "valid", required = true, num_args = 1..)]
+        valid_shards: Vec<PathBuf>,
+        /// The run directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Train until this many optimizer steps are done (default: the schedule's length).
+        #[arg(long)]
+        steps: Option<u64>,
+        /// `byte`, or the tokenizer.json the shards were made with (kept in the run directory).
+        #[arg(long, default_value = "byte")]
+        tokenizer: String,
+        #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..))]
+        log_every: u64,
+        /// Steps between held-out evaluations (0: only at the end).
+        #[arg(long, default_value_t = 50)]
+        eval_every: u64,
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        eval_batches: u64,
+        /// Steps between checkpoints (0: only at the end).
+        #[arg(long, default_value_t = 0)]
+        checkpoint_every: u64,
+        /// Checkpoints kept.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+        keep: u64,
+        /// Resume even though the run's identity changed (recorded in run.json).
+        #[arg(long)]
+        accept_changes: bool,
+        /// Start from another run's newest parameters, with a fresh optimizer and schedule.
+        #[arg(long, value_name = "RUN")]
+        init_from: Option<PathBuf>,
+        /// Where to train: `gpu`, `cpu` (the reference, in f32) or `auto` (the GPU when one is
+        /// usable).
+        #[arg(long, value_enum, default_value = "gpu")]
+        backend: BackendArg,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BackendArg {
+    Auto,
+    Cpu,
+    Gpu,
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match run(&args) {
+    let cli = Cli::parse();
+    match run(cli.command) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
@@ -26,29 +100,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn flag(args: &[String], name: &str, default: u64) -> Result<u64, String> {
-    match args.iter().position(|a| a == name) {
-        None => Ok(default),
-        Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).ok_or_else(|| format!("{name} needs a whole number")),
-    }
-}
-
-fn value<'a>(args: &'a [String], name: &str) -> Result<&'a str, String> {
-    let i = args.iter().position(|a| a == name).ok_or_else(|| format!("{name} is required\n{USAGE}"))?;
-    args.get(i + 1).map(String::as_str).ok_or_else(|| format!("{name} needs a value"))
-}
-
-fn open(path: &str) -> Result<(Gpu, Bundle), String> {
-    let bundle = Bundle::read(&PathBuf::from(path)).map_err(|e| e.0)?;
+fn open(path: &std::path::Path) -> Result<(Gpu, Bundle), String> {
+    let bundle = Bundle::read(path).map_err(|e| e.0)?;
     let gpu = Gpu::open(0).map_err(|e| e.0)?;
     Ok((gpu, bundle))
 }
 
 use weft_runtime::cuda::bench::{tokens, vocab};
 
-fn run(args: &[String]) -> Result<bool, String> {
-    match args.first().map(String::as_str) {
-        Some("info") => {
+fn run(command: Command) -> Result<bool, String> {
+    match command {
+        Command::Info => {
             let gpu = Gpu::open(0).map_err(|e| e.0)?;
             println!(
                 "{} (sm_{}{}), {:.1} GiB",
@@ -59,11 +121,9 @@ fn run(args: &[String]) -> Result<bool, String> {
             );
             Ok(true)
         }
-        Some("check") => {
-            let path = args.get(1).ok_or(USAGE)?;
-            let seed = flag(args, "--seed", 0)?;
-            let (gpu, bundle) = open(path)?;
-            println!("{}: {} on {}", path, bundle.program.model, gpu.name);
+        Command::Check { bundle: path, seed } => {
+            let (gpu, bundle) = open(&path)?;
+            println!("{}: {} on {}", path.display(), bundle.program.model, gpu.name);
             let t0 = Instant::now();
             let mut be = GpuBackend::new(gpu, bundle.clone(), seed).map_err(|e| e.0)?;
             let mut rows = Vec::new();
@@ -104,52 +164,65 @@ fn run(args: &[String]) -> Result<bool, String> {
             println!("check took {:.1} s", t0.elapsed().as_secs_f64());
             Ok(failed.is_empty() && table.iter().all(check::Row::passed))
         }
-        Some("bench") => {
-            let path = args.get(1).ok_or(USAGE)?;
-            let steps = flag(args, "--steps", 5)? as usize;
-            let (gpu, bundle) = open(path)?;
+        Command::Bench { bundle, steps } => {
+            let (gpu, bundle) = open(&bundle)?;
             let mut be = GpuBackend::new(gpu, bundle, 0).map_err(|e| e.0)?;
-            print!("{}", weft_runtime::cuda::bench::bench(&mut be, steps)?.render());
+            print!("{}", weft_runtime::cuda::bench::bench(&mut be, steps as usize)?.render());
             Ok(true)
         }
-        Some("train") => {
-            use weft_runtime::data::corpus::{load_shards, Windows};
-            use weft_runtime::train::{train, TrainOptions};
-            let path = args.get(1).ok_or(USAGE)?;
-            let (gpu, bundle) = open(path)?;
-            let shape = bundle.plans.get("train_step").ok_or("the bundle has no training step")?.0;
-            let v = vocab(&bundle.program);
-            let load = |flag: &str| -> Result<Windows, String> {
-                let file = PathBuf::from(value(args, flag)?);
-                let tokens = load_shards(std::slice::from_ref(&file), v).map_err(|e| e.0)?;
-                Windows::new(tokens, shape.seq as usize, &file).map_err(|e| e.0)
-            };
-            let (train_w, valid_w) = (load("--train")?, load("--valid")?);
-            let steps = flag(args, "--steps", 300)?;
-            let seed = flag(args, "--seed", 3407)?;
-            let out_dir = PathBuf::from(value(args, "--out")?);
-            std::fs::create_dir_all(&out_dir).map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
-            let opts = TrainOptions {
-                seed,
+        Command::Train {
+            bundle: path,
+            train_shards,
+            valid_shards,
+            out,
+            steps,
+            tokenizer,
+            log_every,
+            eval_every,
+            eval_batches,
+            checkpoint_every,
+            keep,
+            accept_changes,
+            init_from,
+            backend,
+        } => {
+            use weft_runtime::train::{shard_run, train, ShardRun};
+            // Everything is checked before the GPU is touched.
+            let bundle = Bundle::read(&path).map_err(|e| e.0)?;
+            let run = ShardRun {
+                train: train_shards,
+                valid: valid_shards,
+                tokenizer,
+                out,
                 steps,
-                batch_size: shape.batch as usize,
-                seq_len: shape.seq as usize,
-                grad_accum: 1,
-                log_every: flag(args, "--log-every", 25)?,
-                eval_every: flag(args, "--eval-every", 50)?,
-                eval_batches: flag(args, "--eval-batches", 8)? as usize,
-                out_dir: out_dir.clone(),
-                checkpoint_every: 0,
-                keep: 1,
-                tokenizer: value(args, "--tokenizer").unwrap_or("byte").to_string(),
-                progress: false,
+                log_every,
+                eval_every,
+                eval_batches: eval_batches as usize,
+                checkpoint_every,
+                keep: keep as usize,
+                accept_changes,
+                init_from,
+            };
+            let (opts, train_w, valid_w) = shard_run(&bundle, &run).map_err(|e| format!("{}: {e}", path.display()))?;
+            let settings = opts.run.settings.clone();
+            let shape = bundle.plans.get("train_step").ok_or("the bundle has no training step")?.0;
+            let gpu = match backend {
+                BackendArg::Gpu => Some(Gpu::open(0).map_err(|e| format!("no usable GPU: {}", e.0))?),
+                BackendArg::Auto => Gpu::open(0).ok(),
+                BackendArg::Cpu => None,
+            };
+            let (mut be, place): (Box<dyn Backend>, String) = match gpu {
+                Some(gpu) => {
+                    let name = gpu.name.clone();
+                    (Box::new(GpuBackend::new(gpu, bundle.clone(), settings.seed).map_err(|e| e.0)?), name)
+                }
+                None => (Box::new(CpuBackend::new(bundle.program.clone(), settings.seed)), "the CPU reference".into()),
             };
             println!(
-                "training {} on {} ({} x {} tokens per step)",
-                bundle.program.model, gpu.name, shape.batch, shape.seq
+                "training {} on {place} ({} x {} tokens per micro-batch, {} micro-batches per step)",
+                bundle.program.model, shape.batch, shape.seq, settings.grad_accum
             );
-            let mut be = GpuBackend::new(gpu, bundle, seed).map_err(|e| e.0)?;
-            let s = train(&mut be, &train_w, &valid_w, &opts)?;
+            let s = train(be.as_mut(), &train_w, &valid_w, &opts)?;
             println!(
                 "final training loss {:.4}, held-out loss {:.4}, {:.0} tokens/s",
                 s.final_loss.unwrap_or(f64::NAN),
@@ -158,6 +231,31 @@ fn run(args: &[String]) -> Result<bool, String> {
             );
             Ok(true)
         }
-        _ => Err(USAGE.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, String> {
+        Cli::try_parse_from(std::iter::once("weft-run").chain(args.iter().copied())).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn unknown_or_malformed_flags_are_errors() {
+        let base = ["train", "m.bundle", "--train", "a.tokens", "--valid", "b.tokens", "--out", "run"];
+        assert!(parse(&base).is_ok());
+        // A misspelt flag is refused, not ignored (it used to train the default 300 steps).
+        let e = parse(&[&base[..], &["--step", "100"]].concat()).err().expect("--step accepted");
+        assert!(e.contains("--step") && e.contains("--steps"), "{e}");
+        let e = parse(&[&base[..], &["--steps", "ten"]].concat()).err().expect("--steps ten accepted");
+        assert!(e.contains("ten"), "{e}");
+        let e = parse(&["train", "m.bundle", "--out", "run"]).err().expect("no shards accepted");
+        assert!(e.contains("--train"), "{e}");
+        let e = parse(&["bench", "m.bundle", "--steps", "0"]).err().expect("0 steps accepted");
+        assert!(e.contains("0"), "{e}");
+        let e = parse(&["frobnicate"]).err().expect("unknown command accepted");
+        assert!(e.contains("frobnicate"), "{e}");
     }
 }

@@ -76,14 +76,28 @@ impl Tokenizer {
         Tokenizer::from_hf(inner)
     }
 
-    /// Writes a BPE tokenizer as `tokenizer.json` (byte tokenizers have nothing to write).
+    /// Writes a BPE tokenizer as `tokenizer.json`, atomically (byte tokenizers have nothing to
+    /// write).
     pub fn save(&self, path: &Path) -> Result<(), TokenizerError> {
-        match self {
-            Tokenizer::Bytes => Ok(()),
-            Tokenizer::Bpe { inner, .. } => {
-                inner.save(path, false).map_err(|e| TokenizerError(format!("cannot write `{}`: {e}", path.display())))
-            }
+        match self.to_json()? {
+            None => Ok(()),
+            Some(json) => crate::checkpoint::write_atomic(path, json.as_bytes()).map_err(|e| TokenizerError(e.0)),
         }
+    }
+
+    /// The `tokenizer.json` text of a BPE tokenizer (`None` for bytes).
+    pub fn to_json(&self) -> Result<Option<String>, TokenizerError> {
+        match self {
+            Tokenizer::Bytes => Ok(None),
+            Tokenizer::Bpe { inner, .. } => inner.to_string(false).map(Some).map_err(err("serialising the tokenizer")),
+        }
+    }
+
+    /// A tokenizer from `tokenizer.json` text.
+    pub fn from_json(json: &str) -> Result<Tokenizer, TokenizerError> {
+        let inner: HfTokenizer =
+            json.parse().map_err(|e| TokenizerError(format!("not a valid tokenizer.json: {e}")))?;
+        Tokenizer::from_hf(inner)
     }
 
     pub fn vocab_size(&self) -> usize {
