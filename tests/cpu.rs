@@ -277,3 +277,73 @@ fn evaluation_takes_any_number_of_windows() {
         .unwrap();
     assert_eq!(none, 0.0);
 }
+
+/// The GPU check's rule, run on the CPU: a run rounding to bf16 where the GPU does errs against
+/// f64 by about bf16's rounding (and every value it stores as bf16 is one), the exact f32
+/// reference errs far less and passes the rule against it, and a wrong last row fails the rule
+/// through the worst-row error even where the norm-relative error hides it.
+#[test]
+fn the_gpu_checks_rule_measures_rounding_and_catches_a_wrong_row() {
+    use weft_runtime::backend::{Backend, CpuBackend};
+    use weft_runtime::cpu::exec::{run_rounded, Rounding};
+    use weft_runtime::cuda::check::{errors, Errors, Row};
+    // Tensor-core-shaped attention (heads of 64) with a window shorter than the 70 tokens.
+    let src = "model check-rule { vocab = 64  width = 64 }
+layer m = mamba(d_state = 4)
+layer a = attention(heads = 1, head_dim = 64, window = 24)
+layer f = mlp(hidden = 96)
+layers = [m, f, a, f]
+";
+    let (p, _) = program(src);
+    let inputs: Vec<(String, Tensor<f32>)> = batch(2, 70, 64, 9).into_iter().map(|(n, t)| (n, t.cast())).collect();
+    let logits = |be: &mut CpuBackend| {
+        be.run("logits", vec![inputs[0].clone()]).unwrap()["logits"]
+            .reals()
+            .unwrap()
+            .iter()
+            .map(|&x| x as f64)
+            .collect::<Vec<f64>>()
+    };
+    let (mut emu, mut exact, mut f32) =
+        (CpuBackend::new_like_gpu(p.clone(), 3), CpuBackend::new_f64(p.clone(), 3), CpuBackend::new(p.clone(), 3));
+    let (e, x, f) = (logits(&mut emu), logits(&mut exact), logits(&mut f32));
+    let row = |got: &[f64], emu_err: Errors| Row { what: "logits".into(), gpu: errors(got, &x, 64), emu: emu_err };
+    let emu_err = errors(&e, &x, 64);
+    // bf16 keeps 8 bits: rounding alone costs between 2^-12 and 2^-6 here.
+    assert!(emu_err.norm_rel > 2f64.powi(-12) && emu_err.norm_rel < 2f64.powi(-6), "{emu_err:?}");
+    let exact_f32 = row(&f, emu_err);
+    assert!(exact_f32.gpu.norm_rel < 2f64.powi(-16), "{:?}", exact_f32.gpu);
+    assert!(exact_f32.passed());
+    // The last position of the second sequence computed from a wrong key range: off by 5%.
+    let mut wrong = f.clone();
+    let n = wrong.len();
+    for v in &mut wrong[n - 64..] {
+        *v *= 1.05;
+    }
+    let bad = row(&wrong, emu_err);
+    assert!(bad.gpu.norm_rel < 4.0 * emu_err.norm_rel, "the norm hides one row: {:?}", bad.gpu);
+    assert!(!bad.passed(), "{:?} vs {:?}", bad.gpu, emu_err);
+
+    // Every value the training step stores as bf16 is a bf16 number in the emulating run.
+    let plan = p.plan("train_step").unwrap();
+    let mut store = weft_runtime::cpu::exec::Store::<f32>::init(&p, 3);
+    let mut train = inputs.clone();
+    train.push(("loss_scale".into(), Tensor::scalar(1.0)));
+    let mut checked = 0;
+    let mut observe = |i: usize, _: &[&Tensor<f32>], outs: &[Tensor<f32>]| {
+        for (v, t) in plan.steps[i].outputs.iter().zip(outs) {
+            if plan.values[*v as usize].dtype == weft_runtime::DType::BF16 {
+                for &x in t.reals().unwrap() {
+                    assert_eq!(x, half::bf16::from_f32(x).to_f32(), "step {i} stores a value bf16 cannot hold");
+                }
+                checked += 1;
+            }
+        }
+    };
+    run_rounded(plan, &mut store, train, Rounding::LikeGpu, &mut observe).unwrap();
+    assert!(checked > 20, "{checked} bf16 outputs");
+    // The tensor-core attention rounds its operands; heads of 256 run in f32 on the GPU.
+    let attn = |hd| weft_runtime::op::AttentionAttrs { heads: 1, kv_heads: 1, head_dim: hd, window: None, rope: None };
+    assert!(attn(64).on_tensor_cores(true) && attn(128).on_tensor_cores(true));
+    assert!(!attn(256).on_tensor_cores(true) && !attn(64).on_tensor_cores(false));
+}

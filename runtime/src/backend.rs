@@ -2,7 +2,7 @@
 //! read or replace the persistent tensors. The CPU reference implements it; so will the GPU
 //! executor.
 
-use crate::cpu::exec::{run, Store};
+use crate::cpu::exec::{run_rounded, Rounding, Store};
 use crate::cpu::tensor::Tensor;
 use crate::plan::Program;
 use std::collections::BTreeMap;
@@ -24,23 +24,32 @@ enum CpuStore {
     F64(Store<f64>),
 }
 
-/// The CPU reference backend: f32, or f64 in check mode (values cross the interface as f32).
+/// The CPU reference backend: f32, or f64 in check mode (values cross the interface as f32),
+/// exact or rounding to bf16 where the GPU does.
 pub struct CpuBackend {
     program: Program,
     store: CpuStore,
+    rounding: Rounding,
 }
 
 impl CpuBackend {
     /// Parameters from the counter-based initialisation with `seed`, states at zero.
     pub fn new(program: Program, seed: u64) -> CpuBackend {
         let store = CpuStore::F32(Store::init(&program, seed));
-        CpuBackend { program, store }
+        CpuBackend { program, store, rounding: Rounding::Exact }
     }
 
     /// The same in f64: every operation computes in double precision.
     pub fn new_f64(program: Program, seed: u64) -> CpuBackend {
         let store = CpuStore::F64(Store::init(&program, seed));
-        CpuBackend { program, store }
+        CpuBackend { program, store, rounding: Rounding::Exact }
+    }
+
+    /// f32, rounding to bf16 where the GPU's kernels do ([`Rounding::LikeGpu`]): what the GPU
+    /// check measures rounding alone against.
+    pub fn new_like_gpu(program: Program, seed: u64) -> CpuBackend {
+        let store = CpuStore::F32(Store::init(&program, seed));
+        CpuBackend { program, store, rounding: Rounding::LikeGpu }
     }
 
     fn tensor(&self, name: &str) -> Option<Tensor<f32>> {
@@ -53,9 +62,10 @@ impl CpuBackend {
 
 impl Backend for CpuBackend {
     fn name(&self) -> &str {
-        match self.store {
-            CpuStore::F32(_) => "cpu",
-            CpuStore::F64(_) => "cpu-f64",
+        match (&self.store, self.rounding) {
+            (CpuStore::F32(_), Rounding::Exact) => "cpu",
+            (CpuStore::F32(_), Rounding::LikeGpu) => "cpu-bf16",
+            (CpuStore::F64(_), _) => "cpu-f64",
         }
     }
 
@@ -67,10 +77,10 @@ impl Backend for CpuBackend {
         let plan = self.program.plan(plan).map_err(|e| e.0)?;
         plan.check_token_ids(&inputs).map_err(|e| e.0)?;
         match &mut self.store {
-            CpuStore::F32(s) => run(plan, s, inputs).map_err(|e| e.0),
+            CpuStore::F32(s) => run_rounded(plan, s, inputs, self.rounding, &mut |_, _, _| {}).map_err(|e| e.0),
             CpuStore::F64(s) => {
                 let inputs = inputs.into_iter().map(|(n, t)| (n, t.cast())).collect();
-                let out = run(plan, s, inputs).map_err(|e| e.0)?;
+                let out = run_rounded(plan, s, inputs, self.rounding, &mut |_, _, _| {}).map_err(|e| e.0)?;
                 Ok(out.into_iter().map(|(n, t)| (n, t.cast())).collect())
             }
         }

@@ -29,6 +29,9 @@ pub struct AttnDims {
     pub window: Option<usize>,
     /// RoPE base (e.g. 10 000), or `None` for no positional rotation.
     pub rope: Option<f64>,
+    /// Round the rotated q and k, P and dS to bf16 before their products, as the GPU's
+    /// tensor-core kernels do (the GPU check's rounding emulation); the sums stay unrounded.
+    pub bf16_operands: bool,
 }
 
 /// Query rows per forward/dQ task.
@@ -68,6 +71,25 @@ impl AttnDims {
             Some(w) => self.seq.min(j + w),
             None => self.seq,
         }
+    }
+
+    /// `x` as a product operand: rounded to bf16 when emulating the tensor-core kernels.
+    fn operand<T: Real>(&self, x: T) -> T {
+        if self.bf16_operands {
+            x.to_bf16()
+        } else {
+            x
+        }
+    }
+
+    /// The rotated q or k as the products read them.
+    fn operands<'a, T: Real>(&self, x: std::borrow::Cow<'a, [T]>) -> std::borrow::Cow<'a, [T]> {
+        if !self.bf16_operands {
+            return x;
+        }
+        let mut v = x.into_owned();
+        super::real::round_bf16(&mut v);
+        std::borrow::Cow::Owned(v)
     }
 
     fn check(&self, kernel: &str) {
@@ -166,7 +188,7 @@ impl<T: Real> Heads<'_, T> {
                     for (&sj, j) in s.iter().zip(lo..hi) {
                         let p = (sj - m_new).exp();
                         sum = sum + p;
-                        axpy(p, self.v(bi, j, g), acc);
+                        axpy(d.operand(p), self.v(bi, j, g), acc);
                     }
                     l[r] = l[r] * correction + sum;
                     m[r] = m_new;
@@ -197,8 +219,8 @@ pub fn attention_fwd<T: Real>(dims: AttnDims, q: &[T], k: &[T], v: &[T], out: &m
     if tokens == 0 {
         return;
     }
-    let qr = rotated(q, dims.seq, qw, dims.head_dim, dims.rope);
-    let kr = rotated(k, dims.seq, kw, dims.head_dim, dims.rope);
+    let qr = dims.operands(rotated(q, dims.seq, qw, dims.head_dim, dims.rope));
+    let kr = dims.operands(rotated(k, dims.seq, kw, dims.head_dim, dims.rope));
     let heads = Heads { dims, q: &qr, k: &kr, v };
     out.par_chunks_mut(dims.seq * qw).zip(lse.par_chunks_mut(dims.seq * dims.heads)).enumerate().for_each(
         |(bi, (ob, lb))| {
@@ -232,7 +254,8 @@ impl<T: Real> Backward<'_, T> {
         let s = d.scale::<T>() * dot(self.x.q(bi, i, h), self.x.k(bi, j, g));
         let p = (s - self.lse[row]).exp();
         let dp = dot(self.g_out(bi, i, h), self.x.v(bi, j, g));
-        (p, p * (dp - self.d_row[row]))
+        // Both are product operands (dV += P·dO, dK += dS·Q, dQ += dS·K).
+        (d.operand(p), d.operand(p * (dp - self.d_row[row])))
     }
 
     /// dQ (before un-rotating) for query rows `i0..` of sequence `bi`: `[rows, heads·head_dim]`.
@@ -307,8 +330,8 @@ pub fn attention_bwd<T: Real>(
     if tokens == 0 {
         return;
     }
-    let qr = rotated(q, seq, qw, hd, dims.rope);
-    let kr = rotated(k, seq, kw, hd, dims.rope);
+    let qr = dims.operands(rotated(q, seq, qw, hd, dims.rope));
+    let kr = dims.operands(rotated(k, seq, kw, hd, dims.rope));
     let mut d_row = vec![T::zero(); tokens * dims.heads];
     d_row.par_chunks_mut(dims.heads).enumerate().for_each(|(tok, dr)| {
         let (o, go) = (&out[tok * qw..][..qw], &g_out[tok * qw..][..qw]);
@@ -467,7 +490,7 @@ mod tests {
         window: Option<usize>,
         rope: Option<f64>,
     ) -> AttnDims {
-        AttnDims { batch, seq, heads, kv_heads, head_dim, window, rope }
+        AttnDims { batch, seq, heads, kv_heads, head_dim, window, rope, bf16_operands: false }
     }
 
     /// q, k, v with entries uniform in ±`amp`.

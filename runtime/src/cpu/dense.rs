@@ -131,7 +131,7 @@ fn log_sum_exp<T: Real>(z: &[T]) -> T {
 }
 
 /// Gradients of `g_loss · cross_entropy_fwd`: with `G = (softmax(z) − onehot)·g_loss/N` (zero
-/// rows where there is no target, `N` the positions with one),
+/// rows where there is no target, `N` the positions with one; rounded to bf16 with `round_g`),
 /// `g_h = G · w` and `g_w = Gᵀ · h`. Chunks run in order (each product is itself parallel), so
 /// `g_w` accumulates in a fixed order and only one chunk of logits exists at a time.
 #[allow(clippy::too_many_arguments)]
@@ -142,6 +142,7 @@ pub fn cross_entropy_bwd<T: Real>(
     w: &[T],
     targets: &[i32],
     g_loss: T,
+    round_g: bool,
     gh: &mut [T],
     gw: &mut [T],
 ) {
@@ -167,6 +168,10 @@ pub fn cross_entropy_bwd<T: Real>(
             }
             let t = t as usize;
             zr[t] = zr[t] - scale;
+            if round_g {
+                // The GPU keeps each chunk's G in bf16 for its two products.
+                super::real::round_bf16(zr);
+            }
         });
         gemm(rows, vocab, d, z, false, w, false, gh, T::zero());
         gemm(vocab, rows, d, z, true, hc, false, gw, T::one());

@@ -106,6 +106,35 @@ impl Bound {
     }
 }
 
+/// Where a CPU run rounds to bf16 besides its exact f32 (or f64) arithmetic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Rounding {
+    /// The reference: no rounding anywhere.
+    #[default]
+    Exact,
+    /// Where the GPU rounds: every value a plan stores as bf16 (not the AdamW update of a
+    /// parameter, which the GPU keeps in an f32 master), the tensor-core attention's operands
+    /// (rotated q and k, P, dS) and the loss gradient's bf16 chunk. The GPU check measures what
+    /// this rounding alone costs against f64, and allows the GPU twice that.
+    LikeGpu,
+}
+
+impl Rounding {
+    /// Whether step `op` of `plan` rounds its products' operands (see [`Rounding::LikeGpu`]).
+    pub fn operands(self, plan: &Plan, step: &crate::plan::Step) -> bool {
+        if self == Rounding::Exact {
+            return false;
+        }
+        let bf16 = |k: usize| step.inputs.get(k).is_some_and(|&v| plan.values[v as usize].dtype == DType::BF16);
+        match &step.op {
+            Op::Attention(a) => a.on_tensor_cores(bf16(0) && bf16(1) && bf16(2)),
+            Op::AttentionBackward(a) => a.on_tensor_cores(bf16(0) && bf16(1) && bf16(2) && bf16(5)),
+            Op::CrossEntropyBackward => true,
+            _ => false,
+        }
+    }
+}
+
 /// Runs `plan`: inputs by name, persistent tensors from `store`. Returns the named outputs and
 /// writes the updates into `store` (only when the whole plan succeeded).
 pub fn run<T: Real>(
@@ -127,6 +156,19 @@ pub fn run_observed<T: Real>(
     inputs: Vec<(String, Tensor<T>)>,
     observe: &mut StepObserver<'_, T>,
 ) -> Result<BTreeMap<String, Tensor<T>>, ExecError> {
+    run_rounded(plan, store, inputs, Rounding::Exact, observe)
+}
+
+/// [`run_observed`] with the given [`Rounding`].
+pub fn run_rounded<T: Real>(
+    plan: &Plan,
+    store: &mut Store<T>,
+    inputs: Vec<(String, Tensor<T>)>,
+    rounding: Rounding,
+    observe: &mut StepObserver<'_, T>,
+) -> Result<BTreeMap<String, Tensor<T>>, ExecError> {
+    let like_gpu = rounding == Rounding::LikeGpu;
+    let stored_bf16 = |v: u32| like_gpu && plan.values[v as usize].dtype == DType::BF16;
     let mut bound = Bound::default();
     let mut slots: Vec<Option<Cow<Tensor<T>>>> = vec![None; plan.values.len()];
     let mut given: BTreeMap<String, Tensor<T>> = inputs.into_iter().collect();
@@ -142,7 +184,7 @@ pub fn run_observed<T: Real>(
             ));
         }
         bound.bind(ty, &t.shape, name)?;
-        slots[*v as usize] = Some(Cow::Owned(t));
+        slots[*v as usize] = Some(Cow::Owned(if stored_bf16(*v) { rounded(t) } else { t }));
     }
     if let Some(extra) = given.keys().next() {
         return fail(format!("plan `{}` has no input `{extra}`", plan.name));
@@ -155,7 +197,9 @@ pub fn run_observed<T: Real>(
         if t.shape != want {
             return fail(format!("`{name}` has shape {:?} in the store, the plan needs {want:?}", t.shape));
         }
-        slots[*v as usize] = Some(Cow::Borrowed(t));
+        // A bf16 parameter is read as its bf16 copy, except by AdamW, which updates the master.
+        let copy = stored_bf16(*v) && plan.steps.iter().any(|s| s.inputs.contains(v) && !matches!(s.op, Op::AdamW(_)));
+        slots[*v as usize] = Some(if copy { Cow::Owned(rounded(t.clone())) } else { Cow::Borrowed(t) });
     }
 
     let last = plan.last_uses();
@@ -171,8 +215,15 @@ pub fn run_observed<T: Real>(
                 .collect::<Result<_, _>>()?;
             let shapes: Vec<Vec<usize>> =
                 step.outputs.iter().map(|v| bound.shape(&plan.values[*v as usize])).collect::<Result<_, _>>()?;
-            let outs = execute(&step.op, &ins, &shapes)
+            let mut outs = execute_with(&step.op, &ins, &shapes, rounding.operands(plan, step))
                 .map_err(|e| ExecError(format!("step {i} ({}): {e}", step.op.name())))?;
+            if !matches!(step.op, Op::AdamW(_)) {
+                for (v, t) in step.outputs.iter().zip(outs.iter_mut()) {
+                    if let (true, Data::Real(x)) = (stored_bf16(*v), &mut t.data) {
+                        super::real::round_bf16(x);
+                    }
+                }
+            }
             observe(i, &ins, &outs);
             outs
         };
@@ -220,11 +271,31 @@ fn zeros<T: Real>(shape: &[usize]) -> (Vec<usize>, Vec<T>) {
     (shape.to_vec(), vec![T::zero(); shape.iter().product()])
 }
 
+/// `t` with its reals rounded to bf16.
+fn rounded<T: Real>(mut t: Tensor<T>) -> Tensor<T> {
+    if let Data::Real(v) = &mut t.data {
+        super::real::round_bf16(v);
+    }
+    t
+}
+
 /// Computes one operation on host tensors; `shapes` are the concrete output shapes.
+#[cfg(test)]
 pub(crate) fn execute<T: Real>(
     op: &Op,
     ins: &[&Tensor<T>],
     shapes: &[Vec<usize>],
+) -> Result<Vec<Tensor<T>>, ExecError> {
+    execute_with(op, ins, shapes, false)
+}
+
+/// [`execute`], rounding the operands of the products where the GPU does when `bf16_operands`
+/// (see [`Rounding::operands`]).
+pub(crate) fn execute_with<T: Real>(
+    op: &Op,
+    ins: &[&Tensor<T>],
+    shapes: &[Vec<usize>],
+    bf16_operands: bool,
 ) -> Result<Vec<Tensor<T>>, ExecError> {
     let out = |i: usize| zeros::<T>(&shapes[i]);
     let r = |i: usize| reals(ins[i], op.input_names()[i]);
@@ -298,7 +369,7 @@ pub(crate) fn execute<T: Real>(
             emit(o);
         }
         Op::Attention(a) => {
-            let dims = attn_dims(a, ins[0]);
+            let dims = AttnDims { bf16_operands, ..attn_dims(a, ins[0]) };
             let (mut o, mut lse) = (out(0), out(1));
             attention_fwd(dims, r(0)?, r(1)?, r(2)?, &mut o.1, &mut lse.1);
             emit(o);
@@ -402,7 +473,7 @@ pub(crate) fn execute<T: Real>(
             g.into_iter().for_each(&mut emit);
         }
         Op::AttentionBackward(a) => {
-            let dims = attn_dims(a, ins[0]);
+            let dims = AttnDims { bf16_operands, ..attn_dims(a, ins[0]) };
             let (mut gq, mut gk, mut gv) = (out(0), out(1), out(2));
             attention_bwd(dims, r(0)?, r(1)?, r(2)?, r(3)?, r(4)?, r(5)?, &mut gq.1, &mut gk.1, &mut gv.1);
             emit(gq);
@@ -445,7 +516,7 @@ pub(crate) fn execute<T: Real>(
             check_targets(targets, vocab).map_err(|e| ExecError(format!("target {e}")))?;
             let g_loss = ins[3].item().ok_or_else(|| ExecError("g_loss must be a real scalar".into()))?;
             let (mut gh, mut gw) = (out(0), out(1));
-            cross_entropy_bwd(d, vocab, r(0)?, r(1)?, targets, g_loss, &mut gh.1, &mut gw.1);
+            cross_entropy_bwd(d, vocab, r(0)?, r(1)?, targets, g_loss, bf16_operands, &mut gh.1, &mut gw.1);
             emit(gh);
             emit(gw);
         }
@@ -614,6 +685,7 @@ fn attn_dims<T>(a: &crate::op::AttentionAttrs, q: &Tensor<T>) -> AttnDims {
         head_dim: a.head_dim as usize,
         window: a.window.map(|w| w as usize),
         rope: a.rope,
+        bf16_operands: false,
     }
 }
 

@@ -31,6 +31,16 @@ pub trait Real:
     fn of(x: f64) -> Self {
         <Self as num_traits::FromPrimitive>::from_f64(x).unwrap_or_else(Self::nan)
     }
+
+    /// The nearest bf16 value (ties to even), as the GPU's `cvt.rn.bf16` rounds.
+    fn to_bf16(self) -> Self {
+        Self::of(half::bf16::from_f64(self.to_f64().unwrap_or(f64::NAN)).to_f64())
+    }
+}
+
+/// Rounds every element to bf16 in place.
+pub fn round_bf16<T: Real>(x: &mut [T]) {
+    x.iter_mut().for_each(|v| *v = v.to_bf16());
 }
 
 impl Real for f32 {

@@ -30,6 +30,16 @@ pub struct AttentionAttrs {
     pub rope: Option<f64>,
 }
 
+impl AttentionAttrs {
+    /// Whether the GPU runs this attention (forward and backward) on tensor cores: bf16 q, k, v
+    /// and a head of 64 or 128. Those kernels round the rotated q and k, P and dS to bf16 for
+    /// their products; the others compute in f32. The lowering picks its kernels by this, and the
+    /// CPU reference's GPU-like rounding follows it.
+    pub fn on_tensor_cores(&self, operands_bf16: bool) -> bool {
+        operands_bf16 && matches!(self.head_dim, 64 | 128)
+    }
+}
+
 /// AdamW with decoupled weight decay (reference 2.4: applied to every parameter).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AdamWAttrs {
