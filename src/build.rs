@@ -3,7 +3,7 @@
 
 use crate::lower::cache::{self, Cache};
 use crate::lower::compile::{CompileError, Compiler};
-use crate::lower::{lower_plan, Kernel, LowerError};
+use crate::lower::{lower_plan, Finding, Kernel, Located, Severity};
 use std::collections::BTreeMap;
 use std::time::Instant;
 use weft_runtime::bundle::{Bundle, KernelModule, PlanShape};
@@ -46,7 +46,9 @@ impl Shapes {
 
 #[derive(Debug)]
 pub enum BuildError {
-    Lower(LowerError),
+    Lower(Located),
+    /// GPU limits launches would exceed at the plans' largest calls.
+    Limits(Vec<Located>),
     Compile(CompileError),
 }
 
@@ -54,6 +56,10 @@ impl std::fmt::Display for BuildError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             BuildError::Lower(e) => write!(f, "{e}"),
+            BuildError::Limits(v) => {
+                let list: Vec<String> = v.iter().map(|l| l.to_string()).collect();
+                write!(f, "the GPU cannot run these launches:\n  {}", list.join("\n  "))
+            }
             BuildError::Compile(e) => write!(f, "{e}"),
         }
     }
@@ -70,21 +76,32 @@ pub struct BuildStats {
     pub cached: usize,
 }
 
-/// Every plan lowered, with the generated kernels by name.
+/// Every plan lowered, with the generated kernels by name, and the GPU limits and kernel
+/// fallbacks lowering found.
 pub struct Lowered {
     pub plans: BTreeMap<String, (PlanShape, DevicePlan)>,
     pub kernels: BTreeMap<String, Kernel>,
+    pub findings: Vec<Finding>,
 }
 
-pub fn lower_program(program: &Program, shapes: &Shapes) -> Result<Lowered, LowerError> {
+impl Lowered {
+    /// The limits launches would exceed (the plans cannot run).
+    pub fn limits(&self) -> Vec<Located> {
+        self.findings.iter().filter(|f| f.severity == Severity::Limit).map(|f| f.at.clone()).collect()
+    }
+}
+
+pub fn lower_program(program: &Program, shapes: &Shapes) -> Result<Lowered, Located> {
     let mut kernels = BTreeMap::new();
     let mut plans = BTreeMap::new();
+    let mut findings = Vec::new();
     for (name, plan) in &program.plans {
         let shape = shapes.of(name);
-        let dp = lower_plan(plan, shape.batch, shape.seq, &mut kernels)?;
+        let (dp, f) = lower_plan(plan, shape.batch, shape.seq, &mut kernels)?;
+        findings.extend(f);
         plans.insert(name.clone(), (shape, dp));
     }
-    Ok(Lowered { plans, kernels })
+    Ok(Lowered { plans, kernels, findings })
 }
 
 /// PTX for every kernel: from the cache, else compiled (on every core, one MLIR context each).
@@ -136,6 +153,10 @@ pub fn build_bundle(program: &Program, shapes: &Shapes, cache: &Cache) -> Result
     let mut stats = BuildStats::default();
     let t = Instant::now();
     let lowered = lower_program(program, shapes).map_err(BuildError::Lower)?;
+    let over = lowered.limits();
+    if !over.is_empty() {
+        return Err(BuildError::Limits(over));
+    }
     stats.lower_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
     let ptx = compile_kernels(&lowered.kernels, cache, &mut stats).map_err(BuildError::Compile)?;

@@ -70,6 +70,22 @@ impl Checked {
     }
 }
 
+/// A lowering error or finding as a diagnostic at the spec text its plan step comes from.
+pub fn lowering_diagnostic(l: &lower::Located, severity: lower::Severity, is_error: bool) -> Diagnostic {
+    let d = if is_error { Diagnostic::error(l.message.clone()) } else { Diagnostic::warning(l.message.clone()) };
+    let label = match severity {
+        _ if l.message.contains("has no GPU kernel") => "no GPU kernel",
+        lower::Severity::Limit if is_error => "the GPU cannot run the kernels of this layer",
+        lower::Severity::Limit => "exceeds a GPU limit",
+        lower::Severity::Fallback => "runs on a slower kernel",
+    };
+    let d = match l.at {
+        Some(at) => d.at(diag::Span { file: diag::FileId(at.file), start: at.start, end: at.end }, label),
+        None => d,
+    };
+    d.note(format!("in plan `{}`, step {} ({})", l.plan, l.step, l.op))
+}
+
 fn front_end(loaded: spec::Loaded) -> Result<Checked, Failed> {
     let (model, sources, mut diags) = loaded.into_result().map_err(|(sources, diags)| Failed { sources, diags })?;
     let graph = match graph::build(&model) {

@@ -240,6 +240,10 @@ fn run(cli: Cli) -> Result<(), Reported> {
             } else {
                 print!("{}", analysis::render_table(&report));
             }
+            let settings = settings.unwrap_or_default();
+            let shapes =
+                weft::build::Shapes { batch, seq, gen_batch: 1, max_prompt: seq + settings.generate.max_new_tokens };
+            gpu_findings(&checked, &settings, &shapes)?;
         }
         Command::Build { spec, config, out, emit, dump_dir, no_cache, no_cubin } => {
             let settings = config.as_deref().map(load_config).transpose()?.unwrap_or_default();
@@ -413,6 +417,66 @@ fn run(cli: Cli) -> Result<(), Reported> {
     Ok(())
 }
 
+/// Lowers the spec's program at `shapes` (no kernel is compiled) and reports, at the spec's
+/// lines, every GPU limit a launch would exceed (errors) and every layer that runs on a slower
+/// kernel (warnings).
+fn gpu_findings(
+    checked: &weft::Checked,
+    settings: &config::RunConfig,
+    shapes: &weft::build::Shapes,
+) -> Result<(), Reported> {
+    use weft::diag::Diagnostics;
+    use weft::lower::Severity;
+    let opt = weft::program::OptimizerSettings::from_config(settings);
+    let program = report(weft::program::build_program(&checked.model, &opt, shapes.max_prompt).map_err(|e| e.0))?;
+    let mut diags = Diagnostics::default();
+    match weft::build::lower_program(&program, shapes) {
+        Ok(lowered) => {
+            // A fallback once per message (layers of a kind share kernels), a limit once per
+            // place in the spec, with how many more there are.
+            let same = |a: &weft::lower::Finding, b: &weft::lower::Finding| {
+                a.severity == b.severity
+                    && match a.severity {
+                        Severity::Fallback => a.at.message == b.at.message,
+                        Severity::Limit => a.at.at == b.at.at,
+                    }
+            };
+            let mut groups: Vec<(&weft::lower::Finding, usize)> = Vec::new();
+            for f in &lowered.findings {
+                match groups.iter_mut().find(|(g, _)| same(g, f)) {
+                    Some((_, n)) => *n += 1,
+                    None => groups.push((f, 1)),
+                }
+            }
+            for (f, n) in groups {
+                let mut d = weft::lowering_diagnostic(&f.at, f.severity, f.severity == Severity::Limit);
+                if n > 1 {
+                    let what = match f.severity {
+                        Severity::Fallback => "steps of the program run the same slower kernel",
+                        Severity::Limit => "launches of this layer exceed limits too",
+                    };
+                    d = d.note(format!("{} more {what}", n - 1));
+                }
+                diags.push(d);
+            }
+        }
+        Err(e) if e.message.contains("has no GPU kernel yet") => diags.push(
+            weft::lowering_diagnostic(&e, Severity::Fallback, false)
+                .note("this spec trains and generates on the CPU reference only"),
+        ),
+        Err(e) => diags.push(weft::lowering_diagnostic(&e, Severity::Limit, true)),
+    }
+    if diags.is_empty() {
+        return Ok(());
+    }
+    diags.eprint(&checked.sources);
+    if diags.error_count() > 0 {
+        Err(Reported)
+    } else {
+        Ok(())
+    }
+}
+
 /// A spec's program and the shapes its plans are lowered for, from the run settings.
 fn build_inputs(
     spec: &Path,
@@ -448,7 +512,8 @@ fn build(
     };
     let train_graph = || report(weft::program::train_step_graph(&checked.graph).map_err(|e| e.0));
     let stages_needed = emit.is_some() || dump_dir.is_some();
-    let lowered = if stages_needed { Some(report(lower_program(&program, &shapes).map_err(|e| e.0))?) } else { None };
+    let lowered =
+        if stages_needed { Some(report(lower_program(&program, &shapes).map_err(|e| e.to_string()))?) } else { None };
     if let Some(dir) = &dump_dir {
         report(std::fs::create_dir_all(dir).map_err(|e| format!("cannot create `{}`: {e}", dir.display())))?;
         let (fused, log) = report(weft::passes::run(train_graph()?, weft::passes::FUSION, true).map_err(|e| e.0))?;
@@ -490,7 +555,26 @@ fn build(
         return Ok(());
     }
     let cache = if no_cache { Cache::disabled() } else { Cache::user() };
-    let (mut bundle, stats) = report(build_bundle(&program, &shapes, &cache).map_err(|e| e.to_string()))?;
+    let (mut bundle, stats) = match build_bundle(&program, &shapes, &cache) {
+        Ok(b) => b,
+        Err(e) => {
+            // Lowering errors and GPU limits point at the spec's lines.
+            let mut diags = weft::diag::Diagnostics::default();
+            match &e {
+                weft::build::BuildError::Lower(l) => {
+                    diags.push(weft::lowering_diagnostic(l, weft::lower::Severity::Limit, true))
+                }
+                weft::build::BuildError::Limits(v) => {
+                    for l in v {
+                        diags.push(weft::lowering_diagnostic(l, weft::lower::Severity::Limit, true));
+                    }
+                }
+                weft::build::BuildError::Compile(_) => return report(Err(e.to_string())),
+            }
+            diags.eprint(&checked.sources);
+            return Err(Reported);
+        }
+    };
     bundle.source = Some(source);
     let cubins = match weft::snapshot::ptxas_path().filter(|_| !no_cubin) {
         Some(ptxas) => {

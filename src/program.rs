@@ -9,7 +9,7 @@ use crate::passes::{self, Pass, FUSION};
 use crate::spec::Model;
 use std::collections::BTreeMap;
 use weft_runtime::op::{AdamWAttrs, ScheduleAttrs};
-use weft_runtime::plan::{ParamSpec, Plan, Program, StateSpec, Step};
+use weft_runtime::plan::{ParamSpec, Plan, Program, SourceSpan, StateSpec, Step};
 use weft_runtime::{DType, Op, Shape, TensorType};
 
 /// The state accumulating a parameter's gradient over micro-batches.
@@ -182,7 +182,8 @@ pub fn to_plan(g: &Graph, name: &str) -> Plan {
             NodeKind::Param { name, .. } | NodeKind::State { name } => plan.persistent.push((name.clone(), outs[0])),
             NodeKind::Op(op) => {
                 let inputs = g.inputs(id).iter().map(|v| ids[v]).collect();
-                plan.steps.push(Step { op: op.clone(), inputs, outputs: outs });
+                let at = SourceSpan { file: node.span.file.0, start: node.span.start, end: node.span.end };
+                plan.steps.push(Step { op: op.clone(), inputs, outputs: outs, at: Some(at) });
             }
         }
     }

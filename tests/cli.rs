@@ -142,7 +142,10 @@ fn a_damaged_bundle_is_refused_by_name() {
     let dir = std::env::temp_dir().join(format!("weft-bundle-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join("bad.bundle");
-    std::fs::write(&p, b"WEFTBNDL\x01\x00\x00\x00\xff\xff\xff\xff\x00\x00\x00\x00{}").unwrap();
+    let mut bytes = b"WEFTBNDL".to_vec();
+    bytes.extend(weft_runtime::bundle::FORMAT_VERSION.to_le_bytes());
+    bytes.extend(b"\xff\xff\xff\xff\x00\x00\x00\x00{}");
+    std::fs::write(&p, bytes).unwrap();
     let e = weft_runtime::bundle::Bundle::read(&p).expect_err("refused").0;
     assert!(e.contains("bad.bundle") && e.contains("truncated"), "{e}");
 }
@@ -165,4 +168,50 @@ fn training_on_a_gpu_without_one_says_what_is_missing() {
         weft(&["train", "--config", cfg.to_str().unwrap(), "specs/tiny/samba-micro.weft", "--backend", "gpu"]);
     assert_eq!(code, 1);
     assert!(err.contains("no usable GPU") && err.contains("driver"), "{err}");
+}
+
+fn write_spec(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("weft-limits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// `weft check` lowers the program at the run settings' shapes and reports, at the spec's
+/// line, every GPU limit a kernel would exceed and every layer on a slower kernel.
+#[test]
+fn check_reports_gpu_limits_and_fallbacks_at_the_spec_line() {
+    let spec =
+        write_spec("long.weft", "model long { vocab = 64  width = 64 }\nlayer m = mamba(d_state = 16)\nlayers = [m]\n");
+    // 5M tokens in one sequence: the chunked scan's grid would need 78126 rows (at most 65535).
+    let (code, _, err) = weft(&["check", spec.to_str().unwrap(), "--seq", "5000000"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("blocks along y at 1 x 5000000 tokens (at most 65535)"), "{err}");
+    assert!(err.contains("long.weft:3:11") && err.contains("the GPU cannot run the kernels of this layer"), "{err}");
+    // Width 64: RMSNorm's fallback, a warning that does not fail the check.
+    assert!(err.contains("warning: RMSNorm of width 64 runs one block per row"), "{err}");
+    let (code, _, err) = weft(&["check", spec.to_str().unwrap(), "--seq", "4096"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("RMSNorm of width 64") && !err.contains("error"), "{err}");
+    // A state the scan backward's kernel cannot hold: refused at check and at build, at its line.
+    let big =
+        write_spec("big.weft", "model big { vocab = 64  width = 64 }\nlayer m = mamba(d_state = 128)\nlayers = [m]\n");
+    for cmd in [vec!["check", big.to_str().unwrap()], vec!["build", big.to_str().unwrap(), "-o", "/dev/null"]] {
+        let (code, _, err) = weft(&cmd);
+        assert_eq!(code, 1, "{cmd:?}: {err}");
+        assert!(err.contains("at d_state 128") && err.contains("d_state up to 96"), "{cmd:?}: {err}");
+        assert!(err.contains("big.weft:3:11"), "{cmd:?}: {err}");
+    }
+    // Heads of 256 run on the SIMT attention kernels.
+    let (code, _, err) = weft(&["check", "scripts/gpu/cases/wide-heads.weft", "--seq", "300"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("attention with heads of 256 runs on the SIMT kernels") && err.contains("wide-heads.weft:14:23"),
+        "{err}"
+    );
+    // GLA has no GPU kernels yet: said, not an error.
+    let (code, _, err) = weft(&["check", "specs/tiny/sliding-gla-tiny.weft"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("has no GPU kernel yet") && err.contains("CPU reference only"), "{err}");
 }

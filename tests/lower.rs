@@ -57,8 +57,8 @@ fn every_spec_lowers_or_names_the_operation_that_waits() {
         let r = lower_program(&program(rel), &shapes());
         if waits_for_gpu_kernels(&spec) {
             let e = r.err().unwrap_or_else(|| panic!("{rel} lowered, but GLA/RetNet have no kernels"));
-            assert!(e.0.contains("has no GPU kernel yet"), "{rel}: {e}");
-            assert!(e.0.contains("gla") || e.0.contains("retention"), "{rel}: {e}");
+            assert!(e.message.contains("has no GPU kernel yet"), "{rel}: {e}");
+            assert!(e.message.contains("gla") || e.message.contains("retention"), "{rel}: {e}");
             continue;
         }
         let l = r.unwrap_or_else(|e| panic!("{rel}: {e}"));

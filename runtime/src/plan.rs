@@ -18,6 +18,18 @@ pub struct Step {
     pub op: Op,
     pub inputs: Vec<ValueId>,
     pub outputs: Vec<ValueId>,
+    /// The spec text this step comes from (the layer it belongs to), for errors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<SourceSpan>,
+}
+
+/// A byte range of one file of the spec a program was built from (files numbered in the order
+/// the spec's `extends` chain was read, as [`crate::run::SpecSource`] keeps them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SourceSpan {
+    pub file: u32,
+    pub start: u32,
+    pub end: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
 # Builds what the GPU machine runs, into gpu-out/ (git-ignored, carried by the device call):
-# the runtime binary weft-run, bundles of the tiny specs for the check, of Samba 421M and 1.3B
-# for the benchmark, and of samba-micro with Moby-Dick token shards (the main job's BPE
-# tokenizer) for a training run. Then run `gpu-out/run.sh` there.
+# weft-run; the GPU check's bundles (every tiny spec and the cases in scripts/gpu/cases/ at
+# scripts/gpu/check.toml, Samba-421M at scripts/gpu/check-421m.toml); Samba 421M and 1.3B at the
+# paper's training shape for the benchmark; samba-micro with Moby-Dick token shards (the main
+# job's BPE tokenizer) for the training, determinism and kill-and-resume runs. With
+# BASELINE=COMMIT it also builds that commit's weft-run and Samba-421M bundle into
+# gpu-out/baseline/, so the benchmark compares both in one call. Then run `gpu-out/run.sh` there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 cargo build --release --bin weft && cargo build --release -p weft-runtime --bin weft-run
 out=gpu-out
 rm -rf "$out" && mkdir -p "$out"
 cp target/release/weft-run "$out/"
-for s in samba-tiny llama-tiny mistral-tiny mamba-tiny mamba-swa-mlp-tiny mlp2-swa-mlp-tiny samba-nope-tiny mamba-mlp-tiny; do
-  ./target/release/weft build "specs/tiny/$s.weft" --config scripts/gpu/check.toml -o "$out/$s.bundle" >/dev/null
+build() { ./target/release/weft build "$1" --config "$2" -o "$out/$3.bundle" >/dev/null; }
+for s in samba-tiny samba-micro llama-tiny mistral-tiny mamba-tiny mamba-swa-mlp-tiny mlp2-swa-mlp-tiny samba-nope-tiny mamba-mlp-tiny; do
+  build "specs/tiny/$s.weft" scripts/gpu/check.toml "$s"
 done
-# Grouped-query attention (not in the tiny specs), as Samba 1.7B and 3.8B use it.
-./target/release/weft build scripts/gpu/gqa-tiny.weft --config scripts/gpu/check.toml -o "$out/gqa-tiny.bundle" >/dev/null
+for c in scripts/gpu/cases/*.weft; do
+  build "$c" scripts/gpu/check.toml "$(basename "$c" .weft)"
+done
+build specs/samba-421m.weft scripts/gpu/check-421m.toml samba-421m-check
 for s in samba-421m samba-1.3b; do
-  ./target/release/weft build "specs/$s.weft" --config scripts/gpu/bench.toml -o "$out/$s.bundle" >/dev/null
+  build "specs/$s.weft" scripts/gpu/bench.toml "$s"
 done
 # samba-micro as the main job trains it: its tokenizer (trained by the CPU run's data loading),
 # the corpus split as the CPU run splits it (the last 5% of the chapters held out).
@@ -23,12 +29,22 @@ config=examples/samba-micro.toml
 if [ ! -f runs/samba-micro/tokenizer.json ]; then
   ./target/release/weft train --config "$config" --backend cpu --steps 0 --no-progress >/dev/null
 fi
-./target/release/weft build specs/tiny/samba-micro.weft --config "$config" -o "$out/samba-micro.bundle" >/dev/null
+build specs/tiny/samba-micro.weft "$config" samba-micro-train
 cp runs/samba-micro/tokenizer.json "$out/"
 mapfile -t files < <(ls data/corpus/moby-dick/chapter-*.txt | sort)
 n=${#files[@]}
 nv=$(( (n * 5 + 99) / 100 ))
 ./target/release/weft shard --tokenizer runs/samba-micro/tokenizer.json --out "$out/moby-train.tokens" "${files[@]:0:n-nv}"
 ./target/release/weft shard --tokenizer runs/samba-micro/tokenizer.json --out "$out/moby-valid.tokens" "${files[@]:n-nv}"
+if [ -n "${BASELINE:-}" ]; then
+  # The baseline's binaries, built in a worktree of that commit (kept between runs).
+  wt=${BASELINE_DIR:-/tmp/weft-baseline}
+  [ -d "$wt" ] || git worktree add -f "$wt" "$BASELINE" >/dev/null
+  (cd "$wt" && git checkout -q "$BASELINE" && cargo build --release -q --bin weft && cargo build --release -q -p weft-runtime --bin weft-run)
+  mkdir -p "$out/baseline"
+  cp "$wt/target/release/weft-run" "$out/baseline/"
+  "$wt/target/release/weft" build specs/samba-421m.weft --config scripts/gpu/bench.toml -o "$out/baseline/samba-421m.bundle" >/dev/null
+  git rev-parse --short "$BASELINE" > "$out/baseline/commit"
+fi
 cp scripts/gpu/run.sh "$out/"
 du -sh "$out"

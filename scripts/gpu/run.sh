@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one go, on a machine with an NVIDIA GPU (run from the folder
-# prepare.sh filled). libcuda comes from the driver; libcublasLt.so.13 is looked up in python3's
-# site-packages (NVIDIA's PyPI wheel), then anywhere on the root file system.
+# prepare.sh filled); a summary table comes last. libcuda comes from the driver; libcublasLt.so.13
+# is looked up in python3's site-packages (NVIDIA's PyPI wheel), then anywhere on the root file
+# system. Parts: CHECK (bundle names, or "none"), RUNS=0 skips the training runs, BENCH (bundle
+# names, or "none"); logs go to $OUT when it is set.
 set -uo pipefail
 cd "$(dirname "$0")"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -10,40 +12,89 @@ LT=$(find $SP -name 'libcublasLt.so.13*' 2>/dev/null | head -1)
 [ -z "$LT" ] && LT=$(find / -xdev -name 'libcublasLt.so.13*' 2>/dev/null | head -1)
 export LD_LIBRARY_PATH="$(dirname "$LT")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 summary=()
-for b in ${CHECK:-samba-tiny llama-tiny mistral-tiny mamba-tiny mamba-swa-mlp-tiny mlp2-swa-mlp-tiny samba-nope-tiny mamba-mlp-tiny gqa-tiny}; do
-  echo "=== check $b"
-  if ./weft-run check "$b.bundle" | tee "check-$b.log"; then summary+=("check $b: pass"); else summary+=("check $b: FAIL"); fi
+note() { summary+=("$1"); }
+
+# ---- the check: every step against f64 and a bf16-rounding CPU run, then the whole model ----
+# Decode runs far past each window and past full attention's prompt where the case is about it.
+declare -A flags=(
+  [samba-micro]="--prompt 300 --decode-steps 790"
+  [llama-tiny]="--prompt 300 --decode-steps 700"
+  [gqa-tiny]="--prompt 24 --decode-steps 790"
+  [odd-width]="--prompt 300 --decode-steps 500"
+  [wide-heads]="--prompt 200 --decode-steps 600"
+  [samba-421m-check]="--steps-only --prompt 24"
+)
+CHECK=${CHECK:-samba-tiny samba-micro llama-tiny mistral-tiny mamba-tiny mamba-swa-mlp-tiny mlp2-swa-mlp-tiny samba-nope-tiny mamba-mlp-tiny gqa-tiny odd-width wide-heads samba-421m-check}
+[ "$CHECK" = none ] && CHECK=
+for b in $CHECK; do
+  echo "=== check $b ${flags[$b]:-}"
+  t0=$SECONDS
+  if ./weft-run check "$b.bundle" ${flags[$b]:-} 2>&1 | tee "check-$b.log"; then r=pass; else r=FAIL; fi
+  worst=$(awk '/ ok$| FAIL$/ { m = $(NF-1); if (m + 0 > w + 0) { w = m; line = $0 } } END { printf "%s", w }' "check-$b.log")
+  note "check $b: $r (worst margin $worst, $((SECONDS - t0)) s)"
 done
-for b in ${BENCH:-samba-421m samba-1.3b}; do
-  echo "=== bench $b"
-  ./weft-run bench "$b.bundle" --steps 3 | tee "bench-$b.log"
-  summary+=("bench $b: $(grep -o 'MFU [0-9.]*%' "bench-$b.log" || echo failed), $(grep -o '[0-9]* tokens/s' "bench-$b.log" | head -1), prefill $(grep -o '[0-9]* tokens/s' "bench-$b.log" | sed -n 2p)")
-done
-if [ -z "${SKIP_TRAIN:-}" ]; then
-  echo "=== train samba-micro on Moby-Dick"
-  rm -rf run-micro
-  if ./weft-run train samba-micro.bundle --train moby-train.tokens --valid moby-valid.tokens --out run-micro \
-      --steps 300 --tokenizer tokenizer.json | tee train-micro.log; then
-    summary+=("train samba-micro: $(tail -1 train-micro.log)")
-    if [ -n "${OUT:-}" ]; then
-      # The whole run directory (checkpoints, metrics, loss plot), for `weft generate --run`.
-      cp tokenizer.json run-micro/ 2>/dev/null
-      tar czf "$OUT/run-micro.tar.gz" run-micro
-    fi
+
+# ---- training runs: bit-identical repeats, SIGKILL mid-run and resume, then 300 steps ----
+MICRO=(./weft-run train samba-micro-train.bundle --train moby-train.tokens --valid moby-valid.tokens
+  --tokenizer tokenizer.json --log-every 50 --eval-every 50 --out)
+micro() { "${MICRO[@]}" "$@"; }
+losses() { grep -o '"loss":[^,}]*' "$1/metrics.jsonl"; }
+if [ "${RUNS:-1}" != 0 ]; then
+  rm -rf det-a det-b det-c
+  echo "=== samba-micro, 100 steps, twice"
+  micro det-a --steps 100 > train-det-a.log 2>&1 && micro det-b --steps 100 > train-det-b.log 2>&1
+  if [ "$(losses det-a | wc -l)" = 100 ] && cmp -s <(losses det-a) <(losses det-b); then
+    note "repeat: two runs of 100 steps, losses bit-identical ($(losses det-a | tail -1))"
   else
-    summary+=("train samba-micro: FAIL")
+    note "repeat: FAIL (losses differ or a run failed: see train-det-*.log)"
+  fi
+  echo "=== samba-micro, killed with SIGKILL mid-run, resumed"
+  # exec: $! is weft-run itself, which the kill must reach.
+  (exec "${MICRO[@]}" det-c --steps 100 --checkpoint-every 10 > train-det-c.log 2>&1) &
+  pid=$!
+  until [ "$(wc -l < det-c/metrics.jsonl 2>/dev/null || echo 0)" -ge 35 ] || ! kill -0 $pid 2>/dev/null; do sleep 0.002; done
+  kill -9 $pid 2>/dev/null
+  wait $pid 2>/dev/null
+  at=$(wc -l < det-c/metrics.jsonl)
+  ckpt=$(cat det-c/latest 2>/dev/null)
+  micro det-c --steps 100 --checkpoint-every 10 >> train-det-c.log 2>&1
+  if [ "$at" -lt 100 ] && cmp -s <(losses det-a) <(losses det-c); then
+    note "kill: SIGKILL after step $at (newest checkpoint $ckpt), resumed: losses equal the uninterrupted run's"
+  else
+    note "kill: FAIL (killed after step $at; losses differ from the uninterrupted run or the resume failed)"
+  fi
+  echo "=== samba-micro on to 300 steps (resumes det-a)"
+  if micro det-a --steps 300 --checkpoint-every 100 | tee train-micro.log; then
+    note "train samba-micro: $(tail -1 train-micro.log)"
+    [ -n "${OUT:-}" ] && tar czf "$OUT/run-micro.tar.gz" det-a
+  else
+    note "train samba-micro: FAIL"
   fi
 fi
-if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
-  # Hardware counters of the kernels matching $NCU (a regex), from their first launches.
-  b=${BENCH%% *}; b=${b:-samba-421m}
-  echo "=== ncu $NCU on $b"
-  ncu --clock-control none -k "regex:$NCU" -c "${NCU_COUNT:-2}" --section SpeedOfLight --section Occupancy \
-    --section LaunchStats --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
-    ./weft-run bench "$b.bundle" --steps 1 > ncu.log 2>&1 || echo "ncu failed (see ncu.log)"
-  summary+=("ncu: $(grep -c 'Section: GPU Speed Of Light' ncu.log) kernel reports in ncu.log")
-fi
+
+# ---- benchmarks: this tree against the baseline's, alternating, in this call ----
+BENCH=${BENCH:-samba-421m samba-1.3b}
+[ "$BENCH" = none ] && BENCH=
+for b in $BENCH; do
+  rounds=1
+  [ "$b" = samba-421m ] && [ -x baseline/weft-run ] && rounds=2
+  for r in $(seq $rounds); do
+    echo "=== bench $b (round $r)"
+    ./weft-run bench "$b.bundle" --steps 10 | tee -a "bench-$b.log"
+    if [ "$b" = samba-421m ] && [ -x baseline/weft-run ]; then
+      echo "=== bench $b, baseline $(cat baseline/commit) (round $r)"
+      baseline/weft-run bench baseline/samba-421m.bundle --steps 10 | tee -a bench-baseline.log
+    fi
+  done
+  ms=$(grep -o 'training step [0-9.]* ms' "bench-$b.log" | awk '{print $3}' | sort -n | head -1)
+  line="bench $b: step $ms ms, $(grep -o 'MFU [0-9.]*%' "bench-$b.log" | head -1)"
+  if [ "$b" = samba-421m ] && [ -s bench-baseline.log ]; then
+    base=$(grep -o 'training step [0-9.]* ms' bench-baseline.log | awk '{print $3}' | sort -n | head -1)
+    line="$line; baseline $(cat baseline/commit) $base ms: ratio $(awk -v a="$ms" -v b="$base" 'BEGIN { printf "%.4f", a / b }')"
+  fi
+  note "$line"
+done
+
 echo "=== summary"
 printf '%s\n' "${summary[@]}" | tee summary.log
-# Everything printed above, as one archive, where the caller collects files.
 if [ -n "${OUT:-}" ]; then tar czf "$OUT/logs.tar.gz" *.log; fi

@@ -173,6 +173,11 @@ impl KernelBuilder {
         self.block
     }
 
+    /// Bytes of the kernel's shared-memory arrays (static shared memory).
+    pub fn static_shared_bytes(&self) -> u64 {
+        self.shared.iter().filter(|s| !s.local).map(|s| s.len * elem_bytes(s.ty) as u64).sum()
+    }
+
     pub fn params(&self) -> &[Param] {
         &self.params
     }

@@ -17,7 +17,7 @@ use weft_runtime::device::{
     Arg, Base, BufferArg, DevicePlan, DeviceStep, Extent, Gemm, GridDim, Launch, MatrixArg, ParamKind, Table,
 };
 use weft_runtime::memory::{plan_memory, row_pitch};
-use weft_runtime::plan::{Plan, ValueId};
+use weft_runtime::plan::{Plan, SourceSpan, ValueId};
 use weft_runtime::{DType, Dim, Op, TensorType};
 
 /// The chip kernels are built for (Hopper; sm_90a is used by kernels that issue wgmma).
@@ -34,6 +34,50 @@ impl std::fmt::Display for LowerError {
 
 impl std::error::Error for LowerError {}
 
+/// A lowering error or finding at one plan step, with the spec text the step comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located {
+    pub plan: String,
+    pub step: usize,
+    pub op: String,
+    pub at: Option<SourceSpan>,
+    pub message: String,
+}
+
+impl std::fmt::Display for Located {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "plan `{}`, step {} ({}): {}", self.plan, self.step, self.op, self.message)
+    }
+}
+
+impl std::error::Error for Located {}
+
+/// What lowering found besides errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// A GPU limit a launch would exceed at the plan's largest call: the plan cannot run.
+    Limit,
+    /// A layer that runs on a slower kernel than its kind's fastest.
+    Fallback,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub severity: Severity,
+    pub at: Located,
+}
+
+/// GPU limits (Hopper): threads per block, grid sizes, shared memory per block.
+pub mod limits {
+    pub const BLOCK_THREADS: u64 = 1024;
+    pub const GRID_X: u64 = (1 << 31) - 1;
+    pub const GRID_YZ: u64 = 65535;
+    /// Static shared memory a kernel may declare.
+    pub const STATIC_SHARED: u64 = 48 * 1024;
+    /// Dynamic shared memory a block may opt in to (227 KiB).
+    pub const DYNAMIC_SHARED: u64 = 227 * 1024;
+}
+
 /// A generated kernel: its MLIR module and the launch shape it was written for.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Kernel {
@@ -44,22 +88,31 @@ pub struct Kernel {
 }
 
 /// Lowers `plan` for calls of up to `batch` sequences of `seq` tokens; new kernels are added
-/// to `kernels` (a kernel already there by name is reused).
+/// to `kernels` (a kernel already there by name is reused). Also returns the GPU limits its
+/// launches would exceed and the layers that fall back to slower kernels.
 pub fn lower_plan(
     plan: &Plan,
     batch: u64,
     seq: u64,
     kernels: &mut BTreeMap<String, Kernel>,
-) -> Result<DevicePlan, LowerError> {
+) -> Result<(DevicePlan, Vec<Finding>), Located> {
     let memory = plan_memory(plan, batch, seq);
     let mut e = Emit::new(plan, batch, seq, kernels);
     // AdamW over every parameter in one launch per kind of parameter, where the plan allows.
     let adamw = kernels::adamw_group(plan);
     // The loss and its backward in one pass over the logits, where they are adjacent.
     let fused_loss: Vec<usize> = (0..plan.steps.len()).filter(|&i| kernels::fused_loss_at(plan, i)).collect();
+    let mut findings = Vec::new();
     for (i, step) in plan.steps.iter().enumerate() {
         let before = e.steps.len();
         e.step_scratch = 0;
+        let located = |message: String| Located {
+            plan: plan.name.clone(),
+            step: i,
+            op: step.op.to_string(),
+            at: step.at,
+            message,
+        };
         let lowered = match &adamw {
             Some(group) if group.first() == Some(&i) => kernels::lower_adamw_group(&mut e, group),
             Some(group) if group.contains(&i) => Ok(()),
@@ -67,10 +120,13 @@ pub fn lower_plan(
             _ if i > 0 && fused_loss.contains(&(i - 1)) => Ok(()),
             _ => kernels::lower_step(&mut e, step),
         };
-        lowered.map_err(|LowerError(m)| LowerError(format!("plan `{}`, step {i} ({}): {m}", plan.name, step.op)))?;
+        lowered.map_err(|LowerError(m)| located(m))?;
+        for (severity, m) in e.findings.drain(..) {
+            findings.push(Finding { severity, at: located(m) });
+        }
         e.origin.extend(std::iter::repeat_n(i, e.steps.len() - before));
     }
-    Ok(DevicePlan {
+    let dp = DevicePlan {
         name: plan.name.clone(),
         memory,
         scratch_bytes: e.scratch,
@@ -78,7 +134,8 @@ pub fn lower_plan(
         exact_shape: e.exact_shape,
         origin: e.origin,
         steps: e.steps,
-    })
+    };
+    Ok((dp, findings))
 }
 
 /// A value as a kernel sees it: where it starts, its type, and the elements between rows (a
@@ -163,6 +220,8 @@ pub(crate) struct Emit<'a> {
     seq: u64,
     tables: Vec<Table>,
     exact_shape: bool,
+    /// The current step's limits and fallbacks.
+    findings: Vec<(Severity, String)>,
 }
 
 impl<'a> Emit<'a> {
@@ -194,6 +253,7 @@ impl<'a> Emit<'a> {
             seq,
             tables: Vec::new(),
             exact_shape: false,
+            findings: Vec::new(),
         }
     }
 
@@ -254,9 +314,15 @@ impl<'a> Emit<'a> {
         BufferArg { base: Base::Table(i as u32), offset: 0 }
     }
 
+    /// Notes that the current step runs on a slower kernel than its kind's fastest, and why.
+    pub fn fallback(&mut self, why: String) {
+        self.findings.push((Severity::Fallback, why));
+    }
+
     /// Adds a launch of `k` (registering the kernel) over `grid` blocks.
     pub fn launch(&mut self, k: KernelBuilder, grid: [GridDim; 3], shared_bytes: u32, args: Vec<Arg>) {
         let block = k.block();
+        self.check_limits(&k, &grid, shared_bytes);
         assert_eq!(
             k.params().len(),
             args.len(),
@@ -278,6 +344,40 @@ impl<'a> Emit<'a> {
             }
         }
         self.steps.push(DeviceStep::Launch(Launch { kernel: name, grid, block, shared_bytes, args }));
+    }
+
+    /// Records every GPU limit this launch would exceed at the plan's largest call.
+    fn check_limits(&mut self, k: &KernelBuilder, grid: &[GridDim; 3], shared_bytes: u32) {
+        let name = k.name();
+        let threads: u64 = k.block().iter().map(|&b| b as u64).product();
+        let mut over = Vec::new();
+        if threads > limits::BLOCK_THREADS {
+            over.push(format!("{threads} threads per block (at most {})", limits::BLOCK_THREADS));
+        }
+        for (axis, g) in ["x", "y", "z"].iter().zip(grid) {
+            let blocks = (g.extent.eval(self.batch, self.seq).max(0) as u64).div_ceil(g.per_block.max(1));
+            let max = if *axis == "x" { limits::GRID_X } else { limits::GRID_YZ };
+            if blocks > max {
+                over.push(format!(
+                    "{blocks} blocks along {axis} at {} x {} tokens (at most {max})",
+                    self.batch, self.seq
+                ));
+            }
+        }
+        let stat = k.static_shared_bytes();
+        if stat > limits::STATIC_SHARED {
+            over.push(format!("{stat} bytes of static shared memory (at most {})", limits::STATIC_SHARED));
+        }
+        if shared_bytes as u64 + stat > limits::DYNAMIC_SHARED {
+            over.push(format!(
+                "{} bytes of shared memory per block (at most {})",
+                shared_bytes as u64 + stat,
+                limits::DYNAMIC_SHARED
+            ));
+        }
+        for o in over {
+            self.findings.push((Severity::Limit, format!("kernel `{name}` would need {o}")));
+        }
     }
 
     pub fn gemm(&mut self, g: Gemm) {

@@ -373,6 +373,14 @@ fn first_key(k: &mut KernelBuilder, s: &Spec, i: &V) -> V {
     }
 }
 
+/// Why an attention runs on the SIMT kernels.
+fn simt_reason(s: &Spec) -> String {
+    format!(
+        "attention with heads of {} runs on the SIMT kernels, several times slower than the tensor-core ones, which take bf16 heads of 64 or 128",
+        s.hd
+    )
+}
+
 /// Forward: `(q, k, v) -> (o, lse)`.
 pub(super) fn attention(e: &mut Emit, a: &AttentionAttrs, ins: &[Operand], outs: &[Operand]) -> Result<(), LowerError> {
     let s = Spec::new(a)?;
@@ -382,6 +390,7 @@ pub(super) fn attention(e: &mut Emit, a: &AttentionAttrs, ins: &[Operand], outs:
         flash::forward(e, &s, [q, kk, v], o, lse);
         return Ok(());
     }
+    e.fallback(simt_reason(&s));
     let (hd, kb) = (s.hd, s.tile());
     let name = format!("attention_{}_{}", s.tag(), sig(&[q, kk, v, o, lse]));
     let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
@@ -601,6 +610,7 @@ pub(super) fn attention_backward(
         flash::backward(e, &s, [q, kk, v, o, lse, g], [gq, gk, gv]);
         return Ok(());
     }
+    e.fallback(simt_reason(&s));
     let delta = e.scratch(Extent::per_token(4 * s.heads as i64));
     backward_delta(e, &s, o, g, &delta);
     backward_dq(e, &s, [q, kk, v, lse, g], &delta, gq);

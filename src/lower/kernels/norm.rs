@@ -38,6 +38,7 @@ pub(super) fn rms_norm(e: &mut Emit, eps: f64, ins: &[Operand], outs: &[Operand]
         forward_warp(e, eps, [x, w, y], None);
         return Ok(());
     }
+    e.fallback(block_rows_reason(x.width));
     let width = x.width;
     let name = format!("rms_norm_w{width}_{}", sig(&[x, w, y]));
     let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
@@ -69,6 +70,7 @@ pub(super) fn add_rms_norm(e: &mut Emit, eps: f64, ins: &[Operand], outs: &[Oper
         forward_warp(e, eps, [x, w, out], Some([y, s]));
         return Ok(());
     }
+    e.fallback(block_rows_reason(x.width));
     let width = x.width;
     let name = format!("add_rms_norm_w{width}_{}", sig(&[x, y, w, s, out]));
     let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
@@ -122,6 +124,7 @@ pub(super) fn rms_norm_backward(
         backward_warp(e, eps, [x, w, g, gx, gw], skip);
         return Ok(());
     }
+    e.fallback(block_rows_reason(x.width));
     let width = x.width;
     let family = if add { "rms_norm_backward_add" } else { "rms_norm_backward" };
     let mut all = vec![x, w, g];
@@ -212,6 +215,14 @@ const BWD_THREADS: u32 = 128;
 
 fn warp_rows(width: u64, ops: &[&Operand]) -> bool {
     width % (32 * VEC) == 0 && width <= MAX_WARP_WIDTH && ops.iter().all(|o| vector_aligned(o))
+}
+
+/// Why an RMSNorm runs one block per row.
+fn block_rows_reason(width: u64) -> String {
+    format!(
+        "RMSNorm of width {width} runs one block per row; the faster warp-per-row kernels take widths that are multiples of {} up to {MAX_WARP_WIDTH}, with 16-byte aligned rows",
+        32 * VEC
+    )
 }
 
 /// The widest row of the warp-per-row kernels (the backward's shared memory: 4 rows of f32).

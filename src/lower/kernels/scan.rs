@@ -492,6 +492,11 @@ fn pair_sum(k: &mut KernelBuilder, x: &V, split: u64) -> V {
 
 /// The backward's thread layout: `split` lanes per channel (each `nh` state entries), `cb`
 /// channels per block, `threads = split·cb`.
+/// Static shared memory a kernel may declare (48 KiB).
+const MAX_STATIC_SHARED: u64 = 48 * 1024;
+/// The largest state the scan backward's buffer fits at one warp per block.
+pub(crate) const MAX_BWD_STATE: u64 = MAX_STATIC_SHARED / (CHUNK as u64 * 2 * 4);
+
 struct BwdLayout {
     split: u64,
     nh: u64,
@@ -500,17 +505,34 @@ struct BwdLayout {
 }
 
 impl BwdLayout {
+    /// The widest block (most channels) that divides the inner width and whose g_B/g_C buffer
+    /// fits static shared memory: larger states take fewer warps per block.
     fn new(s: &Scan) -> Result<BwdLayout, LowerError> {
         let split = if s.state % 2 == 0 { 2 } else { 1 };
-        let cb =
-            [128u64 / split, 64 / split, 32 / split].into_iter().find(|cb| s.channels % cb == 0).ok_or_else(|| {
-                LowerError(format!(
-                    "the scan backward needs an inner width divisible by {} (it is {})",
-                    32 / split,
-                    s.channels
-                ))
-            })?;
+        let divides: Vec<u64> =
+            [128u64 / split, 64 / split, 32 / split].into_iter().filter(|cb| s.channels % cb == 0).collect();
+        if divides.is_empty() {
+            return Err(LowerError(format!(
+                "the scan backward needs an inner width divisible by {} (it is {})",
+                32 / split,
+                s.channels
+            )));
+        }
+        let fits = |cb: u64| BwdLayout::shared_bytes(s.state, split * cb / 32) <= MAX_STATIC_SHARED;
+        let cb = divides.iter().copied().find(|&cb| fits(cb)).ok_or_else(|| {
+            LowerError(format!(
+                "the scan backward's per-block buffer needs {} bytes of shared memory at d_state {} (at most {MAX_STATIC_SHARED}): d_state up to {} is supported",
+                BwdLayout::shared_bytes(s.state, 1),
+                s.state,
+                MAX_BWD_STATE
+            ))
+        })?;
         Ok(BwdLayout { split, nh: s.state / split, cb, threads: (split * cb) as u32 })
+    }
+
+    /// Bytes of the g_B/g_C reduction buffer of a block of `warps` warps: `[CHUNK, warps, 2N]` f32.
+    fn shared_bytes(state: u64, warps: u64) -> u64 {
+        CHUNK as u64 * warps.max(1) * 2 * state * 4
     }
 
     fn warps(&self) -> u64 {
@@ -673,6 +695,13 @@ pub(super) fn backward(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Resul
     let s = Scan::new(u, delta, a_log, b, c, dt_bias);
     let block = s.block()?;
     let lay = BwdLayout::new(&s)?;
+    if lay.cb < 128 / lay.split && s.channels % (128 / lay.split) == 0 {
+        e.fallback(format!(
+            "the scan backward runs {} warps per block at d_state {} (its per-block buffer must fit shared memory), fewer than at d_state up to 16",
+            lay.warps(),
+            s.state
+        ));
+    }
     let n = s.state;
     let cr = carries(e, &s);
     let bufs = BwdBufs {
