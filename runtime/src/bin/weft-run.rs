@@ -28,13 +28,13 @@ enum Command {
         seed: u64,
         /// AdamW steps of the whole-model check (each after the bundle's gradient accumulation).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=1000))]
-        optimizer_steps: usize,
+        optimizer_steps: u64,
         /// Prompt tokens for prefill (default 24).
-        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-        prompt: Option<usize>,
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
+        prompt: Option<u64>,
         /// Decode steps after the prompt (default 8; at most the bundle's context).
-        #[arg(long)]
-        decode_steps: Option<usize>,
+        #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1 << 24))]
+        decode_steps: Option<u64>,
         /// Only the step checks (no whole-model training and generation).
         #[arg(long)]
         steps_only: bool,
@@ -136,13 +136,19 @@ fn run(command: Command) -> Result<bool, String> {
             let t0 = Instant::now();
             let grad_accum = bundle.source.as_ref().map_or(1, |s| s.settings.grad_accum as usize);
             let max_context = bundle.source.as_ref().map_or(0, |s| s.max_context as usize);
-            let prompt = prompt.unwrap_or(24);
-            let decode_steps = decode_steps.unwrap_or(8).min(max_context.saturating_sub(prompt));
+            let prompt = prompt.unwrap_or(24) as usize;
+            let decode_steps = (decode_steps.unwrap_or(8) as usize).min(max_context.saturating_sub(prompt));
             let mut be = GpuBackend::new(gpu, bundle, seed).map_err(|e| e.0)?;
             let options = check::CheckOptions {
                 seed,
                 steps_only,
-                model: check::ModelCheck { optimizer_steps, grad_accum, prompt, decode_steps, seed },
+                model: check::ModelCheck {
+                    optimizer_steps: optimizer_steps as usize,
+                    grad_accum,
+                    prompt,
+                    decode_steps,
+                    seed,
+                },
             };
             let report = check::check_bundle(&mut be, &options)?;
             println!("step checks: {} outputs, {} failed", report.step_checks, report.failed_steps.len());
@@ -249,6 +255,51 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, String> {
         Cli::try_parse_from(std::iter::once("weft-run").chain(args.iter().copied())).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        // Catches flags whose declared type and parser disagree before a user does.
+        <Cli as clap::CommandFactory>::command().debug_assert();
+        for args in [
+            &["check", "m.bundle", "--optimizer-steps", "3", "--prompt", "300", "--decode-steps", "790"][..],
+            &["check", "m.bundle", "--steps-only"],
+            &["bench", "m.bundle", "--steps", "10"],
+            &[
+                "train",
+                "m.bundle",
+                "--train",
+                "a",
+                "b",
+                "--valid",
+                "c",
+                "--out",
+                "r",
+                "--steps",
+                "5",
+                "--checkpoint-every",
+                "2",
+                "--keep",
+                "3",
+                "--eval-batches",
+                "2",
+                "--backend",
+                "cpu",
+            ],
+        ] {
+            let cli = parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            // Reading every field, as `run` does, must not panic.
+            match cli.command {
+                Command::Check { optimizer_steps, prompt, decode_steps, .. } => {
+                    let _ = (optimizer_steps + 1, prompt.map(|p| p + 1), decode_steps.map(|d| d + 1));
+                }
+                Command::Bench { steps, .. } => assert_eq!(steps, 10),
+                Command::Train { steps, keep, eval_batches, train_shards, .. } => {
+                    assert_eq!((steps, keep, eval_batches, train_shards.len()), (Some(5), 3, 2, 2))
+                }
+                Command::Info => {}
+            }
+        }
     }
 
     #[test]

@@ -32,9 +32,10 @@ pub trait Real:
         <Self as num_traits::FromPrimitive>::from_f64(x).unwrap_or_else(Self::nan)
     }
 
-    /// The nearest bf16 value (ties to even), as the GPU's `cvt.rn.bf16` rounds.
+    /// The nearest bf16 value (ties to even), as the GPU's `cvt.rn.bf16.f32` rounds an f32.
+    /// Through f32: `half`'s conversion straight from f64 rounds some values differently.
     fn to_bf16(self) -> Self {
-        Self::of(half::bf16::from_f64(self.to_f64().unwrap_or(f64::NAN)).to_f64())
+        Self::of(half::bf16::from_f32(self.to_f32().unwrap_or(f32::NAN)).to_f64())
     }
 }
 
