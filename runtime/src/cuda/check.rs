@@ -302,9 +302,12 @@ impl Three<'_> {
     }
 }
 
+/// One tensor's values on the GPU, in the emulation and in f64, and its row width.
+type Three64 = (Vec<f64>, Vec<f64>, Vec<f64>, usize);
+
 /// One row over several tensors taken together (each keeping its own rows).
 fn joined(what: &str, parts: &[(Tensor<f32>, Tensor<f32>, Tensor<f32>)]) -> Row {
-    let vals: Vec<(Vec<f64>, Vec<f64>, Vec<f64>, usize)> =
+    let vals: Vec<Three64> =
         parts.iter().map(|(a, b, c)| (reals(a), reals(b), reals(c), c.shape.last().copied().unwrap_or(1))).collect();
     let gpu: Vec<(&[f64], &[f64], usize)> = vals.iter().map(|(g, _, x, w)| (&g[..], &x[..], *w)).collect();
     let emu: Vec<(&[f64], &[f64], usize)> = vals.iter().map(|(_, e, x, w)| (&e[..], &x[..], *w)).collect();
