@@ -75,9 +75,13 @@ declare -A flags=(
   [wide-heads]="--prompt 200 --decode-steps 400"
   [samba-421m-check]="--steps-only --prompt 24"
 )
-# Lanes (separated by ";") run side by side: the CPU reference is most of the time and the
+# CHECK_ALONE runs first, one at a time with every core (Samba-421M's CPU reference at 2100
+# tokens in f32 and f64 takes minutes; beside other lanes it took over 300 s). Lanes (separated
+# by ";") of CHECK then run side by side: the CPU reference is most of their time and the
 # machine has cores to spare; the benchmarks below run alone.
-CHECK=${CHECK:-samba-421m-check; samba-tiny samba-micro llama-tiny mistral-tiny mamba-tiny gqa-tiny; mamba-swa-mlp-tiny mlp2-swa-mlp-tiny samba-nope-tiny mamba-mlp-tiny odd-width wide-heads}
+CHECK_ALONE=${CHECK_ALONE:-samba-421m-check}
+[ "$CHECK_ALONE" = none ] && CHECK_ALONE=
+CHECK=${CHECK:-samba-tiny samba-micro llama-tiny mistral-tiny mamba-tiny gqa-tiny; mamba-swa-mlp-tiny mlp2-swa-mlp-tiny samba-nope-tiny; mamba-mlp-tiny odd-width wide-heads}
 [ "$CHECK" = none ] && CHECK=
 check_one() {
   local b=$1 t0=$SECONDS r
@@ -86,6 +90,12 @@ check_one() {
   worst=$(awk '/ ok$| FAIL$/ { m = $(NF-1); if (m + 0 > w + 0) { w = m } } END { printf "%s", w }' "check-$b.log")
   echo "check $b: $r (worst margin $worst, $((SECONDS - t0)) s)" > "check-$b.result"
 }
+for b in $CHECK_ALONE; do
+  CHECK_TIMEOUT=${ALONE_TIMEOUT:-480} check_one "$b"
+  echo "=== check $b ${flags[$b]:-}"
+  tail -n 60 "check-$b.log" 2>/dev/null
+  note "$(cat "check-$b.result" 2>/dev/null || echo "check $b: no result")"
+done
 IFS=';' read -ra lanes <<< "$CHECK"
 for lane in "${lanes[@]}"; do
   ( for b in $lane; do check_one "$b"; done ) &

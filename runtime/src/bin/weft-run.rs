@@ -38,6 +38,9 @@ enum Command {
         /// Only the step checks (no whole-model training and generation).
         #[arg(long)]
         steps_only: bool,
+        /// The plans whose steps are checked, comma-separated (default: all four).
+        #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(check::STEP_PLANS))]
+        plans: Vec<String>,
     },
     /// Measure training throughput (tokens/s, MFU, memory, time by kernel class) and prefill.
     Bench {
@@ -130,7 +133,7 @@ fn run(command: Command) -> Result<bool, String> {
             );
             Ok(true)
         }
-        Command::Check { bundle: path, seed, optimizer_steps, prompt, decode_steps, steps_only } => {
+        Command::Check { bundle: path, seed, optimizer_steps, prompt, decode_steps, steps_only, plans } => {
             let (gpu, bundle) = open(&path)?;
             println!("{}: {} on {}", path.display(), bundle.program.model, gpu.name);
             let t0 = Instant::now();
@@ -142,6 +145,7 @@ fn run(command: Command) -> Result<bool, String> {
             let options = check::CheckOptions {
                 seed,
                 steps_only,
+                plans: if plans.is_empty() { check::STEP_PLANS.iter().map(|p| p.to_string()).collect() } else { plans },
                 model: check::ModelCheck {
                     optimizer_steps: optimizer_steps as usize,
                     grad_accum,
@@ -263,7 +267,7 @@ mod tests {
         <Cli as clap::CommandFactory>::command().debug_assert();
         for args in [
             &["check", "m.bundle", "--optimizer-steps", "3", "--prompt", "300", "--decode-steps", "790"][..],
-            &["check", "m.bundle", "--steps-only"],
+            &["check", "m.bundle", "--steps-only", "--plans", "train_step,prefill"],
             &["bench", "m.bundle", "--steps", "10"],
             &[
                 "train",
@@ -315,6 +319,8 @@ mod tests {
         assert!(e.contains("--train"), "{e}");
         let e = parse(&["bench", "m.bundle", "--steps", "0"]).err().expect("0 steps accepted");
         assert!(e.contains("0"), "{e}");
+        let e = parse(&["check", "m.bundle", "--plans", "train_step,evil"]).err().expect("unknown plan accepted");
+        assert!(e.contains("evil") && e.contains("optimizer_step"), "{e}");
         let e = parse(&["frobnicate"]).err().expect("unknown command accepted");
         assert!(e.contains("frobnicate"), "{e}");
     }

@@ -435,8 +435,13 @@ pub struct CheckOptions {
     pub seed: u64,
     /// Skip the whole-model check (the step checks alone).
     pub steps_only: bool,
+    /// Which plans' steps to check (of `train_step`, `eval`, `optimizer_step`, `prefill`).
+    pub plans: Vec<String>,
     pub model: ModelCheck,
 }
+
+/// The plans whose steps the check compares, in order.
+pub const STEP_PLANS: [&str; 4] = ["train_step", "eval", "optimizer_step", "prefill"];
 
 /// The outcome: the worst step check of each operation, the whole-model rows, each optimizer
 /// step's clip scale, and every failing step check.
@@ -476,12 +481,17 @@ pub fn check_bundle(be: &mut GpuBackend, o: &CheckOptions) -> Result<Report, Str
     let inputs = train_batch(be, o.seed, 1_000)?;
     let mut train = inputs.clone();
     train.push(("loss_scale".into(), Tensor::scalar(1.0)));
-    let r = check_steps(be, "train_step", &train)?;
-    progress("train_step", &r);
-    rows.extend(r);
-    let r = check_steps(be, "eval", &inputs)?;
-    progress("eval", &r);
-    rows.extend(r);
+    let wanted = |p: &str| o.plans.iter().any(|x| x == p);
+    if wanted("train_step") {
+        let r = check_steps(be, "train_step", &train)?;
+        progress("train_step", &r);
+        rows.extend(r);
+    }
+    if wanted("eval") {
+        let r = check_steps(be, "eval", &inputs)?;
+        progress("eval", &r);
+        rows.extend(r);
+    }
     // Two real training steps and one optimizer step first: the moments and the accumulated
     // gradients the optimizer step reads are then all non-zero.
     for n in 0..2 {
@@ -490,15 +500,19 @@ pub fn check_bundle(be: &mut GpuBackend, o: &CheckOptions) -> Result<Report, Str
             be.run("optimizer_step", vec![("step".into(), Tensor::ints(vec![], vec![0]))])?;
         }
     }
-    let r = check_steps(be, "optimizer_step", &[("step".into(), Tensor::ints(vec![], vec![1]))])?;
-    progress("optimizer_step", &r);
-    rows.extend(r);
+    if wanted("optimizer_step") {
+        let r = check_steps(be, "optimizer_step", &[("step".into(), Tensor::ints(vec![], vec![1]))])?;
+        progress("optimizer_step", &r);
+        rows.extend(r);
+    }
     be.run("optimizer_step", vec![("step".into(), Tensor::ints(vec![], vec![1]))])?;
     let v = super::bench::vocab(be.program());
     let prompt = super::bench::tokens(o.model.prompt, v, o.seed + 7);
-    let r = check_steps(be, "prefill", &[("tokens".into(), Tensor::ints(vec![1, prompt.len()], prompt))])?;
-    progress("prefill", &r);
-    rows.extend(r);
+    if wanted("prefill") {
+        let r = check_steps(be, "prefill", &[("tokens".into(), Tensor::ints(vec![1, prompt.len()], prompt))])?;
+        progress("prefill", &r);
+        rows.extend(r);
+    }
     let mut by_op: BTreeMap<String, Vec<Row>> = BTreeMap::new();
     for r in &rows {
         let op = r.what.split(' ').nth(1).unwrap_or("").split('.').next().unwrap_or("").to_string();
