@@ -82,6 +82,28 @@ impl<'a> ArgReader<'a> {
         None
     }
 
+    /// As [`int`](Self::int), at most `max`, `why` saying what sets the bound.
+    pub fn int_at_most(
+        &mut self,
+        key: &'static str,
+        default: Option<u64>,
+        min: u64,
+        max: u64,
+        why: &str,
+    ) -> Option<u64> {
+        let n = self.int(key, default, min, "")?;
+        if n > max {
+            let at = self.get(key).map(|kv| kv.value.span).unwrap_or(self.owner);
+            self.diags.push(
+                Diagnostic::error(format!("`{key}` is {n}, more than {max}, the most weft's kernels take"))
+                    .at(at, format!("at most {max}"))
+                    .note(why.to_string()),
+            );
+            return None;
+        }
+        Some(n)
+    }
+
     /// A finite number > 0.
     pub fn positive(&mut self, key: &'static str, default: f64) -> f64 {
         match self.get(key) {

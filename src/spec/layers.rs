@@ -103,6 +103,9 @@ impl LayerKind {
     }
 }
 
+/// The widest causal convolution the GPU kernels take (their taps unroll into registers).
+pub const MAX_CONV_WIDTH: u64 = 16;
+
 /// Reads a layer definition's arguments; `None` after reporting when they are wrong.
 /// `width` is `None` when the model's width is itself wrong: the arguments are still checked,
 /// only the checks against the width are skipped.
@@ -114,7 +117,13 @@ pub fn read_layer(kind: &str, r: &mut ArgReader, width: Option<u64>, def: Span) 
         "mamba" => {
             let d_state = r.int("d_state", Some(16), 1, "");
             let expand = r.int("expand", Some(2), 1, "");
-            let d_conv = r.int("d_conv", Some(4), 1, "");
+            let d_conv = r.int_at_most(
+                "d_conv",
+                Some(4),
+                1,
+                MAX_CONV_WIDTH,
+                "the convolution's kernels keep every tap and its window in registers (the reference uses 4)",
+            );
             let dt_rank = r.int_or_word("dt_rank", "auto", None, 1).unwrap_or(width.div_ceil(16));
             let dt_min = r.positive("dt_min", 0.001);
             let dt_max = r.positive("dt_max", 0.1);
@@ -138,7 +147,8 @@ pub fn read_layer(kind: &str, r: &mut ArgReader, width: Option<u64>, def: Span) 
         }
         "attention" => {
             let heads = r.int("heads", None, 1, "attention needs `heads = N`");
-            let kv_heads = r.int("kv_heads", heads, 1, "");
+            // Without a valid `heads` there is no default to miss: only `heads` is reported.
+            let kv_heads = r.int("kv_heads", Some(heads.unwrap_or(1)), 1, "");
             let head_dim = r.int("head_dim", Some(0), 1, "");
             let window = r.int_or_word("window", "full", None, 1);
             let rope = r.positive_or_word("rope", "none", Some(10000.0));

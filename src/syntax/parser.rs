@@ -78,8 +78,8 @@ pub fn parse(src: &str, file: FileId) -> (File, Diagnostics) {
     (out, diags)
 }
 
-/// Refuses input that nests brackets deeper than [`MAX_NESTING`], before the recursive parser
-/// sees it.
+/// Refuses input that nests brackets deeper than [`MAX_NESTING`], or opens a block comment it
+/// never closes, before the recursive parser sees it.
 fn check_nesting(src: &str, file: FileId) -> Option<Diagnostic> {
     let bytes = src.as_bytes();
     let mut depth = 0usize;
@@ -103,9 +103,17 @@ fn check_nesting(src: &str, file: FileId) -> Option<Diagnostic> {
                 }
             }
             b'/' if bytes.get(i + 1) == Some(&b'*') => {
+                let open = i;
                 i += 2;
                 while i + 1 < bytes.len() && !(bytes[i] == b'*' && bytes[i + 1] == b'/') {
                     i += 1;
+                }
+                if i + 1 >= bytes.len() {
+                    // Said where it opens, not at the end of the file where the parser stops.
+                    return Some(
+                        Diagnostic::error("unterminated block comment")
+                            .at(Span::new(file, open, open + 2), "this `/*` has no `*/`"),
+                    );
                 }
                 i += 1;
             }
@@ -189,7 +197,7 @@ fn rule_name(rule: Rule) -> Option<&'static str> {
         Rule::args | Rule::patch => "`(`",
         Rule::sequence | Rule::term => "a layer",
         Rule::group => "`[`",
-        Rule::pattern | Rule::kw_pattern => "`pattern(`",
+        Rule::kw_pattern => "`pattern(`",
         Rule::repeat | Rule::repeat_op => "a repetition `x N`",
         Rule::binding | Rule::symbol | Rule::bare_symbol => "a binding `SYMBOL = layer`",
         Rule::EOI => "end of file",
