@@ -153,6 +153,75 @@ pub struct CompileReport {
     pub bundle_bytes: usize,
 }
 
+/// The front end's and lowering's time against the number of sub-layers, on generated specs (an
+/// MLP stack, and a seeded random mix of Mamba, windowed and full attention and MLP), from 64 to
+/// 4096 sub-layers (the most a spec may have): each phase in seconds, and per sub-layer relative
+/// to 64 sub-layers (1.0 everywhere is linear).
+pub fn bench_scaling() -> Result<String, String> {
+    use std::fmt::Write;
+    let spec = |n: usize, mixed: bool| -> String {
+        let mut s = String::from("model scaling { vocab = 64  width = 64 }\n");
+        s += "layer m = mamba(d_state = 4)\nlayer a = attention(heads = 1, window = 16)\n";
+        s += "layer s = attention(heads = 1)\nlayer f = mlp(hidden = 64)\n";
+        if mixed {
+            let mut x = 0x9E37_79B9_7F4A_7C15u64;
+            let names: Vec<&str> = (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    ["m", "a", "s", "f"][(x % 4) as usize]
+                })
+                .collect();
+            s += &format!("layers = [{}]\n", names.join(", "));
+        } else {
+            s += &format!("layers = f x {n}\n");
+        }
+        s
+    };
+    let settings = RunConfig::default();
+    let shapes = crate::build::Shapes { batch: 1, seq: 64, gen_batch: 1, max_prompt: 128 };
+    let mut out = String::new();
+    writeln!(
+        out,
+        "{:<8} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12}",
+        "spec", "layers", "front end", "program", "check", "lower", "total", "per layer ×"
+    )
+    .unwrap();
+    for mixed in [false, true] {
+        let mut base = None;
+        for n in [64usize, 128, 256, 512, 1024, 2048, 4096] {
+            let text = spec(n, mixed);
+            let t = Instant::now();
+            let checked = crate::check_str(Path::new("scaling.weft"), &text).map_err(|f| f.render())?;
+            let front = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let program =
+                build_program(&checked.model, &OptimizerSettings::from_config(&settings), 128).map_err(|e| e.0)?;
+            let prog = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            crate::analysis::memory_report_of(&program, 1, 64)?;
+            crate::build::program_findings(&program, &shapes).map_err(|e| e.to_string())?;
+            let check = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            crate::build::lower_program(&program, &shapes).map_err(|e| e.to_string())?;
+            let lower = t.elapsed().as_secs_f64();
+            let total = front + prog + check + lower;
+            let per = total / n as f64;
+            let rel = per / *base.get_or_insert(per);
+            writeln!(
+                out,
+                "{:<8} {n:>6} {front:>9.3}s {prog:>9.3}s {check:>9.3}s {lower:>9.3}s {total:>9.3}s {rel:>12.2}",
+                if mixed { "mixed" } else { "mlp" }
+            )
+            .unwrap();
+        }
+    }
+    out +=
+        "`weft check` is front end + program + check; `weft build` adds lowering and compiling the distinct kernels\n";
+    Ok(out)
+}
+
 pub fn bench_compile(spec: &Path, settings: &RunConfig) -> Result<CompileReport, String> {
     let cache_dir = std::env::temp_dir().join(format!("weft-compile-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&cache_dir);

@@ -91,6 +91,18 @@ impl Lowered {
     }
 }
 
+/// What lowering every plan finds (errors, GPU limits, fallbacks), each kind of step lowered
+/// once: what `weft check` reports, in a moment whatever the number of layers.
+pub fn program_findings(program: &Program, shapes: &Shapes) -> Result<Vec<Finding>, Located> {
+    let mut seen = std::collections::HashSet::new();
+    let mut findings = Vec::new();
+    for (name, plan) in &program.plans {
+        let shape = shapes.of(name);
+        findings.extend(crate::lower::plan_findings(plan, shape.batch, shape.seq, &mut seen)?);
+    }
+    Ok(findings)
+}
+
 pub fn lower_program(program: &Program, shapes: &Shapes) -> Result<Lowered, Located> {
     let mut kernels = BTreeMap::new();
     let mut plans = BTreeMap::new();

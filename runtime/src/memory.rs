@@ -23,7 +23,7 @@ pub struct Buffer {
     pub last: usize,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct MemoryPlan {
     pub batch: u64,
     pub seq: u64,
@@ -108,6 +108,35 @@ pub fn plan_memory(plan: &Plan, batch: u64, seq: u64) -> MemoryPlan {
         })
         .collect();
 
+    let arena = if buffers.len() <= GREEDY_MAX { place_by_size(&mut buffers) } else { place_in_order(&mut buffers) };
+    // The most bytes live at once: a sweep over the lifetimes' ends.
+    let mut events: Vec<(usize, bool, u64)> = Vec::with_capacity(2 * buffers.len());
+    for b in &buffers {
+        events.push((b.first, false, b.bytes));
+        events.push((b.last, true, b.bytes));
+    }
+    // At one step, births before deaths: a buffer born where another dies overlaps it.
+    events.sort();
+    let (mut live, mut peak) = (0u64, 0u64);
+    for (_, dies, bytes) in events {
+        if dies {
+            live -= bytes;
+        } else {
+            live += bytes;
+            peak = peak.max(live);
+        }
+    }
+    MemoryPlan { batch, seq, arena_bytes: arena, buffers, views, peak_live_bytes: peak }
+}
+
+/// Plans of up to this many buffers are packed greedily by size (the tightest arenas, quadratic
+/// in the buffers); larger ones first fit in step order (n log n), so that a spec of thousands of
+/// layers plans in a moment.
+const GREEDY_MAX: usize = 8192;
+
+/// Greedy by size: the largest buffer first, each at the lowest offset free throughout its
+/// lifetime. Returns the arena's size.
+fn place_by_size(buffers: &mut [Buffer]) -> u64 {
     let mut order: Vec<usize> = (0..buffers.len()).collect();
     order.sort_by(|&a, &b| buffers[b].bytes.cmp(&buffers[a].bytes).then(a.cmp(&b)));
     let mut placed: Vec<usize> = Vec::new();
@@ -131,27 +160,114 @@ pub fn plan_memory(plan: &Plan, batch: u64, seq: u64) -> MemoryPlan {
         arena = arena.max(offset + buffers[i].bytes);
         placed.push(i);
     }
-    let peak = (0..=n_steps)
-        .map(|s| buffers.iter().filter(|b| b.first <= s && s <= b.last).map(|b| b.bytes).sum::<u64>())
-        .max()
-        .unwrap_or(0);
-    MemoryPlan { batch, seq, arena_bytes: arena, buffers, views, peak_live_bytes: peak }
+    arena
+}
+
+/// First fit in step order, as an allocator would run the plan: buffers are born in step order
+/// (at a step, the larger first) and freed after their last step; each takes the lowest free
+/// range that fits, from free ranges kept by offset. Returns the arena's size.
+fn place_in_order(buffers: &mut [Buffer]) -> u64 {
+    use std::collections::{BTreeMap, BinaryHeap};
+    let mut order: Vec<usize> = (0..buffers.len()).collect();
+    order.sort_by(|&a, &b| buffers[a].first.cmp(&buffers[b].first).then(buffers[b].bytes.cmp(&buffers[a].bytes)));
+    // Free ranges below the arena's top, by offset; the top grows when none fits.
+    let mut free: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut top = 0u64;
+    // Live buffers by the step after which they die (a min-heap through Reverse).
+    let mut dying: BinaryHeap<std::cmp::Reverse<(usize, u64, u64)>> = BinaryHeap::new();
+    let release = |free: &mut BTreeMap<u64, u64>, top: &mut u64, mut lo: u64, mut hi: u64| {
+        // Merge with the neighbours, then give the top back.
+        if let Some((&plo, &phi)) = free.range(..lo).next_back() {
+            if phi == lo {
+                free.remove(&plo);
+                lo = plo;
+            }
+        }
+        if let Some(&nhi) = free.get(&hi) {
+            free.remove(&hi);
+            hi = nhi;
+        }
+        if hi == *top {
+            *top = lo;
+        } else {
+            free.insert(lo, hi);
+        }
+    };
+    for i in order {
+        let (first, bytes) = (buffers[i].first, buffers[i].bytes);
+        while let Some(std::cmp::Reverse((last, lo, hi))) = dying.peek().copied() {
+            if last >= first {
+                break;
+            }
+            dying.pop();
+            release(&mut free, &mut top, lo, hi);
+        }
+        // The lowest free range that fits (first fit by offset).
+        let fit = free.iter().find(|(&lo, &hi)| hi - lo >= bytes).map(|(&lo, &hi)| (lo, hi));
+        let offset = match fit {
+            Some((lo, hi)) => {
+                free.remove(&lo);
+                if hi - lo > bytes {
+                    free.insert(lo + bytes, hi);
+                }
+                lo
+            }
+            None => {
+                let lo = top;
+                top += bytes;
+                lo
+            }
+        };
+        buffers[i].offset = offset;
+        dying.push(std::cmp::Reverse((buffers[i].last, offset, offset + bytes)));
+    }
+    buffers.iter().map(|b| b.offset + b.bytes).max().unwrap_or(0)
 }
 
 impl MemoryPlan {
     /// Checks that no two buffers alive at the same step share a byte.
+    /// (A sweep in step order: the live buffers kept by offset, each new one compared with its
+    /// neighbours, so a plan of any size checks in n log n.)
     pub fn check(&self) -> Result<(), String> {
-        for (i, a) in self.buffers.iter().enumerate() {
-            for b in &self.buffers[i + 1..] {
-                let live = a.first <= b.last && b.first <= a.last;
-                let overlap = a.offset < b.offset + b.bytes && b.offset < a.offset + a.bytes;
-                if live && overlap {
-                    return Err(format!("values {} and {} overlap in the arena while both are live", a.value, b.value));
-                }
-            }
-            if a.offset % ALIGN != 0 || a.offset + a.bytes > self.arena_bytes {
+        use std::collections::BTreeMap;
+        for a in &self.buffers {
+            if a.offset % ALIGN != 0 || a.offset.checked_add(a.bytes).is_none_or(|end| end > self.arena_bytes) {
                 return Err(format!("value {} is misplaced", a.value));
             }
+        }
+        let mut order: Vec<&Buffer> = self.buffers.iter().collect();
+        order.sort_by_key(|b| (b.first, b.offset));
+        // Live buffers by offset: (end, last step, value); and by the step after which they die.
+        let mut live: BTreeMap<u64, (u64, usize, ValueId)> = BTreeMap::new();
+        let mut dying: std::collections::BinaryHeap<std::cmp::Reverse<(usize, u64, ValueId)>> = Default::default();
+        let clash =
+            |a: ValueId, b: ValueId| Err(format!("values {a} and {b} overlap in the arena while both are live"));
+        for b in order {
+            while let Some(std::cmp::Reverse((last, off, v))) = dying.peek().copied() {
+                if last >= b.first {
+                    break;
+                }
+                dying.pop();
+                if live.get(&off).is_some_and(|e| e.2 == v) {
+                    live.remove(&off);
+                }
+            }
+            if b.bytes == 0 {
+                continue;
+            }
+            let end = b.offset + b.bytes;
+            if let Some((_, &(pend, _, pv))) = live.range(..=b.offset).next_back() {
+                if pend > b.offset {
+                    return clash(pv, b.value);
+                }
+            }
+            if let Some((&noff, &(_, _, nv))) = live.range(b.offset..).next() {
+                if noff < end {
+                    return clash(nv, b.value);
+                }
+            }
+            live.insert(b.offset, (end, b.last, b.value));
+            dying.push(std::cmp::Reverse((b.last, b.offset, b.value)));
         }
         Ok(())
     }

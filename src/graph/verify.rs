@@ -123,10 +123,16 @@ pub fn verify(g: &Graph) -> Result<(), Vec<VerifyError>> {
             fail(Some(v.node), format!("loss must be an f32 scalar, is {}", g.ty(*v)));
         }
     }
+    // Persistent leaves by name, once (updates name them).
+    let persistent: std::collections::HashMap<&str, &crate::graph::Node> = g
+        .nodes()
+        .filter_map(|(_, n)| match &n.kind {
+            NodeKind::Param { name, .. } | NodeKind::State { name } => Some((name.as_str(), n)),
+            _ => None,
+        })
+        .collect();
     for (name, v) in &g.updates {
-        let target = g.nodes().find(
-            |(_, n)| matches!(&n.kind, NodeKind::Param { name: p, .. } | NodeKind::State { name: p } if p == name),
-        );
+        let target = persistent.get(name.as_str()).map(|n| ((), *n));
         match target {
             Some((_, t)) if exists(v) && t.ty() == g.ty(*v) => {}
             Some((_, t)) if exists(v) => {

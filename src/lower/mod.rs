@@ -96,16 +96,46 @@ pub fn lower_plan(
     seq: u64,
     kernels: &mut BTreeMap<String, Kernel>,
 ) -> Result<(DevicePlan, Vec<Finding>), Located> {
-    let memory = plan_memory(plan, batch, seq);
+    lower_plan_with(plan, batch, seq, kernels, None)
+}
+
+/// What lowering `plan` finds (errors, limits, fallbacks) without the device plan: a step like
+/// one lowered before (same operation, operands and call sizes, recorded in `seen`) is not
+/// lowered again, so a spec of thousands of identical layers is checked in a moment.
+pub fn plan_findings(
+    plan: &Plan,
+    batch: u64,
+    seq: u64,
+    seen: &mut std::collections::HashSet<String>,
+) -> Result<Vec<Finding>, Located> {
+    let mut kernels = BTreeMap::new();
+    Ok(lower_plan_with(plan, batch, seq, &mut kernels, Some(seen))?.1)
+}
+
+fn lower_plan_with(
+    plan: &Plan,
+    batch: u64,
+    seq: u64,
+    kernels: &mut BTreeMap<String, Kernel>,
+    mut seen: Option<&mut std::collections::HashSet<String>>,
+) -> Result<(DevicePlan, Vec<Finding>), Located> {
+    use std::collections::HashSet;
+    let memory = if seen.is_some() { Default::default() } else { plan_memory(plan, batch, seq) };
     let mut e = Emit::new(plan, batch, seq, kernels);
     // AdamW over every parameter in one launch per kind of parameter, where the plan allows.
     let adamw = kernels::adamw_group(plan);
+    let in_group: HashSet<usize> = adamw.iter().flatten().copied().collect();
     // The loss and its backward in one pass over the logits, where they are adjacent.
-    let fused_loss: Vec<usize> = (0..plan.steps.len()).filter(|&i| kernels::fused_loss_at(plan, i)).collect();
+    let fused_loss: HashSet<usize> = (0..plan.steps.len()).filter(|&i| kernels::fused_loss_at(plan, i)).collect();
     let mut findings = Vec::new();
     for (i, step) in plan.steps.iter().enumerate() {
         let before = e.steps.len();
         e.step_scratch = 0;
+        if let Some(seen) = seen.as_deref_mut() {
+            if !seen.insert(e.signature(step)) {
+                continue;
+            }
+        }
         let located = |message: String| Located {
             plan: plan.name.clone(),
             step: i,
@@ -115,7 +145,7 @@ pub fn lower_plan(
         };
         let lowered = match &adamw {
             Some(group) if group.first() == Some(&i) => kernels::lower_adamw_group(&mut e, group),
-            Some(group) if group.contains(&i) => Ok(()),
+            Some(_) if in_group.contains(&i) => Ok(()),
             _ if fused_loss.contains(&i) => kernels::lower_fused_loss(&mut e, step, &plan.steps[i + 1]),
             _ if i > 0 && fused_loss.contains(&(i - 1)) => Ok(()),
             _ => kernels::lower_step(&mut e, step),
@@ -222,6 +252,8 @@ pub(crate) struct Emit<'a> {
     exact_shape: bool,
     /// The current step's limits and fallbacks.
     findings: Vec<(Severity, String)>,
+    /// The names of persistent values.
+    persistent: std::collections::HashMap<ValueId, String>,
 }
 
 impl<'a> Emit<'a> {
@@ -254,6 +286,7 @@ impl<'a> Emit<'a> {
             tables: Vec::new(),
             exact_shape: false,
             findings: Vec::new(),
+            persistent: plan.persistent.iter().map(|(n, v)| (*v, n.clone())).collect(),
         }
     }
 
@@ -288,7 +321,7 @@ impl<'a> Emit<'a> {
 
     /// The name of a persistent value (a parameter or state), if `v` is one.
     pub fn persistent_name(&self, v: ValueId) -> Option<String> {
-        self.plan.persistent.iter().find(|(_, x)| *x == v).map(|(n, _)| n.clone())
+        self.persistent.get(&v).cloned()
     }
 
     /// Marks the plan as runnable only at the shape it was lowered for (its steps were
@@ -312,6 +345,22 @@ impl<'a> Emit<'a> {
             }
         };
         BufferArg { base: Base::Table(i as u32), offset: 0 }
+    }
+
+    /// What decides how a step lowers: its operation, the call sizes and every operand's type,
+    /// layout and place (two steps alike in all of it lower alike).
+    fn signature(&self, step: &weft_runtime::plan::Step) -> String {
+        let ops: Vec<String> = step
+            .inputs
+            .iter()
+            .chain(&step.outputs)
+            .map(|&v| {
+                let o = self.operand(v);
+                let persistent = self.persistent_name(v).is_some();
+                format!("{}/{}/{}/{}/{persistent}", o.ty, o.ld, o.width, o.buf.offset)
+            })
+            .collect();
+        format!("{}|{}x{}|{}", step.op, self.batch, self.seq, ops.join(","))
     }
 
     /// Notes that the current step runs on a slower kernel than its kind's fastest, and why.
