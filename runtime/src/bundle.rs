@@ -287,7 +287,7 @@ impl Bundle {
     }
 
     pub fn read(path: &Path) -> Result<Bundle, BundleError> {
-        let bytes = std::fs::read(path).map_err(|e| BundleError(format!("cannot read {}: {e}", path.display())))?;
+        let bytes = crate::io::read_bounded(path, crate::io::limits::BUNDLE, "bundle").map_err(BundleError)?;
         Bundle::from_bytes(&bytes).map_err(|BundleError(m)| BundleError(format!("{}: {m}", path.display())))
     }
 

@@ -15,6 +15,7 @@ pub mod dtype;
 pub mod flops;
 pub mod generate;
 pub mod init;
+pub mod io;
 pub mod memory;
 pub mod op;
 pub mod plan;

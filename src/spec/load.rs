@@ -50,11 +50,11 @@ pub(super) struct Merged {
 }
 
 pub fn load_file(path: &Path) -> Loaded {
-    match std::fs::read_to_string(path) {
+    match weft_runtime::io::read_text(path, weft_runtime::io::limits::SPEC, "spec") {
         Ok(src) => load_str(path, src),
         Err(e) => {
             let mut diags = Diagnostics::default();
-            diags.push(Diagnostic::error(format!("cannot read spec `{}`: {e}", path.display())));
+            diags.push(Diagnostic::error(e));
             Loaded { sources: SourceMap::new(), model: None, diags }
         }
     }
@@ -85,7 +85,8 @@ enum Files<'a> {
 impl Files<'_> {
     fn read(&self, path: &Path) -> std::io::Result<String> {
         match self {
-            Files::Disk => std::fs::read_to_string(path),
+            Files::Disk => weft_runtime::io::read_text(path, weft_runtime::io::limits::SPEC, "base spec")
+                .map_err(std::io::Error::other),
             Files::Stored(files) => files.iter().find(|(p, _)| p == path).map(|(_, t)| t.clone()).ok_or_else(|| {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "the recorded spec does not hold this file")
             }),
@@ -120,6 +121,11 @@ fn load_chain(
     diags: &mut Diagnostics,
     stack: &mut Vec<PathBuf>,
 ) -> Merged {
+    // A byte-order mark (as some editors write) is not part of the spec.
+    let src = match src.strip_prefix('\u{FEFF}') {
+        Some(rest) => rest.to_string(),
+        None => src,
+    };
     let file = sources.add(path, src);
     let (ast, syntax) = parse(sources.source(file), file);
     diags.extend(syntax);
@@ -226,6 +232,14 @@ fn load_base(
     stack: &mut Vec<PathBuf>,
 ) -> Option<Merged> {
     let base_path = path.parent().unwrap_or(Path::new(".")).join(&target.value);
+    if base_path.extension().is_none_or(|e| e != "weft") {
+        // Only specs: a syntax error in any other file would show its first line.
+        diags.push(
+            Diagnostic::error(format!("`extends` names `{}`, which is not a .weft spec", target.value))
+                .at(target.span, "extends takes a file ending in .weft"),
+        );
+        return None;
+    }
     let canonical = files.identity(&base_path);
     if stack.contains(&canonical) {
         diags.push(
@@ -244,10 +258,14 @@ fn load_base(
     match files.read(&base_path) {
         Ok(src) => Some(load_chain(&base_path, src, files, sources, diags, stack)),
         Err(e) => {
-            diags.push(
-                Diagnostic::error(format!("cannot read base spec `{}`: {e}", base_path.display()))
-                    .at(target.span, "named here"),
-            );
+            let msg = e.to_string();
+            // Messages from bounded reads name the file already.
+            let msg = if msg.contains(&base_path.display().to_string()) {
+                msg
+            } else {
+                format!("cannot read base spec `{}`: {msg}", base_path.display())
+            };
+            diags.push(Diagnostic::error(msg).at(target.span, "named here"));
             None
         }
     }

@@ -51,15 +51,7 @@ pub fn text_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, DataError> {
 
 /// Reads every file as one document.
 pub fn read_documents(files: &[PathBuf]) -> Result<Vec<String>, DataError> {
-    files
-        .iter()
-        .map(|f| {
-            let bytes = std::fs::read(f).map_err(|e| DataError(format!("cannot read `{}`: {e}", f.display())))?;
-            String::from_utf8(bytes).map_err(|e| {
-                DataError(format!("`{}` is not UTF-8 text (byte {})", f.display(), e.utf8_error().valid_up_to()))
-            })
-        })
-        .collect()
+    files.iter().map(|f| crate::io::read_text(f, crate::io::limits::TEXT, "text file").map_err(DataError)).collect()
 }
 
 /// Tokenizes documents and packs them, each followed by end-of-text.

@@ -41,7 +41,7 @@ pub fn write(path: &Path, vocab: u32, tokens: &[u32]) -> Result<(), ShardError> 
 /// Reads a shard whose ids must be below `vocab` (the model's vocabulary).
 pub fn read(path: &Path, vocab: usize) -> Result<Vec<u32>, ShardError> {
     let name = path.display();
-    let bytes = std::fs::read(path).map_err(|e| ShardError(format!("cannot read `{name}`: {e}")))?;
+    let bytes = crate::io::read_bounded(path, crate::io::limits::SHARD, "token shard").map_err(ShardError)?;
     if bytes.len() < HEADER || &bytes[..8] != MAGIC {
         return Err(ShardError(format!("`{name}` is not a weft token shard (no WEFTTOK1 header)")));
     }

@@ -71,9 +71,9 @@ impl Tokenizer {
         if spec == "byte" {
             return Ok(Tokenizer::Bytes);
         }
-        let inner =
-            HfTokenizer::from_file(spec).map_err(|e| TokenizerError(format!("cannot load tokenizer `{spec}`: {e}")))?;
-        Tokenizer::from_hf(inner)
+        let json =
+            crate::io::read_text(Path::new(spec), crate::io::limits::TOKENIZER, "tokenizer").map_err(TokenizerError)?;
+        Tokenizer::from_json(&json).map_err(|e| TokenizerError(format!("tokenizer `{spec}`: {}", e.0)))
     }
 
     /// Writes a BPE tokenizer as `tokenizer.json`, atomically (byte tokenizers have nothing to
