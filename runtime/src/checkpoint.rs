@@ -55,9 +55,20 @@ pub struct RunState {
     pub settings_hash: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokenizer_hash: Option<String>,
+    /// SHA-256 of this state with this field empty (format 2): an edited `state.json` (a step
+    /// changed by hand) is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_checksum: Option<String>,
 }
 
 impl RunState {
+    /// The checksum this state should carry.
+    fn own_checksum(&self) -> String {
+        let mut copy = self.clone();
+        copy.state_checksum = None;
+        crate::run::sha256(&serde_json::to_vec(&copy).expect("the run state serialises"))
+    }
+
     /// The identity recorded, if the checkpoint has one (format 2).
     pub fn identity(&self) -> Option<crate::run::Identity> {
         Some(crate::run::Identity {
@@ -80,10 +91,16 @@ fn io<E: fmt::Display>(what: String) -> impl FnOnce(E) -> CheckpointError {
 /// Writes bytes to `path` through a temporary file, synced, then renamed.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(io(format!("cannot create `{}`", tmp.display())))?;
-    f.write_all(bytes).map_err(io(format!("cannot write `{}`", tmp.display())))?;
-    f.sync_all().map_err(io(format!("cannot sync `{}`", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(io(format!("cannot rename `{}`", tmp.display())))
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp).map_err(io(format!("cannot create `{}`", tmp.display())))?;
+        f.write_all(bytes).map_err(io(format!("cannot write `{}`", tmp.display())))?;
+        f.sync_all().map_err(io(format!("cannot sync `{}`", tmp.display())))?;
+        std::fs::rename(&tmp, path).map_err(io(format!("cannot rename `{}`", tmp.display())))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 fn to_safetensors(tensors: &[(&str, &Tensor<f32>)]) -> Result<Vec<u8>, CheckpointError> {
@@ -152,12 +169,21 @@ pub fn save(
     std::fs::create_dir_all(&tmp_dir).map_err(io(format!("cannot create `{}`", tmp_dir.display())))?;
     let mut state = state.clone();
     state.checksums.clear();
-    for (name, bytes) in &files {
-        write_atomic(&tmp_dir.join(name), bytes)?;
-        state.checksums.insert(name.to_string(), fnv64(bytes));
+    let written = (|| -> Result<(), CheckpointError> {
+        for (name, bytes) in &files {
+            write_atomic(&tmp_dir.join(name), bytes)?;
+            state.checksums.insert(name.to_string(), fnv64(bytes));
+        }
+        state.state_checksum = None;
+        state.state_checksum = Some(state.own_checksum());
+        let json = serde_json::to_vec_pretty(&state).map_err(io("cannot write the run state".into()))?;
+        write_atomic(&tmp_dir.join("state.json"), &json)
+    })();
+    if let Err(e) = written {
+        // A full disk, say: leave nothing half-written behind (the previous checkpoint stays).
+        let _ = std::fs::remove_dir_all(&tmp_dir);
+        return Err(e);
     }
-    let json = serde_json::to_vec_pretty(&state).map_err(io("cannot write the run state".into()))?;
-    write_atomic(&tmp_dir.join("state.json"), &json)?;
     let _ = std::fs::remove_dir_all(&final_dir);
     std::fs::rename(&tmp_dir, &final_dir)
         .map_err(io(format!("cannot move the checkpoint into `{}`", final_dir.display())))?;
@@ -186,7 +212,10 @@ fn prune(dir: &Path, keep: usize) {
 /// The newest complete checkpoint of a run directory, if any.
 pub fn latest(dir: &Path) -> Result<Option<PathBuf>, CheckpointError> {
     let pointer = dir.join("latest");
-    match std::fs::read_to_string(&pointer) {
+    if !pointer.exists() {
+        return Ok(None);
+    }
+    match crate::io::read_text(&pointer, crate::io::limits::SMALL, "checkpoint pointer") {
         Ok(name) => {
             let path = dir.join(name.trim());
             if !path.is_dir() {
@@ -194,8 +223,7 @@ pub fn latest(dir: &Path) -> Result<Option<PathBuf>, CheckpointError> {
             }
             Ok(Some(path))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => fail(format!("cannot read `{}`: {e}", pointer.display())),
+        Err(e) => fail(e),
     }
 }
 
@@ -210,7 +238,8 @@ pub fn load(path: &Path, program: &Program) -> Result<(RunState, BTreeMap<String
 /// Reads a checkpoint's `state.json` alone (its format and model checked later by [`load`]).
 pub fn read_state(path: &Path) -> Result<RunState, CheckpointError> {
     let state_path = path.join("state.json");
-    let text = std::fs::read_to_string(&state_path).map_err(io(format!("cannot read `{}`", state_path.display())))?;
+    let text =
+        crate::io::read_text(&state_path, crate::io::limits::SMALL, "checkpoint state").map_err(CheckpointError)?;
     let state: RunState =
         serde_json::from_str(&text).map_err(io(format!("`{}` is not a valid run state", state_path.display())))?;
     if !(1..=FORMAT_VERSION).contains(&state.format_version) {
@@ -218,6 +247,12 @@ pub fn read_state(path: &Path) -> Result<RunState, CheckpointError> {
             "`{}` is checkpoint format {}; this weft reads format {FORMAT_VERSION}",
             path.display(),
             state.format_version
+        ));
+    }
+    if state.format_version >= 2 && state.state_checksum.as_deref() != Some(state.own_checksum().as_str()) {
+        return fail(format!(
+            "`{}` is damaged or was edited: its checksum does not match its contents (restore it, or resume from another checkpoint)",
+            state_path.display()
         ));
     }
     Ok(state)
@@ -238,9 +273,15 @@ fn load_tensors(
         ));
     }
     let mut tensors = BTreeMap::new();
+    // Neither file can be larger than the program's tensors in f32 and their header.
+    let elems = |ty: &crate::TensorType| ty.shape.as_fixed().unwrap_or_default().iter().product::<u64>();
+    let count = program.params.len() + program.states.len();
+    let data: u64 = program.params.iter().map(|p| elems(&p.ty)).sum::<u64>()
+        + program.states.iter().map(|s| elems(&s.ty)).sum::<u64>();
+    let limit = 4 * data + 512 * count as u64 + (1 << 20);
     for file in ["params.safetensors", "optimizer.safetensors"] {
         let p = path.join(file);
-        let bytes = std::fs::read(&p).map_err(io(format!("cannot read `{}`", p.display())))?;
+        let bytes = crate::io::read_bounded(&p, limit, "checkpoint file").map_err(CheckpointError)?;
         if state.checksums.get(file) != Some(&fnv64(&bytes)) {
             return fail(format!("`{}` is damaged: its checksum does not match the run state", p.display()));
         }

@@ -180,11 +180,10 @@ impl RunInfo {
     /// Reads and checks `dir/run.json` (its hashes must match what it holds); `None` if absent.
     pub fn read(dir: &Path) -> Result<Option<RunInfo>, String> {
         let path = dir.join(RUN_INFO);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("cannot read `{}`: {e}", path.display())),
-        };
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = crate::io::read_text(&path, crate::io::limits::RUN_INFO, "run description")?;
         let info: RunInfo = serde_json::from_str(&text).map_err(|e| {
             format!(
                 "`{}` is not a run description this weft reads ({e}); runs from before run identities were recorded cannot resume: start a new run directory, with --init-from to keep the parameters",

@@ -96,8 +96,7 @@ pub fn shard_run(bundle: &crate::bundle::Bundle, r: &ShardRun) -> Result<(TrainO
     let (tok, json) = if r.tokenizer == "byte" {
         (Tokenizer::Bytes, None)
     } else {
-        let json = std::fs::read_to_string(&r.tokenizer)
-            .map_err(|e| format!("cannot read tokenizer `{}`: {e}", r.tokenizer))?;
+        let json = crate::io::read_text(Path::new(&r.tokenizer), crate::io::limits::TOKENIZER, "tokenizer")?;
         (Tokenizer::from_json(&json).map_err(|e| format!("`{}`: {}", r.tokenizer, e.0))?, Some(json))
     };
     if tok.vocab_size() > vocab {
@@ -213,13 +212,28 @@ fn metrics_path(dir: &Path) -> PathBuf {
 /// Keeps the metrics of steps up to `step` (a resumed run rewrites what came after).
 fn truncate_metrics(dir: &Path, step: u64) -> Result<Vec<Record>, String> {
     let path = metrics_path(dir);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(format!("cannot read `{}`: {e}", path.display())),
+    let text = if path.exists() {
+        // Lossy: a line cut inside a character is one damaged line, not an unreadable file.
+        String::from_utf8_lossy(&crate::io::read_bounded(&path, crate::io::limits::METRICS, "metrics file")?)
+            .into_owned()
+    } else {
+        String::new()
     };
-    let kept: Vec<Record> =
-        text.lines().filter_map(|l| serde_json::from_str::<Record>(l).ok()).filter(|r| r.step <= step).collect();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut kept: Vec<Record> = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        match serde_json::from_str::<Record>(line) {
+            Ok(r) if r.step <= step => kept.push(r),
+            Ok(_) => {}
+            // A run killed while appending leaves a cut last line: only that line is lost.
+            Err(e) => eprintln!(
+                "warning: `{}` line {} is damaged ({e}); it is dropped{}",
+                path.display(),
+                i + 1,
+                if i + 1 == lines.len() { " (a run stopped while writing it)" } else { "" }
+            ),
+        }
+    }
     let mut out = String::new();
     for r in &kept {
         out.push_str(&serde_json::to_string(r).map_err(|e| e.to_string())?);
@@ -404,6 +418,7 @@ pub fn train(backend: &mut dyn Backend, train: &Windows, valid: &Windows, o: &Tr
                 spec_hash: Some(id.spec_hash),
                 settings_hash: Some(id.settings_hash),
                 tokenizer_hash: id.tokenizer_hash,
+                state_checksum: None,
             };
             last.checkpoint = Some(checkpoint::save(&o.out_dir, &program, &tensors, &state, o.keep).map_err(|e| e.0)?);
             plot(&o.out_dir.join("loss.svg"), &history)?;
