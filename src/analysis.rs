@@ -56,6 +56,13 @@ pub struct MemoryReport {
     pub parameter_bytes: u64,
     /// Gradient accumulators and AdamW moments (f32).
     pub optimizer_state_bytes: u64,
+    /// About what a training step takes on the CPU reference, which keeps every value in f32:
+    /// twice the peak live bytes (bf16 values at 4 bytes), parameters in f32 and the optimizer
+    /// state.
+    pub cpu_bytes: u64,
+    /// About what it takes on a GPU: the arena, parameters (bf16 with f32 masters) and the
+    /// optimizer state (kernel scratch comes on top).
+    pub gpu_bytes: u64,
 }
 
 /// Builds the model's program and plans the training step's memory at `batch` × `seq`.
@@ -63,16 +70,34 @@ pub fn memory_report(model: &Model, batch: u64, seq: u64) -> Result<MemoryReport
     use crate::program::{build_program, OptimizerSettings};
     let settings = OptimizerSettings::from_config(&crate::config::RunConfig::default());
     let program = build_program(model, &settings, seq).map_err(|e| e.0)?;
+    memory_report_of(&program, batch, seq)
+}
+
+/// [`memory_report`] of a program already built.
+pub fn memory_report_of(program: &weft_runtime::plan::Program, batch: u64, seq: u64) -> Result<MemoryReport, String> {
     let plan = program.plan("train_step").map_err(|e| e.0)?;
     let m = weft_runtime::memory::plan_memory(plan, batch, seq);
     m.check()?;
+    let parameter_bytes: u64 = program.params.iter().map(|p| weft_runtime::memory::bytes(&p.ty, batch, seq)).sum();
+    let optimizer_state_bytes: u64 =
+        program.states.iter().map(|s| weft_runtime::memory::bytes(&s.ty, batch, seq)).sum();
+    let elems: u64 =
+        program.params.iter().map(|p| p.ty.shape.as_fixed().unwrap_or_default().iter().product::<u64>()).sum();
+    let masters: u64 = program
+        .params
+        .iter()
+        .filter(|p| p.ty.dtype == weft_runtime::DType::BF16)
+        .map(|p| 4 * p.ty.shape.as_fixed().unwrap_or_default().iter().product::<u64>())
+        .sum();
     Ok(MemoryReport {
         batch,
         seq,
         train_arena_bytes: m.arena_bytes,
         train_peak_live_bytes: m.peak_live_bytes,
-        parameter_bytes: program.params.iter().map(|p| weft_runtime::memory::bytes(&p.ty, batch, seq)).sum(),
-        optimizer_state_bytes: program.states.iter().map(|s| weft_runtime::memory::bytes(&s.ty, batch, seq)).sum(),
+        parameter_bytes,
+        optimizer_state_bytes,
+        cpu_bytes: 2 * m.peak_live_bytes + 4 * elems + optimizer_state_bytes,
+        gpu_bytes: m.arena_bytes + parameter_bytes + masters + optimizer_state_bytes,
     })
 }
 
@@ -290,6 +315,14 @@ pub fn render_table(r: &Report) -> String {
             bytes(m.train_peak_live_bytes),
             bytes(m.parameter_bytes),
             bytes(m.optimizer_state_bytes)
+        ));
+        let here = weft_runtime::io::available_memory()
+            .map(|a| format!("; this machine has {} available", bytes(a)))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "it needs about {} on the CPU reference{here}, and {} plus kernel scratch on a GPU\n",
+            bytes(m.cpu_bytes),
+            bytes(m.gpu_bytes)
         ));
     }
     out

@@ -6,6 +6,21 @@ use crate::diag::{Diagnostic, Diagnostics, FileId, SourceMap, Span};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// The largest values run settings take: checked before anything is sized by them.
+pub mod limits {
+    /// Tokens per sequence (2^24, as every size in a spec).
+    pub const SEQ_LEN: u64 = 1 << 24;
+    /// Sequences per micro-batch, and micro-batches per step.
+    pub const BATCH: u64 = 1 << 16;
+    /// Tokens per micro-batch (batch_size × seq_len): 2^26.
+    pub const TOKENS_PER_BATCH: u64 = 1 << 26;
+    /// Optimizer steps, and every count of steps.
+    pub const STEPS: u64 = 1 << 40;
+    pub const EVAL_BATCHES: u64 = 1 << 20;
+    /// Checkpoints kept.
+    pub const KEEP: u64 = 1 << 10;
+}
+
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
@@ -150,10 +165,10 @@ impl Default for Generate {
 pub fn load(path: &Path) -> Result<RunConfig, (SourceMap, Diagnostics)> {
     let mut sources = SourceMap::new();
     let mut diags = Diagnostics::default();
-    let src = match std::fs::read_to_string(path) {
+    let src = match weft_runtime::io::read_text(path, weft_runtime::io::limits::SETTINGS, "run settings file") {
         Ok(s) => s,
         Err(e) => {
-            diags.push(Diagnostic::error(format!("cannot read run settings `{}`: {e}", path.display())));
+            diags.push(Diagnostic::error(e));
             return Err((sources, diags));
         }
     };
@@ -193,10 +208,32 @@ pub fn parse(src: &str, file: FileId) -> Result<RunConfig, Diagnostics> {
         }
     };
     let t = &config.train;
-    check((1..=1 << 32).contains(&t.seq_len), &["train", "seq_len"], "between 1 and 2^32");
-    check(t.batch_size >= 1, &["train", "batch_size"], "at least 1");
-    check(t.grad_accum >= 1, &["train", "grad_accum"], "at least 1");
-    check(t.log_every >= 1, &["train", "log_every"], "at least 1");
+    let range = |v: u64, lo: u64, hi: u64| (lo..=hi).contains(&v);
+    let between = |lo: u64, hi: u64| format!("between {lo} and {hi}");
+    check(range(t.seq_len, 1, limits::SEQ_LEN), &["train", "seq_len"], &between(1, limits::SEQ_LEN));
+    check(range(t.batch_size, 1, limits::BATCH), &["train", "batch_size"], &between(1, limits::BATCH));
+    check(range(t.grad_accum, 1, limits::BATCH), &["train", "grad_accum"], &between(1, limits::BATCH));
+    check(range(t.steps, 0, limits::STEPS), &["train", "steps"], &between(0, limits::STEPS));
+    check(range(t.log_every, 1, limits::STEPS), &["train", "log_every"], &between(1, limits::STEPS));
+    check(range(t.eval_every, 0, limits::STEPS), &["train", "eval_every"], &between(0, limits::STEPS));
+    check(
+        range(t.eval_batches, 1, limits::EVAL_BATCHES),
+        &["train", "eval_batches"],
+        &between(1, limits::EVAL_BATCHES),
+    );
+    // Only when both are in range: the product of two bad values has no meaning.
+    if range(t.seq_len, 1, limits::SEQ_LEN) && range(t.batch_size, 1, limits::BATCH) {
+        check(
+            t.batch_size * t.seq_len <= limits::TOKENS_PER_BATCH,
+            &["train", "batch_size"],
+            &format!(
+                "at most {} sequences of {} tokens (batch_size × seq_len is at most {} tokens per micro-batch)",
+                limits::TOKENS_PER_BATCH / t.seq_len,
+                t.seq_len,
+                limits::TOKENS_PER_BATCH
+            ),
+        );
+    }
     let o = &config.optimizer;
     check(o.lr > 0.0 && o.lr.is_finite(), &["optimizer", "lr"], "a positive number");
     check((0.0..=1.0).contains(&o.min_lr_ratio), &["optimizer", "min_lr_ratio"], "between 0 and 1");
@@ -206,11 +243,23 @@ pub fn parse(src: &str, file: FileId) -> Result<RunConfig, Diagnostics> {
     check(o.eps > 0.0, &["optimizer", "eps"], "a positive number");
     check(o.weight_decay >= 0.0, &["optimizer", "weight_decay"], "zero or more");
     check(o.grad_clip >= 0.0, &["optimizer", "grad_clip"], "zero or more");
-    check(o.schedule_steps.is_none_or(|n| n >= 1), &["optimizer", "schedule_steps"], "at least 1");
+    check(
+        o.schedule_steps.is_none_or(|n| range(n, 1, limits::STEPS)),
+        &["optimizer", "schedule_steps"],
+        &between(1, limits::STEPS),
+    );
     let g = &config.generate;
     check(g.temperature >= 0.0 && g.temperature.is_finite(), &["generate", "temperature"], "zero or more");
     check(g.top_p > 0.0 && g.top_p <= 1.0, &["generate", "top_p"], "in (0, 1]");
-    check(config.checkpoint.keep >= 1, &["checkpoint", "keep"], "at least 1");
+    check(range(g.max_new_tokens, 0, limits::SEQ_LEN), &["generate", "max_new_tokens"], &between(0, limits::SEQ_LEN));
+    let c = &config.checkpoint;
+    check(range(c.keep, 1, limits::KEEP), &["checkpoint", "keep"], &between(1, limits::KEEP));
+    check(range(c.every, 0, limits::STEPS), &["checkpoint", "every"], &between(0, limits::STEPS));
+    check(
+        c.dir.as_ref().is_none_or(|d| !d.as_os_str().is_empty()),
+        &["checkpoint", "dir"],
+        "a directory (an empty path would write beside the settings file)",
+    );
     check(
         config.data.valid_fraction > 0.0 && config.data.valid_fraction < 1.0,
         &["data", "valid_fraction"],

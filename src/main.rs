@@ -18,7 +18,7 @@ enum Command {
     Check {
         spec: PathBuf,
         /// Sequence length for FLOPs and decode state (default: the run settings', else 4096).
-        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 32))]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
         seq: Option<u64>,
         /// Run settings (TOML); checked too.
         #[arg(long)]
@@ -89,7 +89,7 @@ enum Command {
         /// The spec (default: the run settings' `spec`).
         spec: Option<PathBuf>,
         /// Steps to train (default: the run settings' `train.steps`).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1 << 40))]
         steps: Option<u64>,
         /// Log lines instead of a progress bar.
         #[arg(long)]
@@ -123,7 +123,13 @@ enum Command {
     },
     /// Measure training, evaluation, prefill and decode throughput of a spec.
     Bench {
-        spec: PathBuf,
+        /// The spec (not with --scaling).
+        #[arg(required_unless_present = "scaling")]
+        spec: Option<PathBuf>,
+        /// Time the front end, program build, checks and lowering against the number of
+        /// sub-layers (64 to 4096) on generated specs instead.
+        #[arg(long, conflicts_with_all = ["compile", "backend"])]
+        scaling: bool,
         #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
         seq: u64,
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
@@ -147,10 +153,16 @@ enum Command {
         /// The run directory (the run settings' `checkpoint.dir`).
         #[arg(long)]
         run: PathBuf,
-        #[arg(long, default_value = "")]
+        #[arg(long, default_value = "", conflicts_with = "prompt_file")]
         prompt: String,
-        #[arg(long, default_value_t = 200)]
-        max_new_tokens: usize,
+        /// Read the prompt from a file (`-`: standard input).
+        #[arg(long)]
+        prompt_file: Option<PathBuf>,
+        /// Keep the end of a prompt longer than the run's context instead of refusing it.
+        #[arg(long)]
+        truncate_prompt: bool,
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=1 << 24))]
+        max_new_tokens: u64,
         /// 0 is greedy decoding.
         #[arg(long, default_value_t = 0.8)]
         temperature: f64,
@@ -226,7 +238,19 @@ fn run(cli: Cli) -> Result<(), Reported> {
             let checked = front_end(&spec)?;
             let seq = seq.or(settings.as_ref().map(|s| s.train.seq_len)).unwrap_or(4096);
             let batch = batch.or(settings.as_ref().map(|s| s.train.batch_size)).unwrap_or(1);
-            let memory = report(analysis::memory_report(&checked.model, batch, seq))?;
+            if batch * seq > config::limits::TOKENS_PER_BATCH {
+                eprintln!(
+                    "error: {batch} sequences of {seq} tokens are {} tokens per micro-batch, more than the {} allowed",
+                    batch * seq,
+                    config::limits::TOKENS_PER_BATCH
+                );
+                return Err(Reported);
+            }
+            let settings = settings.unwrap_or_default();
+            let opt = weft::program::OptimizerSettings::from_config(&settings);
+            let max_prompt = seq + settings.generate.max_new_tokens;
+            let program = report(weft::program::build_program(&checked.model, &opt, max_prompt).map_err(|e| e.0))?;
+            let memory = report(analysis::memory_report_of(&program, batch, seq))?;
             let mut report = analysis::analyze(&checked.graph, &checked.model, seq);
             report.memory = Some(memory);
             if json {
@@ -240,10 +264,8 @@ fn run(cli: Cli) -> Result<(), Reported> {
             } else {
                 print!("{}", analysis::render_table(&report));
             }
-            let settings = settings.unwrap_or_default();
-            let shapes =
-                weft::build::Shapes { batch, seq, gen_batch: 1, max_prompt: seq + settings.generate.max_new_tokens };
-            gpu_findings(&checked, &settings, &shapes)?;
+            let shapes = weft::build::Shapes { batch, seq, gen_batch: 1, max_prompt };
+            gpu_findings(&checked, &program, &shapes)?;
         }
         Command::Build { spec, config, out, emit, dump_dir, no_cache, no_cubin } => {
             let settings = config.as_deref().map(load_config).transpose()?.unwrap_or_default();
@@ -339,17 +361,29 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 r.out_dir.join("loss.svg").display()
             );
         }
-        Command::Generate { run, prompt, max_new_tokens, temperature, top_p, seed } => {
+        Command::Generate { run, prompt, prompt_file, truncate_prompt, max_new_tokens, temperature, top_p, seed } => {
             if !(temperature >= 0.0 && temperature.is_finite() && top_p > 0.0 && top_p <= 1.0) {
                 eprintln!("error: --temperature must be ≥ 0 and --top-p in (0, 1]");
                 return Err(Reported);
             }
+            let prompt = match prompt_file {
+                Some(p) => report(read_prompt(&p))?,
+                None => prompt,
+            };
             let sampling = weft_runtime::generate::Sampling { temperature, top_p, seed };
-            print!("{prompt}");
-            report(weft::run::generate_cpu(&run, &prompt, max_new_tokens, &sampling, |t| {
+            let options = weft::run::GenerateOptions { max_new: max_new_tokens as usize, truncate_prompt };
+            let mut shown = false;
+            let (kept, _) = report(weft::run::generate_cpu(&run, &prompt, &options, &sampling, |kept, t| {
+                if !shown {
+                    print!("{kept}");
+                    shown = true;
+                }
                 print!("{t}");
                 let _ = std::io::Write::flush(&mut std::io::stdout());
             }))?;
+            if !shown {
+                print!("{kept}");
+            }
             println!();
         }
         Command::Shard { tokenizer, out, inputs } => {
@@ -367,7 +401,15 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 out.display()
             );
         }
-        Command::Bench { spec, seq, batch, steps, compile, config, backend } => {
+        Command::Bench { spec, scaling, seq, batch, steps, compile, config, backend } => {
+            if scaling {
+                print!("{}", report(weft::bench::bench_scaling())?);
+                return Ok(());
+            }
+            let Some(spec) = spec else {
+                eprintln!("error: name a spec to benchmark");
+                return Err(Reported);
+            };
             if backend == BackendArg::Gpu && !compile {
                 let r = report(weft::bench::bench_gpu(&spec, seq, batch, steps.max(1)))?;
                 print!("{r}");
@@ -417,21 +459,39 @@ fn run(cli: Cli) -> Result<(), Reported> {
     Ok(())
 }
 
+/// A prompt from a file, or from standard input for `-`, at most 16 MiB of UTF-8.
+fn read_prompt(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let limit = weft_runtime::io::limits::PROMPT;
+    if path != Path::new("-") {
+        return weft_runtime::io::read_text(path, limit, "prompt file");
+    }
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read the prompt from standard input: {e}"))?;
+    if bytes.len() as u64 > limit {
+        return Err(format!("the prompt on standard input is more than {}", weft_runtime::io::size(limit)));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        format!("the prompt on standard input is not UTF-8 (byte offset {})", e.utf8_error().valid_up_to())
+    })
+}
+
 /// Lowers the spec's program at `shapes` (no kernel is compiled) and reports, at the spec's
 /// lines, every GPU limit a launch would exceed (errors) and every layer that runs on a slower
 /// kernel (warnings).
 fn gpu_findings(
     checked: &weft::Checked,
-    settings: &config::RunConfig,
+    program: &weft_runtime::plan::Program,
     shapes: &weft::build::Shapes,
 ) -> Result<(), Reported> {
     use weft::diag::Diagnostics;
     use weft::lower::Severity;
-    let opt = weft::program::OptimizerSettings::from_config(settings);
-    let program = report(weft::program::build_program(&checked.model, &opt, shapes.max_prompt).map_err(|e| e.0))?;
     let mut diags = Diagnostics::default();
-    match weft::build::lower_program(&program, shapes) {
-        Ok(lowered) => {
+    match weft::build::program_findings(program, shapes) {
+        Ok(findings) => {
             // A fallback once per message (layers of a kind share kernels), a limit once per
             // place in the spec, with how many more there are.
             let same = |a: &weft::lower::Finding, b: &weft::lower::Finding| {
@@ -442,7 +502,7 @@ fn gpu_findings(
                     }
             };
             let mut groups: Vec<(&weft::lower::Finding, usize)> = Vec::new();
-            for f in &lowered.findings {
+            for f in &findings {
                 match groups.iter_mut().find(|(g, _)| same(g, f)) {
                     Some((_, n)) => *n += 1,
                     None => groups.push((f, 1)),

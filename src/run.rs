@@ -12,6 +12,7 @@ use weft_runtime::checkpoint;
 use weft_runtime::data::corpus::{load_shards, pack, read_documents, text_files, unigram_entropy};
 use weft_runtime::data::{Tokenizer, Windows};
 use weft_runtime::generate::{generate, Sampling};
+use weft_runtime::io;
 use weft_runtime::plan::Program;
 use weft_runtime::run::{sha256, RunInfo, RunSettings};
 use weft_runtime::train::{train, Summary, TrainOptions};
@@ -142,6 +143,9 @@ pub fn train_on(
 
     // The backend first: a missing GPU is reported before any data is read.
     let (mut backend, backend_name) = make_backend(program, c, choice)?;
+    if backend.name().starts_with("cpu") {
+        fits_in_memory(model, c, backend.name() == "cpu-f64")?;
+    }
     let data = load_data(c, model, &out_dir)?;
     let entropy = unigram_entropy(&data.train.iter().chain(&data.valid).copied().collect::<Vec<_>>());
     let corpus_tokens = data.train.len() + data.valid.len();
@@ -181,6 +185,25 @@ pub fn train_on(
     })
 }
 
+/// Refuses a CPU run whose training step would not fit this machine's memory, with the numbers.
+fn fits_in_memory(model: &Model, c: &RunConfig, f64: bool) -> Result<(), String> {
+    let m = crate::analysis::memory_report(model, c.train.batch_size, c.train.seq_len)?;
+    let need = if f64 { 2 * m.cpu_bytes } else { m.cpu_bytes };
+    match weft_runtime::io::available_memory() {
+        Some(avail) if need > avail => Err(format!(
+            "a training step of {} × {} tokens needs about {} on the CPU reference{} (activations {}, parameters and optimizer state {}), but this machine has {} available: lower train.batch_size or train.seq_len",
+            c.train.batch_size,
+            c.train.seq_len,
+            io::size(need),
+            if f64 { " in f64" } else { "" },
+            io::size(2 * m.train_peak_live_bytes * if f64 { 2 } else { 1 }),
+            io::size((m.cpu_bytes - 2 * m.train_peak_live_bytes) * if f64 { 2 } else { 1 }),
+            io::size(avail)
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A run's tokenizer and token streams.
 struct Data {
     /// `byte`, or `tokenizer.json` (the file the run keeps).
@@ -199,12 +222,12 @@ fn load_data(c: &RunConfig, model: &Model, out_dir: &Path) -> Result<Data, Strin
     let tok_spec = c.data.tokenizer.clone().unwrap_or_else(|| "bpe".to_string());
     let saved = out_dir.join("tokenizer.json");
     let read_saved = || -> Result<(Tokenizer, String), String> {
-        let json = std::fs::read_to_string(&saved).map_err(|e| format!("cannot read `{}`: {e}", saved.display()))?;
+        let json = io::read_text(&saved, io::limits::TOKENIZER, "tokenizer")?;
         let t = Tokenizer::from_json(&json).map_err(|e| format!("`{}`: {}", saved.display(), e.0))?;
         Ok((t, json))
     };
     let read_file = |path: &str| -> Result<(Tokenizer, String), String> {
-        let json = std::fs::read_to_string(path).map_err(|e| format!("cannot read tokenizer `{path}`: {e}"))?;
+        let json = io::read_text(Path::new(path), io::limits::TOKENIZER, "tokenizer")?;
         let t = Tokenizer::from_json(&json).map_err(|e| format!("`{path}`: {}", e.0))?;
         Ok((t, json))
     };
@@ -315,8 +338,7 @@ pub fn open_run(run_dir: &Path) -> Result<OpenRun, String> {
         "byte" => Tokenizer::Bytes,
         name => {
             let path = run_dir.join(name);
-            let json = std::fs::read_to_string(&path)
-                .map_err(|e| format!("cannot read the run's tokenizer `{}`: {e}", path.display()))?;
+            let json = io::read_text(&path, io::limits::TOKENIZER, "tokenizer")?;
             if info.tokenizer_hash.as_deref() != Some(sha256(json.as_bytes()).as_str()) {
                 return Err(format!(
                     "`{}` is not the tokenizer this run was trained with (its hash differs from run.json's)",
@@ -329,35 +351,65 @@ pub fn open_run(run_dir: &Path) -> Result<OpenRun, String> {
     Ok(OpenRun { info, program, params, tokenizer, checkpoint: ckpt })
 }
 
-/// Generates text from the newest checkpoint of a run directory on the CPU reference.
+/// How `weft generate` treats its prompt and how much it generates.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_new: usize,
+    /// Keep the end of a prompt longer than the run's context instead of refusing it.
+    pub truncate_prompt: bool,
+}
+
+/// Generates text from the newest checkpoint of a run directory on the CPU reference. `out`
+/// gets the prompt as kept (the whole prompt unless it was truncated) with each piece of text;
+/// returns the prompt as kept and the text.
 pub fn generate_cpu(
     run_dir: &Path,
     prompt: &str,
-    max_new: usize,
+    o: &GenerateOptions,
     sampling: &Sampling,
-    mut out: impl FnMut(&str),
-) -> Result<String, String> {
+    mut out: impl FnMut(&str, &str),
+) -> Result<(String, String), String> {
     let run = open_run(run_dir)?;
     let tokenizer = run.tokenizer;
-    let mut backend = CpuBackend::new(run.program, run.info.settings.seed);
-    backend.write(run.params)?;
     let mut ids = tokenizer.encode(prompt).map_err(|e| e.0)?;
     if ids.is_empty() {
         // With no prompt, generate as after the end of a document.
         ids.push(tokenizer.eot());
     }
-    let budget = (run.info.max_context as usize).saturating_sub(ids.len());
+    let context = run.info.max_context as usize;
+    let mut kept = prompt.to_string();
+    if ids.len() >= context {
+        if !o.truncate_prompt {
+            return Err(format!(
+                "the prompt is {} tokens, but this run's model was built for a context of {context} (train.seq_len + generate.max_new_tokens): shorten it, or pass --truncate-prompt to keep its last {} tokens",
+                ids.len(),
+                context - 1
+            ));
+        }
+        ids.drain(..ids.len() + 1 - context);
+        kept = tokenizer.decode(&ids).map_err(|e| e.0)?;
+        eprintln!("warning: the prompt was cut to its last {} tokens (the run's context)", ids.len());
+    }
+    let budget = context - ids.len();
+    if o.max_new > budget {
+        eprintln!(
+            "note: generating at most {budget} tokens: the prompt's {} and the new tokens share the run's context of {context}",
+            ids.len()
+        );
+    }
+    let mut backend = CpuBackend::new(run.program, run.info.settings.seed);
+    backend.write(run.params)?;
     let mut emitted = String::new();
     let mut all = Vec::new();
-    generate(&mut backend, &ids, max_new.min(budget), sampling, Some(tokenizer.eot()), |t| {
+    generate(&mut backend, &ids, o.max_new.min(budget), sampling, Some(tokenizer.eot()), |t| {
         all.push(t);
         // Decode the whole continuation each time so multi-token characters come out whole.
         if let Ok(text) = tokenizer.decode(&all) {
             if text.len() > emitted.len() && text.is_char_boundary(emitted.len()) {
-                out(&text[emitted.len()..]);
+                out(&kept, &text[emitted.len()..]);
                 emitted = text;
             }
         }
     })?;
-    Ok(emitted)
+    Ok((kept, emitted))
 }

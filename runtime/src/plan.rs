@@ -218,15 +218,16 @@ impl Program {
 
     /// Validates every plan and checks that persistent names and types match the program's.
     pub fn validate(&self) -> Result<(), PlanError> {
+        let declared: std::collections::HashMap<&str, &TensorType> = self
+            .params
+            .iter()
+            .map(|p| (p.name.as_str(), &p.ty))
+            .chain(self.states.iter().map(|s| (s.name.as_str(), &s.ty)))
+            .collect();
         for plan in self.plans.values() {
             plan.validate()?;
             for (name, v) in plan.persistent.iter().chain(&plan.updates) {
-                let ty = self
-                    .params
-                    .iter()
-                    .find(|p| &p.name == name)
-                    .map(|p| &p.ty)
-                    .or_else(|| self.states.iter().find(|s| &s.name == name).map(|s| &s.ty));
+                let ty = declared.get(name.as_str()).copied();
                 match ty {
                     Some(t) if *t == plan.values[*v as usize] => {}
                     Some(t) => {

@@ -91,7 +91,12 @@ impl Gpu {
         let bytes = bytes.max(1);
         // SAFETY: a plain allocation, freed by DeviceBuffer's Drop.
         let ptr = unsafe { result::malloc_sync(bytes) }.map_err(|e| {
-            GpuError(format!("cannot allocate {:.1} MiB on the GPU: {e:?}", bytes as f64 / (1 << 20) as f64))
+            let free = self.ctx.mem_get_info().map(|(f, _)| f as u64).unwrap_or(0);
+            GpuError(format!(
+                "cannot allocate {} on the GPU ({} free): {e:?}; lower the batch or sequence length",
+                crate::io::size(bytes as u64),
+                crate::io::size(free)
+            ))
         })?;
         Ok(DeviceBuffer { ptr, bytes, ctx: self.ctx.clone() })
     }
