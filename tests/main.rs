@@ -7,6 +7,7 @@ mod cpu;
 mod diagnostics;
 mod fusion;
 mod graphs;
+mod hostile;
 mod lower;
 mod parameters;
 mod robustness;

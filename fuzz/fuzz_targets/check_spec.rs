@@ -3,7 +3,8 @@
 //!
 //! Run with `cargo fuzz run check_spec` from the repository root (seed corpus: `specs/`).
 
-#![no_main]
+#[path = "driver.rs"]
+mod driver;
 
 use libfuzzer_sys::fuzz_target;
 use std::path::Path;
@@ -20,3 +21,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
+
+fn main() {
+    driver::run();
+}
