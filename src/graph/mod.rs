@@ -230,31 +230,41 @@ impl Graph {
     /// passes may break by adding nodes), keeping the original order wherever it is one.
     pub fn compact(&self) -> Graph {
         use std::cmp::Reverse;
-        use std::collections::{BTreeMap, BinaryHeap};
-        let mut indegree: BTreeMap<NodeIndex, usize> = self.g.node_indices().map(|n| (n, 0)).collect();
+        use std::collections::BinaryHeap;
+        // Indexed by node index (dense tables, not maps: this runs after every pass).
+        let bound = self.g.node_indices().map(|n| n.index() + 1).max().unwrap_or(0);
+        let mut indegree = vec![0usize; bound];
         for e in self.g.edge_indices() {
             if let Some((_, t)) = self.g.edge_endpoints(e) {
-                *indegree.entry(t).or_default() += 1;
+                indegree[t.index()] += 1;
             }
         }
         let mut ready: BinaryHeap<Reverse<NodeIndex>> =
-            indegree.iter().filter(|(_, d)| **d == 0).map(|(n, _)| Reverse(*n)).collect();
+            self.g.node_indices().filter(|n| indegree[n.index()] == 0).map(Reverse).collect();
+        // Sized up front: growing a vector of a few hundred thousand nodes copied it over and
+        // over (a fifth of a 4096-layer check).
         let mut out = Graph::new(self.name.clone());
-        let mut map: BTreeMap<NodeIndex, NodeId> = BTreeMap::new();
+        out.g.reserve_exact_nodes(self.g.node_count());
+        out.g.reserve_exact_edges(self.g.edge_count());
+        let mut map: Vec<Option<NodeId>> = vec![None; bound];
+        let mapped = |map: &[Option<NodeId>], n: NodeIndex| map[n.index()].expect("inputs come first");
         while let Some(Reverse(n)) = ready.pop() {
-            let inputs: Vec<Value> =
-                self.inputs(NodeId(n)).into_iter().map(|v| Value { node: map[&v.node.0], output: v.output }).collect();
-            map.insert(n, out.add(self.g[n].clone(), &inputs));
+            let inputs: Vec<Value> = self
+                .inputs(NodeId(n))
+                .into_iter()
+                .map(|v| Value { node: mapped(&map, v.node.0), output: v.output })
+                .collect();
+            map[n.index()] = Some(out.add(self.g[n].clone(), &inputs));
             for e in self.g.edges_directed(n, Direction::Outgoing) {
                 let t = e.target();
-                let d = indegree.get_mut(&t).expect("node");
+                let d = &mut indegree[t.index()];
                 *d -= 1;
                 if *d == 0 {
                     ready.push(Reverse(t));
                 }
             }
         }
-        let remap = |v: &Value| Value { node: map[&v.node.0], output: v.output };
+        let remap = |v: &Value| Value { node: mapped(&map, v.node.0), output: v.output };
         out.outputs = self.outputs.iter().map(|(n, v)| (n.clone(), remap(v))).collect();
         out.updates = self.updates.iter().map(|(n, v)| (n.clone(), remap(v))).collect();
         out
