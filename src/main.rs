@@ -175,6 +175,9 @@ enum Command {
         top_p: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Where to generate: `auto` (a GPU when one is usable, else the CPU), `cpu` or `gpu`.
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: BackendArg,
     },
 }
 
@@ -366,19 +369,34 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 r.out_dir.join("loss.svg").display()
             );
         }
-        Command::Generate { run, prompt, prompt_file, truncate_prompt, max_new_tokens, temperature, top_p, seed } => {
+        Command::Generate {
+            run,
+            prompt,
+            prompt_file,
+            truncate_prompt,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            backend,
+        } => {
             if !(temperature >= 0.0 && temperature.is_finite() && top_p > 0.0 && top_p <= 1.0) {
                 eprintln!("error: --temperature must be ≥ 0 and --top-p in (0, 1]");
                 return Err(Reported);
             }
             let prompt = match prompt_file {
-                Some(p) => report(read_prompt(&p))?,
+                Some(p) => report(weft_runtime::io::read_prompt(&p))?,
                 None => prompt,
             };
             let sampling = weft_runtime::generate::Sampling { temperature, top_p, seed };
             let options = weft::run::GenerateOptions { max_new: max_new_tokens as usize, truncate_prompt };
             let mut shown = false;
-            let (kept, _) = report(weft::run::generate_cpu(&run, &prompt, &options, &sampling, |kept, t| {
+            let choice = match backend {
+                BackendArg::Auto => weft::run::BackendChoice::Auto,
+                BackendArg::Cpu => weft::run::BackendChoice::Cpu,
+                BackendArg::Gpu => weft::run::BackendChoice::Gpu,
+            };
+            let (kept, _) = report(weft::run::generate_on(&run, &prompt, &options, &sampling, choice, |kept, t| {
                 if !shown {
                     print!("{kept}");
                     shown = true;
@@ -462,26 +480,6 @@ fn run(cli: Cli) -> Result<(), Reported> {
         }
     }
     Ok(())
-}
-
-/// A prompt from a file, or from standard input for `-`, at most 16 MiB of UTF-8.
-fn read_prompt(path: &Path) -> Result<String, String> {
-    use std::io::Read;
-    let limit = weft_runtime::io::limits::PROMPT;
-    if path != Path::new("-") {
-        return weft_runtime::io::read_text(path, limit, "prompt file");
-    }
-    let mut bytes = Vec::new();
-    std::io::stdin()
-        .take(limit + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read the prompt from standard input: {e}"))?;
-    if bytes.len() as u64 > limit {
-        return Err(format!("the prompt on standard input is more than {}", weft_runtime::io::size(limit)));
-    }
-    String::from_utf8(bytes).map_err(|e| {
-        format!("the prompt on standard input is not UTF-8 (byte offset {})", e.utf8_error().valid_up_to())
-    })
 }
 
 /// Lowers the spec's program at `shapes` (no kernel is compiled) and reports, at the spec's

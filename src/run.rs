@@ -8,10 +8,10 @@ use crate::program::{build_program, OptimizerSettings};
 use crate::spec::Model;
 use std::path::{Path, PathBuf};
 use weft_runtime::backend::{Backend, CpuBackend};
-use weft_runtime::checkpoint;
+
 use weft_runtime::data::corpus::{load_shards, pack, read_documents, text_files, unigram_entropy};
 use weft_runtime::data::{Tokenizer, Windows};
-use weft_runtime::generate::{generate, Sampling};
+use weft_runtime::generate::Sampling;
 use weft_runtime::io;
 use weft_runtime::plan::Program;
 use weft_runtime::run::{sha256, RunInfo, RunSettings};
@@ -321,95 +321,50 @@ pub fn open_run(run_dir: &Path) -> Result<OpenRun, String> {
     let settings = RunConfig::default();
     let program =
         build_program(&checked.model, &OptimizerSettings::from_config(&settings), info.max_context).map_err(|e| e.0)?;
-    let ckpt = checkpoint::latest(run_dir)
-        .map_err(|e| e.0)?
-        .ok_or_else(|| format!("`{}` has no checkpoint yet", run_dir.display()))?;
-    let (state, params) = checkpoint::load_params(&ckpt, &program).map_err(|e| e.0)?;
-    if let Some(h) = &state.spec_hash {
-        if *h != info.spec_hash {
-            return Err(format!(
-                "`{}` was trained from another spec than the one `{}` records: the run directory has been mixed with another",
-                ckpt.display(),
-                run_dir.join("run.json").display()
-            ));
-        }
-    }
-    let tokenizer = match info.tokenizer.as_str() {
-        "byte" => Tokenizer::Bytes,
-        name => {
-            let path = run_dir.join(name);
-            let json = io::read_text(&path, io::limits::TOKENIZER, "tokenizer")?;
-            if info.tokenizer_hash.as_deref() != Some(sha256(json.as_bytes()).as_str()) {
-                return Err(format!(
-                    "`{}` is not the tokenizer this run was trained with (its hash differs from run.json's)",
-                    path.display()
-                ));
-            }
-            Tokenizer::from_json(&json).map_err(|e| format!("`{}`: {}", path.display(), e.0))?
-        }
-    };
-    Ok(OpenRun { info, program, params, tokenizer, checkpoint: ckpt })
+    let r = weft_runtime::run::open_for_generation(run_dir, &info, &program)?;
+    Ok(OpenRun { info, program, params: r.params, tokenizer: r.tokenizer, checkpoint: r.checkpoint })
 }
 
-/// How `weft generate` treats its prompt and how much it generates.
-#[derive(Clone, Debug)]
-pub struct GenerateOptions {
-    pub max_new: usize,
-    /// Keep the end of a prompt longer than the run's context instead of refusing it.
-    pub truncate_prompt: bool,
+pub use weft_runtime::generate::GenerateOptions;
+
+/// Generates text from the newest checkpoint of a run directory, on the GPU when `choice` says
+/// so (the recorded spec compiled at the run's shapes) or the CPU reference. `out` gets the
+/// prompt as kept with each piece of text; returns the prompt as kept and the text.
+pub fn generate_on(
+    run_dir: &Path,
+    prompt: &str,
+    o: &GenerateOptions,
+    sampling: &Sampling,
+    choice: BackendChoice,
+    out: impl FnMut(&str, &str),
+) -> Result<(String, String), String> {
+    let run = open_run(run_dir)?;
+    let s = &run.info.settings;
+    let mut c = RunConfig::default();
+    c.train.batch_size = s.batch_size;
+    c.train.seq_len = s.seq_len;
+    c.train.seed = s.seed;
+    c.generate.max_new_tokens = run.info.max_context.saturating_sub(s.seq_len);
+    let (mut backend, _) = make_backend(run.program, &c, choice)?;
+    backend.write(run.params)?;
+    weft_runtime::generate::generate_text(
+        backend.as_mut(),
+        &run.tokenizer,
+        run.info.max_context as usize,
+        prompt,
+        o,
+        sampling,
+        out,
+    )
 }
 
-/// Generates text from the newest checkpoint of a run directory on the CPU reference. `out`
-/// gets the prompt as kept (the whole prompt unless it was truncated) with each piece of text;
-/// returns the prompt as kept and the text.
+/// [`generate_on`] on the CPU reference.
 pub fn generate_cpu(
     run_dir: &Path,
     prompt: &str,
     o: &GenerateOptions,
     sampling: &Sampling,
-    mut out: impl FnMut(&str, &str),
+    out: impl FnMut(&str, &str),
 ) -> Result<(String, String), String> {
-    let run = open_run(run_dir)?;
-    let tokenizer = run.tokenizer;
-    let mut ids = tokenizer.encode(prompt).map_err(|e| e.0)?;
-    if ids.is_empty() {
-        // With no prompt, generate as after the end of a document.
-        ids.push(tokenizer.eot());
-    }
-    let context = run.info.max_context as usize;
-    let mut kept = prompt.to_string();
-    if ids.len() >= context {
-        if !o.truncate_prompt {
-            return Err(format!(
-                "the prompt is {} tokens, but this run's model was built for a context of {context} (train.seq_len + generate.max_new_tokens): shorten it, or pass --truncate-prompt to keep its last {} tokens",
-                ids.len(),
-                context - 1
-            ));
-        }
-        ids.drain(..ids.len() + 1 - context);
-        kept = tokenizer.decode(&ids).map_err(|e| e.0)?;
-        eprintln!("warning: the prompt was cut to its last {} tokens (the run's context)", ids.len());
-    }
-    let budget = context - ids.len();
-    if o.max_new > budget {
-        eprintln!(
-            "note: generating at most {budget} tokens: the prompt's {} and the new tokens share the run's context of {context}",
-            ids.len()
-        );
-    }
-    let mut backend = CpuBackend::new(run.program, run.info.settings.seed);
-    backend.write(run.params)?;
-    let mut emitted = String::new();
-    let mut all = Vec::new();
-    generate(&mut backend, &ids, o.max_new.min(budget), sampling, Some(tokenizer.eot()), |t| {
-        all.push(t);
-        // Decode the whole continuation each time so multi-token characters come out whole.
-        if let Ok(text) = tokenizer.decode(&all) {
-            if text.len() > emitted.len() && text.is_char_boundary(emitted.len()) {
-                out(&kept, &text[emitted.len()..]);
-                emitted = text;
-            }
-        }
-    })?;
-    Ok((kept, emitted))
+    generate_on(run_dir, prompt, o, sampling, BackendChoice::Cpu, out)
 }

@@ -443,6 +443,22 @@ fn a_bundle_trains_into_a_run_directory_weft_generates_from() {
     r.steps = None;
     go(&r).unwrap();
     assert_eq!(metric(&run_dir, "loss").len(), 3);
+    // Generating with the bundle's program, as `weft-run generate` does, gives the text `weft
+    // generate` gives from the spec the run records (greedy, so exactly).
+    {
+        use weft_runtime::backend::Backend;
+        use weft_runtime::generate::{generate_text, GenerateOptions, Sampling};
+        let info = weft_runtime::run::RunInfo::read(&run_dir).unwrap().unwrap();
+        let g = weft_runtime::run::open_for_generation(&run_dir, &info, &bundle.program).unwrap();
+        let mut be = CpuBackend::new(bundle.program.clone(), 0);
+        be.write(g.params).unwrap();
+        let context = bundle.plans["prefill"].0.seq as usize;
+        let o = GenerateOptions { max_new: 8, truncate_prompt: false };
+        let greedy_sampling = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
+        let (kept, text) =
+            generate_text(&mut be, &g.tokenizer, context, "the whale", &o, &greedy_sampling, |_, _| {}).unwrap();
+        assert_eq!(format!("{kept}{text}\n"), greedy(&run_dir));
+    }
     // A bundle of another model cannot resume it.
     let other = dir.join("other.bundle");
     let out = weft()

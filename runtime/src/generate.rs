@@ -3,6 +3,7 @@
 
 use crate::backend::Backend;
 use crate::cpu::tensor::Tensor;
+use crate::data::Tokenizer;
 use crate::plan::Plan;
 use std::collections::BTreeMap;
 
@@ -112,6 +113,66 @@ pub fn generate(
         next = sample(&last_row(&out)?, sampling, i as u64 + 1);
     }
     Ok(generated)
+}
+
+/// How a prompt is treated and how much is generated after it.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_new: usize,
+    /// Keep the end of a prompt longer than the context instead of refusing it.
+    pub truncate_prompt: bool,
+}
+
+/// Generates text after `prompt` on `backend` (its parameters already in place), for a model
+/// built for `context` tokens. `out` gets the prompt as kept (the whole prompt unless it was
+/// truncated) with each piece of new text; returns the prompt as kept and the new text.
+pub fn generate_text(
+    backend: &mut dyn Backend,
+    tokenizer: &Tokenizer,
+    context: usize,
+    prompt: &str,
+    o: &GenerateOptions,
+    sampling: &Sampling,
+    mut out: impl FnMut(&str, &str),
+) -> Result<(String, String), String> {
+    let mut ids = tokenizer.encode(prompt).map_err(|e| e.0)?;
+    if ids.is_empty() {
+        // With no prompt, generate as after the end of a document.
+        ids.push(tokenizer.eot());
+    }
+    let mut kept = prompt.to_string();
+    if ids.len() >= context {
+        if !o.truncate_prompt {
+            return Err(format!(
+                "the prompt is {} tokens, but this run's model was built for a context of {context} (train.seq_len + generate.max_new_tokens): shorten it, or pass --truncate-prompt to keep its last {} tokens",
+                ids.len(),
+                context - 1
+            ));
+        }
+        ids.drain(..ids.len() + 1 - context);
+        kept = tokenizer.decode(&ids).map_err(|e| e.0)?;
+        eprintln!("warning: the prompt was cut to its last {} tokens (the run's context)", ids.len());
+    }
+    let budget = context - ids.len();
+    if o.max_new > budget {
+        eprintln!(
+            "note: generating at most {budget} tokens: the prompt's {} and the new tokens share the run's context of {context}",
+            ids.len()
+        );
+    }
+    let mut emitted = String::new();
+    let mut all = Vec::new();
+    generate(backend, &ids, o.max_new.min(budget), sampling, Some(tokenizer.eot()), |t| {
+        all.push(t);
+        // Decode the whole continuation each time so multi-token characters come out whole.
+        if let Ok(text) = tokenizer.decode(&all) {
+            if text.len() > emitted.len() && text.is_char_boundary(emitted.len()) {
+                out(&kept, &text[emitted.len()..]);
+                emitted = text;
+            }
+        }
+    })?;
+    Ok((kept, emitted))
 }
 
 #[cfg(test)]

@@ -263,3 +263,48 @@ fn spec_diff(old: &SpecSource, new: &SpecSource) -> String {
         format!(" ({})", parts.join("; "))
     }
 }
+
+/// What generation reads back from a run directory besides the model: its newest parameters
+/// and its tokenizer, each checked against `run.json`.
+pub struct RunForGeneration {
+    pub params: std::collections::BTreeMap<String, crate::cpu::tensor::Tensor<f32>>,
+    pub tokenizer: crate::data::Tokenizer,
+    /// The checkpoint read.
+    pub checkpoint: PathBuf,
+}
+
+/// Reads the newest checkpoint of `run_dir` (described by `info`) for `program`, refusing a
+/// checkpoint trained from another spec and a tokenizer that is not the run's.
+pub fn open_for_generation(
+    run_dir: &std::path::Path,
+    info: &RunInfo,
+    program: &crate::plan::Program,
+) -> Result<RunForGeneration, String> {
+    use crate::data::Tokenizer;
+    let ckpt = crate::checkpoint::latest(run_dir)
+        .map_err(|e| e.0)?
+        .ok_or_else(|| format!("`{}` has no checkpoint yet", run_dir.display()))?;
+    let (state, params) = crate::checkpoint::load_params(&ckpt, program).map_err(|e| e.0)?;
+    if state.spec_hash.as_ref().is_some_and(|h| *h != info.spec_hash) {
+        return Err(format!(
+            "`{}` was trained from another spec than the one `{}` records: the run directory has been mixed with another",
+            ckpt.display(),
+            run_dir.join(RUN_INFO).display()
+        ));
+    }
+    let tokenizer = match info.tokenizer.as_str() {
+        "byte" => Tokenizer::Bytes,
+        name => {
+            let path = run_dir.join(name);
+            let json = crate::io::read_text(&path, crate::io::limits::TOKENIZER, "tokenizer")?;
+            if info.tokenizer_hash.as_deref() != Some(sha256(json.as_bytes()).as_str()) {
+                return Err(format!(
+                    "`{}` is not the tokenizer this run was trained with (its hash differs from run.json's)",
+                    path.display()
+                ));
+            }
+            Tokenizer::from_json(&json).map_err(|e| format!("`{}`: {}", path.display(), e.0))?
+        }
+    };
+    Ok(RunForGeneration { params, tokenizer, checkpoint: ckpt })
+}

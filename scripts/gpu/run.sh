@@ -53,6 +53,14 @@ training_runs() {
     # The run directory with its newest checkpoint (for `weft generate --run` elsewhere).
     [ -n "${OUT:-}" ] && tar czf "$OUT/run-micro.tar.gz" det-a/run.json det-a/tokenizer.json det-a/latest \
       det-a/metrics.jsonl det-a/loss.svg "det-a/$(cat det-a/latest)"
+    # Greedy generation from the GPU-trained run, on the GPU and on the CPU reference.
+    for be in gpu cpu; do
+      ./weft-run generate samba-micro-train.bundle --run det-a --prompt "Call me Ishmael." --max-new-tokens 60 \
+        --temperature 0 --backend $be > gen-$be.log 2>&1 || echo "FAIL" >> gen-$be.log
+      echo "--- generate on $be"; cat gen-$be.log
+    done
+    same=$(cmp -s <(head -1 gen-gpu.log) <(head -1 gen-cpu.log) && echo "the same text" || echo "texts differ")
+    note "generate samba-micro (greedy, 60 tokens): $(tail -1 gen-gpu.log); CPU reference gives $same"
   else
     note "train samba-micro: FAIL"
   fi

@@ -93,6 +93,34 @@ enum Command {
         #[arg(long, value_enum, default_value = "gpu")]
         backend: BackendArg,
     },
+    /// Generate text from the newest checkpoint of a run directory with a bundle of its model
+    /// (built from the spec and settings the run records).
+    Generate {
+        bundle: PathBuf,
+        /// The run directory (made by `weft train` or `weft-run train`).
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long, default_value = "", conflicts_with = "prompt_file")]
+        prompt: String,
+        /// Read the prompt from a file (`-`: standard input).
+        #[arg(long)]
+        prompt_file: Option<PathBuf>,
+        /// Keep the end of a prompt longer than the context instead of refusing it.
+        #[arg(long)]
+        truncate_prompt: bool,
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=1 << 24))]
+        max_new_tokens: u64,
+        /// 0 is greedy decoding.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Where to generate: `gpu`, `cpu` (the reference) or `auto`.
+        #[arg(long, value_enum, default_value = "gpu")]
+        backend: BackendArg,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -250,6 +278,75 @@ fn run(command: Command) -> Result<bool, String> {
             );
             Ok(true)
         }
+        Command::Generate {
+            bundle: path,
+            run,
+            prompt,
+            prompt_file,
+            truncate_prompt,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            backend,
+        } => {
+            use weft_runtime::generate::{generate_text, GenerateOptions, Sampling};
+            use weft_runtime::run::{open_for_generation, RunInfo};
+            if !(temperature >= 0.0 && temperature.is_finite() && top_p > 0.0 && top_p <= 1.0) {
+                return Err("--temperature must be ≥ 0 and --top-p in (0, 1]".into());
+            }
+            let prompt = match prompt_file {
+                Some(p) => weft_runtime::io::read_prompt(&p)?,
+                None => prompt,
+            };
+            // Everything is checked before the GPU is touched.
+            let bundle = Bundle::read(&path).map_err(|e| e.0)?;
+            let info = RunInfo::read(&run)?.ok_or_else(|| {
+                format!("`{}` is not a training run (it has no {})", run.display(), weft_runtime::run::RUN_INFO)
+            })?;
+            let source = bundle.source.as_ref().ok_or(
+                "the bundle records no spec and settings (built by an older weft): rebuild it with `weft build`",
+            )?;
+            if source.spec.hash() != info.spec_hash {
+                return Err(format!(
+                    "`{}` was built from another spec than the run `{}` was trained with",
+                    path.display(),
+                    run.display()
+                ));
+            }
+            let context = bundle.plans.get("prefill").ok_or("the bundle has no prefill plan")?.0.seq as usize;
+            let r = open_for_generation(&run, &info, &bundle.program)?;
+            let mut be: Box<dyn Backend> = match backend {
+                BackendArg::Cpu => Box::new(CpuBackend::new(bundle.program.clone(), info.settings.seed)),
+                BackendArg::Gpu | BackendArg::Auto => match Gpu::open(0) {
+                    Ok(gpu) => Box::new(GpuBackend::new(gpu, bundle, info.settings.seed).map_err(|e| e.0)?),
+                    Err(e) if backend == BackendArg::Gpu => return Err(format!("no usable GPU: {}", e.0)),
+                    Err(_) => Box::new(CpuBackend::new(bundle.program.clone(), info.settings.seed)),
+                },
+            };
+            be.write(r.params)?;
+            let options = GenerateOptions { max_new: max_new_tokens as usize, truncate_prompt };
+            let sampling = Sampling { temperature, top_p, seed };
+            let started = Instant::now();
+            let mut shown = false;
+            let mut pieces = 0usize;
+            let (kept, _) =
+                generate_text(be.as_mut(), &r.tokenizer, context, &prompt, &options, &sampling, |kept, t| {
+                    if !shown {
+                        print!("{kept}");
+                        shown = true;
+                    }
+                    pieces += 1;
+                    print!("{t}");
+                    let _ = std::io::Write::flush(&mut std::io::stdout());
+                })?;
+            if !shown {
+                print!("{kept}");
+            }
+            println!();
+            eprintln!("{pieces} pieces of text in {:.2} s on {}", started.elapsed().as_secs_f64(), be.name());
+            Ok(true)
+        }
     }
 }
 
@@ -290,6 +387,18 @@ mod tests {
                 "--backend",
                 "cpu",
             ],
+            &[
+                "generate",
+                "m.bundle",
+                "--run",
+                "r",
+                "--prompt-file",
+                "-",
+                "--max-new-tokens",
+                "7",
+                "--temperature",
+                "0",
+            ],
         ] {
             let cli = parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
             // Reading every field, as `run` does, must not panic.
@@ -300,6 +409,9 @@ mod tests {
                 Command::Bench { steps, .. } => assert_eq!(steps, 10),
                 Command::Train { steps, keep, eval_batches, train_shards, .. } => {
                     assert_eq!((steps, keep, eval_batches, train_shards.len()), (Some(5), 3, 2, 2))
+                }
+                Command::Generate { max_new_tokens, prompt_file, .. } => {
+                    assert_eq!((max_new_tokens, prompt_file.as_deref()), (7, Some(std::path::Path::new("-"))))
                 }
                 Command::Info => {}
             }
@@ -321,6 +433,12 @@ mod tests {
         assert!(e.contains("0"), "{e}");
         let e = parse(&["check", "m.bundle", "--plans", "train_step,evil"]).err().expect("unknown plan accepted");
         assert!(e.contains("evil") && e.contains("optimizer_step"), "{e}");
+        let e = parse(&["generate", "m.bundle", "--run", "r", "--prompt", "a", "--prompt-file", "p"])
+            .err()
+            .expect("two prompts accepted");
+        assert!(e.contains("--prompt-file"), "{e}");
+        let e = parse(&["generate", "m.bundle", "--prompt", "a"]).err().expect("no run accepted");
+        assert!(e.contains("--run"), "{e}");
         let e = parse(&["frobnicate"]).err().expect("unknown command accepted");
         assert!(e.contains("frobnicate"), "{e}");
     }
