@@ -109,6 +109,26 @@ pub fn read_text(path: &Path, limit: u64, what: &str) -> Result<String, String> 
     })
 }
 
+/// A prompt from a file, or from standard input for `-`, at most 16 MiB of UTF-8.
+pub fn read_prompt(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let limit = limits::PROMPT;
+    if path != Path::new("-") {
+        return read_text(path, limit, "prompt file");
+    }
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read the prompt from standard input: {e}"))?;
+    if bytes.len() as u64 > limit {
+        return Err(format!("the prompt on standard input is more than {}", size(limit)));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        format!("the prompt on standard input is not UTF-8 (byte offset {})", e.utf8_error().valid_up_to())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,24 +153,4 @@ mod tests {
         assert_eq!(size(3 << 29), "1.5 GiB");
         let _ = std::fs::remove_dir_all(&dir);
     }
-}
-
-/// A prompt from a file, or from standard input for `-`, at most 16 MiB of UTF-8.
-pub fn read_prompt(path: &Path) -> Result<String, String> {
-    use std::io::Read;
-    let limit = limits::PROMPT;
-    if path != Path::new("-") {
-        return read_text(path, limit, "prompt file");
-    }
-    let mut bytes = Vec::new();
-    std::io::stdin()
-        .take(limit + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read the prompt from standard input: {e}"))?;
-    if bytes.len() as u64 > limit {
-        return Err(format!("the prompt on standard input is more than {}", size(limit)));
-    }
-    String::from_utf8(bytes).map_err(|e| {
-        format!("the prompt on standard input is not UTF-8 (byte offset {})", e.utf8_error().valid_up_to())
-    })
 }
