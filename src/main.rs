@@ -173,6 +173,16 @@ enum Command {
         temperature: f64,
         #[arg(long, default_value_t = 0.95)]
         top_p: f64,
+        /// Draw only from the k most likely tokens (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// The Samba paper's settings: `greedy` (GSM8K), `humaneval` (temperature 0.2, top-p
+        /// 0.95), `mbpp` (temperature 0.01, top-p 0.95; also SQuAD).
+        #[arg(long, conflicts_with_all = ["temperature", "top_p"], value_parser = clap::builder::PossibleValuesParser::new(weft_runtime::generate::Preset::NAMES))]
+        preset: Option<String>,
+        /// End the text where this appears (repeatable); the text stops before it.
+        #[arg(long)]
+        stop: Vec<String>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Where to generate: `auto` (a GPU when one is usable, else the CPU), `cpu` or `gpu`.
@@ -377,19 +387,24 @@ fn run(cli: Cli) -> Result<(), Reported> {
             max_new_tokens,
             temperature,
             top_p,
+            top_k,
+            preset,
+            stop,
             seed,
             backend,
         } => {
-            if !(temperature >= 0.0 && temperature.is_finite() && top_p > 0.0 && top_p <= 1.0) {
-                eprintln!("error: --temperature must be ≥ 0 and --top-p in (0, 1]");
-                return Err(Reported);
-            }
+            let sampling = report(weft_runtime::generate::Sampling::from_flags(
+                temperature,
+                top_p,
+                top_k,
+                preset.as_deref(),
+                seed,
+            ))?;
             let prompt = match prompt_file {
                 Some(p) => report(weft_runtime::io::read_prompt(&p))?,
                 None => prompt,
             };
-            let sampling = weft_runtime::generate::Sampling { temperature, top_p, seed };
-            let options = weft::run::GenerateOptions { max_new: max_new_tokens as usize, truncate_prompt };
+            let options = weft::run::GenerateOptions { max_new: max_new_tokens as usize, truncate_prompt, stop };
             let mut shown = false;
             let choice = match backend {
                 BackendArg::Auto => weft::run::BackendChoice::Auto,

@@ -453,11 +453,34 @@ fn a_bundle_trains_into_a_run_directory_weft_generates_from() {
         let mut be = CpuBackend::new(bundle.program.clone(), 0);
         be.write(g.params).unwrap();
         let context = bundle.plans["prefill"].0.seq as usize;
-        let o = GenerateOptions { max_new: 8, truncate_prompt: false };
-        let greedy_sampling = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
+        let o = GenerateOptions { max_new: 8, truncate_prompt: false, stop: vec![] };
+        let greedy_sampling = Sampling { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 };
         let (kept, text) =
             generate_text(&mut be, &g.tokenizer, context, "the whale", &o, &greedy_sampling, |_, _| {}).unwrap();
         assert_eq!(format!("{kept}{text}\n"), greedy(&run_dir));
+        // A stop string ends the text before its first appearance, even one spanning tokens.
+        let chars: Vec<char> = text.chars().collect();
+        assert!(chars.len() >= 4, "{text:?}");
+        let stop: String = chars[chars.len() - 3..chars.len() - 1].iter().collect();
+        let expect = &text[..text.find(&stop).unwrap()];
+        let out = weft()
+            .args([
+                "generate",
+                "--max-new-tokens",
+                "8",
+                "--preset",
+                "greedy",
+                "--prompt",
+                "the whale",
+                "--stop",
+                &stop,
+                "--run",
+            ])
+            .arg(&run_dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("the whale{expect}\n"));
     }
     // A bundle of another model cannot resume it.
     let other = dir.join("other.bundle");

@@ -12,7 +12,76 @@ pub struct Sampling {
     /// 0 is greedy.
     pub temperature: f64,
     pub top_p: f64,
+    /// Only the k most likely tokens are drawn from (0: no limit).
+    pub top_k: usize,
     pub seed: u64,
+}
+
+/// The sampling settings of the Samba paper's downstream evaluations, by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preset {
+    /// Greedy decoding (GSM8K, and the long-context summarisation tasks).
+    Greedy,
+    /// Nucleus sampling at temperature 0.2, top-p 0.95 (HumanEval).
+    Humaneval,
+    /// Temperature 0.01, top-p 0.95 (MBPP and SQuAD).
+    Mbpp,
+}
+
+impl Preset {
+    pub const NAMES: [&'static str; 3] = ["greedy", "humaneval", "mbpp"];
+
+    pub fn from_name(name: &str) -> Option<Preset> {
+        match name {
+            "greedy" => Some(Preset::Greedy),
+            "humaneval" => Some(Preset::Humaneval),
+            "mbpp" => Some(Preset::Mbpp),
+            _ => None,
+        }
+    }
+
+    pub fn sampling(self, seed: u64) -> Sampling {
+        let (temperature, top_p) = match self {
+            Preset::Greedy => (0.0, 1.0),
+            Preset::Humaneval => (0.2, 0.95),
+            Preset::Mbpp => (0.01, 0.95),
+        };
+        Sampling { temperature, top_p, top_k: 0, seed }
+    }
+}
+
+impl Sampling {
+    /// From command-line flags: a named preset (see [`Preset`]) or the temperature and top-p
+    /// given; checked.
+    pub fn from_flags(
+        temperature: f64,
+        top_p: f64,
+        top_k: usize,
+        preset: Option<&str>,
+        seed: u64,
+    ) -> Result<Sampling, String> {
+        let s = match preset {
+            Some(name) => {
+                let p = Preset::from_name(name)
+                    .ok_or_else(|| format!("no sampling preset `{name}` (there are {})", Preset::NAMES.join(", ")))?;
+                Sampling { top_k, ..p.sampling(seed) }
+            }
+            None => Sampling { temperature, top_p, top_k, seed },
+        };
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// A clear error for settings no draw can honour.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(format!("the temperature must be finite and ≥ 0, not {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top-p must be in (0, 1], not {}", self.top_p));
+        }
+        Ok(())
+    }
 }
 
 /// Picks the next token from one row of logits; the draw for step `n` depends only on
@@ -30,6 +99,12 @@ pub fn sample(logits: &[f32], s: &Sampling, n: u64) -> u32 {
     let total: f64 = probs.iter().map(|p| p.1).sum();
     probs.iter_mut().for_each(|p| p.1 /= total);
     probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if s.top_k > 0 && s.top_k < probs.len() {
+        // top-p is then a share of the mass top-k leaves.
+        probs.truncate(s.top_k);
+        let kept: f64 = probs.iter().map(|p| p.1).sum();
+        probs.iter_mut().for_each(|p| p.1 /= kept);
+    }
     // The smallest prefix whose mass reaches top_p.
     let mut mass = 0.0;
     let mut keep = probs.len();
@@ -73,15 +148,15 @@ pub fn decode_inputs(
     Ok(inputs)
 }
 
-/// Generates up to `max_new` tokens after `prompt` (one sequence), calling `on_token` with each;
-/// stops early at `stop`.
+/// Generates up to `max_new` tokens after `prompt` (one sequence), calling `on_token` with each
+/// (which returns false to stop there); stops early at `stop`.
 pub fn generate(
     backend: &mut dyn Backend,
     prompt: &[u32],
     max_new: usize,
     sampling: &Sampling,
     stop: Option<u32>,
-    mut on_token: impl FnMut(u32),
+    mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<Vec<u32>, String> {
     if prompt.is_empty() {
         return Err("the prompt is empty".into());
@@ -104,8 +179,8 @@ pub fn generate(
     let mut next = sample(&last_row(&out)?, sampling, 0);
     for i in 0..max_new {
         generated.push(next);
-        on_token(next);
-        if Some(next) == stop || i + 1 == max_new {
+        let go_on = on_token(next);
+        if !go_on || Some(next) == stop || i + 1 == max_new {
             break;
         }
         let inputs = decode_inputs(&decode, &mut out, vec![next as i32], prompt.len() + i)?;
@@ -121,6 +196,8 @@ pub struct GenerateOptions {
     pub max_new: usize,
     /// Keep the end of a prompt longer than the context instead of refusing it.
     pub truncate_prompt: bool,
+    /// Texts that end the generation where they appear (the text stops before them).
+    pub stop: Vec<String>,
 }
 
 /// Generates text after `prompt` on `backend` (its parameters already in place), for a model
@@ -161,18 +238,45 @@ pub fn generate_text(
         );
     }
     let mut emitted = String::new();
+    let mut text = String::new();
     let mut all = Vec::new();
+    let stops: Vec<&str> = o.stop.iter().map(String::as_str).filter(|s| !s.is_empty()).collect();
     generate(backend, &ids, o.max_new.min(budget), sampling, Some(tokenizer.eot()), |t| {
         all.push(t);
         // Decode the whole continuation each time so multi-token characters come out whole.
-        if let Ok(text) = tokenizer.decode(&all) {
-            if text.len() > emitted.len() && text.is_char_boundary(emitted.len()) {
-                out(&kept, &text[emitted.len()..]);
-                emitted = text;
-            }
+        match tokenizer.decode(&all) {
+            Ok(t) => text = t,
+            Err(_) => return true,
         }
+        let stop_at = stops.iter().filter_map(|s| text.find(s)).min();
+        if let Some(at) = stop_at {
+            text.truncate(at);
+        }
+        // Text that may be the start of a stop string waits until it is known not to be.
+        let safe = if stop_at.is_some() { text.len() } else { text.len() - held_back(&text, &stops) };
+        if safe > emitted.len() && text.is_char_boundary(emitted.len()) {
+            out(&kept, &text[emitted.len()..safe]);
+            emitted = text[..safe].to_string();
+        }
+        stop_at.is_none()
     })?;
+    if text.len() > emitted.len() && text.is_char_boundary(emitted.len()) {
+        out(&kept, &text[emitted.len()..]);
+        emitted = text;
+    }
     Ok((kept, emitted))
+}
+
+/// The length of the longest end of `text` that begins some stop string (at a character
+/// boundary).
+fn held_back(text: &str, stops: &[&str]) -> usize {
+    let longest = stops.iter().map(|s| s.len()).max().unwrap_or(0);
+    (1..longest.min(text.len() + 1))
+        .rev()
+        .find(|&n| {
+            text.is_char_boundary(text.len() - n) && stops.iter().any(|s| s.starts_with(&text[text.len() - n..]))
+        })
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -182,14 +286,34 @@ mod tests {
     #[test]
     fn greedy_takes_the_maximum_and_top_p_keeps_the_head() {
         let logits = [0.0, 3.0, 1.0, 2.9];
-        let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 1 };
+        let greedy = Sampling { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 1 };
         assert_eq!(sample(&logits, &greedy, 0), 1);
-        let narrow = Sampling { temperature: 1.0, top_p: 0.3, seed: 1 };
+        let narrow = Sampling { temperature: 1.0, top_p: 0.3, top_k: 0, seed: 1 };
         for n in 0..50 {
             assert_eq!(sample(&logits, &narrow, n), 1);
         }
-        let wide = Sampling { temperature: 1.0, top_p: 1.0, seed: 1 };
+        let wide = Sampling { temperature: 1.0, top_p: 1.0, top_k: 0, seed: 1 };
         let picks: std::collections::HashSet<u32> = (0..200).map(|n| sample(&logits, &wide, n)).collect();
         assert!(picks.contains(&3) && picks.contains(&2));
+        // top-k = 2 leaves the two largest, whatever top-p says; the draw is the same for the
+        // same (seed, step).
+        let two = Sampling { temperature: 1.0, top_p: 1.0, top_k: 2, seed: 1 };
+        let picks: std::collections::HashSet<u32> = (0..200).map(|n| sample(&logits, &two, n)).collect();
+        assert_eq!(picks, [1, 3].into_iter().collect());
+        assert!((0..50).all(|n| sample(&logits, &two, n) == sample(&logits, &two, n)));
+        // The paper's presets.
+        assert_eq!(Preset::from_name("humaneval").unwrap().sampling(3).temperature, 0.2);
+        assert_eq!(sample(&logits, &Preset::Greedy.sampling(9), 4), 1);
+        assert!(Sampling { temperature: f64::NAN, top_p: 1.0, top_k: 0, seed: 0 }.validate().is_err());
+        assert!(Sampling { temperature: 1.0, top_p: 0.0, top_k: 0, seed: 0 }.validate().is_err());
+    }
+
+    #[test]
+    fn text_that_may_begin_a_stop_string_is_held_back() {
+        assert_eq!(held_back("the whale\n", &["\n\n"]), 1);
+        assert_eq!(held_back("the whale", &["\n\n"]), 0);
+        assert_eq!(held_back("abcEN", &["END", "x"]), 2);
+        assert_eq!(held_back("é", &["éa"]), 2);
+        assert_eq!(held_back("anything", &[]), 0);
     }
 }
