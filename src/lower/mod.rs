@@ -286,7 +286,15 @@ impl<'a> Emit<'a> {
             tables: Vec::new(),
             exact_shape: false,
             findings: Vec::new(),
-            persistent: plan.persistent.iter().map(|(n, v)| (*v, n.clone())).collect(),
+            persistent: {
+                // A value may be persistent under several names: the first names it, as the
+                // plan lists them.
+                let mut m = std::collections::HashMap::new();
+                for (n, v) in &plan.persistent {
+                    m.entry(*v).or_insert_with(|| n.clone());
+                }
+                m
+            },
         }
     }
 
