@@ -103,9 +103,14 @@ impl Gpu {
 
     pub fn upload(&self, dst: u64, bytes: &[u8]) -> Result<(), GpuError> {
         self.bind()?;
-        self.synchronize()?;
-        // SAFETY: the caller gives a device range of at least `bytes.len()` bytes.
-        unsafe { result::memcpy_htod_sync(dst, bytes) }.map_err(cuda("copy to the GPU"))
+        // On our stream, then waited for. A synchronous copy from pageable memory may return
+        // before its DMA lands, and our stream does not wait for the legacy stream's copies: a
+        // kernel could read part of the old contents (seen as one-ulp errors in the check when
+        // the GPU was shared).
+        // SAFETY: the caller gives a device range of at least `bytes.len()` bytes; the host
+        // slice outlives the copy, which is complete when the stream synchronises.
+        unsafe { result::memcpy_htod_async(dst, bytes, self.raw_stream()) }.map_err(cuda("copy to the GPU"))?;
+        self.synchronize()
     }
 
     pub fn download(&self, src: u64, bytes: &mut [u8]) -> Result<(), GpuError> {
