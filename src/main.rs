@@ -158,33 +158,8 @@ enum Command {
         /// The run directory (the run settings' `checkpoint.dir`).
         #[arg(long)]
         run: PathBuf,
-        #[arg(long, default_value = "", conflicts_with = "prompt_file")]
-        prompt: String,
-        /// Read the prompt from a file (`-`: standard input).
-        #[arg(long)]
-        prompt_file: Option<PathBuf>,
-        /// Keep the end of a prompt longer than the run's context instead of refusing it.
-        #[arg(long)]
-        truncate_prompt: bool,
-        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=1 << 24))]
-        max_new_tokens: u64,
-        /// 0 is greedy decoding.
-        #[arg(long, default_value_t = 0.8)]
-        temperature: f64,
-        #[arg(long, default_value_t = 0.95)]
-        top_p: f64,
-        /// Draw only from the k most likely tokens (0: no limit).
-        #[arg(long, default_value_t = 0)]
-        top_k: usize,
-        /// The Samba paper's settings: `greedy` (GSM8K), `humaneval` (temperature 0.2, top-p
-        /// 0.95), `mbpp` (temperature 0.01, top-p 0.95; also SQuAD).
-        #[arg(long, conflicts_with_all = ["temperature", "top_p"], value_parser = clap::builder::PossibleValuesParser::new(weft_runtime::generate::Preset::NAMES))]
-        preset: Option<String>,
-        /// End the text where this appears (repeatable); the text stops before it.
-        #[arg(long)]
-        stop: Vec<String>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        flags: weft_runtime::generate::GenerateFlags,
         /// Where to generate: `auto` (a GPU when one is usable, else the CPU), `cpu` or `gpu`.
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendArg,
@@ -379,32 +354,8 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 r.out_dir.join("loss.svg").display()
             );
         }
-        Command::Generate {
-            run,
-            prompt,
-            prompt_file,
-            truncate_prompt,
-            max_new_tokens,
-            temperature,
-            top_p,
-            top_k,
-            preset,
-            stop,
-            seed,
-            backend,
-        } => {
-            let sampling = report(weft_runtime::generate::Sampling::from_flags(
-                temperature,
-                top_p,
-                top_k,
-                preset.as_deref(),
-                seed,
-            ))?;
-            let prompt = match prompt_file {
-                Some(p) => report(weft_runtime::io::read_prompt(&p))?,
-                None => prompt,
-            };
-            let options = weft::run::GenerateOptions { max_new: max_new_tokens as usize, truncate_prompt, stop };
+        Command::Generate { run, flags, backend } => {
+            let (prompt, sampling, options) = report(flags.resolve())?;
             let mut shown = false;
             let choice = match backend {
                 BackendArg::Auto => weft::run::BackendChoice::Auto,

@@ -190,6 +190,56 @@ pub fn generate(
     Ok(generated)
 }
 
+/// What a user says about one generation, as both command lines take it.
+#[derive(clap::Args, Clone, Debug)]
+pub struct GenerateFlags {
+    #[arg(long, default_value = "", conflicts_with = "prompt_file")]
+    pub prompt: String,
+    /// Read the prompt from a file (`-`: standard input).
+    #[arg(long)]
+    pub prompt_file: Option<std::path::PathBuf>,
+    /// Keep the end of a prompt longer than the context instead of refusing it.
+    #[arg(long)]
+    pub truncate_prompt: bool,
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=1 << 24))]
+    pub max_new_tokens: u64,
+    /// 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f64,
+    /// Draw only from the k most likely tokens (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// The Samba paper's settings: `greedy` (GSM8K), `humaneval` (temperature 0.2, top-p
+    /// 0.95), `mbpp` (temperature 0.01, top-p 0.95; also SQuAD).
+    #[arg(long, conflicts_with_all = ["temperature", "top_p"], value_parser = clap::builder::PossibleValuesParser::new(Preset::NAMES))]
+    pub preset: Option<String>,
+    /// End the text where this appears (repeatable); the text stops before it.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl GenerateFlags {
+    /// The prompt, the sampling and the options these flags give, checked.
+    pub fn resolve(&self) -> Result<(String, Sampling, GenerateOptions), String> {
+        let sampling =
+            Sampling::from_flags(self.temperature, self.top_p, self.top_k, self.preset.as_deref(), self.seed)?;
+        let prompt = match &self.prompt_file {
+            Some(p) => crate::io::read_prompt(p)?,
+            None => self.prompt.clone(),
+        };
+        let options = GenerateOptions {
+            max_new: self.max_new_tokens as usize,
+            truncate_prompt: self.truncate_prompt,
+            stop: self.stop.clone(),
+        };
+        Ok((prompt, sampling, options))
+    }
+}
+
 /// How a prompt is treated and how much is generated after it.
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {

@@ -100,33 +100,8 @@ enum Command {
         /// The run directory (made by `weft train` or `weft-run train`).
         #[arg(long)]
         run: PathBuf,
-        #[arg(long, default_value = "", conflicts_with = "prompt_file")]
-        prompt: String,
-        /// Read the prompt from a file (`-`: standard input).
-        #[arg(long)]
-        prompt_file: Option<PathBuf>,
-        /// Keep the end of a prompt longer than the context instead of refusing it.
-        #[arg(long)]
-        truncate_prompt: bool,
-        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=1 << 24))]
-        max_new_tokens: u64,
-        /// 0 is greedy decoding.
-        #[arg(long, default_value_t = 0.8)]
-        temperature: f64,
-        #[arg(long, default_value_t = 0.95)]
-        top_p: f64,
-        /// Draw only from the k most likely tokens (0: no limit).
-        #[arg(long, default_value_t = 0)]
-        top_k: usize,
-        /// The Samba paper's settings: `greedy` (GSM8K), `humaneval` (temperature 0.2, top-p
-        /// 0.95), `mbpp` (temperature 0.01, top-p 0.95; also SQuAD).
-        #[arg(long, conflicts_with_all = ["temperature", "top_p"], value_parser = clap::builder::PossibleValuesParser::new(weft_runtime::generate::Preset::NAMES))]
-        preset: Option<String>,
-        /// End the text where this appears (repeatable); the text stops before it.
-        #[arg(long)]
-        stop: Vec<String>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        flags: weft_runtime::generate::GenerateFlags,
         /// Where to generate: `gpu`, `cpu` (the reference) or `auto`.
         #[arg(long, value_enum, default_value = "gpu")]
         backend: BackendArg,
@@ -288,28 +263,10 @@ fn run(command: Command) -> Result<bool, String> {
             );
             Ok(true)
         }
-        Command::Generate {
-            bundle: path,
-            run,
-            prompt,
-            prompt_file,
-            truncate_prompt,
-            max_new_tokens,
-            temperature,
-            top_p,
-            top_k,
-            preset,
-            stop,
-            seed,
-            backend,
-        } => {
-            use weft_runtime::generate::{generate_text, GenerateOptions, Sampling};
+        Command::Generate { bundle: path, run, flags, backend } => {
+            use weft_runtime::generate::generate_text;
             use weft_runtime::run::{open_for_generation, RunInfo};
-            let sampling = Sampling::from_flags(temperature, top_p, top_k, preset.as_deref(), seed)?;
-            let prompt = match prompt_file {
-                Some(p) => weft_runtime::io::read_prompt(&p)?,
-                None => prompt,
-            };
+            let (prompt, sampling, options) = flags.resolve()?;
             // Everything is checked before the GPU is touched.
             let bundle = Bundle::read(&path).map_err(|e| e.0)?;
             let info = RunInfo::read(&run)?.ok_or_else(|| {
@@ -336,7 +293,6 @@ fn run(command: Command) -> Result<bool, String> {
                 },
             };
             be.write(r.params)?;
-            let options = GenerateOptions { max_new: max_new_tokens as usize, truncate_prompt, stop };
             let started = Instant::now();
             let mut shown = false;
             let mut pieces = 0usize;
@@ -420,8 +376,11 @@ mod tests {
                 Command::Train { steps, keep, eval_batches, train_shards, .. } => {
                     assert_eq!((steps, keep, eval_batches, train_shards.len()), (Some(5), 3, 2, 2))
                 }
-                Command::Generate { max_new_tokens, prompt_file, .. } => {
-                    assert_eq!((max_new_tokens, prompt_file.as_deref()), (7, Some(std::path::Path::new("-"))))
+                Command::Generate { flags, .. } => {
+                    assert_eq!(
+                        (flags.max_new_tokens, flags.prompt_file.as_deref()),
+                        (7, Some(std::path::Path::new("-")))
+                    )
                 }
                 Command::Info => {}
             }
