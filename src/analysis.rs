@@ -3,8 +3,9 @@
 
 use crate::graph::{Graph, NodeKind, Section, Value};
 use crate::spec::Model;
+use rustc_hash::FxHashSet as HashSet;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use weft_runtime::{Saved, TensorType};
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -148,8 +149,8 @@ pub fn analyze(g: &Graph, model: &Model, seq: u64) -> Report {
         rows.entry(node.section).or_insert_with(|| row(node.section));
     }
 
-    let mut saved: HashSet<Value> = HashSet::new();
-    let mut matmul_weights: HashSet<Value> = HashSet::new();
+    let mut saved: HashSet<Value> = HashSet::default();
+    let mut matmul_weights: HashSet<Value> = HashSet::default();
     for (id, node) in g.nodes() {
         let r = rows.get_mut(&node.section).expect("every section has a row");
         match &node.kind {

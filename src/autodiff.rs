@@ -7,7 +7,7 @@
 //! so the graph (and every backend) adds them in a fixed order.
 
 use crate::graph::{Graph, Node, NodeId, NodeKind, Value};
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use weft_runtime::{DType, Op, Shape, TensorType};
 
 /// The name of a parameter's gradient output.
@@ -25,6 +25,10 @@ pub struct AutodiffError(pub String);
 pub fn differentiate(fwd: &Graph) -> Result<Graph, AutodiffError> {
     let loss = fwd.output("loss").ok_or_else(|| AutodiffError("the graph has no `loss` output".into()))?;
     let mut g = fwd.clone();
+    // The backward pass adds about twice the forward's nodes; growing into them copied the
+    // whole graph over and over.
+    g.g.reserve_nodes(2 * fwd.g.node_count());
+    g.g.reserve_edges(3 * fwd.g.edge_count());
     g.name = format!("{}:train", fwd.name);
     g.outputs = vec![("loss".to_string(), loss)];
 
@@ -41,7 +45,7 @@ pub fn differentiate(fwd: &Graph) -> Result<Graph, AutodiffError> {
         &[],
     );
 
-    let mut d = Diff { g, contributions: HashMap::new(), recomputed: HashMap::new() };
+    let mut d = Diff { g, contributions: HashMap::default(), recomputed: HashMap::default() };
     d.contributions.entry(loss).or_default().push(seed.out0());
 
     let order: Vec<NodeId> = fwd.nodes().map(|(id, _)| id).collect();
@@ -78,16 +82,13 @@ impl Diff {
         let parts = self.contributions.remove(&v)?;
         let mut parts = parts.into_iter();
         let first = parts.next()?;
-        let at = self.g.node(v.node).clone();
+        let (span, section) = {
+            let at = self.g.node(v.node);
+            (at.span, at.section)
+        };
         Some(parts.fold(first, |acc, p| {
             let ty = self.g.ty(acc).clone();
-            let n = Node {
-                kind: NodeKind::Op(Op::Add),
-                outs: vec![ty],
-                span: at.span,
-                section: at.section,
-                recompute: false,
-            };
+            let n = Node { kind: NodeKind::Op(Op::Add), outs: vec![ty], span, section, recompute: false };
             self.g.add(n, &[acc, p]).out0()
         }))
     }
@@ -96,14 +97,14 @@ impl Diff {
     /// marks it `recompute`, a copy of its operation placed in the backward pass, so the
     /// original dies after its forward uses.
     fn saved(&mut self, v: Value) -> Value {
-        let node = self.g.node(v.node).clone();
-        if !node.recompute {
+        if !self.g.node(v.node).recompute {
             return v;
         }
         if let Some(r) = self.recomputed.get(&v) {
             return *r;
         }
         let inputs: Vec<Value> = self.g.inputs(v.node).into_iter().map(|i| self.saved(i)).collect();
+        let node = self.g.node(v.node).clone();
         let copy = self.g.add(Node { recompute: false, ..node }, &inputs);
         let r = Value { node: copy, output: v.output };
         self.recomputed.insert(v, r);

@@ -94,11 +94,25 @@ impl Lowered {
 /// What lowering every plan finds (errors, GPU limits, fallbacks), each kind of step lowered
 /// once: what `weft check` reports, in a moment whatever the number of layers.
 pub fn program_findings(program: &Program, shapes: &Shapes) -> Result<Vec<Finding>, Located> {
+    use rayon::prelude::*;
+    // Plans in parallel, then in plan order a step kind's findings only where it first occurs
+    // (a step's findings depend on its signature alone).
+    let per_plan: Vec<_> = program
+        .plans
+        .par_iter()
+        .map(|(name, plan)| {
+            let shape = shapes.of(name);
+            crate::lower::plan_findings(plan, shape.batch, shape.seq)
+        })
+        .collect();
     let mut seen = std::collections::HashSet::new();
     let mut findings = Vec::new();
-    for (name, plan) in &program.plans {
-        let shape = shapes.of(name);
-        findings.extend(crate::lower::plan_findings(plan, shape.batch, shape.seq, &mut seen)?);
+    for plan in per_plan {
+        let plan = plan?;
+        let new: std::collections::HashSet<&String> =
+            plan.iter().map(|(s, _)| s).filter(|s| !seen.contains(*s)).collect();
+        findings.extend(plan.iter().filter(|(s, _)| new.contains(s)).map(|(_, f)| f.clone()));
+        seen.extend(new.into_iter().cloned());
     }
     Ok(findings)
 }

@@ -65,7 +65,6 @@ fn check(g: &Graph) -> Result<(), ProgramError> {
 /// added to its accumulator.
 pub fn train_step_graph(fwd: &Graph) -> Result<Graph, ProgramError> {
     let mut g = differentiate(fwd)?;
-    check(&g)?;
     let grads: Vec<(String, Value)> = g.outputs.iter().filter(|(n, _)| n.starts_with("grad:")).cloned().collect();
     g.outputs.retain(|(n, _)| n == "loss");
     for (out, grad) in grads {
@@ -159,36 +158,38 @@ fn param_init(node: &Node) -> weft_runtime::Init {
 
 /// Lowers a verified graph to a plan: one value per node output, in node order.
 pub fn to_plan(g: &Graph, name: &str) -> Plan {
-    let mut ids: BTreeMap<Value, u32> = BTreeMap::new();
+    // Plan value ids by node index, then output (node indices are dense after the passes).
+    let bound = g.g.node_indices().map(|n| n.index() + 1).max().unwrap_or(0);
+    let mut first: Vec<u32> = vec![u32::MAX; bound];
     let mut plan = Plan {
         name: name.to_string(),
-        values: Vec::new(),
+        values: Vec::with_capacity(g.g.node_count()),
         inputs: Vec::new(),
         persistent: Vec::new(),
-        steps: Vec::new(),
+        steps: Vec::with_capacity(g.g.node_count()),
         outputs: Vec::new(),
         updates: Vec::new(),
     };
+    let id_of = |first: &[u32], v: &Value| first[v.node.index()] + v.output;
     for (id, node) in g.nodes() {
-        let mut outs = Vec::new();
-        for (i, ty) in node.outs.iter().enumerate() {
-            let v = plan.values.len() as u32;
+        let mut outs = Vec::with_capacity(node.outs.len());
+        first[id.index()] = plan.values.len() as u32;
+        for ty in &node.outs {
+            outs.push(plan.values.len() as u32);
             plan.values.push(ty.clone());
-            ids.insert(Value { node: id, output: i as u32 }, v);
-            outs.push(v);
         }
         match &node.kind {
             NodeKind::Input { name } => plan.inputs.push((name.clone(), outs[0])),
             NodeKind::Param { name, .. } | NodeKind::State { name } => plan.persistent.push((name.clone(), outs[0])),
             NodeKind::Op(op) => {
-                let inputs = g.inputs(id).iter().map(|v| ids[v]).collect();
+                let inputs = g.inputs(id).iter().map(|v| id_of(&first, v)).collect();
                 let at = SourceSpan { file: node.span.file.0, start: node.span.start, end: node.span.end };
                 plan.steps.push(Step { op: op.clone(), inputs, outputs: outs, at: Some(at) });
             }
         }
     }
-    plan.outputs = g.outputs.iter().map(|(n, v)| (n.clone(), ids[v])).collect();
-    plan.updates = g.updates.iter().map(|(n, v)| (n.clone(), ids[v])).collect();
+    plan.outputs = g.outputs.iter().map(|(n, v)| (n.clone(), id_of(&first, v))).collect();
+    plan.updates = g.updates.iter().map(|(n, v)| (n.clone(), id_of(&first, v))).collect();
     plan
 }
 
@@ -210,15 +211,37 @@ pub fn build_program_with(
     let optimize = |g: Graph| -> Result<Graph, ProgramError> {
         Ok(passes::run(g, passes, false).map_err(|e| ProgramError(e.0))?.0)
     };
-    let graph = |mode| -> Result<Graph, ProgramError> {
+    let plan = |mode, name: &str| -> Result<Plan, ProgramError> {
         let g = build_mode(model, mode).map_err(|e| ProgramError(e.message))?;
         check(&g)?;
-        optimize(g)
+        Ok(to_plan(&optimize(g)?, name))
     };
-    let unfused = build_mode(model, Mode::Train).map_err(|e| ProgramError(e.message))?;
-    let fwd = &optimize(unfused.clone())?;
-    let train = optimize(train_step_graph(&unfused)?)?;
-    let opt = optimizer_graph(fwd, settings)?;
+    // The graphs are independent of each other: the training path on one thread, the
+    // generation plans on others (a 4096-layer model's check spends most of its time here).
+    let training = || -> Result<_, ProgramError> {
+        let unfused = build_mode(model, Mode::Train).map_err(|e| ProgramError(e.message))?;
+        // Fusion leaves parameters alone, so the optimizer is built from the unfused graph.
+        let ((fwd, opt), train) = rayon::join(
+            || rayon::join(|| optimize(unfused.clone()), || optimizer_graph(&unfused, settings)),
+            || train_step_graph(&unfused).and_then(optimize).map(|g| to_plan(&g, "train_step")),
+        );
+        Ok((fwd?, train?, opt?))
+    };
+    let generation = || {
+        let (logits, (prefill, decode)) = rayon::join(
+            || plan(Mode::Logits, "logits"),
+            || {
+                rayon::join(
+                    || plan(Mode::Prefill { max_context }, "prefill"),
+                    || plan(Mode::Decode { max_context }, "decode"),
+                )
+            },
+        );
+        Ok::<_, ProgramError>([logits?, prefill?, decode?])
+    };
+    let (training, generation) = rayon::join(training, generation);
+    let (fwd, train, opt) = training?;
+    let fwd = &fwd;
     let params: Vec<ParamSpec> = fwd
         .params()
         .map(|(_, name, node)| ParamSpec { name: name.to_string(), ty: node.ty().clone(), init: param_init(node) })
@@ -229,13 +252,11 @@ pub fn build_program_with(
             states.push(StateSpec { name: name.clone(), ty: node.ty().clone() });
         }
     }
+    let (eval, optimizer_step) = rayon::join(|| to_plan(fwd, "eval"), || to_plan(&opt, "optimizer_step"));
     let mut plans = BTreeMap::new();
-    plans.insert("eval".to_string(), to_plan(fwd, "eval"));
-    plans.insert("train_step".to_string(), to_plan(&train, "train_step"));
-    plans.insert("optimizer_step".to_string(), to_plan(&opt, "optimizer_step"));
-    plans.insert("logits".to_string(), to_plan(&graph(Mode::Logits)?, "logits"));
-    plans.insert("prefill".to_string(), to_plan(&graph(Mode::Prefill { max_context })?, "prefill"));
-    plans.insert("decode".to_string(), to_plan(&graph(Mode::Decode { max_context })?, "decode"));
+    for p in [eval, train, optimizer_step].into_iter().chain(generation?) {
+        plans.insert(p.name.clone(), p);
+    }
     let program = Program { model: fwd.name.clone(), params, states, plans };
     program.validate().map_err(|e| ProgramError(e.0))?;
     Ok(program)

@@ -224,8 +224,13 @@ impl Program {
             .map(|p| (p.name.as_str(), &p.ty))
             .chain(self.states.iter().map(|s| (s.name.as_str(), &s.ty)))
             .collect();
-        for plan in self.plans.values() {
-            plan.validate()?;
+        // Each plan type-checked on its own thread; the first error in plan order is reported.
+        let checked: Vec<Result<(), PlanError>> = {
+            use rayon::prelude::*;
+            self.plans.par_iter().map(|(_, p)| p.validate()).collect()
+        };
+        for (plan, checked) in self.plans.values().zip(checked) {
+            checked?;
             for (name, v) in plan.persistent.iter().chain(&plan.updates) {
                 let ty = declared.get(name.as_str()).copied();
                 match ty {

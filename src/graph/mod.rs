@@ -165,11 +165,10 @@ impl Graph {
         edges.into_iter().map(|(_, v)| v).collect()
     }
 
-    /// Every node in index order, which is a topological order.
+    /// Every node in index order, which is a topological order (a stable graph enumerates
+    /// its node slots in index order).
     pub fn nodes(&self) -> impl Iterator<Item = (NodeId, &Node)> {
-        let mut ids: Vec<NodeIndex> = self.g.node_indices().collect();
-        ids.sort();
-        ids.into_iter().map(move |i| (NodeId(i), &self.g[i]))
+        self.g.node_indices().map(move |i| (NodeId(i), &self.g[i]))
     }
 
     pub fn params(&self) -> impl Iterator<Item = (NodeId, &str, &Node)> {
@@ -193,6 +192,41 @@ impl Graph {
     }
 }
 
+/// The nodes that outputs and updates name, kept by a pass that rewrites many nodes: a
+/// training graph has an update per parameter, and scanning them at every rewrite made fusion
+/// quadratic in the number of layers.
+pub struct Named(rustc_hash::FxHashSet<NodeId>);
+
+impl Named {
+    pub fn of(g: &Graph) -> Named {
+        Named(g.outputs.iter().chain(&g.updates).map(|(_, v)| v.node).collect())
+    }
+
+    /// Applies `f` to every output and update value of `g` on node `id`.
+    pub fn for_each_on(&self, g: &mut Graph, id: NodeId, mut f: impl FnMut(&mut Value)) {
+        if self.0.contains(&id) {
+            g.outputs.iter_mut().chain(g.updates.iter_mut()).filter(|(_, v)| v.node == id).for_each(|(_, v)| f(v));
+        }
+    }
+
+    /// Makes every reader of `old` (operations, outputs, updates) read `new` instead.
+    pub fn replace_uses(&mut self, g: &mut Graph, old: Value, new: Value) {
+        g.replace_edge_uses(old, new);
+        if self.0.contains(&old.node) {
+            let mut moved = false;
+            for (_, v) in g.outputs.iter_mut().chain(g.updates.iter_mut()) {
+                if *v == old {
+                    *v = new;
+                    moved = true;
+                }
+            }
+            if moved {
+                self.0.insert(new.node);
+            }
+        }
+    }
+}
+
 impl Graph {
     /// Every (node, input slot) that reads `v`.
     pub fn users(&self, v: Value) -> Vec<(NodeId, u32)> {
@@ -206,8 +240,9 @@ impl Graph {
         u
     }
 
-    /// Makes every reader of `old` (operations, outputs, updates) read `new` instead.
-    pub fn replace_uses(&mut self, old: Value, new: Value) {
+    /// Makes every operation reading `old` read `new` instead (outputs and updates are the
+    /// caller's: see [`Named`]).
+    pub fn replace_edge_uses(&mut self, old: Value, new: Value) {
         for (user, slot) in self.users(old) {
             if let Some(e) = self
                 .g
@@ -219,11 +254,16 @@ impl Graph {
             }
             self.g.add_edge(new.node.0, user.0, Port { output: new.output, input: slot });
         }
-        for (_, v) in self.outputs.iter_mut().chain(self.updates.iter_mut()) {
-            if *v == old {
-                *v = new;
-            }
-        }
+    }
+
+    /// Whether every edge goes from a lower to a higher node index.
+    pub fn is_ordered(&self) -> bool {
+        self.g.edge_indices().all(|e| self.g.edge_endpoints(e).is_some_and(|(s, t)| s < t))
+    }
+
+    /// Whether removed nodes left vacant indices (which the next added nodes would take).
+    pub fn has_holes(&self) -> bool {
+        self.g.node_count() != self.g.node_indices().map(|n| n.index() + 1).max().unwrap_or(0)
     }
 
     /// Rebuilds the graph so that node indices are again a topological order (the invariant

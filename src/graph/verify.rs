@@ -3,7 +3,7 @@
 use super::{Graph, NodeId, NodeKind, Value};
 use petgraph::visit::{EdgeRef, IntoEdgeReferences};
 use petgraph::Direction;
-use std::collections::{BTreeSet, HashSet};
+use rustc_hash::FxHashSet as HashSet;
 use std::fmt;
 use weft_runtime::{DType, Shape, TensorType};
 
@@ -46,15 +46,19 @@ pub fn verify(g: &Graph) -> Result<(), Vec<VerifyError>> {
             );
         }
     }
-    let mut names = HashSet::new();
+    // Dense tables by node index and borrowed names: this runs after every pass over graphs
+    // of hundreds of thousands of nodes.
+    let mut names: HashSet<&str> = HashSet::default();
+    let mut slots: Vec<u32> = Vec::new();
     for (id, node) in g.nodes() {
-        let incoming: Vec<u32> = g.g.edges_directed(id.0, Direction::Incoming).map(|e| e.weight().input).collect();
+        slots.clear();
+        slots.extend(g.g.edges_directed(id.0, Direction::Incoming).map(|e| e.weight().input));
         match &node.kind {
             NodeKind::Op(op) => {
-                let slots: BTreeSet<u32> = incoming.iter().copied().collect();
-                let arity = op.input_names().len() as u32;
-                if slots.len() != incoming.len() || slots != (0..arity).collect() {
-                    fail(Some(id), format!("{} needs inputs in slots 0..{arity}, has slots {incoming:?}", op.name()));
+                slots.sort_unstable();
+                let arity = op.input_names().len();
+                if slots.len() != arity || slots.iter().enumerate().any(|(i, &s)| s as usize != i) {
+                    fail(Some(id), format!("{} needs inputs in slots 0..{arity}, has slots {slots:?}", op.name()));
                     continue;
                 }
                 let ins = g.inputs(id);
@@ -78,13 +82,13 @@ pub fn verify(g: &Graph) -> Result<(), Vec<VerifyError>> {
             }
             leaf => {
                 let name = leaf.leaf_name().unwrap_or_default();
-                if !incoming.is_empty() {
+                if !slots.is_empty() {
                     fail(Some(id), format!("`{name}` is a leaf but has inputs"));
                 }
                 if node.outs.len() != 1 {
                     fail(Some(id), format!("`{name}` must have one output"));
                 }
-                if name.is_empty() || !names.insert(name.to_string()) {
+                if name.is_empty() || !names.insert(name) {
                     fail(Some(id), format!("name `{name}` is empty or not unique"));
                 }
                 if !matches!(leaf, NodeKind::Input { .. }) && node.outs.iter().any(|t| t.shape.as_fixed().is_none()) {
@@ -95,7 +99,8 @@ pub fn verify(g: &Graph) -> Result<(), Vec<VerifyError>> {
     }
 
     let exists = |v: &Value| g.g.contains_node(v.node.0) && (v.output as usize) < g.node(v.node).outs.len();
-    let mut live = HashSet::new();
+    let bound = g.g.node_indices().map(|n| n.index() + 1).max().unwrap_or(0);
+    let mut live = vec![false; bound];
     let mut stack: Vec<NodeId> = Vec::new();
     for (name, v) in g.outputs.iter().chain(&g.updates) {
         if exists(v) {
@@ -105,12 +110,12 @@ pub fn verify(g: &Graph) -> Result<(), Vec<VerifyError>> {
         }
     }
     while let Some(n) = stack.pop() {
-        if live.insert(n) {
-            stack.extend(g.inputs(n).into_iter().map(|v| v.node));
+        if !std::mem::replace(&mut live[n.index()], true) {
+            stack.extend(g.g.edges_directed(n.0, Direction::Incoming).map(|e| NodeId(e.source())));
         }
     }
     for (id, node) in g.nodes() {
-        if !live.contains(&id) {
+        if !live[id.index()] {
             let what = match &node.kind {
                 NodeKind::Op(op) => op.name().to_string(),
                 leaf => format!("`{}`", leaf.leaf_name().unwrap_or_default()),

@@ -96,20 +96,18 @@ pub fn lower_plan(
     seq: u64,
     kernels: &mut BTreeMap<String, Kernel>,
 ) -> Result<(DevicePlan, Vec<Finding>), Located> {
-    lower_plan_with(plan, batch, seq, kernels, None)
+    let (dp, findings) = lower_plan_with(plan, batch, seq, kernels, None)?;
+    Ok((dp, findings.into_iter().map(|(_, f)| f).collect()))
 }
 
-/// What lowering `plan` finds (errors, limits, fallbacks) without the device plan: a step like
-/// one lowered before (same operation, operands and call sizes, recorded in `seen`) is not
-/// lowered again, so a spec of thousands of identical layers is checked in a moment.
-pub fn plan_findings(
-    plan: &Plan,
-    batch: u64,
-    seq: u64,
-    seen: &mut std::collections::HashSet<String>,
-) -> Result<Vec<Finding>, Located> {
+/// What lowering `plan` finds (errors, limits, fallbacks) without the device plan, each with
+/// the signature of its step (operation, operands and call sizes): a step like one lowered
+/// before is not lowered again, so a spec of thousands of identical layers is checked in a
+/// moment.
+pub fn plan_findings(plan: &Plan, batch: u64, seq: u64) -> Result<Vec<(String, Finding)>, Located> {
     let mut kernels = BTreeMap::new();
-    Ok(lower_plan_with(plan, batch, seq, &mut kernels, Some(seen))?.1)
+    let mut seen = rustc_hash::FxHashSet::default();
+    Ok(lower_plan_with(plan, batch, seq, &mut kernels, Some(&mut seen))?.1)
 }
 
 fn lower_plan_with(
@@ -117,9 +115,9 @@ fn lower_plan_with(
     batch: u64,
     seq: u64,
     kernels: &mut BTreeMap<String, Kernel>,
-    mut seen: Option<&mut std::collections::HashSet<String>>,
-) -> Result<(DevicePlan, Vec<Finding>), Located> {
-    use std::collections::HashSet;
+    mut seen: Option<&mut rustc_hash::FxHashSet<String>>,
+) -> Result<(DevicePlan, Vec<(String, Finding)>), Located> {
+    use rustc_hash::FxHashSet as HashSet;
     let memory = if seen.is_some() { Default::default() } else { plan_memory(plan, batch, seq) };
     let mut e = Emit::new(plan, batch, seq, kernels);
     // AdamW over every parameter in one launch per kind of parameter, where the plan allows.
@@ -131,8 +129,10 @@ fn lower_plan_with(
     for (i, step) in plan.steps.iter().enumerate() {
         let before = e.steps.len();
         e.step_scratch = 0;
+        let mut signature = String::new();
         if let Some(seen) = seen.as_deref_mut() {
-            if !seen.insert(e.signature(step)) {
+            signature = e.signature(step);
+            if !seen.insert(signature.clone()) {
                 continue;
             }
         }
@@ -152,7 +152,7 @@ fn lower_plan_with(
         };
         lowered.map_err(|LowerError(m)| located(m))?;
         for (severity, m) in e.findings.drain(..) {
-            findings.push(Finding { severity, at: located(m) });
+            findings.push((signature.clone(), Finding { severity, at: located(m) }));
         }
         e.origin.extend(std::iter::repeat_n(i, e.steps.len() - before));
     }
@@ -253,7 +253,7 @@ pub(crate) struct Emit<'a> {
     /// The current step's limits and fallbacks.
     findings: Vec<(Severity, String)>,
     /// The names of persistent values.
-    persistent: std::collections::HashMap<ValueId, String>,
+    persistent: rustc_hash::FxHashMap<ValueId, String>,
 }
 
 impl<'a> Emit<'a> {
@@ -289,7 +289,7 @@ impl<'a> Emit<'a> {
             persistent: {
                 // A value may be persistent under several names: the first names it, as the
                 // plan lists them.
-                let mut m = std::collections::HashMap::new();
+                let mut m = rustc_hash::FxHashMap::default();
                 for (n, v) in &plan.persistent {
                     m.entry(*v).or_insert_with(|| n.clone());
                 }
@@ -358,17 +358,16 @@ impl<'a> Emit<'a> {
     /// What decides how a step lowers: its operation, the call sizes and every operand's type,
     /// layout and place (two steps alike in all of it lower alike).
     fn signature(&self, step: &weft_runtime::plan::Step) -> String {
-        let ops: Vec<String> = step
-            .inputs
-            .iter()
-            .chain(&step.outputs)
-            .map(|&v| {
-                let o = self.operand(v);
-                let persistent = self.persistent_name(v).is_some();
-                format!("{}/{}/{}/{}/{persistent}", o.ty, o.ld, o.width, o.buf.offset)
-            })
-            .collect();
-        format!("{}|{}x{}|{}", step.op, self.batch, self.seq, ops.join(","))
+        use std::fmt::Write;
+        // One string written in place: this runs for every step of every plan in a check.
+        let mut s = String::with_capacity(128);
+        let _ = write!(s, "{}|{}x{}|", step.op, self.batch, self.seq);
+        for &v in step.inputs.iter().chain(&step.outputs) {
+            let o = self.operand(v);
+            let persistent = self.persistent.contains_key(&v);
+            let _ = write!(s, "{}/{}/{}/{}/{persistent},", o.ty, o.ld, o.width, o.buf.offset);
+        }
+        s
     }
 
     /// Notes that the current step runs on a slower kernel than its kind's fastest, and why.

@@ -1,7 +1,7 @@
 //! Fusions of neighbouring operations into one kernel. A fused operation takes the place (the
 //! node) of the last operation it replaces, so the graph's order stays the order of the work.
 
-use crate::graph::{Graph, NodeId, NodeKind, Port, Value};
+use crate::graph::{Graph, Named, NodeId, NodeKind, Port, Value};
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 use weft_runtime::{Op, TensorType};
@@ -15,7 +15,7 @@ fn op(g: &Graph, v: Value) -> Option<&Op> {
 
 /// Turns node `id` into `op` with the given inputs and output types; readers of its old output
 /// `k` now read output `remap[k]`.
-fn rewrite(g: &mut Graph, id: NodeId, op: Op, inputs: &[Value], outs: Vec<TensorType>, remap: &[u32]) {
+fn rewrite(g: &mut Graph, named: &Named, id: NodeId, op: Op, inputs: &[Value], outs: Vec<TensorType>, remap: &[u32]) {
     let incoming: Vec<_> = g.g.edges_directed(id.0, Direction::Incoming).map(|e| e.id()).collect();
     for e in incoming {
         g.g.remove_edge(e);
@@ -26,11 +26,7 @@ fn rewrite(g: &mut Graph, id: NodeId, op: Op, inputs: &[Value], outs: Vec<Tensor
             p.output = remap[p.output as usize];
         }
     }
-    for (_, v) in g.outputs.iter_mut().chain(g.updates.iter_mut()) {
-        if v.node == id {
-            v.output = remap[v.output as usize];
-        }
-    }
+    named.for_each_on(g, id, |v| v.output = remap[v.output as usize]);
     for (slot, v) in inputs.iter().enumerate() {
         g.g.add_edge(v.node.0, id.0, Port { output: v.output, input: slot as u32 });
     }
@@ -49,6 +45,7 @@ pub fn add_rms_norm(g: &mut Graph) -> usize {
             _ => None,
         })
         .collect();
+    let mut named = Named::of(g);
     let mut fused = 0;
     for (norm, eps) in norms {
         let ins = g.inputs(norm);
@@ -58,8 +55,8 @@ pub fn add_rms_norm(g: &mut Graph) -> usize {
         }
         let add_ins = g.inputs(s.node);
         let outs = vec![g.ty(s).clone(), g.node(norm).ty().clone()];
-        rewrite(g, norm, Op::AddRmsNorm { eps }, &[add_ins[0], add_ins[1], ins[1]], outs, &[1]);
-        g.replace_uses(s, norm.out0());
+        rewrite(g, &named, norm, Op::AddRmsNorm { eps }, &[add_ins[0], add_ins[1], ins[1]], outs, &[1]);
+        named.replace_uses(g, s, norm.out0());
         g.g.remove_node(s.node.0);
         fused += 1;
     }
@@ -70,6 +67,7 @@ pub fn add_rms_norm(g: &mut Graph) -> usize {
 /// norm's — becomes `(t, gw) = rms_norm_backward_add(x, w, g, a)` when `t` is gx's only use.
 pub fn rms_norm_backward_add(g: &mut Graph) -> usize {
     let adds: Vec<_> = g.nodes().filter(|(_, n)| matches!(n.kind, NodeKind::Op(Op::Add))).map(|(id, _)| id).collect();
+    let mut named = Named::of(g);
     let mut fused = 0;
     for add in adds {
         let ins = g.inputs(add);
@@ -81,8 +79,8 @@ pub fn rms_norm_backward_add(g: &mut Graph) -> usize {
         let Some(Op::RmsNormBackward { eps }) = op(g, gx).cloned() else { continue };
         let bins = g.inputs(gx.node);
         let outs = g.node(gx.node).outs.clone();
-        rewrite(g, add, Op::RmsNormBackwardAdd { eps }, &[bins[0], bins[1], bins[2], other], outs, &[0]);
-        g.replace_uses(Value { node: gx.node, output: 1 }, Value { node: add, output: 1 });
+        rewrite(g, &named, add, Op::RmsNormBackwardAdd { eps }, &[bins[0], bins[1], bins[2], other], outs, &[0]);
+        named.replace_uses(g, Value { node: gx.node, output: 1 }, Value { node: add, output: 1 });
         g.g.remove_node(gx.node.0);
         fused += 1;
     }

@@ -37,7 +37,11 @@ pub fn run(mut g: Graph, passes: &[Pass], keep_dumps: bool) -> Result<(Graph, Pi
     }
     for pass in passes {
         let n = (pass.run)(&mut g);
-        g = g.compact();
+        // A fused node takes the place of the last node it replaces, so its readers may now
+        // come before it; only then is the graph renumbered (a copy of every node).
+        if keep_dumps || !g.is_ordered() {
+            g = g.compact();
+        }
         if let Err(errs) = verify(&g) {
             let list: Vec<String> = errs.iter().map(|e| format!("  {e}")).collect();
             return Err(PassError(format!(
@@ -50,6 +54,10 @@ pub fn run(mut g: Graph, passes: &[Pass], keep_dumps: bool) -> Result<(Graph, Pi
         if keep_dumps {
             log.stages.push((pass.name.to_string(), dump(&g)));
         }
+    }
+    // Removed nodes leave holes that a later `add` would fill out of order.
+    if g.has_holes() {
+        g = g.compact();
     }
     Ok((g, log))
 }

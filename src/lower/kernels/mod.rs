@@ -76,8 +76,7 @@ pub(crate) fn adamw_group(plan: &weft_runtime::plan::Plan) -> Option<Vec<usize>>
         return None;
     }
     let attrs = &plan.steps[first].op;
-    let mut defined: std::collections::HashSet<u32> =
-        plan.inputs.iter().chain(&plan.persistent).map(|(_, v)| *v).collect();
+    let mut defined: rustc_hash::FxHashSet<u32> = plan.inputs.iter().chain(&plan.persistent).map(|(_, v)| *v).collect();
     for s in &plan.steps[..first] {
         defined.extend(s.outputs.iter().copied());
     }
