@@ -169,6 +169,40 @@ fn step_by_step_decoding_matches_the_full_forward_pass() {
     }
 }
 
+/// Generation keeps the layer states inside the backend from step to step (on the GPU, on
+/// the device): the steps must be exactly those of states handed back and forth by the caller,
+/// past the sliding window's wrap, and nothing may be carried before it was given once.
+#[test]
+fn carried_states_give_the_steps_of_states_passed_by_the_caller() {
+    use weft_runtime::backend::{Backend, CpuBackend};
+    use weft_runtime::generate::{decode_inputs, state_names};
+    let (p, _) = program(EVERY_KIND);
+    let decode = p.plan("decode").unwrap().clone();
+    let carried = state_names(&decode);
+    assert_eq!(carried.len(), 8, "{carried:?}");
+    let mut by_caller = CpuBackend::new(p.clone(), 5);
+    let mut kept = CpuBackend::new(p, 5);
+    let step = |toks: Vec<i32>, pos: i32| {
+        vec![
+            ("tokens".to_string(), Tensor::ints(vec![2, 1], toks)),
+            ("pos".to_string(), Tensor::ints(vec![], vec![pos])),
+        ]
+    };
+    let e = kept.run_carried("decode", step(vec![1, 2], 0), &carried).unwrap_err();
+    assert!(e.contains("no carried `state:"), "{e}");
+    let prompt = Tensor::ints(vec![2, 5], (0..10).map(|i| i * 7 % 32).collect());
+    let mut a = by_caller.run("prefill", vec![("tokens".into(), prompt.clone())]).unwrap();
+    let mut b = kept.run("prefill", vec![("tokens".into(), prompt)]).unwrap();
+    // The window of 3 wraps three times in nine steps.
+    for i in 0..9 {
+        let toks = vec![(i * 5 % 32) as i32, (i * 11 % 32) as i32];
+        a = by_caller.run("decode", decode_inputs(&decode, &mut a, toks.clone(), 5 + i).unwrap()).unwrap();
+        b = kept.run_carried("decode", decode_inputs(&decode, &mut b, toks, 5 + i).unwrap(), &carried).unwrap();
+        assert_eq!(a["logits"], b["logits"], "step {i}");
+        assert!(b.keys().all(|k| !k.starts_with("state:")), "{:?}", b.keys());
+    }
+}
+
 /// Token ids are checked where they enter a plan, naming the input, the place, the id and the
 /// vocabulary (the GPU executor calls the same check before it uploads anything).
 #[test]

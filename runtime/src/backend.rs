@@ -12,6 +12,17 @@ pub trait Backend {
     fn program(&self) -> &Program;
     /// Runs plan `plan` with the given inputs; returns its named outputs.
     fn run(&mut self, plan: &str, inputs: Vec<(String, Tensor<f32>)>) -> Result<BTreeMap<String, Tensor<f32>>, String>;
+    /// Runs plan `plan` keeping the values named in `carried` inside the backend between calls
+    /// (generation's layer states): a carried input left out of `inputs` is this backend's
+    /// copy of that name's output from the last call of the plan at the same batch, and
+    /// carried outputs are kept, not returned. The GPU keeps them on the device, so a decode
+    /// step moves only tokens in and logits out.
+    fn run_carried(
+        &mut self,
+        plan: &str,
+        inputs: Vec<(String, Tensor<f32>)>,
+        carried: &[String],
+    ) -> Result<BTreeMap<String, Tensor<f32>>, String>;
     /// Copies of the persistent tensors named.
     fn read(&self, names: &[&str]) -> Result<BTreeMap<String, Tensor<f32>>, String>;
     /// Replaces persistent tensors (shapes must match the program).
@@ -30,26 +41,28 @@ pub struct CpuBackend {
     program: Program,
     store: CpuStore,
     rounding: Rounding,
+    /// [`Backend::run_carried`]'s values, by name.
+    carried: BTreeMap<String, Tensor<f32>>,
 }
 
 impl CpuBackend {
     /// Parameters from the counter-based initialisation with `seed`, states at zero.
     pub fn new(program: Program, seed: u64) -> CpuBackend {
         let store = CpuStore::F32(Store::init(&program, seed));
-        CpuBackend { program, store, rounding: Rounding::Exact }
+        CpuBackend { program, store, rounding: Rounding::Exact, carried: BTreeMap::new() }
     }
 
     /// The same in f64: every operation computes in double precision.
     pub fn new_f64(program: Program, seed: u64) -> CpuBackend {
         let store = CpuStore::F64(Store::init(&program, seed));
-        CpuBackend { program, store, rounding: Rounding::Exact }
+        CpuBackend { program, store, rounding: Rounding::Exact, carried: BTreeMap::new() }
     }
 
     /// f32, rounding to bf16 where the GPU's kernels do ([`Rounding::LikeGpu`]): what the GPU
     /// check measures rounding alone against.
     pub fn new_like_gpu(program: Program, seed: u64) -> CpuBackend {
         let store = CpuStore::F32(Store::init(&program, seed));
-        CpuBackend { program, store, rounding: Rounding::LikeGpu }
+        CpuBackend { program, store, rounding: Rounding::LikeGpu, carried: BTreeMap::new() }
     }
 
     fn tensor(&self, name: &str) -> Option<Tensor<f32>> {
@@ -84,6 +97,27 @@ impl Backend for CpuBackend {
                 Ok(out.into_iter().map(|(n, t)| (n, t.cast())).collect())
             }
         }
+    }
+
+    fn run_carried(
+        &mut self,
+        plan: &str,
+        mut inputs: Vec<(String, Tensor<f32>)>,
+        carried: &[String],
+    ) -> Result<BTreeMap<String, Tensor<f32>>, String> {
+        for name in carried {
+            if !inputs.iter().any(|(n, _)| n == name) {
+                let t =
+                    self.carried.remove(name).ok_or_else(|| format!("no carried `{name}`: give it the first time"))?;
+                inputs.push((name.clone(), t));
+            }
+        }
+        let mut out = self.run(plan, inputs)?;
+        for name in carried {
+            let t = out.remove(name).ok_or_else(|| format!("plan `{plan}` has no output `{name}` to carry"))?;
+            self.carried.insert(name.clone(), t);
+        }
+        Ok(out)
     }
 
     fn read(&self, names: &[&str]) -> Result<BTreeMap<String, Tensor<f32>>, String> {

@@ -262,6 +262,11 @@ pub struct DevicePlan {
     /// The index of the plan step each device step came from, for profiles and errors.
     pub origin: Vec<usize>,
     pub steps: Vec<DeviceStep>,
+    /// Values written in place of another value's buffer: (value, the value whose buffer it
+    /// is). A decode step appends this token's key and value to the carried cache input
+    /// instead of writing a new cache.
+    #[serde(default)]
+    pub aliases: Vec<(ValueId, ValueId)>,
 }
 
 impl DeviceStep {

@@ -127,9 +127,9 @@ pub fn sample(logits: &[f32], s: &Sampling, n: u64) -> u32 {
     kept.last().map_or_else(argmax, |p| p.0)
 }
 
-/// The inputs of one decode step: every layer state taken out of the previous step's outputs
-/// (prefill or decode), the next token of each sequence (`batch × 1`), and the position where the
-/// plan reads one.
+/// The inputs of one decode step: every layer state taken out of `previous` (the prefill's
+/// outputs; after the first step the backend carries them, and `previous` is empty), the next
+/// token of each sequence (`batch × 1`), and the position where the plan reads one.
 pub fn decode_inputs(
     plan: &Plan,
     previous: &mut BTreeMap<String, Tensor<f32>>,
@@ -137,8 +137,10 @@ pub fn decode_inputs(
     pos: usize,
 ) -> Result<Vec<(String, Tensor<f32>)>, String> {
     let mut inputs = Vec::new();
-    for (name, _) in plan.inputs.iter().filter(|(n, _)| n.starts_with("state:")) {
-        inputs.push((name.clone(), previous.remove(name).ok_or_else(|| format!("no state `{name}` to carry"))?));
+    for name in state_names(plan) {
+        if let Some(t) = previous.remove(&name) {
+            inputs.push((name, t));
+        }
     }
     let batch = tokens.len();
     inputs.push(("tokens".into(), Tensor::ints(vec![batch, 1], tokens)));
@@ -146,6 +148,11 @@ pub fn decode_inputs(
         inputs.push(("pos".into(), Tensor::ints(vec![], vec![pos as i32])));
     }
     Ok(inputs)
+}
+
+/// The layer states a decode plan reads and writes (`state:…`).
+pub fn state_names(plan: &Plan) -> Vec<String> {
+    plan.inputs.iter().map(|(n, _)| n).filter(|n| n.starts_with("state:")).cloned().collect()
 }
 
 /// Generates up to `max_new` tokens after `prompt` (one sequence), calling `on_token` with each
@@ -175,6 +182,8 @@ pub fn generate(
         Ok(l[l.len() - vocab..].to_vec())
     };
     let decode = backend.program().plan("decode").map_err(|e| e.0)?.clone();
+    // The states stay in the backend from step to step (on the GPU's device).
+    let carried = state_names(&decode);
     let mut generated = Vec::new();
     let mut next = sample(&last_row(&out)?, sampling, 0);
     for i in 0..max_new {
@@ -184,7 +193,7 @@ pub fn generate(
             break;
         }
         let inputs = decode_inputs(&decode, &mut out, vec![next as i32], prompt.len() + i)?;
-        out = backend.run("decode", inputs)?;
+        out = backend.run_carried("decode", inputs, &carried)?;
         next = sample(&last_row(&out)?, sampling, i as u64 + 1);
     }
     Ok(generated)

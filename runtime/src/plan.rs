@@ -82,6 +82,16 @@ impl fmt::Display for PlanError {
 impl std::error::Error for PlanError {}
 
 impl Plan {
+    /// The value of the output named `name`.
+    pub fn output(&self, name: &str) -> Option<ValueId> {
+        self.outputs.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+    }
+
+    /// The type of the input named `name`.
+    pub fn input_type(&self, name: &str) -> Option<&TensorType> {
+        self.inputs.iter().find(|(n, _)| n == name).map(|(_, v)| &self.values[*v as usize])
+    }
+
     /// Checks that every value is defined once before use and every step type-checks: a plan
     /// read from disk is not trusted.
     pub fn validate(&self) -> Result<(), PlanError> {

@@ -45,9 +45,13 @@ enum Command {
     /// Measure training throughput (tokens/s, MFU, memory, time by kernel class) and prefill.
     Bench {
         bundle: PathBuf,
-        /// Timed repetitions.
+        /// Timed repetitions (with --decode: decode steps).
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=10_000))]
         steps: u64,
+        /// Time generation instead: decode steps with the layer states kept on the device
+        /// against the same steps through host memory, and where start-up time goes.
+        #[arg(long)]
+        decode: bool,
     },
     /// Train a bundle's model on token shards into a run directory (resumes from its newest
     /// checkpoint). The settings that shape the run (batch, sequence length, gradient
@@ -196,10 +200,30 @@ fn run(command: Command) -> Result<bool, String> {
             println!("check took {:.1} s: {}", t0.elapsed().as_secs_f64(), if ok { "pass" } else { "FAIL" });
             Ok(ok)
         }
-        Command::Bench { bundle, steps } => {
+        Command::Bench { bundle, steps, decode: false } => {
             let (gpu, bundle) = open(&bundle)?;
             let mut be = GpuBackend::new(gpu, bundle, 0).map_err(|e| e.0)?;
             print!("{}", weft_runtime::cuda::bench::bench(&mut be, steps as usize)?.render());
+            Ok(true)
+        }
+        Command::Bench { bundle, steps, decode: true } => {
+            // Start-up, phase by phase: what a user waits for before the first token.
+            let t = std::time::Instant::now();
+            let read = Bundle::read(&bundle).map_err(|e| e.0)?;
+            let t_read = t.elapsed().as_secs_f64();
+            let gpu = Gpu::open(0).map_err(|e| e.0)?;
+            let t_gpu = t.elapsed().as_secs_f64();
+            let mut be = GpuBackend::new(gpu, read, 0).map_err(|e| e.0)?;
+            let t_params = t.elapsed().as_secs_f64();
+            let b = weft_runtime::cuda::bench::bench_decode(&mut be, steps.max(2) as usize)?;
+            println!(
+                "start-up: bundle read {:.2} s, GPU context {:.2} s, parameters {:.2} s, first prefill {:.2} s",
+                t_read,
+                t_gpu - t_read,
+                t_params - t_gpu,
+                b.prefill_ms / 1e3
+            );
+            print!("{}", b.render());
             Ok(true)
         }
         Command::Train {
@@ -372,7 +396,7 @@ mod tests {
                 Command::Check { optimizer_steps, prompt, decode_steps, .. } => {
                     let _ = (optimizer_steps + 1, prompt.map(|p| p + 1), decode_steps.map(|d| d + 1));
                 }
-                Command::Bench { steps, .. } => assert_eq!(steps, 10),
+                Command::Bench { steps, decode, .. } => assert_eq!((steps, decode), (10, false)),
                 Command::Train { steps, keep, eval_batches, train_shards, .. } => {
                     assert_eq!((steps, keep, eval_batches, train_shards.len()), (Some(5), 3, 2, 2))
                 }

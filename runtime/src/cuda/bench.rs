@@ -135,3 +135,99 @@ impl GpuBench {
         s
     }
 }
+
+/// Decode throughput of a bundle's generation plans on the GPU: one prefill of a prompt, then
+/// greedy-free decode steps (fixed next tokens, so both paths do the same work) with the layer
+/// states carried on the device, against the same steps moving every state through host
+/// memory (the path before carried states), in the same call.
+pub struct DecodeBench {
+    pub model: String,
+    pub device: String,
+    pub batch: u64,
+    pub prompt: u64,
+    pub steps: u64,
+    /// Bytes of layer state per sequence (what a step reads and writes besides weights).
+    pub state_bytes: u64,
+    pub prefill_ms: f64,
+    pub carried_ms_per_step: f64,
+    pub host_ms_per_step: f64,
+    pub memory_bytes: usize,
+}
+
+pub fn bench_decode(be: &mut GpuBackend, steps: usize) -> Result<DecodeBench, String> {
+    let decode = be.program().plan("decode").map_err(|e| e.0)?.clone();
+    let d = be.bundle().plans.get("decode").ok_or("the bundle has no decode plan")?.0;
+    let p = be.bundle().plans.get("prefill").ok_or("the bundle has no prefill plan")?.0;
+    let batch = d.batch as usize;
+    // A prompt that leaves room for the steps within the context the plans were built for.
+    let prompt = (p.seq as usize).saturating_sub(steps + 1).max(1);
+    let v = vocab(be.program());
+    let pin = vec![("tokens".to_string(), Tensor::ints(vec![batch, prompt], tokens(batch * prompt, v, 11)))];
+    let carried = crate::generate::state_names(&decode);
+    let state_bytes: u64 =
+        carried.iter().filter_map(|n| decode.input_type(n)).map(|t| crate::memory::bytes(t, 1, 1)).sum();
+    let next = |i: usize| tokens(batch, v, 100 + i as u64);
+    let t = std::time::Instant::now();
+    let mut out = be.run_plan("prefill", &pin).map_err(|e| e.0)?;
+    let prefill_ms = t.elapsed().as_secs_f64() * 1e3;
+    let first = out.clone();
+    // Carried: the first step uploads the prefill's states, the rest keep them on the device.
+    let inputs = crate::generate::decode_inputs(&decode, &mut out, next(0), prompt)?;
+    be.run_plan_carried("decode", &inputs, &carried).map_err(|e| e.0)?;
+    let t = std::time::Instant::now();
+    for i in 1..steps {
+        let inputs = crate::generate::decode_inputs(&decode, &mut BTreeMap::new(), next(i), prompt + i)?;
+        be.run_plan_carried("decode", &inputs, &carried).map_err(|e| e.0)?;
+    }
+    let carried_ms_per_step = t.elapsed().as_secs_f64() * 1e3 / (steps.max(2) - 1) as f64;
+    // Through the host: every state downloaded and uploaded again at every step (a second or
+    // more per step at 16 sequences of Samba-421M: a few steps tell).
+    let host_steps = steps.clamp(2, 11);
+    let mut out = first;
+    let inputs = crate::generate::decode_inputs(&decode, &mut out, next(0), prompt)?;
+    out = be.run_plan("decode", &inputs).map_err(|e| e.0)?;
+    let t = std::time::Instant::now();
+    for i in 1..host_steps {
+        let inputs = crate::generate::decode_inputs(&decode, &mut out, next(i), prompt + i)?;
+        out = be.run_plan("decode", &inputs).map_err(|e| e.0)?;
+    }
+    let host_ms_per_step = t.elapsed().as_secs_f64() * 1e3 / (host_steps - 1) as f64;
+    Ok(DecodeBench {
+        model: be.program().model.clone(),
+        device: be.gpu().name.clone(),
+        batch: batch as u64,
+        prompt: prompt as u64,
+        steps: steps as u64,
+        state_bytes,
+        prefill_ms,
+        carried_ms_per_step,
+        host_ms_per_step,
+        memory_bytes: be.gpu().used_bytes().map_err(|e| e.0)?,
+    })
+}
+
+impl DecodeBench {
+    pub fn render(&self) -> String {
+        let tps = |ms: f64| self.batch as f64 / (ms * 1e-3);
+        format!(
+            "{} on {}: decode at batch {} after a {}-token prompt, {} steps\n\
+             layer state {:.2} MiB per sequence; device memory in use {:.2} GiB; first prefill {:.1} ms\n\
+             states on the device  {:>8.3} ms/step  {:>9.0} tokens/s\n\
+             states through host   {:>8.3} ms/step  {:>9.0} tokens/s\n\
+             speed-up {:.2}x\n",
+            self.model,
+            self.device,
+            self.batch,
+            self.prompt,
+            self.steps,
+            self.state_bytes as f64 / (1u64 << 20) as f64,
+            self.memory_bytes as f64 / (1u64 << 30) as f64,
+            self.prefill_ms,
+            self.carried_ms_per_step,
+            tps(self.carried_ms_per_step),
+            self.host_ms_per_step,
+            tps(self.host_ms_per_step),
+            self.host_ms_per_step / self.carried_ms_per_step,
+        )
+    }
+}

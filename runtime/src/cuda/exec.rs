@@ -9,7 +9,6 @@
 use super::device::{cuda, DeviceBuffer, Gpu, GpuError};
 use crate::backend::Backend;
 use crate::bundle::{Bundle, PlanShape};
-use crate::cpu::exec::Store;
 use crate::cpu::tensor::{Data, Tensor};
 use crate::device::{master_name, Arg, Base, BufferArg, DevicePlan, DeviceStep, Table, Word};
 use crate::plan::{Plan, Program, ValueId};
@@ -37,6 +36,9 @@ struct LoadedPlan {
     /// every cuBLASLt algorithm).
     graphs: HashMap<(u64, u64), CudaGraph>,
     calls: HashMap<(u64, u64), usize>,
+    /// Inputs whose buffer holds a carried value (the last call's output of that name), with
+    /// the batch it was written at.
+    resident: HashMap<String, u64>,
 }
 
 /// Dynamic shared memory a kernel may use without opting in.
@@ -91,23 +93,42 @@ impl GpuBackend {
     /// Loads `bundle` onto `gpu` with parameters from the counter-based initialisation with
     /// `seed` (the CPU reference's values, stored at each parameter's type) and states at zero.
     pub fn new(gpu: Gpu, bundle: Bundle, seed: u64) -> Result<GpuBackend, GpuError> {
-        let init = Store::<f32>::init(&bundle.program, seed);
-        let mut store = BTreeMap::new();
+        use crate::cpu::real::Real;
+        use rayon::prelude::*;
         let program = &bundle.program;
-        for (name, ty) in
-            program.params.iter().map(|p| (&p.name, &p.ty)).chain(program.states.iter().map(|s| (&s.name, &s.ty)))
-        {
+        // Parameters from the counter-based rule on every core (one thread took 22 s for
+        // Samba-421M's); the optimizer states are zeroed on the device, not uploaded as zeros.
+        let values: Vec<Tensor<f32>> = program
+            .params
+            .par_iter()
+            .map(|p| {
+                let shape = p.ty.shape.as_fixed().unwrap_or_default();
+                let dims = shape.iter().map(|&d| d as usize).collect();
+                // As the CPU reference's store rounds them (`Real::of`).
+                let v = p.init.values(seed, &p.name, &shape).into_iter().map(<f32 as Real>::of).collect();
+                Tensor::real(dims, v)
+            })
+            .collect();
+        let mut store = BTreeMap::new();
+        for (p, t) in program.params.iter().zip(&values) {
+            let (name, ty) = (&p.name, &p.ty);
             let buf = gpu.alloc(dense_bytes(ty, 1, 1))?;
-            let t = init.get(name).ok_or_else(|| GpuError(format!("no initial value for `{name}`")))?;
             gpu.upload(buf.ptr, &encode(t, ty.dtype)?)?;
             store.insert(name.clone(), (ty.clone(), buf));
-            if ty.dtype == DType::BF16 && program.params.iter().any(|p| &p.name == name) {
+            if ty.dtype == DType::BF16 {
                 let master_ty = TensorType::new(DType::F32, ty.shape.clone());
                 let m = gpu.alloc(dense_bytes(&master_ty, 1, 1))?;
                 gpu.upload(m.ptr, &encode(t, DType::F32)?)?;
                 store.insert(master_name(name), (master_ty, m));
             }
         }
+        for st in &program.states {
+            let bytes = dense_bytes(&st.ty, 1, 1);
+            let buf = gpu.alloc(bytes)?;
+            gpu.zero(buf.ptr, bytes)?;
+            store.insert(st.name.clone(), (st.ty.clone(), buf));
+        }
+        gpu.synchronize()?;
         Ok(GpuBackend {
             gpu,
             bundle,
@@ -206,6 +227,7 @@ impl GpuBackend {
                 offsets,
                 graphs: HashMap::new(),
                 calls: HashMap::new(),
+                resident: HashMap::new(),
             },
         );
         // Tables last: lists of addresses need every buffer of the plan in place.
@@ -236,6 +258,9 @@ impl GpuBackend {
 
     /// The device address of a value of a loaded plan.
     fn value_addr(&self, lp: &LoadedPlan, v: ValueId) -> Result<u64, GpuError> {
+        if let Some(&(_, target)) = lp.device.aliases.iter().find(|(a, _)| *a == v) {
+            return self.value_addr(lp, target);
+        }
         if let Some(off) = lp.offsets.get(&v) {
             return Ok(lp.arena.ptr + off);
         }
@@ -265,12 +290,17 @@ impl GpuBackend {
     /// Binds B and T from the inputs, checking them against the plan's types and its shape.
     fn bind(&self, lp: &LoadedPlan, inputs: &[(String, Tensor<f32>)]) -> Result<(u64, u64), GpuError> {
         let (mut b, mut t) = (None::<u64>, None::<u64>);
+        let mut resident = Vec::new();
         for (name, v) in &lp.plan.inputs {
-            let tensor = inputs
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, t)| t)
-                .ok_or_else(|| GpuError(format!("plan `{}` needs input `{name}`", lp.plan.name)))?;
+            let Some(tensor) = inputs.iter().find(|(n, _)| n == name).map(|(_, t)| t) else {
+                match lp.resident.get(name) {
+                    Some(&at) => {
+                        resident.push((name, at));
+                        continue;
+                    }
+                    None => return Err(GpuError(format!("plan `{}` needs input `{name}`", lp.plan.name))),
+                }
+            };
             let ty = &lp.plan.values[*v as usize];
             if ty.shape.rank() != tensor.shape.len() {
                 return Err(GpuError(format!("input `{name}` must have shape {}", ty.shape)));
@@ -293,6 +323,9 @@ impl GpuBackend {
             }
         }
         let (b, t) = (b.unwrap_or(1), t.unwrap_or(1));
+        if let Some((name, at)) = resident.into_iter().find(|&(_, at)| at != b) {
+            return Err(GpuError(format!("input `{name}` is kept from a call of {at} sequences; this call has {b}")));
+        }
         let s = lp.shape;
         if b > s.batch || t > s.seq || (lp.device.exact_shape && (b, t) != (s.batch, s.seq)) {
             return Err(GpuError(format!(
@@ -384,7 +417,8 @@ impl GpuBackend {
         lp.plan.check_token_ids(inputs).map_err(|e| GpuError(e.0))?;
         let (b, t) = self.bind(lp, inputs)?;
         for (n, v) in &lp.plan.inputs {
-            let tensor = &inputs.iter().find(|(x, _)| x == n).expect("bound above").1;
+            // Left out: kept on the device from the last call (checked by `bind`).
+            let Some((_, tensor)) = inputs.iter().find(|(x, _)| x == n) else { continue };
             let bytes = encode(tensor, lp.plan.values[*v as usize].dtype)
                 .map_err(|GpuError(e)| GpuError(format!("input `{n}`: {e}")))?;
             self.gpu.upload(lp.inputs[n].ptr, &bytes)?;
@@ -448,17 +482,47 @@ impl GpuBackend {
         Ok((&lp.plan, &lp.device, lp.shape))
     }
 
-    fn finish(&mut self, name: &str, batch: u64, seq: u64) -> Result<BTreeMap<String, Tensor<f32>>, GpuError> {
+    /// Writes a finished call's updates into the store and its carried outputs into the input
+    /// buffers of the same names (on the device); returns its other outputs.
+    fn finish(
+        &mut self,
+        name: &str,
+        batch: u64,
+        seq: u64,
+        carried: &[String],
+    ) -> Result<BTreeMap<String, Tensor<f32>>, GpuError> {
         let lp = &self.plans[name];
         for (n, v) in &lp.plan.updates {
             let src = self.value_addr(lp, *v)?;
             let (ty, dst) = self.store.get(n).ok_or_else(|| GpuError(format!("the store has no `{n}`")))?;
             self.gpu.copy(dst.ptr, src, dense_bytes(ty, 1, 1))?;
         }
+        let mut kept = Vec::new();
+        for n in carried {
+            let v = lp.plan.output(n).ok_or_else(|| GpuError(format!("plan `{name}` has no output `{n}` to carry")))?;
+            let dst = lp.inputs.get(n).ok_or_else(|| GpuError(format!("plan `{name}` has no input `{n}` to carry")))?;
+            let (ty, ity) = (&lp.plan.values[v as usize], lp.plan.input_type(n));
+            if Some(ty) != ity || crate::memory::row_pitch(ty) != ty.shape.last().unwrap_or(1) {
+                return Err(GpuError(format!("plan `{name}`: output `{n}` cannot be carried into its input")));
+            }
+            // Either the steps updated the input in place (nothing to copy) or they read it
+            // and wrote the output elsewhere; both are done.
+            let src = self.value_addr(lp, v)?;
+            if src != dst.ptr {
+                self.gpu.copy(dst.ptr, src, dense_bytes(ty, batch, 1))?;
+            }
+            kept.push(n.clone());
+        }
         self.gpu.synchronize()?;
         let mut out = BTreeMap::new();
         for (n, v) in &lp.plan.outputs {
-            out.insert(n.clone(), self.fetch_value(name, *v, batch, seq)?);
+            if !carried.contains(n) {
+                out.insert(n.clone(), self.fetch_value(name, *v, batch, seq)?);
+            }
+        }
+        let lp = self.plans.get_mut(name).expect("loaded");
+        for n in kept {
+            lp.resident.insert(n, batch);
         }
         Ok(out)
     }
@@ -484,6 +548,17 @@ impl GpuBackend {
         name: &str,
         inputs: &[(String, Tensor<f32>)],
     ) -> Result<BTreeMap<String, Tensor<f32>>, GpuError> {
+        self.run_plan_carried(name, inputs, &[])
+    }
+
+    /// [`GpuBackend::run_plan`] keeping the outputs named in `carried` on the device, in the
+    /// input buffers of the same names, for the next call ([`Backend::run_carried`]).
+    pub fn run_plan_carried(
+        &mut self,
+        name: &str,
+        inputs: &[(String, Tensor<f32>)],
+        carried: &[String],
+    ) -> Result<BTreeMap<String, Tensor<f32>>, GpuError> {
         let (b, t) = self.stage_inputs(name, inputs)?;
         let n = self.plans[name].device.steps.len();
         let use_graphs = std::env::var_os("WEFT_NO_CUDA_GRAPH").is_none();
@@ -502,7 +577,7 @@ impl GpuBackend {
         } else {
             self.run_device_steps(name, b, t, 0..n)?;
         }
-        self.finish(name, b, t)
+        self.finish(name, b, t, carried)
     }
 
     /// Runs a plan `repeats` times after its inputs were staged once, timing each device step
@@ -628,6 +703,15 @@ impl Backend for GpuBackend {
 
     fn run(&mut self, plan: &str, inputs: Vec<(String, Tensor<f32>)>) -> Result<BTreeMap<String, Tensor<f32>>, String> {
         self.run_plan(plan, &inputs).map_err(|e| e.0)
+    }
+
+    fn run_carried(
+        &mut self,
+        plan: &str,
+        inputs: Vec<(String, Tensor<f32>)>,
+        carried: &[String],
+    ) -> Result<BTreeMap<String, Tensor<f32>>, String> {
+        self.run_plan_carried(plan, &inputs, carried).map_err(|e| e.0)
     }
 
     fn read(&self, names: &[&str]) -> Result<BTreeMap<String, Tensor<f32>>, String> {
