@@ -164,6 +164,7 @@ fn lower_plan_with(
         exact_shape: e.exact_shape,
         origin: e.origin,
         steps: e.steps,
+        aliases: e.aliases,
     };
     Ok((dp, findings))
 }
@@ -254,6 +255,8 @@ pub(crate) struct Emit<'a> {
     findings: Vec<(Severity, String)>,
     /// The names of persistent values.
     persistent: rustc_hash::FxHashMap<ValueId, String>,
+    /// Values written into another value's buffer (see [`Emit::write_in_place`]).
+    aliases: Vec<(ValueId, ValueId)>,
 }
 
 impl<'a> Emit<'a> {
@@ -286,6 +289,7 @@ impl<'a> Emit<'a> {
             tables: Vec::new(),
             exact_shape: false,
             findings: Vec::new(),
+            aliases: Vec::new(),
             persistent: {
                 // A value may be persistent under several names: the first names it, as the
                 // plan lists them.
@@ -368,6 +372,31 @@ impl<'a> Emit<'a> {
             let _ = write!(s, "{}/{}/{}/{}/{persistent},", o.ty, o.ld, o.width, o.buf.offset);
         }
         s
+    }
+
+    /// Whether each output may be written into the buffer of its input (and is, from now on):
+    /// the input is a plan input and the output the plan's output of the same name (a carried
+    /// generation state, `state:…`) of the same type, read by no step. The caller's kernel then
+    /// updates the inputs in place; the outputs are their buffers. All pairs or none.
+    pub fn write_in_place(&mut self, pairs: &[(&Operand, &Operand)]) -> bool {
+        fn named(list: &[(String, ValueId)], v: ValueId) -> Option<&str> {
+            list.iter().find(|(_, x)| *x == v).map(|(n, _)| n.as_str())
+        }
+        let mut found = Vec::new();
+        for (out, input) in pairs {
+            let (Base::Value(o), Base::Value(i)) = (&out.buf.base, &input.buf.base) else { return false };
+            let (o, i) = (*o, *i);
+            let same = matches!((named(&self.plan.inputs, i), named(&self.plan.outputs, o)),
+                (Some(a), Some(b)) if a == b && a.starts_with("state:"));
+            let read = self.plan.steps.iter().any(|s| s.inputs.contains(&o));
+            let dense = out.buf.offset == 0 && input.buf.offset == 0 && out.ty == input.ty && input.dense();
+            if !same || read || !dense {
+                return false;
+            }
+            found.push((o, i));
+        }
+        self.aliases.extend(found);
+        true
     }
 
     /// Notes that the current step runs on a slower kernel than its kind's fastest, and why.

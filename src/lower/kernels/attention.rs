@@ -1014,6 +1014,58 @@ pub(super) fn attention_cache(
     Ok(())
 }
 
+/// One token's key (rotated) and value written into slot `pos mod capacity` of each sequence's
+/// carried caches, in place: `B × kv_heads·head_dim` elements, whatever the capacity.
+fn append_decode_row(e: &mut Emit, s: &Spec, capacity: u64, positions: u64, ptag: &str, ops: [&Operand; 5]) {
+    let [kk, v, kc, vc, pos] = ops;
+    let (hd, kw) = (s.hd, s.kv_heads * s.hd);
+    let name = format!("attention_decode_append_{}_c{capacity}{ptag}_{}", s.tag(), sig(&[kk, v, kc, vc]));
+    let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
+    let kp = k.ptr("k");
+    let vp = k.ptr("v");
+    let kcp = k.ptr("k_cache");
+    let vcp = k.ptr("v_cache");
+    let posp = k.ptr("pos");
+    let rope = s.rope_params(&mut k, Some(positions));
+    let batch = k.scalar_i64("batch");
+    // Element (b, col) of this token's keys and values.
+    let tid = k.thread_id('x');
+    let bid = k.block_id('x');
+    let n = k.i64(THREADS as i64);
+    let base = k.mul(&bid, &n);
+    let idx = k.add(&base, &tid);
+    let w = k.i64(kw as i64);
+    let total = k.mul(&batch, &w);
+    let inside = k.cmp(Cmp::Lt, &idx, &total);
+    let b = k.div(&idx, &w);
+    let col = k.rem(&idx, &w);
+    k.if_(&inside, |k| {
+        let p = load_pos(k, &posp);
+        let cap = k.i64(capacity as i64);
+        let slot = k.rem(&p, &cap);
+        let bc = k.mul(&b, &cap);
+        let crow = k.add(&bc, &slot);
+        let hw = k.i64(hd as i64);
+        let head = k.div(&col, &hw);
+        let d = k.rem(&col, &hw);
+        let kx = load_head(k, &kp, kk, &b, &head, hd, rope.as_ref(), &p, &d);
+        let vx = load_head(k, &vp, v, &b, &head, hd, None, &p, &d);
+        let ki = at(k, kc, &crow, &col);
+        k.store(&kx, &kcp, &ki, kc.elem());
+        let vi = at(k, vc, &crow, &col);
+        k.store(&vx, &vcp, &vi, vc.elem());
+    });
+    let mut args = vec![kk.arg(), v.arg(), kc.arg(), vc.arg(), pos.arg()];
+    args.extend(s.tables(e, positions));
+    args.push(Arg::I64 { value: Extent::per_sequence(1) });
+    let grid = [
+        GridDim { extent: Extent::per_sequence(kw as i64), per_block: THREADS as u64 },
+        GridDim::fixed(1),
+        GridDim::fixed(1),
+    ];
+    e.launch(k, grid, 0, args);
+}
+
 /// The decode position (`pos`, an i32 scalar), at least 0.
 fn load_pos(k: &mut KernelBuilder, p: &V) -> V {
     let zero = k.i64(0);
@@ -1037,57 +1089,20 @@ pub(super) fn attention_decode(
     let (q, kk, v, kc, vc, pos) = (&ins[0], &ins[1], &ins[2], &ins[3], &ins[4], &ins[5]);
     let (o, kc2, vc2) = (&outs[0], &outs[1], &outs[2]);
     let positions = decode_positions(capacity, e.max_shape().1);
-    let (hd, kw) = (s.hd, s.kv_heads * s.hd);
+    let hd = s.hd;
     let ptag = if s.rope.is_some() { format!("_r{positions}") } else { String::new() };
 
-    // 1. The new caches: the old ones with this token's rotated key and its value in its slot.
-    let name = format!("attention_decode_cache_{}_c{capacity}{ptag}_{}", s.tag(), sig(&[kk, v, kc, vc, kc2, vc2]));
-    let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
-    let kp = k.ptr("k");
-    let vp = k.ptr("v");
-    let kcp = k.ptr("k_cache");
-    let vcp = k.ptr("v_cache");
-    let posp = k.ptr("pos");
-    let kc2p = k.ptr("k_cache_out");
-    let vc2p = k.ptr("v_cache_out");
-    let rope = s.rope_params(&mut k, Some(positions));
-    let batch = k.scalar_i64("batch");
-    let (inside, b, slot, col) = cache_element(&mut k, capacity, kw, &batch);
-    k.if_(&inside, |k| {
-        let p = load_pos(k, &posp);
-        let cap = k.i64(capacity as i64);
-        let ns = k.rem(&p, &cap);
-        let bc = k.mul(&b, &cap);
-        let crow = k.add(&bc, &slot);
-        let new = k.cmp(Cmp::Eq, &slot, &ns);
-        let vals = k.if_else(
-            &new,
-            |k| {
-                // One token per sequence: row b of k and v.
-                let w = k.i64(hd as i64);
-                let head = k.div(&col, &w);
-                let d = k.rem(&col, &w);
-                let kx = load_head(k, &kp, kk, &b, &head, hd, rope.as_ref(), &p, &d);
-                let vx = load_head(k, &vp, v, &b, &head, hd, None, &p, &d);
-                vec![kx, vx]
-            },
-            |k| {
-                let ki = at(k, kc, &crow, &col);
-                let kx = k.load_f32(&kcp, &ki, kc.elem());
-                let vi = at(k, vc, &crow, &col);
-                let vx = k.load_f32(&vcp, &vi, vc.elem());
-                vec![kx, vx]
-            },
-        );
-        let ki = at(k, kc2, &crow, &col);
-        k.store(&vals[0], &kc2p, &ki, kc2.elem());
-        let vi = at(k, vc2, &crow, &col);
-        k.store(&vals[1], &vc2p, &vi, vc2.elem());
-    });
-    let mut args = vec![kk.arg(), v.arg(), kc.arg(), vc.arg(), pos.arg(), kc2.arg(), vc2.arg()];
-    args.extend(s.tables(e, positions));
-    args.push(Arg::I64 { value: Extent::per_sequence(1) });
-    e.launch(k, cache_grid(capacity, kw), 0, args);
+    // 1. The caches are generation's carried states, updated in place: only this token's
+    // rotated key and its value are written, into its slot (a decode step reads the window
+    // once, not twice over as a copy would).
+    if !e.write_in_place(&[(kc2, kc), (vc2, vc)]) {
+        return Err(LowerError(
+            "attention decode: its caches must be the plan's carried states (`state:…` inputs and outputs), read by no other step"
+                .into(),
+        ));
+    }
+    let (kc2, vc2) = (kc, vc);
+    append_decode_row(e, &s, capacity, positions, &ptag, [kk, v, kc, vc, pos]);
 
     // 2. Attention over the updated caches: one block per (sequence, head).
     let name = format!("attention_decode_{}_c{capacity}{ptag}_{}", s.tag(), sig(&[q, kc2, vc2, o]));
