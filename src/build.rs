@@ -22,13 +22,13 @@ pub struct Shapes {
 }
 
 impl Shapes {
-    /// Training at the run settings' batch and sequence length; generation of one sequence up
-    /// to the longest context the settings allow.
+    /// Training at the run settings' batch and sequence length; generation of `generate.batch`
+    /// sequences up to the longest context the settings allow.
     pub fn from_settings(s: &crate::config::RunConfig) -> Shapes {
         Shapes {
             batch: s.train.batch_size,
             seq: s.train.seq_len,
-            gen_batch: 1,
+            gen_batch: s.generate.batch,
             max_prompt: s.train.seq_len + s.generate.max_new_tokens,
         }
     }

@@ -14,6 +14,8 @@ pub mod limits {
     pub const BATCH: u64 = 1 << 16;
     /// Tokens per micro-batch (batch_size × seq_len): 2^26.
     pub const TOKENS_PER_BATCH: u64 = 1 << 26;
+    /// Sequences generated together (the serving engine's slots).
+    pub const GEN_BATCH: u64 = 1 << 12;
     /// Optimizer steps, and every count of steps.
     pub const STEPS: u64 = 1 << 40;
     pub const EVAL_BATCHES: u64 = 1 << 20;
@@ -149,6 +151,8 @@ impl Default for Checkpoint {
 #[serde(deny_unknown_fields, default)]
 pub struct Generate {
     pub max_new_tokens: u64,
+    /// Sequences the generation plans take at once (prefill and each decode step).
+    pub batch: u64,
     /// 0 is greedy decoding.
     pub temperature: f64,
     pub top_p: f64,
@@ -156,7 +160,7 @@ pub struct Generate {
 
 impl Default for Generate {
     fn default() -> Self {
-        Generate { max_new_tokens: 200, temperature: 0.8, top_p: 0.95 }
+        Generate { max_new_tokens: 200, batch: 1, temperature: 0.8, top_p: 0.95 }
     }
 }
 
@@ -252,6 +256,17 @@ pub fn parse(src: &str, file: FileId) -> Result<RunConfig, Diagnostics> {
     check(g.temperature >= 0.0 && g.temperature.is_finite(), &["generate", "temperature"], "zero or more");
     check(g.top_p > 0.0 && g.top_p <= 1.0, &["generate", "top_p"], "in (0, 1]");
     check(range(g.max_new_tokens, 0, limits::SEQ_LEN), &["generate", "max_new_tokens"], &between(0, limits::SEQ_LEN));
+    check(range(g.batch, 1, limits::GEN_BATCH), &["generate", "batch"], &between(1, limits::GEN_BATCH));
+    let prompt_tokens = g.batch.saturating_mul(config.train.seq_len.saturating_add(g.max_new_tokens));
+    check(
+        prompt_tokens <= limits::TOKENS_PER_BATCH,
+        &["generate", "batch"],
+        &format!(
+            "at most {} sequences of train.seq_len + generate.max_new_tokens tokens (a prefill of {} tokens in all)",
+            limits::TOKENS_PER_BATCH / config.train.seq_len.saturating_add(g.max_new_tokens).max(1),
+            limits::TOKENS_PER_BATCH
+        ),
+    );
     let c = &config.checkpoint;
     check(range(c.keep, 1, limits::KEEP), &["checkpoint", "keep"], &between(1, limits::KEEP));
     check(range(c.every, 0, limits::STEPS), &["checkpoint", "every"], &between(0, limits::STEPS));

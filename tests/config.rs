@@ -65,3 +65,17 @@ fn out_of_range_values_are_all_reported() {
 fn broken_toml_is_an_error_at_its_place() {
     insta::assert_snapshot!(errors("[train\nseq_len = 512\n"));
 }
+
+/// The generation batch sizes the prefill and decode plans: zero, more than the engine's slots,
+/// and a product with the context past the prefill's token limit are refused where they are
+/// written, with the limit named.
+#[test]
+fn generation_batch_is_bounded_before_anything_is_sized_by_it() {
+    let zero = errors("[generate]\nbatch = 0\n");
+    assert!(zero.contains("run.toml:2:") && zero.contains("between 1 and 4096"), "{zero}");
+    let many = errors("[generate]\nbatch = 5000\n");
+    assert!(many.contains("between 1 and 4096"), "{many}");
+    // 4096 sequences of 1M + 200 tokens: under the count limit, over 2^26 prompt tokens.
+    let long = errors("[train]\nseq_len = 1048576\nbatch_size = 1\n\n[generate]\nbatch = 4096\n");
+    assert!(long.contains("at most 63 sequences") && long.contains("67108864 tokens"), "{long}");
+}

@@ -23,6 +23,8 @@ build specs/samba-421m.weft scripts/gpu/check-421m.toml samba-421m-check
 for s in samba-421m samba-1.3b; do
   build "specs/$s.weft" scripts/gpu/bench.toml "$s"
 done
+# Generation at 16 sequences (the decode benchmark's second batch size).
+build specs/samba-421m.weft scripts/gpu/decode-b16.toml samba-421m-b16
 # samba-micro as the main job trains it: its tokenizer (trained by the CPU run's data loading),
 # the corpus split as the CPU run splits it (the last 5% of the chapters held out).
 config=examples/samba-micro.toml

@@ -3,7 +3,8 @@
 # prepare.sh filled); a summary table comes last. libcuda comes from the driver; libcublasLt.so.13
 # is looked up in python3's site-packages (NVIDIA's PyPI wheel), then anywhere on the root file
 # system. Parts: CHECK (bundle names, or "none"), RUNS=0 skips the training runs, BENCH (bundle
-# names, or "none"); logs go to $OUT when it is set.
+# names, or "none"), DECODE (bundle names for the generation benchmark, or "none"); logs go to
+# $OUT when it is set.
 set -uo pipefail
 cd "$(dirname "$0")"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -144,6 +145,20 @@ for b in $BENCH; do
     line="$line; baseline $(cat baseline/commit) $base ms: ratio $(awk -v a="$ms" -v b="$base" 'BEGIN { printf "%.4f", a / b }')"
   fi
   note "$line"
+done
+
+# ---- generation: decode steps with the states on the device against through the host ----
+DECODE=${DECODE:-samba-421m samba-421m-b16}
+[ "$DECODE" = none ] && DECODE=
+for b in $DECODE; do
+  late "decode $b" && continue
+  echo "=== decode bench $b"
+  if ./weft-run bench "$b.bundle" --decode --steps 300 2>&1 | tee "decode-$b.log"; then
+    note "decode $b: $(grep -o 'states on the device.*' "decode-$b.log" | tr -s ' '); $(grep -o 'states through host.*' "decode-$b.log" | tr -s ' '); $(grep -o 'speed-up.*' "decode-$b.log")"
+    note "start-up $b: $(grep -o 'start-up:.*' "decode-$b.log" | cut -d' ' -f2-)"
+  else
+    note "decode $b: FAIL (see decode-$b.log)"
+  fi
 done
 
 echo "=== summary"
