@@ -89,6 +89,9 @@ pub fn build_mode(model: &Model, mode: Mode) -> Result<Graph, BuildError> {
             b.g.outputs.push(("loss".to_string(), loss));
         }
         None => {
+            // Generation samples from the prompt's last position only; the `logits` plan
+            // keeps every position (perplexity, log-probabilities).
+            let h = if let Mode::Prefill { .. } = b.mode { b.op(Op::LastPosition, &[h])? } else { h };
             let logits = b.op(Op::Logits, &[h, head])?;
             b.g.outputs.push(("logits".to_string(), logits));
         }

@@ -549,6 +549,13 @@ pub(crate) fn execute_with<T: Real>(
             conv_final_state(ConvDims { batch, seq, channels, width: *width as usize }, r(0)?, &mut o.1);
             emit(o);
         }
+        // The last position is the final state of a convolution of width 2.
+        Op::LastPosition => {
+            let (batch, seq, channels) = seq_dims(ins[0]);
+            let mut o = out(0);
+            conv_final_state(ConvDims { batch, seq, channels, width: 2 }, r(0)?, &mut o.1);
+            emit(o);
+        }
         Op::CausalConv1dSiluStep => {
             let (batch, seq, channels) = seq_dims(ins[0]);
             one_token(seq)?;

@@ -152,6 +152,11 @@ pub struct DecodeBench {
     pub carried_ms_per_step: f64,
     pub host_ms_per_step: f64,
     pub memory_bytes: usize,
+    /// One decode step's device time (CUDA events, no host work) by kernel class, and its
+    /// costliest kernels, milliseconds.
+    pub device_ms: f64,
+    pub split: BTreeMap<&'static str, f64>,
+    pub kernels: Vec<(String, f64)>,
 }
 
 pub fn bench_decode(be: &mut GpuBackend, steps: usize) -> Result<DecodeBench, String> {
@@ -180,6 +185,12 @@ pub fn bench_decode(be: &mut GpuBackend, steps: usize) -> Result<DecodeBench, St
         be.run_plan_carried("decode", &inputs, &carried).map_err(|e| e.0)?;
     }
     let carried_ms_per_step = t.elapsed().as_secs_f64() * 1e3 / (steps.max(2) - 1) as f64;
+    // Where a step's device time goes (each step timed alone: the sum exceeds a replay's).
+    let inputs = crate::generate::decode_inputs(&decode, &mut first.clone(), next(0), prompt)?;
+    let (split, device_ms) = be.time_plan("decode", &inputs, 20).map_err(|e| e.0)?;
+    let mut kernels: Vec<(String, f64)> = be.last_profile.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    kernels.sort_by(|a, b| b.1.total_cmp(&a.1));
+    kernels.truncate(12);
     // Through the host: every state downloaded and uploaded again at every step (a second or
     // more per step at 16 sequences of Samba-421M: a few steps tell).
     let host_steps = steps.clamp(2, 11);
@@ -203,6 +214,9 @@ pub fn bench_decode(be: &mut GpuBackend, steps: usize) -> Result<DecodeBench, St
         carried_ms_per_step,
         host_ms_per_step,
         memory_bytes: be.gpu().used_bytes().map_err(|e| e.0)?,
+        device_ms,
+        split,
+        kernels,
     })
 }
 
@@ -228,6 +242,18 @@ impl DecodeBench {
             self.host_ms_per_step,
             tps(self.host_ms_per_step),
             self.host_ms_per_step / self.carried_ms_per_step,
-        )
+        ) + &self.profile()
+    }
+
+    fn profile(&self) -> String {
+        let mut s = format!("one decode step, device time by kernel class ({:.3} ms in all):\n", self.device_ms);
+        for (class, t) in &self.split {
+            s += &format!("  {class:<10} {t:>8.3} ms\n");
+        }
+        s += "costliest kernels of a decode step:\n";
+        for (k, t) in &self.kernels {
+            s += &format!("  {t:>8.3} ms  {k}\n");
+        }
+        s
     }
 }

@@ -404,8 +404,21 @@ pub fn check_model(gpu: &mut GpuBackend, c: &ModelCheck) -> Result<(Vec<Row>, Ve
     let v = super::bench::vocab(&program);
     let prompt = super::bench::tokens(c.prompt, v, c.seed + 7);
     let tokens = |ids: &[i32]| vec![("tokens".to_string(), Tensor::ints(vec![1, ids.len()], ids.to_vec()))];
+    // Every position's logits (the `logits` plan), then the prefill's (its last position).
+    let (gl, el, xl) = three.run("logits", &tokens(&prompt))?;
+    rows.push(row(
+        format!("logits of every position ({} tokens)", c.prompt),
+        &gl["logits"],
+        &el["logits"],
+        &xl["logits"],
+    ));
     let (mut gs, mut es, mut xs) = three.run("prefill", &tokens(&prompt))?;
-    rows.push(row(format!("prefill logits ({} tokens)", c.prompt), &gs["logits"], &es["logits"], &xs["logits"]));
+    rows.push(row(
+        format!("prefill logits (last of {} tokens)", c.prompt),
+        &gs["logits"],
+        &es["logits"],
+        &xs["logits"],
+    ));
     let decode = program.plan("decode").map_err(|e| e.0)?.clone();
     let argmax = |t: &Tensor<f32>| {
         let r = reals(t);

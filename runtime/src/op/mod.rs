@@ -152,6 +152,9 @@ pub enum Op {
     // one token (T = 1). States have the batch as their first dimension. ----
     /// `(x[B,T,C]) -> [B, width-1, C]`: the convolution's last `width − 1` inputs.
     ConvState { width: u64 },
+    /// `(x[B,T,C]) -> [B,1,C]`: each sequence's last position (prefill's logits are only
+    /// needed there).
+    LastPosition,
     /// `(x[B,1,C], w[C,k], bias[C], state[B,k-1,C]) -> (y[B,1,C], state')`.
     CausalConv1dSiluStep,
     /// `(u, delta, a_log, b, c, dt_bias) -> h f32[B,E,N]`: the scan's state after the prompt.
@@ -225,6 +228,7 @@ impl Op {
             Op::AdamW(_) => "adamw",
             Op::Zeros(_) => "zeros",
             Op::ConvState { .. } => "conv_state",
+            Op::LastPosition => "last_position",
             Op::CausalConv1dSiluStep => "causal_conv1d_silu_step",
             Op::SelectiveScanState => "selective_scan_state",
             Op::SelectiveScanStep => "selective_scan_step",
@@ -276,7 +280,7 @@ impl Op {
             Op::LrSchedule(_) => &["step"],
             Op::AdamW(_) => &["param", "grad", "m", "v", "lr", "clip", "step"],
             Op::Zeros(_) => &[],
-            Op::ConvState { .. } => &["x"],
+            Op::ConvState { .. } | Op::LastPosition => &["x"],
             Op::CausalConv1dSiluStep => &["x", "weight", "bias", "state"],
             Op::SelectiveScanState => &["u", "delta", "a_log", "b", "c", "dt_bias"],
             Op::SelectiveScanStep => &["u", "delta", "a_log", "b", "c", "d", "dt_bias", "z", "h"],

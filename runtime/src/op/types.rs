@@ -246,6 +246,16 @@ impl Op {
                 expect_len(vector(ins[2], "weight")?, v / heads, "length of weight")?;
                 one(ins[0].clone())
             }
+            // Logits also of one row per sequence ([B, n, d], as the last position's).
+            Op::Logits if ins[0].shape.rank() == 3 && ins[0].shape.0[..2] == [Dim::Batch, Dim::Fixed(1)] => {
+                let d = ins[0].shape.last().unwrap_or(0);
+                let (v, wd) = matrix(ins[1], "w")?;
+                expect_len(wd, d, "width of w")?;
+                if ins[0].dtype != ins[1].dtype {
+                    return err(format!("h is {} but w is {}", ins[0].dtype, ins[1].dtype));
+                }
+                one(TensorType::per_sequence(DType::F32, &[1, v]))
+            }
             Op::CrossEntropy | Op::Logits => {
                 let d = per_token(ins[0], "h")?;
                 let (v, wd) = matrix(ins[1], "w")?;
@@ -377,6 +387,10 @@ impl Op {
                 scalar(ins[5], DType::F32, "clip")?;
                 scalar(ins[6], DType::I32, "step")?;
                 Ok(vec![ins[0].clone(), g.clone(), g])
+            }
+            Op::LastPosition => {
+                let c = per_token(ins[0], "x")?;
+                one(state(ins[0].dtype, &[1, c]))
             }
             Op::ConvState { width } => {
                 let c = per_token(ins[0], "x")?;

@@ -49,6 +49,8 @@ pub(crate) fn lower_step(e: &mut Emit, step: &Step) -> Result<(), LowerError> {
         Op::CausalConv1dSilu => conv::conv(e, &ins, &outs),
         Op::CausalConv1dSiluBackward => conv::conv_backward(e, &ins, &outs),
         Op::ConvState { width } => conv::conv_state(e, *width, &ins, &outs),
+        // The last position is the final state of a convolution of width 2.
+        Op::LastPosition => conv::conv_state(e, 2, &ins, &outs),
         Op::CausalConv1dSiluStep => conv::conv_step(e, &ins, &outs),
         Op::SelectiveScan => scan::forward(e, &ins, &outs),
         Op::SelectiveScanBackward => scan::backward(e, &ins, &outs),
