@@ -308,15 +308,21 @@ fn run(command: Command) -> Result<bool, String> {
             }
             let context = bundle.plans.get("prefill").ok_or("the bundle has no prefill plan")?.0.seq as usize;
             let r = open_for_generation(&run, &info, &bundle.program)?;
+            let cpu = |params| -> Result<Box<dyn Backend>, String> {
+                let mut be = CpuBackend::new(bundle.program.clone(), info.settings.seed);
+                be.write(params)?;
+                Ok(Box::new(be))
+            };
             let mut be: Box<dyn Backend> = match backend {
-                BackendArg::Cpu => Box::new(CpuBackend::new(bundle.program.clone(), info.settings.seed)),
+                BackendArg::Cpu => cpu(r.params)?,
+                // The checkpoint's parameters go straight to the device: nothing is initialised
+                // only to be overwritten.
                 BackendArg::Gpu | BackendArg::Auto => match Gpu::open(0) {
-                    Ok(gpu) => Box::new(GpuBackend::new(gpu, bundle, info.settings.seed).map_err(|e| e.0)?),
+                    Ok(gpu) => Box::new(GpuBackend::with_parameters(gpu, bundle.clone(), r.params).map_err(|e| e.0)?),
                     Err(e) if backend == BackendArg::Gpu => return Err(format!("no usable GPU: {}", e.0)),
-                    Err(_) => Box::new(CpuBackend::new(bundle.program.clone(), info.settings.seed)),
+                    Err(_) => cpu(r.params)?,
                 },
             };
-            be.write(r.params)?;
             let started = Instant::now();
             let mut shown = false;
             let mut pieces = 0usize;

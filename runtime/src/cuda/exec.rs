@@ -95,10 +95,10 @@ impl GpuBackend {
     pub fn new(gpu: Gpu, bundle: Bundle, seed: u64) -> Result<GpuBackend, GpuError> {
         use crate::cpu::real::Real;
         use rayon::prelude::*;
-        let program = &bundle.program;
         // Parameters from the counter-based rule on every core (one thread took 22 s for
-        // Samba-421M's); the optimizer states are zeroed on the device, not uploaded as zeros.
-        let values: Vec<Tensor<f32>> = program
+        // Samba-421M's).
+        let values: Vec<Tensor<f32>> = bundle
+            .program
             .params
             .par_iter()
             .map(|p| {
@@ -109,6 +109,35 @@ impl GpuBackend {
                 Tensor::real(dims, v)
             })
             .collect();
+        Self::with_values(gpu, bundle, values)
+    }
+
+    /// Loads `bundle` onto `gpu` with the given parameters (a checkpoint's: generation computes
+    /// no initialisation it would overwrite), states at zero. Every parameter of the program
+    /// must be there at its shape.
+    pub fn with_parameters(
+        gpu: Gpu,
+        bundle: Bundle,
+        mut params: BTreeMap<String, Tensor<f32>>,
+    ) -> Result<GpuBackend, GpuError> {
+        let mut values = Vec::with_capacity(bundle.program.params.len());
+        for p in &bundle.program.params {
+            let t = params.remove(&p.name).ok_or_else(|| GpuError(format!("no value for parameter `{}`", p.name)))?;
+            if t.shape != fixed_shape(&p.ty) {
+                return Err(GpuError(format!(
+                    "`{}` has shape {:?}, the program needs {}",
+                    p.name, t.shape, p.ty.shape
+                )));
+            }
+            values.push(t);
+        }
+        Self::with_values(gpu, bundle, values)
+    }
+
+    /// Parameters (in program order) uploaded at their types, with f32 masters of bf16 ones;
+    /// optimizer states zeroed on the device.
+    fn with_values(gpu: Gpu, bundle: Bundle, values: Vec<Tensor<f32>>) -> Result<GpuBackend, GpuError> {
+        let program = &bundle.program;
         let mut store = BTreeMap::new();
         for (p, t) in program.params.iter().zip(&values) {
             let (name, ty) = (&p.name, &p.ty);
