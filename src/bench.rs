@@ -111,7 +111,7 @@ pub fn bench_cpu(spec: &Path, seq: u64, batch: u64, steps: usize) -> Result<Benc
     let mut out = states.ok_or("no prefill output")?;
     let mut pos = t;
     let decode_s = timed(decode_steps as usize - 1, || {
-        let inp = decode_inputs(&decode_plan, &mut out, tokens(b, 1, model.vocab, pos as u64), pos)?;
+        let inp = decode_inputs(&decode_plan, &mut out, tokens(b, 1, model.vocab, pos as u64), &[pos])?;
         out = cpu.run("decode", inp)?;
         pos += 1;
         Ok(())

@@ -155,7 +155,7 @@ fn step_by_step_decoding_matches_the_full_forward_pass() {
             state_names.iter().map(|n| (n.clone(), out.remove(n).unwrap())).collect();
         let step: Vec<i32> = (0..b).map(|r| tokens[r * t + pos]).collect();
         inp.push(("tokens".into(), Tensor::ints(vec![b, 1], step)));
-        inp.push(("pos".into(), Tensor::ints(vec![], vec![pos as i32])));
+        inp.push(("pos".into(), Tensor::ints(vec![b], vec![pos as i32; b])));
         out = run(decode, &mut store, inp).unwrap();
         let got = logits_of(&out);
         for row in 0..b {
@@ -196,8 +196,8 @@ fn carried_states_give_the_steps_of_states_passed_by_the_caller() {
     // The window of 3 wraps three times in nine steps.
     for i in 0..9 {
         let toks = vec![(i * 5 % 32) as i32, (i * 11 % 32) as i32];
-        a = by_caller.run("decode", decode_inputs(&decode, &mut a, toks.clone(), 5 + i).unwrap()).unwrap();
-        b = kept.run_carried("decode", decode_inputs(&decode, &mut b, toks, 5 + i).unwrap(), &carried).unwrap();
+        a = by_caller.run("decode", decode_inputs(&decode, &mut a, toks.clone(), &[5 + i]).unwrap()).unwrap();
+        b = kept.run_carried("decode", decode_inputs(&decode, &mut b, toks, &[5 + i]).unwrap(), &carried).unwrap();
         assert_eq!(a["logits"], b["logits"], "step {i}");
         assert!(b.keys().all(|k| !k.starts_with("state:")), "{:?}", b.keys());
     }
@@ -380,4 +380,54 @@ layers = [m, f, a, f]
     let attn = |hd| weft_runtime::op::AttentionAttrs { heads: 1, kv_heads: 1, head_dim: hd, window: None, rope: None };
     assert!(attn(64).on_tensor_cores(true) && attn(128).on_tensor_cores(true));
     assert!(!attn(256).on_tensor_cores(true) && !attn(64).on_tensor_cores(false));
+}
+
+/// Sequences at different positions decode together exactly as each decodes alone: every
+/// layer that reads a position (attention's RoPE, ring slot and window; retention's RoPE)
+/// reads its own sequence's, and the window of 3 wraps at different steps for the two.
+#[test]
+fn sequences_at_different_positions_decode_together_as_each_alone() {
+    use std::collections::BTreeMap;
+    use weft_runtime::backend::{Backend, CpuBackend};
+    use weft_runtime::generate::{decode_inputs, state_names};
+    let (p, _) = program(EVERY_KIND);
+    let decode = p.plan("decode").unwrap().clone();
+    let names = state_names(&decode);
+    let mut be = CpuBackend::new(p, 9);
+    let prompts: [Vec<i32>; 2] = [(0..3).map(|i| i * 5 % 32).collect(), (0..8).map(|i| i * 3 % 32 + 1).collect()];
+    let next = |s: usize, i: usize| ((s * 7 + i * 11) % 32) as i32;
+    let steps = 6;
+    let prefilled: Vec<BTreeMap<String, Tensor<f32>>> = prompts
+        .iter()
+        .map(|pr| be.run("prefill", vec![("tokens".into(), Tensor::ints(vec![1, pr.len()], pr.clone()))]).unwrap())
+        .collect();
+    let mut alone = Vec::new();
+    for (s, pr) in prompts.iter().enumerate() {
+        let mut out = prefilled[s].clone();
+        let mut logits = Vec::new();
+        for i in 0..steps {
+            let inputs = decode_inputs(&decode, &mut out, vec![next(s, i)], &[pr.len() + i]).unwrap();
+            out = be.run("decode", inputs).unwrap();
+            logits.push(out["logits"].reals().unwrap().to_vec());
+        }
+        alone.push(logits);
+    }
+    // Both sequences' states stacked along the batch, decoded as one batch of two.
+    let mut out: BTreeMap<String, Tensor<f32>> = names
+        .iter()
+        .map(|n| {
+            let (a, b) = (&prefilled[0][n], &prefilled[1][n]);
+            let mut shape = a.shape.clone();
+            shape[0] = 2;
+            (n.clone(), Tensor::real(shape, [a.reals().unwrap(), b.reals().unwrap()].concat()))
+        })
+        .collect();
+    for (i, (first, second)) in alone[0].iter().zip(&alone[1]).enumerate() {
+        let pos = [prompts[0].len() + i, prompts[1].len() + i];
+        out = be.run("decode", decode_inputs(&decode, &mut out, vec![next(0, i), next(1, i)], &pos).unwrap()).unwrap();
+        let l = out["logits"].reals().unwrap();
+        let v = l.len() / 2;
+        assert_eq!(&l[..v], &first[..], "sequence 0, step {i}");
+        assert_eq!(&l[v..], &second[..], "sequence 1, step {i}");
+    }
 }

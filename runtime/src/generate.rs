@@ -129,12 +129,13 @@ pub fn sample(logits: &[f32], s: &Sampling, n: u64) -> u32 {
 
 /// The inputs of one decode step: every layer state taken out of `previous` (the prefill's
 /// outputs; after the first step the backend carries them, and `previous` is empty), the next
-/// token of each sequence (`batch × 1`), and the position where the plan reads one.
+/// token of each sequence (`batch × 1`), and each sequence's position where the plan reads
+/// them (`positions`: one per sequence, or one for all).
 pub fn decode_inputs(
     plan: &Plan,
     previous: &mut BTreeMap<String, Tensor<f32>>,
     tokens: Vec<i32>,
-    pos: usize,
+    positions: &[usize],
 ) -> Result<Vec<(String, Tensor<f32>)>, String> {
     let mut inputs = Vec::new();
     for name in state_names(plan) {
@@ -145,7 +146,12 @@ pub fn decode_inputs(
     let batch = tokens.len();
     inputs.push(("tokens".into(), Tensor::ints(vec![batch, 1], tokens)));
     if plan.inputs.iter().any(|(n, _)| n == "pos") {
-        inputs.push(("pos".into(), Tensor::ints(vec![], vec![pos as i32])));
+        let pos: Vec<i32> = match positions {
+            [one] => vec![*one as i32; batch],
+            each if each.len() == batch => each.iter().map(|&p| p as i32).collect(),
+            each => return Err(format!("{} positions for {batch} sequences", each.len())),
+        };
+        inputs.push(("pos".into(), Tensor::ints(vec![batch], pos)));
     }
     Ok(inputs)
 }
@@ -192,7 +198,7 @@ pub fn generate(
         if !go_on || Some(next) == stop || i + 1 == max_new {
             break;
         }
-        let inputs = decode_inputs(&decode, &mut out, vec![next as i32], prompt.len() + i)?;
+        let inputs = decode_inputs(&decode, &mut out, vec![next as i32], &[prompt.len() + i])?;
         out = backend.run_carried("decode", inputs, &carried)?;
         next = sample(&last_row(&out)?, sampling, i as u64 + 1);
     }

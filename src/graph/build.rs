@@ -165,12 +165,13 @@ impl Builder<'_> {
         self.g.outputs.push((name, v));
     }
 
-    /// The decode position, an input made on first use (a pure-Mamba model has none).
+    /// The decode position of each sequence (`[B]`), an input made on first use (a pure-Mamba
+    /// model has none): sequences of a batch may be at different positions.
     fn pos(&mut self) -> Result<Value, BuildError> {
         if let Some(p) = self.pos {
             return Ok(p);
         }
-        let n = self.node(NodeKind::Input { name: "pos".into() }, vec![TensorType::new(DType::I32, Shape::scalar())]);
+        let n = self.node(NodeKind::Input { name: "pos".into() }, vec![TensorType::per_sequence(DType::I32, &[])]);
         let p = self.g.add(n, &[]).out0();
         self.pos = Some(p);
         Ok(p)

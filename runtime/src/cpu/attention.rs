@@ -369,7 +369,7 @@ pub fn attention_bwd<T: Real>(
 #[allow(clippy::too_many_arguments)]
 pub fn attention_decode<T: Real>(
     dims: AttnDims,
-    pos: usize,
+    positions: &[usize],
     capacity: usize,
     q: &[T],
     k_new: &[T],
@@ -387,27 +387,33 @@ pub fn attention_decode<T: Real>(
     check_len(kernel, "k_cache", k_cache, batch * capacity * kw);
     check_len(kernel, "v_cache", v_cache, batch * capacity * kw);
     check_len(kernel, "out", out, batch * qw);
-    let start = dims.first_key(pos);
-    assert!(
-        pos + 1 - start <= capacity,
-        "{kernel}: a cache of {capacity} slots cannot hold the {} positions that position {pos} attends",
-        pos + 1 - start
-    );
+    assert_eq!(positions.len(), batch, "{kernel}: one position per sequence");
+    for &pos in positions {
+        let start = dims.first_key(pos);
+        assert!(
+            pos + 1 - start <= capacity,
+            "{kernel}: a cache of {capacity} slots cannot hold the {} positions that position {pos} attends",
+            pos + 1 - start
+        );
+    }
     if batch == 0 {
         return;
     }
-    let table = dims.rope.map(|base| RopeTable::new(base, hd, pos..pos + 1));
-    let rotate = |x: &mut [T]| {
-        if let Some(t) = &table {
-            x.chunks_mut(hd).for_each(|head| t.rotate(pos, head));
-        }
-    };
-    let (slot, scale) = (pos % capacity, dims.scale::<T>());
+    let scale = dims.scale::<T>();
     out.par_chunks_mut(qw)
         .zip(k_cache.par_chunks_mut(capacity * kw))
         .zip(v_cache.par_chunks_mut(capacity * kw))
         .enumerate()
         .for_each(|(bi, ((o, kc), vc))| {
+            // Each sequence at its own position.
+            let pos = positions[bi];
+            let (start, slot) = (dims.first_key(pos), pos % capacity);
+            let table = dims.rope.map(|base| RopeTable::new(base, hd, pos..pos + 1));
+            let rotate = |x: &mut [T]| {
+                if let Some(t) = &table {
+                    x.chunks_mut(hd).for_each(|head| t.rotate(pos, head));
+                }
+            };
             let k_slot = &mut kc[slot * kw..][..kw];
             k_slot.copy_from_slice(&k_new[bi * kw..][..kw]);
             rotate(k_slot);
@@ -682,7 +688,7 @@ mod tests {
                     let mut o = vec![0.0; d.batch * qw];
                     attention_decode(
                         d,
-                        t,
+                        &vec![t; d.batch],
                         capacity,
                         &rows(&x[0], d.batch, d.seq, qw, t..t + 1),
                         &rows(&x[1], d.batch, d.seq, kw, t..t + 1),
@@ -709,7 +715,7 @@ mod tests {
         let mut kc = vec![0.0f64; 3 * 4];
         let mut vc = kc.clone();
         let mut out = vec![0.0; 8];
-        attention_decode(d, 5, 3, &[0.0; 8], &[0.0; 4], &[0.0; 4], &mut kc, &mut vc, &mut out);
+        attention_decode(d, &[5], 3, &[0.0; 8], &[0.0; 4], &[0.0; 4], &mut kc, &mut vc, &mut out);
     }
 
     #[test]
@@ -732,7 +738,7 @@ mod tests {
             let mut o = vec![0.0f32; d.batch * d.q_width()];
             let q1 = to_f32(&Rng::new(82).vec(o.len(), -1.0, 1.0));
             let kv1 = to_f32(&Rng::new(83).vec(d.batch * kw, -1.0, 1.0));
-            attention_decode(d, d.seq, cap, &q1, &kv1, &kv1, &mut kc, &mut vc, &mut o);
+            attention_decode(d, &vec![d.seq; d.batch], cap, &q1, &kv1, &kv1, &mut kc, &mut vc, &mut o);
             all.extend(bits(&o));
             all
         });

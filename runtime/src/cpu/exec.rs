@@ -603,16 +603,16 @@ pub(crate) fn execute_with<T: Real>(
             emit(vc);
         }
         Op::AttentionDecode { attrs, capacity } => {
-            let (_, seq, _) = seq_dims(ins[0]);
+            let (batch, seq, _) = seq_dims(ins[0]);
             one_token(seq)?;
-            let pos = position(ins[5])?;
-            if attrs.window.is_none() && pos >= *capacity as usize {
+            let pos = positions(ins[5], batch)?;
+            if let Some(&pos) = pos.iter().filter(|&&p| attrs.window.is_none() && p >= *capacity as usize).max() {
                 return fail(format!("position {pos} is past the cache of {capacity} tokens of full attention: generate fewer tokens or build a larger cache"));
             }
             let dims = attn_dims(attrs, ins[0]);
             let mut o = out(0);
             let (mut kc, mut vc) = ((shapes[1].clone(), r(3)?.to_vec()), (shapes[2].clone(), r(4)?.to_vec()));
-            attention_decode(dims, pos, *capacity as usize, r(0)?, r(1)?, r(2)?, &mut kc.1, &mut vc.1, &mut o.1);
+            attention_decode(dims, &pos, *capacity as usize, r(0)?, r(1)?, r(2)?, &mut kc.1, &mut vc.1, &mut o.1);
             emit(o);
             emit(kc);
             emit(vc);
@@ -640,7 +640,7 @@ pub(crate) fn execute_with<T: Real>(
         Op::RetentionStep { heads, rope } => {
             let (batch, seq, k) = seq_dims(ins[0]);
             one_token(seq)?;
-            let pos = position(ins[4])?;
+            let pos = positions(ins[4], batch)?;
             let (mut o, mut st) = (out(0), (shapes[1].clone(), r(3)?.to_vec()));
             retention_step(
                 batch,
@@ -648,7 +648,7 @@ pub(crate) fn execute_with<T: Real>(
                 k,
                 last_dim(ins[2]),
                 *rope,
-                pos,
+                &pos,
                 r(0)?,
                 r(1)?,
                 r(2)?,
@@ -678,9 +678,13 @@ fn one_token(seq: usize) -> Result<(), ExecError> {
     }
 }
 
-fn position<T: Real>(t: &Tensor<T>) -> Result<usize, ExecError> {
-    let p = ints(t, "pos")?.first().copied().unwrap_or(-1);
-    usize::try_from(p).map_err(|_| ExecError(format!("position {p} is negative")))
+/// Each sequence's decode position.
+fn positions<T: Real>(t: &Tensor<T>, batch: usize) -> Result<Vec<usize>, ExecError> {
+    let p = ints(t, "pos")?;
+    if p.len() != batch {
+        return fail(format!("pos has {} positions for {batch} sequences", p.len()));
+    }
+    p.iter().map(|&p| usize::try_from(p).map_err(|_| ExecError(format!("position {p} is negative")))).collect()
 }
 
 fn attn_dims<T>(a: &crate::op::AttentionAttrs, q: &Tensor<T>) -> AttnDims {

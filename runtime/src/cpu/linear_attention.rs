@@ -458,7 +458,7 @@ pub fn retention_step<T: Real>(
     key_dim: usize,
     value_dim: usize,
     rope: Option<f64>,
-    pos: usize,
+    positions: &[usize],
     q: &[T],
     k: &[T],
     v: &[T],
@@ -466,13 +466,17 @@ pub fn retention_step<T: Real>(
     out: &mut [T],
 ) {
     let kernel = "retention_step";
+    assert_eq!(positions.len(), batch, "{kernel}: one position per sequence");
     let dims = LinDims { batch, seq: 1, heads, key_dim, value_dim };
     check_step(kernel, dims, q, k, v, state, out);
     check_rope(kernel, dims, rope);
     let (mut qr, mut kr) = (q.to_vec(), k.to_vec());
     if let (Some(base), false) = (rope, q.is_empty()) {
-        apply_rope(&mut qr, 1, key_dim, dims.dk(), base, pos, false);
-        apply_rope(&mut kr, 1, key_dim, dims.dk(), base, pos, false);
+        // Each sequence's row at its own position.
+        for (b, &pos) in positions.iter().enumerate() {
+            apply_rope(&mut qr[b * key_dim..][..key_dim], 1, key_dim, dims.dk(), base, pos, false);
+            apply_rope(&mut kr[b * key_dim..][..key_dim], 1, key_dim, dims.dk(), base, pos, false);
+        }
     }
     let x = Heads { dims, q: &qr, k: &kr, v, decay: Decay::Fixed };
     step(&x, state, out);
@@ -736,7 +740,7 @@ mod tests {
                             gla_step(d.batch, d.heads, kd, vd, &q1, &k1, &v1, &row(3, kd, t..t + 1), &mut state, &mut o)
                         }
                         Mixer::Retention(rope) => {
-                            retention_step(d.batch, d.heads, kd, vd, rope, t, &q1, &k1, &v1, &mut state, &mut o)
+                            retention_step(d.batch, d.heads, kd, vd, rope, &vec![t; d.batch], &q1, &k1, &v1, &mut state, &mut o)
                         }
                     }
                     got.extend(o);

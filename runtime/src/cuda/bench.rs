@@ -177,16 +177,16 @@ pub fn bench_decode(be: &mut GpuBackend, steps: usize) -> Result<DecodeBench, St
     let prefill_ms = t.elapsed().as_secs_f64() * 1e3;
     let first = out.clone();
     // Carried: the first step uploads the prefill's states, the rest keep them on the device.
-    let inputs = crate::generate::decode_inputs(&decode, &mut out, next(0), prompt)?;
+    let inputs = crate::generate::decode_inputs(&decode, &mut out, next(0), &[prompt])?;
     be.run_plan_carried("decode", &inputs, &carried).map_err(|e| e.0)?;
     let t = std::time::Instant::now();
     for i in 1..steps {
-        let inputs = crate::generate::decode_inputs(&decode, &mut BTreeMap::new(), next(i), prompt + i)?;
+        let inputs = crate::generate::decode_inputs(&decode, &mut BTreeMap::new(), next(i), &[prompt + i])?;
         be.run_plan_carried("decode", &inputs, &carried).map_err(|e| e.0)?;
     }
     let carried_ms_per_step = t.elapsed().as_secs_f64() * 1e3 / (steps.max(2) - 1) as f64;
     // Where a step's device time goes (each step timed alone: the sum exceeds a replay's).
-    let inputs = crate::generate::decode_inputs(&decode, &mut first.clone(), next(0), prompt)?;
+    let inputs = crate::generate::decode_inputs(&decode, &mut first.clone(), next(0), &[prompt])?;
     let (split, device_ms) = be.time_plan("decode", &inputs, 20).map_err(|e| e.0)?;
     let mut kernels: Vec<(String, f64)> = be.last_profile.iter().map(|(k, v)| (k.clone(), *v)).collect();
     kernels.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -195,11 +195,11 @@ pub fn bench_decode(be: &mut GpuBackend, steps: usize) -> Result<DecodeBench, St
     // more per step at 16 sequences of Samba-421M: a few steps tell).
     let host_steps = steps.clamp(2, 11);
     let mut out = first;
-    let inputs = crate::generate::decode_inputs(&decode, &mut out, next(0), prompt)?;
+    let inputs = crate::generate::decode_inputs(&decode, &mut out, next(0), &[prompt])?;
     out = be.run_plan("decode", &inputs).map_err(|e| e.0)?;
     let t = std::time::Instant::now();
     for i in 1..host_steps {
-        let inputs = crate::generate::decode_inputs(&decode, &mut out, next(i), prompt + i)?;
+        let inputs = crate::generate::decode_inputs(&decode, &mut out, next(i), &[prompt + i])?;
         out = be.run_plan("decode", &inputs).map_err(|e| e.0)?;
     }
     let host_ms_per_step = t.elapsed().as_secs_f64() * 1e3 / (host_steps - 1) as f64;

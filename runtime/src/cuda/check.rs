@@ -429,9 +429,9 @@ pub fn check_model(gpu: &mut GpuBackend, c: &ModelCheck) -> Result<(Vec<Row>, Ve
     let mut steps = Vec::new();
     for s in 0..c.decode_steps {
         let pos = c.prompt + s;
-        let gi = crate::generate::decode_inputs(&decode, &mut gs, vec![next], pos)?;
-        let ei = crate::generate::decode_inputs(&decode, &mut es, vec![next], pos)?;
-        let xi = crate::generate::decode_inputs(&decode, &mut xs, vec![next], pos)?;
+        let gi = crate::generate::decode_inputs(&decode, &mut gs, vec![next], &[pos])?;
+        let ei = crate::generate::decode_inputs(&decode, &mut es, vec![next], &[pos])?;
+        let xi = crate::generate::decode_inputs(&decode, &mut xs, vec![next], &[pos])?;
         gs = three.gpu.run("decode", gi).map_err(|e| format!("GPU decode at position {pos}: {e}"))?;
         es = three.emu.run("decode", ei).map_err(|e| format!("CPU (bf16) decode at position {pos}: {e}"))?;
         xs = three.exact.run("decode", xi).map_err(|e| format!("CPU (f64) decode at position {pos}: {e}"))?;

@@ -69,6 +69,15 @@ fn scalar(t: &TensorType, dtype: DType, what: &str) -> Result<(), OpError> {
     }
 }
 
+/// Decode positions: one i32 per sequence, `[B]`.
+fn positions(t: &TensorType) -> Result<(), OpError> {
+    if t.dtype == DType::I32 && t.shape.0 == [Dim::Batch] {
+        Ok(())
+    } else {
+        err(format!("pos must be i32[B] (one position per sequence), found {t}"))
+    }
+}
+
 fn divides(heads: u64, k: u64, v: u64) -> Result<(), OpError> {
     if heads == 0 || k % heads != 0 || v % heads != 0 {
         return err(format!("heads {heads} must divide key width {k} and value width {v}"));
@@ -431,7 +440,7 @@ impl Op {
                 let c = state(ins[1].dtype, &[*capacity, attrs.kv_heads * attrs.head_dim]);
                 same(ins[3], &c, "k_cache")?;
                 same(ins[4], &c, "v_cache")?;
-                scalar(ins[5], DType::I32, "pos")?;
+                positions(ins[5])?;
                 Ok(vec![out[0].clone(), c.clone(), c])
             }
             Op::GlaState { heads } => {
@@ -455,7 +464,7 @@ impl Op {
                 let out = Op::Retention { heads: *heads, rope: *rope }.infer(&ins[..3])?;
                 let (k, v) = (per_token(ins[0], "q")?, per_token(ins[2], "v")?);
                 same(ins[3], &state(DType::F32, &[*heads, k / heads, v / heads]), "state")?;
-                scalar(ins[4], DType::I32, "pos")?;
+                positions(ins[4])?;
                 Ok(vec![out[0].clone(), ins[3].clone()])
             }
             Op::Zeros(ty) => {

@@ -1040,7 +1040,7 @@ fn append_decode_row(e: &mut Emit, s: &Spec, capacity: u64, positions: u64, ptag
     let b = k.div(&idx, &w);
     let col = k.rem(&idx, &w);
     k.if_(&inside, |k| {
-        let p = load_pos(k, &posp);
+        let p = load_pos(k, &posp, &b);
         let cap = k.i64(capacity as i64);
         let slot = k.rem(&p, &cap);
         let bc = k.mul(&b, &cap);
@@ -1066,10 +1066,10 @@ fn append_decode_row(e: &mut Emit, s: &Spec, capacity: u64, positions: u64, ptag
     e.launch(k, grid, 0, args);
 }
 
-/// The decode position (`pos`, an i32 scalar), at least 0.
-fn load_pos(k: &mut KernelBuilder, p: &V) -> V {
+/// Sequence `b`'s decode position (`pos`, i32 per sequence), at least 0.
+fn load_pos(k: &mut KernelBuilder, p: &V, b: &V) -> V {
     let zero = k.i64(0);
-    let x = k.load(p, &zero, Ty::I32);
+    let x = k.load(p, b, Ty::I32);
     let x = k.cast(&x, Ty::I64);
     k.max(&x, &zero)
 }
@@ -1119,7 +1119,7 @@ pub(super) fn attention_decode(
     let (tid, lane, warp) = lanes(&mut k);
     let b = k.block_id('x');
     let h = k.block_id('y');
-    let p = load_pos(&mut k, &posp);
+    let p = load_pos(&mut k, &posp, &b);
     let cap = k.i64(capacity as i64);
     let one = k.i64(1);
     let p1 = k.add(&p, &one);
