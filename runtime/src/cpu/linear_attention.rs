@@ -739,9 +739,19 @@ mod tests {
                         Mixer::Gla => {
                             gla_step(d.batch, d.heads, kd, vd, &q1, &k1, &v1, &row(3, kd, t..t + 1), &mut state, &mut o)
                         }
-                        Mixer::Retention(rope) => {
-                            retention_step(d.batch, d.heads, kd, vd, rope, &vec![t; d.batch], &q1, &k1, &v1, &mut state, &mut o)
-                        }
+                        Mixer::Retention(rope) => retention_step(
+                            d.batch,
+                            d.heads,
+                            kd,
+                            vd,
+                            rope,
+                            &vec![t; d.batch],
+                            &q1,
+                            &k1,
+                            &v1,
+                            &mut state,
+                            &mut o,
+                        ),
                     }
                     got.extend(o);
                     expect.extend(rows(&want, d.batch, d.seq, vd, t..t + 1));
