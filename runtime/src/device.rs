@@ -275,6 +275,7 @@ impl DeviceStep {
         match self {
             DeviceStep::Gemm(_) => "matmul",
             DeviceStep::Zero { .. } => "other",
+            DeviceStep::Launch(l) if l.kernel.starts_with("matmul") => "matmul",
             DeviceStep::Launch(l) if l.kernel.starts_with("attention") => "attention",
             DeviceStep::Launch(l) if l.kernel.starts_with("selective_scan") => "scan",
             DeviceStep::Launch(_) => "other",

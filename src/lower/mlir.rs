@@ -473,6 +473,13 @@ impl KernelBuilder {
     /// `lanes` consecutive elements from `base[index]` in one vector load (`base[index]` must be
     /// aligned to the vector's size, at most 16 bytes), each widened to f32.
     pub fn load_vector_f32(&mut self, base: &V, index: &V, elem: Ty, lanes: usize) -> Vec<V> {
+        let xs = self.load_vector(base, index, elem, lanes);
+        xs.iter().map(|x| self.cast(x, Ty::F32)).collect()
+    }
+
+    /// `lanes` consecutive elements of type `elem` from `base[index]` in one vector load, as
+    /// stored (`base[index]` aligned to the vector's size, at most 16 bytes).
+    pub fn load_vector(&mut self, base: &V, index: &V, elem: Ty, lanes: usize) -> Vec<V> {
         let p = self.gep(base, index, elem);
         let vt = format!("vector<{lanes}x{}>", elem.mlir());
         let v = format!("%v{}", self.next);
@@ -482,8 +489,7 @@ impl KernelBuilder {
         (0..lanes)
             .map(|i| {
                 let c = self.i32(i as i32);
-                let x = self.emit(elem, format!("llvm.extractelement {v}[{} : i32] : {vt}", c.name));
-                self.cast(&x, Ty::F32)
+                self.emit(elem, format!("llvm.extractelement {v}[{} : i32] : {vt}", c.name))
             })
             .collect()
     }

@@ -427,19 +427,133 @@ pub fn check_model(gpu: &mut GpuBackend, c: &ModelCheck) -> Result<(Vec<Row>, Ve
     };
     let mut next = argmax(&xs["logits"]);
     let mut steps = Vec::new();
+    // The teacher-forced tokens and the GPU's logits of each step, for the batched run below.
+    let mut forced = Vec::new();
+    let mut alone = Vec::new();
     for s in 0..c.decode_steps {
         let pos = c.prompt + s;
         let gi = crate::generate::decode_inputs(&decode, &mut gs, vec![next], &[pos])?;
         let ei = crate::generate::decode_inputs(&decode, &mut es, vec![next], &[pos])?;
         let xi = crate::generate::decode_inputs(&decode, &mut xs, vec![next], &[pos])?;
+        forced.push(next);
         gs = three.gpu.run("decode", gi).map_err(|e| format!("GPU decode at position {pos}: {e}"))?;
         es = three.emu.run("decode", ei).map_err(|e| format!("CPU (bf16) decode at position {pos}: {e}"))?;
         xs = three.exact.run("decode", xi).map_err(|e| format!("CPU (f64) decode at position {pos}: {e}"))?;
         steps.push(row(format!("position {pos}"), &gs["logits"], &es["logits"], &xs["logits"]));
+        same_argmax(&gs["logits"], &xs["logits"], &format!("decode at position {pos}"))?;
+        alone.push(gs["logits"].clone());
         next = argmax(&xs["logits"]);
     }
     rows.extend(worst(&format!("decode logits, positions {}..{}", c.prompt, c.prompt + c.decode_steps), &steps));
+    let batch = program_batch(three.gpu, "decode");
+    if batch >= 2 {
+        rows.extend(batched_decode(&mut three, c, batch.min(3), &forced, &alone)?);
+    }
     Ok((rows, clips))
+}
+
+/// The most sequences plan `name` was built for.
+fn program_batch(gpu: &GpuBackend, name: &str) -> usize {
+    gpu.bundle().plans.get(name).map_or(1, |p| p.0.batch as usize)
+}
+
+/// Fails where the GPU's greedy token differs from the f64 reference's while the reference's
+/// top two logits are more than 0.1 apart (closer than that, bf16 rounding may swap them).
+fn same_argmax(gpu: &Tensor<f32>, exact: &Tensor<f32>, what: &str) -> Result<(), String> {
+    let (g, x) = (reals(gpu), reals(exact));
+    let v = exact.shape.last().copied().unwrap_or(1).max(1);
+    for (i, (gr, xr)) in g.chunks(v).zip(x.chunks(v)).enumerate() {
+        let top = |r: &[f64]| r.iter().enumerate().fold((0, f64::MIN), |m, (i, &x)| if x > m.1 { (i, x) } else { m });
+        let (xi, xm) = top(xr);
+        let second = xr.iter().enumerate().filter(|&(j, _)| j != xi).map(|(_, &x)| x).fold(f64::MIN, f64::max);
+        let (gi, _) = top(gr);
+        if gi != xi && xm - second > 0.1 {
+            return Err(format!(
+                "{what}, sequence {i}: the GPU's greedy token is {gi}, the reference's {xi} with a top-2 margin of {:.3}",
+                xm - second
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Sequences of different prompt lengths, each prefilled alone, then decoded together in one
+/// batch at their own positions, teacher-forced with the reference's tokens of the one-sequence
+/// run (sequence 0 repeats that run exactly): every step's logits against the references, the
+/// greedy tokens where the reference is decided, and whether sequence 0's logits are bit for
+/// bit those it had decoding alone.
+fn batched_decode(
+    three: &mut Three,
+    c: &ModelCheck,
+    batch: usize,
+    forced: &[i32],
+    alone: &[Tensor<f32>],
+) -> Result<Vec<Row>, String> {
+    let program = three.gpu.program().clone();
+    let decode = program.plan("decode").map_err(|e| e.0)?.clone();
+    let names = crate::generate::state_names(&decode);
+    let v = super::bench::vocab(&program);
+    let lens: Vec<usize> = (0..batch).map(|i| [c.prompt, c.prompt / 3 + 1, c.prompt.min(5)][i % 3]).collect();
+    let mut prefilled = (Vec::new(), Vec::new(), Vec::new());
+    for (i, &n) in lens.iter().enumerate() {
+        let ids = super::bench::tokens(n, v, c.seed + 7 + i as u64 * (i as u64 + 1));
+        let (g, e, x) = three.run("prefill", &[("tokens".to_string(), Tensor::ints(vec![1, n], ids))])?;
+        prefilled.0.push(g);
+        prefilled.1.push(e);
+        prefilled.2.push(x);
+    }
+    let stack = |each: &[BTreeMap<String, Tensor<f32>>]| -> Result<BTreeMap<String, Tensor<f32>>, String> {
+        names
+            .iter()
+            .map(|n| {
+                let parts: Vec<&Tensor<f32>> = each
+                    .iter()
+                    .map(|m| m.get(n).ok_or(format!("the prefill gives no `{n}`")))
+                    .collect::<Result<_, _>>()?;
+                let mut shape = parts[0].shape.clone();
+                shape[0] = parts.len();
+                let data: Vec<f32> = parts
+                    .iter()
+                    .map(|t| t.reals().map(<[f32]>::to_vec))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or("ids")?
+                    .concat();
+                Ok((n.clone(), Tensor::real(shape, data)))
+            })
+            .collect()
+    };
+    let (mut gs, mut es, mut xs) = (stack(&prefilled.0)?, stack(&prefilled.1)?, stack(&prefilled.2)?);
+    let mut steps = Vec::new();
+    let mut same = 0;
+    // Sequence 0 takes the forced tokens; the others the reference's own greedy tokens.
+    let mut next: Vec<i32> = (0..batch as i32).map(|i| 1 + i).collect();
+    // At most 400 steps: a batch of three costs the CPU references three times a lone step.
+    let count = forced.len().min(400);
+    for (s, &token) in forced.iter().enumerate().take(count) {
+        let pos: Vec<usize> = lens.iter().map(|l| l + s).collect();
+        next[0] = token;
+        let gi = crate::generate::decode_inputs(&decode, &mut gs, next.clone(), &pos)?;
+        let ei = crate::generate::decode_inputs(&decode, &mut es, next.clone(), &pos)?;
+        let xi = crate::generate::decode_inputs(&decode, &mut xs, next.clone(), &pos)?;
+        gs = three.gpu.run("decode", gi).map_err(|e| format!("GPU batched decode, step {s}: {e}"))?;
+        es = three.emu.run("decode", ei).map_err(|e| format!("CPU (bf16) batched decode, step {s}: {e}"))?;
+        xs = three.exact.run("decode", xi).map_err(|e| format!("CPU (f64) batched decode, step {s}: {e}"))?;
+        steps.push(row(format!("step {s}"), &gs["logits"], &es["logits"], &xs["logits"]));
+        same_argmax(&gs["logits"], &xs["logits"], &format!("batched decode, step {s}"))?;
+        let g = gs["logits"].reals().ok_or("logits are ids")?;
+        if alone.get(s).and_then(|t| t.reals()).is_some_and(|a| a == &g[..v]) {
+            same += 1;
+        }
+        let x = reals(&xs["logits"]);
+        for (i, n) in next.iter_mut().enumerate().skip(1) {
+            let r = &x[i * v..(i + 1) * v];
+            *n = r.iter().enumerate().fold((0usize, f64::MIN), |m, (j, &y)| if y > m.1 { (j, y) } else { m }).0 as i32;
+        }
+    }
+    let what = format!(
+        "batched decode logits, {batch} sequences from prompts of {lens:?} tokens, {count} steps; sequence 0 equals its lone run bit for bit at {same} of them"
+    );
+    Ok(worst(&what, &steps).into_iter().collect())
 }
 
 /// What `weft-run check` runs on a bundle.

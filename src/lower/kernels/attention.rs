@@ -27,11 +27,14 @@
 //!   writer and a fixed summation order: no atomics, results independent of scheduling.
 //! - `attention_cache_*`: one thread per cache element; slot s holds the one position
 //!   p ≡ s (mod capacity) among the last `capacity`, key rotated, zero where none.
-//! - Decode: `attention_decode_cache_*` copies each cache to its new value with the token's
-//!   (rotated) key and value in slot pos mod capacity (elementwise, so it is also correct in
-//!   place), then `attention_decode_*` (one block of 8 warps per (sequence, head), each warp an
-//!   online softmax over a strided share of the positions, merged through shared memory) reads
-//!   the updated caches.
+//! - Decode: the caches are carried states updated in place. `attention_decode_append_*` writes
+//!   the token's (rotated) key and value into slot pos mod capacity; then flash-decoding:
+//!   `attention_decode_*` splits the keys a query sees into ranges of at most 64 (at most 128
+//!   ranges), one block of 8 warps per (sequence, query heads of one GQA group, range), each key
+//!   and value row read once for all the block's heads, each warp an online softmax over a
+//!   strided share of the range, merged through shared memory into the range's partial record
+//!   (unnormalised output, max, sum); `attention_decode_combine_*` merges the live ranges of each
+//!   (sequence, head) in range order, so the sum order is fixed.
 //!
 //! RoPE angles come from the plan's `RopeCos`/`RopeSin` tables (cos/sin of p·θ_i computed in
 //! f64 by the runtime, as in the reference). Forward, backward and cache fill see positions
@@ -46,7 +49,7 @@
 mod flash;
 
 use super::super::{Emit, LowerError, Operand};
-use super::sig;
+use super::{mma, sig};
 use crate::lower::mlir::{Cmp, KernelBuilder, Shared, Ty, V};
 use weft_runtime::device::{Arg, BufferArg, Extent, GridDim, Table};
 use weft_runtime::op::AttentionAttrs;
@@ -147,6 +150,35 @@ impl Spec {
             Rope { cos, sin, half: self.hd / 2, limit: limit.map(|n| n.max(2)) }
         })
     }
+}
+
+/// Whether a lane can hold a run of consecutive elements of `o`'s head vectors, read in 16-byte
+/// (or smaller) vector loads: head_dim a multiple of 32 and rows aligned to the run.
+fn contiguous_lanes(s: &Spec, o: &Operand) -> bool {
+    let run = s.per_lane() as u64 * o.dtype().bytes();
+    s.hd % 32 == 0 && run <= 16 && o.ld % s.per_lane() as u64 == 0 && o.buf.offset % run == 0
+}
+
+/// The elements a lane holds as one run, `d = lane·per_lane + e` (see [`contiguous_lanes`]).
+fn lane_run(k: &mut KernelBuilder, s: &Spec, lane: &V) -> Vec<(V, Option<V>)> {
+    let pl = k.i64(s.per_lane() as i64);
+    let first = k.mul(lane, &pl);
+    (0..s.per_lane())
+        .map(|e| {
+            let off = k.i64(e as i64);
+            (k.add(&first, &off), None)
+        })
+        .collect()
+}
+
+/// A lane's run of `n` elements of a row's head vector from `d0` on, as f32, in one load.
+#[allow(clippy::too_many_arguments)]
+fn load_run(k: &mut KernelBuilder, p: &V, o: &Operand, row: &V, head: &V, hd: u64, d0: &V, n: usize) -> Vec<V> {
+    let w = k.i64(hd as i64);
+    let col = k.mul(head, &w);
+    let col = k.add(&col, d0);
+    let i = at(k, o, row, &col);
+    k.load_vector_f32(p, &i, o.elem(), n)
 }
 
 /// The positions of the RoPE tables of the decode plan (see the module notes).
@@ -1028,17 +1060,8 @@ fn append_decode_row(e: &mut Emit, s: &Spec, capacity: u64, positions: u64, ptag
     let posp = k.ptr("pos");
     let rope = s.rope_params(&mut k, Some(positions));
     let batch = k.scalar_i64("batch");
-    // Element (b, col) of this token's keys and values.
-    let tid = k.thread_id('x');
-    let bid = k.block_id('x');
-    let n = k.i64(THREADS as i64);
-    let base = k.mul(&bid, &n);
-    let idx = k.add(&base, &tid);
-    let w = k.i64(kw as i64);
-    let total = k.mul(&batch, &w);
-    let inside = k.cmp(Cmp::Lt, &idx, &total);
-    let b = k.div(&idx, &w);
-    let col = k.rem(&idx, &w);
+    // Element (b, col) of this token's keys and values: a cache of one slot.
+    let (inside, b, _, col) = cache_element(&mut k, 1, kw, &batch);
     k.if_(&inside, |k| {
         let p = load_pos(k, &posp, &b);
         let cap = k.i64(capacity as i64);
@@ -1058,12 +1081,7 @@ fn append_decode_row(e: &mut Emit, s: &Spec, capacity: u64, positions: u64, ptag
     let mut args = vec![kk.arg(), v.arg(), kc.arg(), vc.arg(), pos.arg()];
     args.extend(s.tables(e, positions));
     args.push(Arg::I64 { value: Extent::per_sequence(1) });
-    let grid = [
-        GridDim { extent: Extent::per_sequence(kw as i64), per_block: THREADS as u64 },
-        GridDim::fixed(1),
-        GridDim::fixed(1),
-    ];
-    e.launch(k, grid, 0, args);
+    e.launch(k, cache_grid(1, kw), 0, args);
 }
 
 /// Sequence `b`'s decode position (`pos`, i32 per sequence), at least 0.
@@ -1104,101 +1122,308 @@ pub(super) fn attention_decode(
     let (kc2, vc2) = (kc, vc);
     append_decode_row(e, &s, capacity, positions, &ptag, [kk, v, kc, vc, pos]);
 
-    // 2. Attention over the updated caches: one block per (sequence, head).
-    let name = format!("attention_decode_{}_c{capacity}{ptag}_{}", s.tag(), sig(&[q, kc2, vc2, o]));
+    // 2. Attention over the updated caches, split across the window (flash-decoding): a block
+    // per (sequence, group of query heads sharing a kv head, key range) writes its partial
+    // softmax, and a combine kernel merges the ranges in a fixed order.
+    let sp = DecodeSplit::new(&s, capacity);
+    let partial = e.scratch(Extent::per_sequence((4 * s.heads * sp.splits * (hd + 2)) as i64));
+    decode_partial(e, &s, &sp, capacity, positions, &ptag, [q, kc2, vc2, pos], &partial);
+    decode_combine(e, &s, &sp, capacity, [pos, o], &partial);
+    Ok(())
+}
+
+/// How decode attention splits its work: `splits` key ranges of `chunk` keys (of the most a
+/// query sees), and `heads` query heads of one GQA group per block, so each block reads its
+/// keys and values once for all of them.
+struct DecodeSplit {
+    splits: u64,
+    chunk: u64,
+    heads: u64,
+}
+
+/// Keys per range the decode split aims at (8 per warp), and the most ranges.
+const DECODE_CHUNK: u64 = 64;
+const DECODE_MAX_SPLITS: u64 = 128;
+/// The most f32 values a lane keeps per head group (the group's queries and accumulators).
+const DECODE_LANE_VALUES: u64 = 16;
+
+impl DecodeSplit {
+    fn new(s: &Spec, capacity: u64) -> DecodeSplit {
+        let keys = s.window.map_or(capacity, |w| w.min(capacity)).max(1);
+        let splits = keys.div_ceil(DECODE_CHUNK).clamp(1, DECODE_MAX_SPLITS);
+        let chunk = keys.div_ceil(splits);
+        let per_lane = s.per_lane() as u64;
+        let g = s.group();
+        let heads = (1..=g).rev().find(|h| g % h == 0 && h * per_lane <= DECODE_LANE_VALUES).unwrap_or(1);
+        DecodeSplit { splits, chunk, heads }
+    }
+
+    /// Blocks per kv head.
+    fn blocks_per_group(&self, s: &Spec) -> u64 {
+        s.group() / self.heads
+    }
+}
+
+/// The key positions `[start, p]` sequence `b`'s query at `pos[b]` sees in the caches: `start`
+/// and the count. The reference requires the cache to hold every position the query sees;
+/// past that, the oldest positions it no longer holds are left out rather than read stale.
+fn decode_keys(k: &mut KernelBuilder, s: &Spec, capacity: u64, p: &V) -> (V, V) {
+    let cap = k.i64(capacity as i64);
+    let one = k.i64(1);
+    let p1 = k.add(p, &one);
+    let lo_w = first_key(k, s, p);
+    let lo_c = k.sub(&p1, &cap);
+    let start = k.max(&lo_w, &lo_c);
+    let n = k.sub(&p1, &start);
+    (start, n)
+}
+
+/// Element `d` of the partial record of (sequence `b`, head `h`, range `j`): `head_dim`
+/// unnormalised outputs, then the range's running max (base 2) and its sum of exponentials.
+fn partial_at(k: &mut KernelBuilder, s: &Spec, sp: &DecodeSplit, b: &V, h: &V, j: &V, d: &V) -> V {
+    let heads = k.i64(s.heads as i64);
+    let splits = k.i64(sp.splits as i64);
+    let rec = k.i64(s.hd as i64 + 2);
+    let bh = k.mul(b, &heads);
+    let bh = k.add(&bh, h);
+    let r = k.mul(&bh, &splits);
+    let r = k.add(&r, j);
+    let r = k.mul(&r, &rec);
+    k.add(&r, d)
+}
+
+/// The partial softmax of each key range: grid (B, kv_heads·group/heads, splits), 8 warps
+/// taking the range's keys in turn, each key and value row read once for the block's heads;
+/// warps merged through shared memory into the range's record.
+#[allow(clippy::too_many_arguments)]
+fn decode_partial(
+    e: &mut Emit,
+    s: &Spec,
+    sp: &DecodeSplit,
+    capacity: u64,
+    positions: u64,
+    ptag: &str,
+    ops: [&Operand; 4],
+    partial: &BufferArg,
+) {
+    let [q, kc, vc, pos] = ops;
+    let (hd, g) = (s.hd, sp.heads as usize);
+    let name =
+        format!("attention_decode_{}_c{capacity}{ptag}_s{}x{}g{g}_{}", s.tag(), sp.splits, sp.chunk, sig(&[q, kc, vc]));
     let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
     let qp = k.ptr("q");
     let kcp = k.ptr("k_cache");
     let vcp = k.ptr("v_cache");
-    let op = k.ptr("o");
     let posp = k.ptr("pos");
+    let pp_out = k.ptr("partial");
     let rope = s.rope_params(&mut k, Some(positions));
-    let sm = k.shared("warp_max", Ty::F32, WARPS as u64);
-    let sl = k.shared("warp_sum", Ty::F32, WARPS as u64);
-    let sacc = k.shared("warp_out", Ty::F32, WARPS as u64 * hd);
+    let gw = WARPS as u64 * sp.heads;
+    let sm = k.shared("warp_max", Ty::F32, gw);
+    let sl = k.shared("warp_sum", Ty::F32, gw);
+    let sacc = k.shared("warp_out", Ty::F32, gw * hd);
     let (tid, lane, warp) = lanes(&mut k);
+    let b = k.block_id('x');
+    let y = k.block_id('y');
+    let j = k.block_id('z');
+    let per = k.i64(sp.blocks_per_group(s) as i64);
+    let kvh = k.div(&y, &per);
+    let sub = k.rem(&y, &per);
+    let grp = k.i64(s.group() as i64);
+    let gh = k.i64(sp.heads as i64);
+    let h0 = k.mul(&kvh, &grp);
+    let off = k.mul(&sub, &gh);
+    let h0 = k.add(&h0, &off);
+    let p = load_pos(&mut k, &posp, &b);
+    let (start, n) = decode_keys(&mut k, s, capacity, &p);
+    let chunk = k.i64(sp.chunk as i64);
+    let lo = k.mul(&j, &chunk);
+    let live = k.cmp(Cmp::Lt, &lo, &n);
+    // Ranges past the query's keys have no record; the combine reads only the live ones.
+    k.if_(&live, |k| {
+        let hi = k.add(&lo, &chunk);
+        let hi = k.min(&hi, &n);
+        let first = k.add(&lo, &warp);
+        let cap = k.i64(capacity as i64);
+        let vec_rows = contiguous_lanes(s, kc) && contiguous_lanes(s, vc);
+        let dims = if vec_rows { lane_run(k, s, &lane) } else { lane_dims(k, s, &lane) };
+        let c = k.f32(s.scale() * LOG2E);
+        let heads: Vec<V> = (0..g as i64)
+            .map(|i| {
+                let i = k.i64(i);
+                k.add(&h0, &i)
+            })
+            .collect();
+        let qv: Vec<Vec<V>> = heads
+            .iter()
+            .map(|h| {
+                dims.iter()
+                    .map(|(d, _)| {
+                        let x = load_head(k, &qp, q, &b, h, hd, rope.as_ref(), &p, d);
+                        k.mul(&x, &c)
+                    })
+                    .collect()
+            })
+            .collect();
+        let ninf = k.f32(f32::NEG_INFINITY);
+        let zero = k.f32(0.0);
+        // Per head: max, sum, then the lane's accumulators.
+        let per_head = 2 + dims.len();
+        let mut init = Vec::new();
+        for _ in 0..g {
+            init.extend([ninf.clone(), zero.clone()]);
+            init.extend(std::iter::repeat_n(zero.clone(), dims.len()));
+        }
+        let fin = k.for_(&first, &hi, WARPS, &init, |k, t, cur| {
+            let pp = k.add(&start, &t);
+            let slot = k.rem(&pp, &cap);
+            let bc = k.mul(&b, &cap);
+            let crow = k.add(&bc, &slot);
+            let row = |k: &mut KernelBuilder, p: &V, o: &Operand| -> Vec<V> {
+                if vec_rows {
+                    load_run(k, p, o, &crow, &kvh, hd, &dims[0].0, dims.len())
+                } else {
+                    dims.iter().map(|(d, _)| load_head(k, p, o, &crow, &kvh, hd, None, &pp, d)).collect()
+                }
+            };
+            let kr = row(k, &kcp, kc);
+            let vr = row(k, &vcp, vc);
+            let mut out = Vec::with_capacity(cur.len());
+            for (i, qh) in qv.iter().enumerate() {
+                let cur = &cur[i * per_head..(i + 1) * per_head];
+                let sc = warp_dot(k, &dims, qh, &kr);
+                let m_new = k.max(&cur[0], &sc);
+                let dm = k.sub(&cur[0], &m_new);
+                let corr = k.exp2(&dm);
+                let ds = k.sub(&sc, &m_new);
+                let pe = k.exp2(&ds);
+                let l = k.fma(&cur[1], &corr, &pe);
+                out.extend([m_new, l]);
+                for (a, vx) in cur[2..].iter().zip(&vr) {
+                    let a = k.mul(a, &corr);
+                    out.push(k.fma(&pe, vx, &a));
+                }
+            }
+            out
+        });
+        let zero_i = k.i64(0);
+        let first_lane = k.cmp(Cmp::Eq, &lane, &zero_i);
+        let w = k.i64(hd as i64);
+        for i in 0..g {
+            let f = &fin[i * per_head..(i + 1) * per_head];
+            let gi = k.i64(i as i64);
+            let wg = k.mul(&warp, &gh);
+            let slot = k.add(&wg, &gi);
+            k.if_(&first_lane, |k| {
+                k.shared_store(&f[0], &sm, &slot);
+                k.shared_store(&f[1], &sl, &slot);
+            });
+            let sbase = k.mul(&slot, &w);
+            for ((d, inside), x) in dims.iter().zip(&f[2..]) {
+                let at = k.add(&sbase, d);
+                match inside {
+                    Some(m) => k.if_(m, |k| k.shared_store(x, &sacc, &at)),
+                    None => k.shared_store(x, &sacc, &at),
+                }
+            }
+        }
+        k.barrier();
+        // Thread (i, d) merges the warps of head i, element d. A warp that saw no key holds
+        // −∞ and weighs zero; the range has at least one key, so the max is finite.
+        let gd = k.i64((sp.heads * hd) as i64);
+        k.for_(&tid, &gd, THREADS as i64, &[], |k, x, _| {
+            let i = k.div(&x, &w);
+            let d = k.rem(&x, &w);
+            let zero_i = k.i64(0);
+            let nw = k.i64(WARPS);
+            let mx = k.for_(&zero_i, &nw, 1, std::slice::from_ref(&ninf), |k, wi, m| {
+                let wg = k.mul(&wi, &gh);
+                let slot = k.add(&wg, &i);
+                let v = k.shared_load(&sm, &slot);
+                vec![k.max(&m[0], &v)]
+            });
+            let mx = mx[0].clone();
+            let tot = k.for_(&zero_i, &nw, 1, &[zero.clone(), zero.clone()], |k, wi, acc| {
+                let wg = k.mul(&wi, &gh);
+                let slot = k.add(&wg, &i);
+                let mw = k.shared_load(&sm, &slot);
+                let dm = k.sub(&mw, &mx);
+                let f = k.exp2(&dm);
+                let lw = k.shared_load(&sl, &slot);
+                let l = k.fma(&lw, &f, &acc[0]);
+                let sb = k.mul(&slot, &w);
+                let at = k.add(&sb, &d);
+                let aw = k.shared_load(&sacc, &at);
+                let num = k.fma(&aw, &f, &acc[1]);
+                vec![l, num]
+            });
+            let h = k.add(&h0, &i);
+            let idx = partial_at(k, s, sp, &b, &h, &j, &d);
+            k.store(&tot[1], &pp_out, &idx, Ty::F32);
+            let d0 = k.cmp(Cmp::Eq, &d, &zero_i);
+            k.if_(&d0, |k| {
+                let at = k.add(&idx, &w);
+                k.store(&mx, &pp_out, &at, Ty::F32);
+                let one = k.i64(1);
+                let at = k.add(&at, &one);
+                k.store(&tot[0], &pp_out, &at, Ty::F32);
+            });
+            vec![]
+        });
+    });
+    let mut args = vec![q.arg(), kc.arg(), vc.arg(), pos.arg(), Arg::Buffer(partial.clone())];
+    args.extend(s.tables(e, positions));
+    let grid = [
+        GridDim { extent: Extent::per_sequence(1), per_block: 1 },
+        GridDim::fixed((s.kv_heads * sp.blocks_per_group(s)) as i64),
+        GridDim::fixed(sp.splits as i64),
+    ];
+    e.launch(k, grid, 0, args);
+}
+
+/// The output of each (sequence, head): the live ranges' records merged in range order.
+#[allow(clippy::too_many_arguments)]
+fn decode_combine(e: &mut Emit, s: &Spec, sp: &DecodeSplit, capacity: u64, ops: [&Operand; 2], partial: &BufferArg) {
+    let [pos, o] = ops;
+    let hd = s.hd;
+    let name = format!("attention_decode_combine_{}_c{capacity}_s{}x{}_{}", s.tag(), sp.splits, sp.chunk, sig(&[o]));
+    let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
+    let pp = k.ptr("partial");
+    let posp = k.ptr("pos");
+    let op = k.ptr("o");
+    let tid = k.thread_id('x');
     let b = k.block_id('x');
     let h = k.block_id('y');
     let p = load_pos(&mut k, &posp, &b);
-    let cap = k.i64(capacity as i64);
+    let (_, n) = decode_keys(&mut k, s, capacity, &p);
+    let chunk = k.i64(sp.chunk as i64);
     let one = k.i64(1);
-    let p1 = k.add(&p, &one);
-    let lo_w = first_key(&mut k, &s, &p);
-    // The reference requires the cache to hold every position the query sees; past that, the
-    // oldest positions it no longer holds are left out rather than read stale.
-    let lo_c = k.sub(&p1, &cap);
-    let start = k.max(&lo_w, &lo_c);
-    let n = k.sub(&p1, &start);
-    let grp = k.i64(s.group() as i64);
-    let g_kv = k.div(&h, &grp);
-    let dims = lane_dims(&mut k, &s, &lane);
-    let c = k.f32(s.scale() * LOG2E);
-    let qv: Vec<V> = dims
-        .iter()
-        .map(|(d, _)| {
-            let x = load_head(&mut k, &qp, q, &b, &h, hd, rope.as_ref(), &p, d);
-            k.mul(&x, &c)
-        })
-        .collect();
+    let n1 = k.add(&n, &chunk);
+    let n1 = k.sub(&n1, &one);
+    let live = k.div(&n1, &chunk);
+    let w = k.i64(hd as i64);
     let ninf = k.f32(f32::NEG_INFINITY);
     let zero = k.f32(0.0);
-    let mut init = vec![ninf.clone(), zero.clone()];
-    init.extend(std::iter::repeat_n(zero.clone(), dims.len()));
-    let fin = k.for_(&warp, &n, WARPS, &init, |k, t, cur| {
-        let pp = k.add(&start, &t);
-        let slot = k.rem(&pp, &cap);
-        let bc = k.mul(&b, &cap);
-        let crow = k.add(&bc, &slot);
-        let kr: Vec<V> = dims.iter().map(|(d, _)| load_head(k, &kcp, kc2, &crow, &g_kv, hd, None, &pp, d)).collect();
-        let sc = warp_dot(k, &dims, &qv, &kr);
-        let m_new = k.max(&cur[0], &sc);
-        let dm = k.sub(&cur[0], &m_new);
-        let corr = k.exp2(&dm);
-        let ds = k.sub(&sc, &m_new);
-        let pe = k.exp2(&ds);
-        let l = k.fma(&cur[1], &corr, &pe);
-        let mut out = vec![m_new, l];
-        for ((d, _), a) in dims.iter().zip(&cur[2..]) {
-            let vx = load_head(k, &vcp, vc2, &crow, &g_kv, hd, None, &pp, d);
-            let a = k.mul(a, &corr);
-            out.push(k.fma(&pe, &vx, &a));
-        }
-        out
-    });
-    let zero_i = k.i64(0);
-    let first_lane = k.cmp(Cmp::Eq, &lane, &zero_i);
-    k.if_(&first_lane, |k| {
-        k.shared_store(&fin[0], &sm, &warp);
-        k.shared_store(&fin[1], &sl, &warp);
-    });
-    let w = k.i64(hd as i64);
-    let sbase = k.mul(&warp, &w);
-    for ((d, inside), x) in dims.iter().zip(&fin[2..]) {
-        let i = k.add(&sbase, d);
-        match inside {
-            Some(m) => k.if_(m, |k| k.shared_store(x, &sacc, &i)),
-            None => k.shared_store(x, &sacc, &i),
-        }
-    }
-    k.barrier();
     k.for_(&tid, &w, THREADS as i64, &[], |k, d, _| {
         let zero_i = k.i64(0);
-        let nw = k.i64(WARPS);
-        let mx = k.for_(&zero_i, &nw, 1, std::slice::from_ref(&ninf), |k, wi, m| {
-            let x = k.shared_load(&sm, &wi);
-            vec![k.max(&m[0], &x)]
+        let mx = k.for_(&zero_i, &live, 1, std::slice::from_ref(&ninf), |k, j, m| {
+            let at = partial_at(k, s, sp, &b, &h, &j, &w);
+            let v = k.load(&pp, &at, Ty::F32);
+            vec![k.max(&m[0], &v)]
         });
         let mx = mx[0].clone();
-        let tot = k.for_(&zero_i, &nw, 1, &[zero.clone(), zero.clone()], |k, wi, acc| {
-            let mw = k.shared_load(&sm, &wi);
-            let dm = k.sub(&mw, &mx);
+        let tot = k.for_(&zero_i, &live, 1, &[zero.clone(), zero.clone()], |k, j, acc| {
+            let base = partial_at(k, s, sp, &b, &h, &j, &zero_i);
+            let at = k.add(&base, &w);
+            let mj = k.load(&pp, &at, Ty::F32);
+            let dm = k.sub(&mj, &mx);
             let f = k.exp2(&dm);
-            let lw = k.shared_load(&sl, &wi);
-            let l = k.fma(&lw, &f, &acc[0]);
-            let wbase = k.mul(&wi, &w);
-            let i = k.add(&wbase, &d);
-            let aw = k.shared_load(&sacc, &i);
-            let num = k.fma(&aw, &f, &acc[1]);
+            let one = k.i64(1);
+            let at = k.add(&at, &one);
+            let lj = k.load(&pp, &at, Ty::F32);
+            let l = k.fma(&lj, &f, &acc[0]);
+            let at = k.add(&base, &d);
+            let aj = k.load(&pp, &at, Ty::F32);
+            let num = k.fma(&aj, &f, &acc[1]);
             vec![l, num]
         });
         let y = k.div(&tot[1], &tot[0]);
@@ -1208,31 +1433,15 @@ pub(super) fn attention_decode(
         k.store(&y, &op, &idx, o.elem());
         vec![]
     });
-    let mut args = vec![q.arg(), kc2.arg(), vc2.arg(), o.arg(), pos.arg()];
-    args.extend(s.tables(e, positions));
+    let args = vec![Arg::Buffer(partial.clone()), pos.arg(), o.arg()];
     let grid =
         [GridDim { extent: Extent::per_sequence(1), per_block: 1 }, GridDim::fixed(s.heads as i64), GridDim::fixed(1)];
     e.launch(k, grid, 0, args);
-    Ok(())
 }
 
 // ---- the tensor-core forward ----
 
 // ---- tensor-core helpers (see `flash`) ----
-
-/// `c + a·b` on a 16×8×16 bf16 tile (`mma.sync`), f32 accumulators in `c`.
-fn mma(k: &mut KernelBuilder, a: &[V], b: &[V], c: &[V]) -> Vec<V> {
-    let n = |v: &[V]| v.iter().map(|x| x.name.clone()).collect::<Vec<_>>().join(", ");
-    let op = format!(
-        "nvvm.mma.sync A[{}] B[{}] C[{}] {{layoutA = #nvvm.mma_layout<row>, layoutB = #nvvm.mma_layout<col>, \
-         multiplicandAPtxType = #nvvm.mma_type<bf16>, multiplicandBPtxType = #nvvm.mma_type<bf16>, \
-         shape = #nvvm.shape<m = 16, n = 8, k = 16>}} : (i32, i32, f32) -> !llvm.struct<(f32, f32, f32, f32)>",
-        n(a),
-        n(b),
-        n(c)
-    );
-    k.raw_struct(&[Ty::F32; 4], &op)
-}
 
 /// `max` or `+` over the 4 lanes of a quad (the lanes holding one row of an mma tile).
 fn quad(k: &mut KernelBuilder, x: &V, max: bool) -> V {

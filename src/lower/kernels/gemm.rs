@@ -1,5 +1,5 @@
 //! Matrix products: described in the device plan for cuBLASLt (bf16 or f32 operands, f32
-//! accumulation), never generated.
+//! accumulation), except products of a few rows, which run on our own kernel (`skinny`).
 
 use super::super::{Emit, LowerError, Operand};
 use weft_runtime::device::{Extent, Gemm};
@@ -7,6 +7,10 @@ use weft_runtime::device::{Extent, Gemm};
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ`.
 pub(super) fn matmul(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Result<(), LowerError> {
     let (x, w, out) = (&ins[0], &ins[1], &outs[0]);
+    if super::skinny::usable(e, x, w, out) {
+        super::skinny::matmul(e, x, w, out);
+        return Ok(());
+    }
     e.gemm(Gemm {
         m: x.rows(),
         n: Extent::constant(out.width as i64),

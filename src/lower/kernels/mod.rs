@@ -9,9 +9,10 @@ mod loss;
 mod norm;
 mod optim;
 mod scan;
+mod skinny;
 
 use super::{Emit, LowerError, Operand};
-use crate::lower::mlir::{KernelBuilder, V};
+use crate::lower::mlir::{KernelBuilder, Ty, V};
 use weft_runtime::plan::Step;
 use weft_runtime::{DType, Op};
 
@@ -180,3 +181,17 @@ fn store8(k: &mut KernelBuilder, vals: &[V], p: &V, o: &Operand, row: &V, col: &
 
 /// The number of threads per block of the row-wise and elementwise kernels.
 const THREADS: u32 = 256;
+
+/// `c + a·b` on a 16×8×16 bf16 tile (`mma.sync`), f32 accumulators in `c`.
+fn mma(k: &mut KernelBuilder, a: &[V], b: &[V], c: &[V]) -> Vec<V> {
+    let n = |v: &[V]| v.iter().map(|x| x.name.clone()).collect::<Vec<_>>().join(", ");
+    let op = format!(
+        "nvvm.mma.sync A[{}] B[{}] C[{}] {{layoutA = #nvvm.mma_layout<row>, layoutB = #nvvm.mma_layout<col>, \
+         multiplicandAPtxType = #nvvm.mma_type<bf16>, multiplicandBPtxType = #nvvm.mma_type<bf16>, \
+         shape = #nvvm.shape<m = 16, n = 8, k = 16>}} : (i32, i32, f32) -> !llvm.struct<(f32, f32, f32, f32)>",
+        n(a),
+        n(b),
+        n(c)
+    );
+    k.raw_struct(&[Ty::F32; 4], &op)
+}
