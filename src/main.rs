@@ -367,6 +367,14 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 BackendArg::Cpu => weft::run::BackendChoice::Cpu,
                 BackendArg::Gpu => weft::run::BackendChoice::Gpu,
             };
+            if flags.prompts.is_some() {
+                let prompts = weft_runtime::generate::prompt_lines(&prompt);
+                let texts = report(weft::run::generate_many_on(&run, &prompts, &options, &sampling, choice))?;
+                for (i, (kept, text)) in texts.iter().enumerate() {
+                    println!("{}", weft_runtime::generate::json_line(i, kept, text));
+                }
+                return Ok(());
+            }
             let (kept, _) = report(weft::run::generate_on(&run, &prompt, &options, &sampling, choice, |kept, t| {
                 if !shown {
                     print!("{kept}");

@@ -327,6 +327,27 @@ pub fn open_run(run_dir: &Path) -> Result<OpenRun, String> {
 
 pub use weft_runtime::generate::GenerateOptions;
 
+/// The backend for generating from the newest checkpoint of a run directory (the recorded spec
+/// compiled at the run's shapes for `slots` sequences at once, on the GPU when `choice` says so,
+/// else the CPU reference), its parameters in place; with the run's tokenizer and context.
+fn open_generator(
+    run_dir: &Path,
+    choice: BackendChoice,
+    slots: usize,
+) -> Result<(Box<dyn Backend>, Tokenizer, usize), String> {
+    let run = open_run(run_dir)?;
+    let s = &run.info.settings;
+    let mut c = RunConfig::default();
+    c.train.batch_size = s.batch_size;
+    c.train.seq_len = s.seq_len;
+    c.train.seed = s.seed;
+    c.generate.max_new_tokens = run.info.max_context.saturating_sub(s.seq_len);
+    c.generate.batch = slots as u64;
+    let (mut backend, _) = make_backend(run.program, &c, choice)?;
+    backend.write(run.params)?;
+    Ok((backend, run.tokenizer, run.info.max_context as usize))
+}
+
 /// Generates text from the newest checkpoint of a run directory, on the GPU when `choice` says
 /// so (the recorded spec compiled at the run's shapes) or the CPU reference. `out` gets the
 /// prompt as kept with each piece of text; returns the prompt as kept and the text.
@@ -338,24 +359,25 @@ pub fn generate_on(
     choice: BackendChoice,
     out: impl FnMut(&str, &str),
 ) -> Result<(String, String), String> {
-    let run = open_run(run_dir)?;
-    let s = &run.info.settings;
-    let mut c = RunConfig::default();
-    c.train.batch_size = s.batch_size;
-    c.train.seq_len = s.seq_len;
-    c.train.seed = s.seed;
-    c.generate.max_new_tokens = run.info.max_context.saturating_sub(s.seq_len);
-    let (mut backend, _) = make_backend(run.program, &c, choice)?;
-    backend.write(run.params)?;
-    weft_runtime::generate::generate_text(
-        backend.as_mut(),
-        &run.tokenizer,
-        run.info.max_context as usize,
-        prompt,
-        o,
-        sampling,
-        out,
-    )
+    let (mut backend, tokenizer, context) = open_generator(run_dir, choice, 1)?;
+    weft_runtime::generate::generate_text(backend.as_mut(), &tokenizer, context, prompt, o, sampling, out)
+}
+
+/// The most sequences `weft generate --prompts` decodes at once.
+pub const GENERATE_SLOTS: usize = 16;
+
+/// [`generate_on`] for several prompts at once (continuous batching in up to
+/// [`GENERATE_SLOTS`] slots); each prompt as kept and its text, in order.
+pub fn generate_many_on(
+    run_dir: &Path,
+    prompts: &[String],
+    o: &GenerateOptions,
+    sampling: &Sampling,
+    choice: BackendChoice,
+) -> Result<Vec<(String, String)>, String> {
+    let slots = prompts.len().clamp(1, GENERATE_SLOTS);
+    let (mut backend, tokenizer, context) = open_generator(run_dir, choice, slots)?;
+    weft_runtime::generate::generate_texts(backend.as_mut(), &tokenizer, context, slots, prompts, o, sampling)
 }
 
 /// [`generate_on`] on the CPU reference.

@@ -431,3 +431,90 @@ fn sequences_at_different_positions_decode_together_as_each_alone() {
         assert_eq!(&l[v..], &second[..], "sequence 1, step {i}");
     }
 }
+
+/// The engine's continuous batching gives every request exactly the tokens it gets alone:
+/// four requests of different prompt lengths (one sampled, one that meets a stop token, one
+/// that the context cuts short) through two slots, so requests wait, join as others finish,
+/// and decode beside sequences at other positions.
+#[test]
+fn the_engine_gives_each_request_the_tokens_it_gets_alone() {
+    use weft_runtime::backend::CpuBackend;
+    use weft_runtime::engine::{Engine, Event, Finish, Request};
+    use weft_runtime::generate::{generate, Sampling};
+    let (p, _) = program(EVERY_KIND);
+    let greedy = Sampling { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 };
+    let warm = Sampling { temperature: 0.9, top_p: 0.9, top_k: 0, seed: 17 };
+    let prompt = |n: usize, k: u32| (0..n as u32).map(|i| (i * k + 1) % 32).collect::<Vec<u32>>();
+    // What the first request produces alone, to pick a stop token it meets before its end.
+    let alone = |r: &Request| {
+        let mut be = CpuBackend::new(p.clone(), 3);
+        let stop = r.stop.first().copied();
+        generate(&mut be, &r.prompt, r.max_new.min(64 - r.prompt.len()), &r.sampling, stop, |_| true).unwrap()
+    };
+    let mut reqs = vec![
+        Request { prompt: prompt(5, 3), max_new: 12, sampling: greedy.clone(), stop: vec![] },
+        Request { prompt: prompt(9, 5), max_new: 7, sampling: warm, stop: vec![] },
+        Request { prompt: prompt(3, 7), max_new: 20, sampling: greedy.clone(), stop: vec![] },
+        // 60 of the 64 positions: the context leaves 4 new tokens.
+        Request { prompt: prompt(60, 11), max_new: 30, sampling: greedy, stop: vec![] },
+    ];
+    let third = alone(&reqs[2]);
+    reqs[2].stop = vec![third[4]];
+    let want: Vec<Vec<u32>> = reqs.iter().map(alone).collect();
+    assert!(want[2].len() <= 5 && want[2].len() < 20, "the stop token ends request 2 early: {:?}", want[2]);
+    assert_eq!(want[3].len(), 4);
+    let mut be = CpuBackend::new(p.clone(), 3);
+    let mut engine = Engine::new(&mut be, 2, 64).unwrap();
+    for r in &reqs {
+        engine.submit(r.clone()).unwrap();
+    }
+    let mut done = Vec::new();
+    let mut most_live = 0;
+    let mut got: std::collections::BTreeMap<usize, Vec<u32>> = Default::default();
+    while !engine.idle() {
+        for e in engine.step().unwrap() {
+            match e {
+                Event::Token { id, token } => got.entry(id).or_default().push(token),
+                Event::Done { id, finish } => done.push((id, finish)),
+            }
+        }
+        most_live = most_live.max(engine.live());
+    }
+    for (id, w) in want.iter().enumerate() {
+        assert_eq!(&got[&id], w, "request {id}");
+    }
+    assert_eq!(most_live, 2);
+    done.sort_by_key(|d| d.0);
+    assert_eq!(done, vec![(0, Finish::Length), (1, Finish::Length), (2, Finish::Stop), (3, Finish::Length)]);
+}
+
+/// A cancelled request frees its slot for the next one at once, and bad requests are refused
+/// with the reason.
+#[test]
+fn the_engine_frees_a_cancelled_slot_and_refuses_bad_requests() {
+    use weft_runtime::backend::CpuBackend;
+    use weft_runtime::engine::{Engine, Event, Request};
+    use weft_runtime::generate::Sampling;
+    let (p, _) = program(EVERY_KIND);
+    let greedy = Sampling { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 };
+    let req = |prompt: Vec<u32>| Request { prompt, max_new: 10, sampling: greedy.clone(), stop: vec![] };
+    let mut be = CpuBackend::new(p, 3);
+    let mut engine = Engine::new(&mut be, 1, 64).unwrap();
+    let bad = |e: Result<usize, String>| e.unwrap_err();
+    assert!(bad(engine.submit(req(vec![]))).contains("empty"));
+    assert!(bad(engine.submit(req(vec![1, 32]))).contains("token id 32"));
+    assert!(bad(engine.submit(req(vec![1; 64]))).contains("context of 64"));
+    let bad_sampling = Request { sampling: Sampling { top_p: 0.0, ..greedy.clone() }, ..req(vec![1]) };
+    assert!(bad(engine.submit(bad_sampling)).contains("top-p"));
+    let a = engine.submit(req(vec![1, 2, 3])).unwrap();
+    let b = engine.submit(req(vec![4, 5])).unwrap();
+    let first = engine.step().unwrap();
+    assert!(first.iter().all(|e| matches!(e, Event::Token { id, .. } if *id == a)));
+    assert_eq!((engine.live(), engine.waiting()), (1, 1));
+    assert!(engine.cancel(a));
+    assert!(!engine.cancel(a));
+    let next = engine.step().unwrap();
+    assert!(!next.is_empty() && next.iter().all(|e| matches!(e, Event::Token { id, .. } if *id == b)));
+    assert!(engine.cancel(b));
+    assert!(engine.idle());
+}

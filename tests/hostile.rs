@@ -403,5 +403,29 @@ fn prompts_longer_than_the_context_are_refused_and_come_from_files() {
     );
     assert_eq!(out_stdin, out_arg);
     assert!(out_arg.starts_with("the whale"));
+    // Several prompts at once (one per line, an empty one among them): each gets the text
+    // it gets alone, as one JSON line, in order.
+    let prompts = ["the sea and", "the whale", ""];
+    let list = d.join("prompts.txt");
+    std::fs::write(&list, prompts.join("\n") + "\n").unwrap();
+    let flags = ["--max-new-tokens", "4", "--temperature", "0"];
+    let (code, out, err) = capped(
+        &[&["generate", "--run", run, "--prompts", list.to_str().unwrap()][..], &flags[..]].concat(),
+        2 * GIB,
+        Duration::from_secs(60),
+    );
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    for (i, p) in prompts.iter().enumerate() {
+        let (_, alone, err) = capped(
+            &[&["generate", "--run", run, "--prompt", p][..], &flags[..]].concat(),
+            2 * GIB,
+            Duration::from_secs(60),
+        );
+        assert_eq!(lines[i]["index"], i, "{out}");
+        let together = format!("{}{}\n", lines[i]["prompt"].as_str().unwrap(), lines[i]["text"].as_str().unwrap());
+        assert_eq!(together, alone, "prompt {i}: {err}");
+    }
     let _ = std::fs::remove_dir_all(&d);
 }

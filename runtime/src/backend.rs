@@ -23,6 +23,17 @@ pub trait Backend {
         inputs: Vec<(String, Tensor<f32>)>,
         carried: &[String],
     ) -> Result<BTreeMap<String, Tensor<f32>>, String>;
+    /// Replaces rows `first..first + n` of the value `name` that plan `plan` carries, with the
+    /// `n` sequences of `rows` (a sequence joining slot `first` of a batch of `batch`). A value
+    /// not carried at `batch` sequences is first made `batch` sequences of zeros.
+    fn put_carried(
+        &mut self,
+        plan: &str,
+        name: &str,
+        batch: usize,
+        first: usize,
+        rows: &Tensor<f32>,
+    ) -> Result<(), String>;
     /// Copies of the persistent tensors named.
     fn read(&self, names: &[&str]) -> Result<BTreeMap<String, Tensor<f32>>, String>;
     /// Replaces persistent tensors (shapes must match the program).
@@ -120,6 +131,33 @@ impl Backend for CpuBackend {
         Ok(out)
     }
 
+    fn put_carried(
+        &mut self,
+        plan: &str,
+        name: &str,
+        batch: usize,
+        first: usize,
+        rows: &Tensor<f32>,
+    ) -> Result<(), String> {
+        let ty = self.program.plan(plan).map_err(|e| e.0)?.input_type(name).cloned();
+        let ty = ty.ok_or_else(|| format!("plan `{plan}` has no input `{name}`"))?;
+        let shape =
+            carried_shape(&ty, batch).ok_or_else(|| format!("`{name}` ({}) is not one row per sequence", ty.shape))?;
+        let per: usize = shape[1..].iter().product();
+        let n = rows.shape.first().copied().unwrap_or(0);
+        if rows.shape.get(1..) != Some(&shape[1..]) || first + n > batch {
+            return Err(format!("`{name}`: {:?} cannot go to rows {first}..{} of {shape:?}", rows.shape, first + n));
+        }
+        let slot = self.carried.entry(name.to_string()).or_insert_with(|| Tensor::real(vec![0], vec![]));
+        if slot.shape != shape {
+            *slot = Tensor::real(shape.clone(), vec![0.0; shape.iter().product()]);
+        }
+        let src = rows.reals().ok_or_else(|| format!("`{name}` holds ids"))?;
+        let dst = slot.reals_mut().ok_or_else(|| format!("`{name}` holds ids"))?;
+        dst[first * per..(first + n) * per].copy_from_slice(src);
+        Ok(())
+    }
+
     fn read(&self, names: &[&str]) -> Result<BTreeMap<String, Tensor<f32>>, String> {
         names
             .iter()
@@ -144,4 +182,22 @@ impl Backend for CpuBackend {
         }
         Ok(())
     }
+}
+
+/// The shape of a carried value `[B, ...]` at `batch` sequences (none unless only its first
+/// dimension is the batch).
+pub fn carried_shape(ty: &crate::shape::TensorType, batch: usize) -> Option<Vec<usize>> {
+    use crate::shape::Dim;
+    let (first, rest) = ty.shape.0.split_first()?;
+    if *first != Dim::Batch {
+        return None;
+    }
+    let mut shape = vec![batch];
+    for d in rest {
+        match d {
+            Dim::Fixed(n) => shape.push(*n as usize),
+            _ => return None,
+        }
+    }
+    Some(shape)
 }

@@ -174,13 +174,7 @@ pub fn generate(
     if prompt.is_empty() {
         return Err("the prompt is empty".into());
     }
-    let vocab = backend
-        .program()
-        .params
-        .iter()
-        .find(|p| p.name == "embed.weight")
-        .and_then(|p| p.ty.shape.as_fixed())
-        .map_or(0, |s| s[0] as usize);
+    let vocab = backend.program().vocab().unwrap_or(0);
     let tokens: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
     let mut out = backend.run("prefill", vec![("tokens".into(), Tensor::ints(vec![1, prompt.len()], tokens))])?;
     let last_row = |out: &BTreeMap<String, Tensor<f32>>| -> Result<Vec<f32>, String> {
@@ -208,11 +202,16 @@ pub fn generate(
 /// What a user says about one generation, as both command lines take it.
 #[derive(clap::Args, Clone, Debug)]
 pub struct GenerateFlags {
-    #[arg(long, default_value = "", conflicts_with = "prompt_file")]
+    #[arg(long, default_value = "", conflicts_with_all = ["prompt_file", "prompts"])]
     pub prompt: String,
     /// Read the prompt from a file (`-`: standard input).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "prompts")]
     pub prompt_file: Option<std::path::PathBuf>,
+    /// Several prompts at once, one per line of this file (`-`: standard input), generated
+    /// together in the run's `generate.batch` slots (more wait for a free one); prints a
+    /// JSON line per prompt, in order. Prompt i samples with seed + i.
+    #[arg(long)]
+    pub prompts: Option<std::path::PathBuf>,
     /// Keep the end of a prompt longer than the context instead of refusing it.
     #[arg(long)]
     pub truncate_prompt: bool,
@@ -242,9 +241,9 @@ impl GenerateFlags {
     pub fn resolve(&self) -> Result<(String, Sampling, GenerateOptions), String> {
         let sampling =
             Sampling::from_flags(self.temperature, self.top_p, self.top_k, self.preset.as_deref(), self.seed)?;
-        let prompt = match &self.prompt_file {
-            Some(p) => crate::io::read_prompt(p)?,
-            None => self.prompt.clone(),
+        let prompt = match (&self.prompt_file, &self.prompts) {
+            (Some(p), _) | (None, Some(p)) => crate::io::read_prompt(p)?,
+            (None, None) => self.prompt.clone(),
         };
         let options = GenerateOptions {
             max_new: self.max_new_tokens as usize,
@@ -253,6 +252,17 @@ impl GenerateFlags {
         };
         Ok((prompt, sampling, options))
     }
+}
+
+/// The prompts of `--prompts`: the lines of `text` (a trailing newline ends the last one; an
+/// empty line is an empty prompt).
+pub fn prompt_lines(text: &str) -> Vec<String> {
+    text.strip_suffix('\n').unwrap_or(text).split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l).to_string()).collect()
+}
+
+/// One result of `--prompts` as a JSON line: its index, the prompt as kept, the new text.
+pub fn json_line(index: usize, prompt: &str, text: &str) -> String {
+    serde_json::json!({ "index": index, "prompt": prompt, "text": text }).to_string()
 }
 
 /// How a prompt is treated and how much is generated after it.
@@ -277,31 +287,8 @@ pub fn generate_text(
     sampling: &Sampling,
     mut out: impl FnMut(&str, &str),
 ) -> Result<(String, String), String> {
-    let mut ids = tokenizer.encode(prompt).map_err(|e| e.0)?;
-    if ids.is_empty() {
-        // With no prompt, generate as after the end of a document.
-        ids.push(tokenizer.eot());
-    }
-    let mut kept = prompt.to_string();
-    if ids.len() >= context {
-        if !o.truncate_prompt {
-            return Err(format!(
-                "the prompt is {} tokens, but this run's model was built for a context of {context} (train.seq_len + generate.max_new_tokens): shorten it, or pass --truncate-prompt to keep its last {} tokens",
-                ids.len(),
-                context - 1
-            ));
-        }
-        ids.drain(..ids.len() + 1 - context);
-        kept = tokenizer.decode(&ids).map_err(|e| e.0)?;
-        eprintln!("warning: the prompt was cut to its last {} tokens (the run's context)", ids.len());
-    }
+    let (ids, kept) = encode_prompt(tokenizer, context, prompt, o)?;
     let budget = context - ids.len();
-    if o.max_new > budget {
-        eprintln!(
-            "note: generating at most {budget} tokens: the prompt's {} and the new tokens share the run's context of {context}",
-            ids.len()
-        );
-    }
     let mut emitted = String::new();
     let mut text = String::new();
     let mut all = Vec::new();
@@ -330,6 +317,91 @@ pub fn generate_text(
         emitted = text;
     }
     Ok((kept, emitted))
+}
+
+/// A prompt's tokens (the end-of-text token for an empty one, as after a document) and its
+/// text as kept: refused past the context, or cut to its end with `truncate_prompt`.
+fn encode_prompt(
+    tokenizer: &Tokenizer,
+    context: usize,
+    prompt: &str,
+    o: &GenerateOptions,
+) -> Result<(Vec<u32>, String), String> {
+    let mut ids = tokenizer.encode(prompt).map_err(|e| e.0)?;
+    if ids.is_empty() {
+        ids.push(tokenizer.eot());
+    }
+    let mut kept = prompt.to_string();
+    if ids.len() >= context {
+        if !o.truncate_prompt {
+            return Err(format!(
+                "the prompt is {} tokens, but this run's model was built for a context of {context} (train.seq_len + generate.max_new_tokens): shorten it, or pass --truncate-prompt to keep its last {} tokens",
+                ids.len(),
+                context - 1
+            ));
+        }
+        ids.drain(..ids.len() + 1 - context);
+        kept = tokenizer.decode(&ids).map_err(|e| e.0)?;
+        eprintln!("warning: the prompt was cut to its last {} tokens (the run's context)", ids.len());
+    }
+    let budget = context - ids.len();
+    if o.max_new > budget {
+        eprintln!(
+            "note: generating at most {budget} tokens: the prompt's {} and the new tokens share the run's context of {context}",
+            ids.len()
+        );
+    }
+    Ok((ids, kept))
+}
+
+/// [`generate_text`] for several prompts at once, through an [`Engine`] of `slots` sequences
+/// (more prompts than slots wait for a free one). Prompt i samples with seed + i, so prompt 0
+/// gives what [`generate_text`] gives it. Returns each prompt as kept and its new text, in
+/// order.
+///
+/// [`Engine`]: crate::engine::Engine
+#[allow(clippy::too_many_arguments)]
+pub fn generate_texts(
+    backend: &mut dyn Backend,
+    tokenizer: &Tokenizer,
+    context: usize,
+    slots: usize,
+    prompts: &[String],
+    o: &GenerateOptions,
+    sampling: &Sampling,
+) -> Result<Vec<(String, String)>, String> {
+    use crate::engine::{Engine, Event, Request};
+    let mut engine = Engine::new(backend, slots, context)?;
+    let mut kept = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let (ids, k) = encode_prompt(tokenizer, context, p, o).map_err(|e| format!("prompt {}: {e}", i + 1))?;
+        kept.push(k);
+        let sampling = Sampling { seed: sampling.seed.wrapping_add(i as u64), ..sampling.clone() };
+        let r = Request { prompt: ids, max_new: o.max_new, sampling, stop: vec![tokenizer.eot()] };
+        engine.submit(r).map_err(|e| format!("prompt {}: {e}", i + 1))?;
+    }
+    let stops: Vec<&str> = o.stop.iter().map(String::as_str).filter(|s| !s.is_empty()).collect();
+    let mut tokens = vec![Vec::new(); prompts.len()];
+    let mut texts = vec![String::new(); prompts.len()];
+    let mut stopped = vec![false; prompts.len()];
+    while !engine.idle() {
+        for e in engine.step()? {
+            let Event::Token { id, token } = e else { continue };
+            if stopped[id] {
+                continue;
+            }
+            tokens[id].push(token);
+            if let Ok(t) = tokenizer.decode(&tokens[id]) {
+                texts[id] = t;
+            }
+            if let Some(at) = stops.iter().filter_map(|s| texts[id].find(s)).min() {
+                texts[id].truncate(at);
+                stopped[id] = true;
+                engine.cancel(id);
+            }
+        }
+    }
+    Ok(kept.into_iter().zip(texts).collect())
 }
 
 /// The length of the longest end of `text` that begins some stop string (at a character

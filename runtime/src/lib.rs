@@ -12,6 +12,7 @@ pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod dtype;
+pub mod engine;
 pub mod flops;
 pub mod generate;
 pub mod init;

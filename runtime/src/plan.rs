@@ -81,6 +81,14 @@ impl fmt::Display for PlanError {
 
 impl std::error::Error for PlanError {}
 
+impl Program {
+    /// The vocabulary: rows of the embedding table (`embed.weight`).
+    pub fn vocab(&self) -> Option<usize> {
+        let p = self.params.iter().find(|p| p.name == "embed.weight")?;
+        p.ty.shape.as_fixed().and_then(|s| s.first().map(|&n| n as usize))
+    }
+}
+
 impl Plan {
     /// The value of the output named `name`.
     pub fn output(&self, name: &str) -> Option<ValueId> {

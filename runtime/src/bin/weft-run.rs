@@ -324,6 +324,30 @@ fn run(command: Command) -> Result<bool, String> {
                 },
             };
             let started = Instant::now();
+            if flags.prompts.is_some() {
+                // The bundle's generation batch is the engine's pool of slots.
+                let slots = bundle.plans.get("decode").ok_or("the bundle has no decode plan")?.0.batch as usize;
+                let prompts = weft_runtime::generate::prompt_lines(&prompt);
+                let texts = weft_runtime::generate::generate_texts(
+                    be.as_mut(),
+                    &r.tokenizer,
+                    context,
+                    slots,
+                    &prompts,
+                    &options,
+                    &sampling,
+                )?;
+                for (i, (kept, text)) in texts.iter().enumerate() {
+                    println!("{}", weft_runtime::generate::json_line(i, kept, text));
+                }
+                eprintln!(
+                    "{} prompts in {:.2} s on {} ({slots} at a time)",
+                    texts.len(),
+                    started.elapsed().as_secs_f64(),
+                    be.name()
+                );
+                return Ok(true);
+            }
             let mut shown = false;
             let mut pieces = 0usize;
             let (kept, _) =

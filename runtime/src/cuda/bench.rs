@@ -43,12 +43,7 @@ pub fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<i32> {
 
 /// The vocabulary of a program (rows of its embedding).
 pub fn vocab(program: &crate::plan::Program) -> usize {
-    program
-        .params
-        .iter()
-        .find(|p| p.name == "embed.weight")
-        .and_then(|p| p.ty.shape.as_fixed())
-        .map_or(256, |s| s[0] as usize)
+    program.vocab().unwrap_or(256)
 }
 
 /// Inputs of the training step at its planned shape.

@@ -609,6 +609,46 @@ impl GpuBackend {
         self.finish(name, b, t, carried)
     }
 
+    /// [`Backend::put_carried`]: the rows go straight into the plan's input buffer, where the
+    /// next call finds the carried value.
+    pub fn put_carried_rows(
+        &mut self,
+        plan: &str,
+        name: &str,
+        batch: usize,
+        first: usize,
+        rows: &Tensor<f32>,
+    ) -> Result<(), GpuError> {
+        self.load_plan(plan)?;
+        let lp = &self.plans[plan];
+        let ty = lp.plan.input_type(name).ok_or_else(|| GpuError(format!("plan `{plan}` has no input `{name}`")))?;
+        let shape = crate::backend::carried_shape(ty, batch)
+            .ok_or_else(|| GpuError(format!("`{name}` ({}) is not one row per sequence", ty.shape)))?;
+        let n = rows.shape.first().copied().unwrap_or(0);
+        if rows.shape.get(1..) != Some(&shape[1..]) || first + n > batch {
+            return Err(GpuError(format!(
+                "`{name}`: {:?} cannot go to rows {first}..{} of {shape:?}",
+                rows.shape,
+                first + n
+            )));
+        }
+        if batch as u64 > lp.shape.batch {
+            return Err(GpuError(format!(
+                "plan `{plan}` was built for up to {} sequences, not {batch}: rebuild the bundle with a larger generate.batch",
+                lp.shape.batch
+            )));
+        }
+        let dst = lp.inputs[name].ptr;
+        let row_bytes = dense_bytes(ty, 1, 1);
+        let bytes = encode(rows, ty.dtype)?;
+        if lp.resident.get(name) != Some(&(batch as u64)) {
+            self.gpu.zero(dst, row_bytes * batch)?;
+        }
+        self.gpu.upload(dst + (first * row_bytes) as u64, &bytes)?;
+        self.plans.get_mut(plan).expect("loaded").resident.insert(name.to_string(), batch as u64);
+        Ok(())
+    }
+
     /// Runs a plan `repeats` times after its inputs were staged once, timing each device step
     /// class with CUDA events; returns milliseconds per run by class and in total.
     pub fn time_plan(
@@ -741,6 +781,17 @@ impl Backend for GpuBackend {
         carried: &[String],
     ) -> Result<BTreeMap<String, Tensor<f32>>, String> {
         self.run_plan_carried(plan, &inputs, carried).map_err(|e| e.0)
+    }
+
+    fn put_carried(
+        &mut self,
+        plan: &str,
+        name: &str,
+        batch: usize,
+        first: usize,
+        rows: &Tensor<f32>,
+    ) -> Result<(), String> {
+        self.put_carried_rows(plan, name, batch, first, rows).map_err(|e| e.0)
     }
 
     fn read(&self, names: &[&str]) -> Result<BTreeMap<String, Tensor<f32>>, String> {

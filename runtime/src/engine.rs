@@ -1,0 +1,230 @@
+//! The generation engine: a pool of slots, one per live sequence, all decoded together one
+//! token per step (continuous batching). A request waits in a queue until a slot is free. It
+//! joins by a prefill of its prompt alone, whose layer states go into its slot's rows of the
+//! decode plan's carried states (constant bytes per sequence: Mamba's conv and SSM states,
+//! each attention layer's ring of keys and values). Each step decodes every slot at its own
+//! position (a free slot on a dummy token at position 0: its rows are read by no one), samples
+//! each live sequence with its own settings and draw counter, and frees the slots of finished
+//! sequences for the next waiting requests. A sequence's tokens are those [`generate`] gives it
+//! alone: on the CPU reference exactly, since no row of a batch reads another's.
+//!
+//! [`generate`]: crate::generate::generate
+
+use crate::backend::Backend;
+use crate::cpu::tensor::Tensor;
+use crate::generate::{decode_inputs, sample, state_names, Sampling};
+use crate::plan::Plan;
+use std::collections::{BTreeMap, VecDeque};
+
+/// What a caller asks for: tokens after `prompt`.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    /// At most this many new tokens (and never past the context).
+    pub max_new: usize,
+    pub sampling: Sampling,
+    /// Tokens that end the sequence (the stop token itself is given out).
+    pub stop: Vec<u32>,
+}
+
+/// Why a sequence ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// It produced its `max_new` tokens, or reached the end of the context.
+    Length,
+    /// It produced a stop token.
+    Stop,
+}
+
+/// What one step gave out, in slot order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    Token { id: usize, token: u32 },
+    Done { id: usize, finish: Finish },
+}
+
+/// A sequence in a slot: the token it decodes next, at position `pos`.
+struct Live {
+    id: usize,
+    pos: usize,
+    next: u32,
+    produced: usize,
+    max_new: usize,
+    sampling: Sampling,
+    stop: Vec<u32>,
+}
+
+pub struct Engine<'b> {
+    backend: &'b mut dyn Backend,
+    decode: Plan,
+    carried: Vec<String>,
+    vocab: usize,
+    context: usize,
+    slots: Vec<Option<Live>>,
+    queue: VecDeque<(usize, Request)>,
+    next_id: usize,
+}
+
+impl<'b> Engine<'b> {
+    /// An engine of `slots` sequences on `backend` (its parameters in place), for a model
+    /// built for `context` tokens (prompt and new tokens together).
+    pub fn new(backend: &'b mut dyn Backend, slots: usize, context: usize) -> Result<Engine<'b>, String> {
+        if slots == 0 {
+            return Err("a generation engine needs at least one slot".into());
+        }
+        let decode = backend.program().plan("decode").map_err(|e| e.0)?.clone();
+        let vocab = backend.program().vocab().ok_or("the model has no embedding table")?;
+        let carried = state_names(&decode);
+        let slots = (0..slots).map(|_| None).collect();
+        Ok(Engine { backend, decode, carried, vocab, context, slots, queue: VecDeque::new(), next_id: 0 })
+    }
+
+    /// Queues a request; returns its id (ids count up from 0 in submission order).
+    pub fn submit(&mut self, r: Request) -> Result<usize, String> {
+        if r.prompt.is_empty() {
+            return Err("the prompt is empty".into());
+        }
+        if r.prompt.len() >= self.context {
+            return Err(format!(
+                "the prompt is {} tokens; the model was built for a context of {}",
+                r.prompt.len(),
+                self.context
+            ));
+        }
+        if let Some(&t) = r.prompt.iter().find(|&&t| t as usize >= self.vocab) {
+            return Err(format!("token id {t} is outside the vocabulary of {}", self.vocab));
+        }
+        r.sampling.validate()?;
+        let id = self.next_id;
+        self.next_id += 1;
+        self.queue.push_back((id, r));
+        Ok(id)
+    }
+
+    /// Drops request `id`, waiting or live (a client that went away): its slot is free for
+    /// the next step. Whether it was there.
+    pub fn cancel(&mut self, id: usize) -> bool {
+        if let Some(i) = self.queue.iter().position(|(q, _)| *q == id) {
+            self.queue.remove(i);
+            return true;
+        }
+        match self.slots.iter_mut().find(|s| s.as_ref().is_some_and(|l| l.id == id)) {
+            Some(s) => {
+                *s = None;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Sequences in slots.
+    pub fn live(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count()
+    }
+
+    /// Requests waiting for a slot.
+    pub fn waiting(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether nothing is live or waiting.
+    pub fn idle(&self) -> bool {
+        self.live() == 0 && self.queue.is_empty()
+    }
+
+    /// One step: waiting requests take the free slots (each prefilled, giving its first
+    /// token), then one decode step for every live sequence.
+    pub fn step(&mut self) -> Result<Vec<Event>, String> {
+        let mut events = Vec::new();
+        while let Some(slot) = self.slots.iter().position(Option::is_none) {
+            let Some((id, r)) = self.queue.pop_front() else { break };
+            self.join(slot, id, r, &mut events)?;
+        }
+        if self.live() > 0 {
+            self.decode_step(&mut events)?;
+        }
+        Ok(events)
+    }
+
+    /// Runs until every submitted request is done; returns each request's tokens by id.
+    pub fn run_to_end(&mut self, mut on_event: impl FnMut(&Event)) -> Result<BTreeMap<usize, Vec<u32>>, String> {
+        let mut out: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
+        while !self.idle() {
+            for e in self.step()? {
+                if let Event::Token { id, token } = e {
+                    out.entry(id).or_default().push(token);
+                }
+                on_event(&e);
+            }
+        }
+        Ok(out)
+    }
+
+    fn join(&mut self, slot: usize, id: usize, r: Request, events: &mut Vec<Event>) -> Result<(), String> {
+        let max_new = r.max_new.min(self.context - r.prompt.len());
+        if max_new == 0 {
+            events.push(Event::Done { id, finish: Finish::Length });
+            return Ok(());
+        }
+        let ids: Vec<i32> = r.prompt.iter().map(|&t| t as i32).collect();
+        let out = self.backend.run("prefill", vec![("tokens".into(), Tensor::ints(vec![1, ids.len()], ids))])?;
+        let first = sample(last_row(&out, self.vocab)?, &r.sampling, 0);
+        let mut live =
+            Live { id, pos: r.prompt.len(), next: first, produced: 0, max_new, sampling: r.sampling, stop: r.stop };
+        if self.emit(&mut live, first, events) {
+            return Ok(());
+        }
+        let batch = self.slots.len();
+        for name in &self.carried {
+            let rows = out.get(name).ok_or_else(|| format!("the prefill gives no `{name}`"))?;
+            self.backend.put_carried("decode", name, batch, slot, rows)?;
+        }
+        self.slots[slot] = Some(live);
+        Ok(())
+    }
+
+    /// Gives out `token`; whether the sequence ended with it.
+    fn emit(&self, live: &mut Live, token: u32, events: &mut Vec<Event>) -> bool {
+        live.produced += 1;
+        live.next = token;
+        events.push(Event::Token { id: live.id, token });
+        let finish = if live.stop.contains(&token) {
+            Some(Finish::Stop)
+        } else if live.produced >= live.max_new {
+            Some(Finish::Length)
+        } else {
+            None
+        };
+        if let Some(finish) = finish {
+            events.push(Event::Done { id: live.id, finish });
+        }
+        finish.is_some()
+    }
+
+    fn decode_step(&mut self, events: &mut Vec<Event>) -> Result<(), String> {
+        let tokens: Vec<i32> = self.slots.iter().map(|s| s.as_ref().map_or(0, |l| l.next as i32)).collect();
+        let positions: Vec<usize> = self.slots.iter().map(|s| s.as_ref().map_or(0, |l| l.pos)).collect();
+        let inputs = decode_inputs(&self.decode, &mut BTreeMap::new(), tokens, &positions)?;
+        let out = self.backend.run_carried("decode", inputs, &self.carried)?;
+        let logits = out.get("logits").and_then(|t| t.reals()).ok_or("the decode plan gave no logits")?;
+        let v = self.vocab;
+        if logits.len() != self.slots.len() * v {
+            return Err(format!("the decode plan gave {} logits for {} sequences", logits.len(), self.slots.len()));
+        }
+        for s in 0..self.slots.len() {
+            let Some(mut live) = self.slots[s].take() else { continue };
+            let token = sample(&logits[s * v..(s + 1) * v], &live.sampling, live.produced as u64);
+            live.pos += 1;
+            if !self.emit(&mut live, token, events) {
+                self.slots[s] = Some(live);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The last position's logits of a plan's output.
+fn last_row(out: &BTreeMap<String, Tensor<f32>>, vocab: usize) -> Result<&[f32], String> {
+    let l = out.get("logits").and_then(|t| t.reals()).ok_or("the plan gave no logits")?;
+    l.get(l.len().saturating_sub(vocab)..).filter(|r| r.len() == vocab).ok_or_else(|| "too few logits".to_string())
+}
