@@ -841,6 +841,14 @@ impl KernelBuilder {
             self.name
         )
         .unwrap();
+        // Programmatic dependent launch (Hopper): the runtime lets each kernel start while the
+        // one before it finishes; it waits here until that one has completed and its writes are
+        // visible, and lets the next one start as soon as all of its own blocks are running.
+        // Both are no-ops for a kernel launched the ordinary way.
+        for ptx in ["griddepcontrol.wait;", "griddepcontrol.launch_dependents;"] {
+            writeln!(s, "      llvm.inline_asm has_side_effects asm_dialect = att \"{ptx}\", \"\"  : () -> ()")
+                .unwrap();
+        }
         s.push_str(&self.body);
         writeln!(s, "      gpu.return").unwrap();
         writeln!(s, "    }}").unwrap();

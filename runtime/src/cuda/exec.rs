@@ -54,6 +54,9 @@ pub struct GpuBackend {
     plans: HashMap<String, LoadedPlan>,
     /// Milliseconds by kernel (and by matrix-product shape) of the last `time_plan`'s profiled run.
     pub last_profile: BTreeMap<String, f64>,
+    /// Whether kernels launch as programmatic dependents (see [`launch`]); off with
+    /// `WEFT_NO_PDL=1`.
+    dependent_launch: bool,
 }
 
 fn dense_bytes(ty: &TensorType, batch: u64, seq: u64) -> usize {
@@ -166,6 +169,7 @@ impl GpuBackend {
             store,
             plans: HashMap::new(),
             last_profile: BTreeMap::new(),
+            dependent_launch: std::env::var_os("WEFT_NO_PDL").is_none_or(|v| v != "1"),
         })
     }
 
@@ -402,17 +406,8 @@ impl GpuBackend {
                     // compiler recorded: the bundle checked every launch's arguments against the
                     // kernel's recorded types and its PTX, and loading checked them against the
                     // driver's view. Every buffer lies inside memory this plan owns.
-                    unsafe {
-                        result::launch_kernel(
-                            f,
-                            (grid[0], grid[1], grid[2]),
-                            (l.block[0], l.block[1], l.block[2]),
-                            l.shared_bytes,
-                            stream,
-                            &mut params,
-                        )
-                    }
-                    .map_err(|e| GpuError(format!("plan `{name}`, launch of `{}`: {e:?}", l.kernel)))?;
+                    unsafe { launch(f, grid, l.block, l.shared_bytes, stream, &mut params, self.dependent_launch) }
+                        .map_err(|e| GpuError(format!("plan `{name}`, launch of `{}`: {e:?}", l.kernel)))?;
                 }
                 DeviceStep::Gemm(g) => {
                     let lp = &self.plans[name];
@@ -821,4 +816,39 @@ impl Backend for GpuBackend {
         }
         Ok(())
     }
+}
+
+/// Launches kernel `f`. With `dependent`, as a programmatic dependent launch: the kernel may
+/// start before the one ahead of it on the stream has finished (every weft kernel begins by
+/// waiting for it, `griddepcontrol.wait`), which hides the launch gap between small kernels.
+///
+/// # Safety
+/// As `cuLaunchKernel`: `params` match the kernel's parameters.
+unsafe fn launch(
+    f: sys::CUfunction,
+    grid: Vec<u32>,
+    block: [u32; 3],
+    shared_bytes: u32,
+    stream: sys::CUstream,
+    params: &mut [*mut c_void],
+    dependent: bool,
+) -> Result<(), result::DriverError> {
+    // SAFETY: zero is a valid bit pattern of the attribute value union.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: grid[0],
+        gridDimY: grid[1],
+        gridDimZ: grid[2],
+        blockDimX: block[0],
+        blockDimY: block[1],
+        blockDimZ: block[2],
+        sharedMemBytes: shared_bytes,
+        hStream: stream,
+        attrs: &mut attr,
+        numAttrs: dependent as u32,
+    };
+    // SAFETY: the caller's contract; `config` and `attr` outlive the call.
+    unsafe { sys::cuLaunchKernelEx(&config, f, params.as_mut_ptr(), std::ptr::null_mut()) }.result()
 }
