@@ -36,7 +36,7 @@ impl Shapes {
     pub fn of(&self, plan: &str) -> PlanShape {
         let (batch, seq) = match plan {
             "train_step" | "eval" => (self.batch, self.seq),
-            "prefill" | "logits" => (self.gen_batch, self.max_prompt),
+            "prefill" | "logits" | "score" => (self.gen_batch, self.max_prompt),
             "decode" => (self.gen_batch, 1),
             _ => (1, 1),
         };

@@ -228,8 +228,8 @@ pub fn build_program_with(
         Ok((fwd?, train?, opt?))
     };
     let generation = || {
-        let (logits, (prefill, decode)) = rayon::join(
-            || plan(Mode::Logits, "logits"),
+        let ((logits, score), (prefill, decode)) = rayon::join(
+            || rayon::join(|| plan(Mode::Logits, "logits"), || plan(Mode::Score, "score")),
             || {
                 rayon::join(
                     || plan(Mode::Prefill { max_context }, "prefill"),
@@ -237,7 +237,7 @@ pub fn build_program_with(
                 )
             },
         );
-        Ok::<_, ProgramError>([logits?, prefill?, decode?])
+        Ok::<_, ProgramError>([logits?, score?, prefill?, decode?])
     };
     let (training, generation) = rayon::join(training, generation);
     let (fwd, train, opt) = training?;

@@ -29,7 +29,7 @@ fn every_tiny_spec_differentiates_into_a_valid_program() {
         let grads = train.outputs.iter().filter(|(n, _)| n.starts_with("grad:")).count();
         assert_eq!(grads, c.graph.params().count());
         let program = build_program(&c.model, &settings(), 1024).unwrap();
-        assert_eq!(program.plans.len(), 6);
+        assert_eq!(program.plans.len(), 7);
         assert_eq!(program.validate(), Ok(()));
     }
 }

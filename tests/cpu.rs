@@ -518,3 +518,34 @@ fn the_engine_frees_a_cancelled_slot_and_refuses_bad_requests() {
     assert!(engine.cancel(b));
     assert!(engine.idle());
 }
+
+/// The `score` plan gives each position's log-probability of its target: the log-softmax of
+/// the `logits` plan's row at the target, 0 where the target is masked (-1), over more
+/// positions than one chunk of the head holds.
+#[test]
+fn the_score_plan_gives_each_targets_log_probability() {
+    let (p, _) = program(EVERY_KIND);
+    let mut store: Store<f64> = Store::init(&p, 5);
+    let vocab = 32;
+    // 300 positions: the head's chunks of 256 rows end mid-batch.
+    let (b, t) = (5, 60);
+    let mut inputs = batch(b, t, vocab as i32, 41);
+    let tokens = inputs[0].clone();
+    let targets = inputs[1].1.ints_ref().unwrap().to_vec();
+    let mut masked = targets.clone();
+    masked[3] = -1;
+    masked[b * t - 1] = -1;
+    inputs[1] = ("targets".into(), Tensor::ints(vec![b, t], masked.clone()));
+    let logits = logits_of(&run(p.plan("logits").unwrap(), &mut store, vec![tokens]).unwrap());
+    let out = run(p.plan("score").unwrap(), &mut store, inputs).unwrap();
+    let lp = out["logprobs"].reals().unwrap();
+    assert_eq!(out["logprobs"].shape, vec![b, t]);
+    for (i, &target) in masked.iter().enumerate() {
+        let row = &logits[i * vocab..(i + 1) * vocab];
+        let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + row.iter().map(|z| (z - m).exp()).sum::<f64>().ln();
+        let want = if target < 0 { 0.0 } else { row[target as usize] - lse };
+        assert!((lp[i] - want).abs() < 1e-12, "position {i}: {} against {want}", lp[i]);
+        assert!(target < 0 || lp[i] < 0.0);
+    }
+}

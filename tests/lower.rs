@@ -62,7 +62,7 @@ fn every_spec_lowers_or_names_the_operation_that_waits() {
             continue;
         }
         let l = r.unwrap_or_else(|e| panic!("{rel}: {e}"));
-        assert_eq!(l.plans.len(), 6, "{rel}");
+        assert_eq!(l.plans.len(), 7, "{rel}");
         for (name, (_, dp)) in &l.plans {
             dp.memory.check().unwrap_or_else(|e| panic!("{rel} {name}: {e}"));
             assert_eq!(dp.origin.len(), dp.steps.len());

@@ -14,7 +14,7 @@ pub fn train_flops_per_token(program: &Program, seq: u64) -> Result<f64, String>
     for step in &plan.steps {
         match &step.op {
             // The weight is the second input; its elements are the multiply-adds per token.
-            Op::MatMul | Op::CrossEntropy | Op::Logits => {
+            Op::MatMul | Op::CrossEntropy | Op::Logits | Op::TokenLogProbs => {
                 let w = &plan.values[step.inputs[1] as usize];
                 flops += 6.0 * w.shape.fixed_elems() as f64;
             }

@@ -23,6 +23,9 @@ pub enum Mode {
     Train,
     /// Forward pass to `logits` for every position.
     Logits,
+    /// Forward pass to `logprobs`, each position's log-probability of its target (0 where the
+    /// target is negative): perplexity, and the log-probabilities of given tokens.
+    Score,
     /// A prompt's `logits` and every layer's decode state (`state:...` outputs).
     Prefill { max_context: u64 },
     /// One token per sequence at position `pos`: reads and writes every layer's state.
@@ -49,7 +52,7 @@ pub fn build_mode(model: &Model, mode: Mode) -> Result<Graph, BuildError> {
     let act = model.dtype;
     let d = model.width;
     let tokens = b.input("tokens");
-    let targets = if mode == Mode::Train { Some(b.input("targets")) } else { None };
+    let targets = if matches!(mode, Mode::Train | Mode::Score) { Some(b.input("targets")) } else { None };
     let table = b.param("embed.weight", &[model.vocab, d], act, b.embed_init());
     let mut x = b.op(Op::Embed, &[tokens, table])?;
 
@@ -84,6 +87,10 @@ pub fn build_mode(model: &Model, mode: Mode) -> Result<Graph, BuildError> {
         b.param("head.weight", &[model.vocab, d], act, init)
     };
     match targets {
+        Some(targets) if b.mode == Mode::Score => {
+            let logprobs = b.op(Op::TokenLogProbs, &[h, head, targets])?;
+            b.g.outputs.push(("logprobs".to_string(), logprobs));
+        }
         Some(targets) => {
             let loss = b.op(Op::CrossEntropy, &[h, head, targets])?;
             b.g.outputs.push(("loss".to_string(), loss));

@@ -38,7 +38,7 @@ enum Command {
         /// Only the step checks (no whole-model training and generation).
         #[arg(long)]
         steps_only: bool,
-        /// The plans whose steps are checked, comma-separated (default: all four).
+        /// The plans whose steps are checked, comma-separated (default: all of them).
         #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(check::STEP_PLANS))]
         plans: Vec<String>,
     },

@@ -125,6 +125,20 @@ pub fn cross_entropy_fwd<T: Real>(d: usize, vocab: usize, h: &[T], w: &[T], targ
     losses.into_iter().fold(T::zero(), |a, b| a + b) / T::of(target_count(targets).max(1) as f64)
 }
 
+/// The log-probability of each row's target under `softmax(h · wᵀ)` (0 where the target is
+/// negative), chunk by chunk as [`cross_entropy_fwd`].
+pub fn token_logprobs<T: Real>(d: usize, vocab: usize, h: &[T], w: &[T], targets: &[i32], out: &mut [T]) {
+    out.par_chunks_mut(CE_CHUNK).enumerate().for_each(|(c, out)| {
+        let lo = c * CE_CHUNK;
+        let rows = out.len();
+        let mut z = vec![T::zero(); rows * vocab];
+        gemm(rows, d, vocab, &h[lo * d..(lo + rows) * d], false, w, true, &mut z, T::zero());
+        for ((o, zr), &t) in out.iter_mut().zip(z.chunks(vocab)).zip(&targets[lo..lo + rows]) {
+            *o = if t >= 0 { zr[t as usize] - log_sum_exp(zr) } else { T::zero() };
+        }
+    });
+}
+
 fn log_sum_exp<T: Real>(z: &[T]) -> T {
     let m = z.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
     m + z.iter().fold(T::zero(), |a, &v| a + (v - m).exp()).ln()

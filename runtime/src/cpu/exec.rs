@@ -403,6 +403,14 @@ pub(crate) fn execute_with<T: Real>(
             check_targets(targets, vocab).map_err(|e| ExecError(format!("target {e}")))?;
             emit((Vec::new(), vec![cross_entropy_fwd(d, vocab, r(0)?, r(1)?, targets)]));
         }
+        Op::TokenLogProbs => {
+            let targets = ints(ins[2], "targets")?;
+            let (vocab, d) = (ins[1].shape[0], ins[1].shape[1]);
+            check_targets(targets, vocab).map_err(|e| ExecError(format!("target {e}")))?;
+            let mut o = out(0);
+            token_logprobs(d, vocab, r(0)?, r(1)?, targets, &mut o.1);
+            emit(o);
+        }
         Op::Logits => {
             let (vocab, d) = (ins[1].shape[0], ins[1].shape[1]);
             let mut o = out(0);

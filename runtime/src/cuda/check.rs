@@ -568,7 +568,7 @@ pub struct CheckOptions {
 }
 
 /// The plans whose steps the check compares, in order.
-pub const STEP_PLANS: [&str; 4] = ["train_step", "eval", "optimizer_step", "prefill"];
+pub const STEP_PLANS: [&str; 5] = ["train_step", "eval", "optimizer_step", "prefill", "score"];
 
 /// The outcome: the worst step check of each operation, the whole-model rows, each optimizer
 /// step's clip scale, and every failing step check.
@@ -638,6 +638,24 @@ pub fn check_bundle(be: &mut GpuBackend, o: &CheckOptions) -> Result<Report, Str
     if wanted("prefill") {
         let r = check_steps(be, "prefill", &[("tokens".into(), Tensor::ints(vec![1, prompt.len()], prompt))])?;
         progress("prefill", &r);
+        rows.extend(r);
+    }
+    // The score plan runs at exactly its planned shape (its head works in fixed chunks): random
+    // tokens and targets there, every 37th target masked.
+    if let Some(shape) = be.bundle().plans.get("score").map(|p| p.0).filter(|_| wanted("score")) {
+        let (b, t) = (shape.batch as usize, shape.seq as usize);
+        let ids = super::bench::tokens(b * t, v, o.seed + 11);
+        let targets: Vec<i32> = super::bench::tokens(b * t, v, o.seed + 13)
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| if i % 37 == 0 { -1 } else { x })
+            .collect();
+        let inputs = [
+            ("tokens".to_string(), Tensor::ints(vec![b, t], ids)),
+            ("targets".to_string(), Tensor::ints(vec![b, t], targets)),
+        ];
+        let r = check_steps(be, "score", &inputs)?;
+        progress("score", &r);
         rows.extend(r);
     }
     let mut by_op: BTreeMap<String, Vec<Row>> = BTreeMap::new();

@@ -71,7 +71,7 @@ impl Op {
                 4.0 * h * (k / h) * (v / h)
             }
             Op::HeadRmsNormGate { .. } => 9.0 * last(0),
-            Op::CrossEntropy => {
+            Op::CrossEntropy | Op::TokenLogProbs => {
                 let (v, d) = matrix(ins[1], "w").unwrap_or((0, 0));
                 2.0 * (v * d) as f64 + 4.0 * v as f64
             }

@@ -97,6 +97,10 @@ pub enum Op {
     CrossEntropy,
     /// `(h[B,T,d], w[V,d]) -> f32[B,T,V]`: the head alone, for inference.
     Logits,
+    /// `(h[B,T,d], w[V,d], targets i32[B,T]) -> f32[B,T]`: the log-probability of each
+    /// position's target under `softmax(h · wᵀ)` (0 where the target is negative), for
+    /// perplexity and the log-probabilities of given tokens, without materialising all logits.
+    TokenLogProbs,
     /// Residual add fused with the next RMSNorm: `(x, y, weight) -> (s = x + y, rms_norm(s))`.
     AddRmsNorm { eps: f64 },
 
@@ -206,6 +210,7 @@ impl Op {
             Op::HeadRmsNormGate { .. } => "head_rms_norm_gate",
             Op::CrossEntropy => "cross_entropy",
             Op::Logits => "logits",
+            Op::TokenLogProbs => "token_logprobs",
             Op::AddRmsNorm { .. } => "add_rms_norm",
             Op::RmsNormBackwardAdd { .. } => "rms_norm_backward_add",
             Op::EmbedBackward { .. } => "embed_backward",
@@ -259,6 +264,7 @@ impl Op {
             Op::HeadRmsNormGate { .. } => &["o", "g", "weight"],
             Op::CrossEntropy => &["h", "w", "targets"],
             Op::Logits => &["h", "w"],
+            Op::TokenLogProbs => &["h", "w", "targets"],
             Op::AddRmsNorm { .. } => &["x", "y", "weight"],
             Op::RmsNormBackwardAdd { .. } => &["x", "weight", "g", "g_skip"],
             Op::EmbedBackward { .. } => &["tokens", "g"],
@@ -361,7 +367,7 @@ impl Op {
 
     /// Whether this operation is a matrix product in the sense of the MFU formula.
     pub fn is_matmul(&self) -> bool {
-        matches!(self, Op::MatMul | Op::CrossEntropy | Op::Logits)
+        matches!(self, Op::MatMul | Op::CrossEntropy | Op::Logits | Op::TokenLogProbs)
     }
 }
 

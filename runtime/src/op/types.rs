@@ -265,7 +265,7 @@ impl Op {
                 }
                 one(TensorType::per_sequence(DType::F32, &[1, v]))
             }
-            Op::CrossEntropy | Op::Logits => {
+            Op::CrossEntropy | Op::Logits | Op::TokenLogProbs => {
                 let d = per_token(ins[0], "h")?;
                 let (v, wd) = matrix(ins[1], "w")?;
                 expect_len(wd, d, "width of w")?;
@@ -275,6 +275,9 @@ impl Op {
                 if let Op::CrossEntropy = self {
                     token_ids(ins[2], "targets")?;
                     one(f32_scalar())
+                } else if let Op::TokenLogProbs = self {
+                    token_ids(ins[2], "targets")?;
+                    one(TensorType::new(DType::F32, Shape::tokens(&[])))
                 } else {
                     one(TensorType::new(DType::F32, Shape::tokens(&[v])))
                 }

@@ -55,6 +55,8 @@ enum Rows {
     /// `G = (softmax(z) − onehot)·g_loss/N` as bf16.
     Grad,
     Both,
+    /// `logprob[r] = z[target] − lse` (0 without a target), the plan's output itself.
+    LogProb,
 }
 
 /// The row-wise kernel, one block per row of `z` (f32 logits): `lse = log Σ exp z` in one pass,
@@ -64,14 +66,16 @@ fn rows_kernel(vocab: u64, mode: Rows, tag: &str) -> KernelBuilder {
         Rows::Loss => "cross_entropy_rows_online",
         Rows::Grad => "cross_entropy_backward_rows_online",
         Rows::Both => "cross_entropy_fused_rows_online",
+        Rows::LogProb => "token_logprobs_rows_online",
     };
     let mut k = KernelBuilder::new(&format!("{family}_v{vocab}_{tag}"), [THREADS, 1, 1]);
     let zp = k.ptr("logits");
     let tp = k.ptr("targets");
-    let gz = (mode != Rows::Loss).then(|| k.ptr("g_logits"));
-    let loss = (mode != Rows::Grad).then(|| k.ptr("row_loss"));
-    let gl = (mode != Rows::Loss).then(|| k.ptr("g_loss"));
-    let count = k.ptr("count");
+    let grad = matches!(mode, Rows::Grad | Rows::Both);
+    let gz = grad.then(|| k.ptr("g_logits"));
+    let loss = (mode != Rows::Grad).then(|| k.ptr(if mode == Rows::LogProb { "logprobs" } else { "row_loss" }));
+    let gl = grad.then(|| k.ptr("g_loss"));
+    let count = (mode != Rows::LogProb).then(|| k.ptr("count"));
     let first = k.scalar_i64("first_row");
     let scratch = k.shared("partial", Ty::F32, (THREADS / 32) as u64);
     let row = k.block_id('x');
@@ -133,16 +137,16 @@ fn rows_kernel(vocab: u64, mode: Rows, tag: &str) -> KernelBuilder {
             let tc = k.min(&tc, &last);
             let i = k.add(&base, &tc);
             let zt = k.load(&zp, &i, Ty::F32);
-            let l = k.sub(&lse, &zt);
+            let l = if mode == Rows::LogProb { k.sub(&zt, &lse) } else { k.sub(&lse, &zt) };
             let zf = k.f32(0.0);
             let l = k.select(&has_target, &l, &zf);
             k.store(&l, out, &grow, Ty::F32);
         });
     }
-    if let (Some(out), Some(gl)) = (&gz, &gl) {
+    if let (Some(out), Some(gl), Some(count)) = (&gz, &gl, &count) {
         let zi = k.i64(0);
         let g = k.load(gl, &zi, Ty::F32);
-        let n = k.load(&count, &zi, Ty::F32);
+        let n = k.load(count, &zi, Ty::F32);
         let one = k.f32(1.0);
         let n = k.max(&n, &one);
         let scale = k.div(&g, &n);
@@ -218,6 +222,24 @@ pub(super) fn cross_entropy(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> 
         e.launch(k, [GridDim::fixed(rows as i64), GridDim::fixed(1), GridDim::fixed(1)], 0, args);
     }
     loss_sum(e, &row_loss, &count, h.rows(), loss);
+    e.exact_shape();
+    Ok(())
+}
+
+/// Each position's log-probability of its target: the logits chunk by chunk as for the loss,
+/// each row's `z[target] − lse` written straight into the output.
+pub(super) fn token_logprobs(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Result<(), LowerError> {
+    let (h, w, targets, out) = (&ins[0], &ins[1], &ins[2], &outs[0]);
+    let vocab = vocab_of(w);
+    let z = e.scratch(Extent::constant((CHUNK_ROWS * vocab * 4) as i64));
+    let tag = sig(&[h, w]);
+    for (first, rows) in chunks(e, h) {
+        chunk_logits(e, h, w, first, rows, &z);
+        let k = rows_kernel(vocab, Rows::LogProb, &tag);
+        let args =
+            vec![Arg::Buffer(z.clone()), targets.arg(), out.arg(), Arg::I64 { value: Extent::constant(first as i64) }];
+        e.launch(k, [GridDim::fixed(rows as i64), GridDim::fixed(1), GridDim::fixed(1)], 0, args);
+    }
     e.exact_shape();
     Ok(())
 }

@@ -60,6 +60,7 @@ pub(crate) fn lower_step(e: &mut Emit, step: &Step) -> Result<(), LowerError> {
         Op::CrossEntropy => loss::cross_entropy(e, &ins, &outs),
         Op::CrossEntropyBackward => loss::cross_entropy_backward(e, &ins, &outs),
         Op::Logits => loss::logits(e, &ins, &outs),
+        Op::TokenLogProbs => loss::token_logprobs(e, &ins, &outs),
         Op::SumSquares => optim::sum_squares(e, &ins, &outs),
         Op::AddScalar => optim::add_scalar(e, &ins, &outs),
         Op::ClipScale { max_norm } => optim::clip_scale(e, *max_norm, &ins, &outs),
