@@ -6,8 +6,10 @@
 use crate::config::{DataFormat, RunConfig};
 use crate::program::{build_program, OptimizerSettings};
 use crate::spec::Model;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use weft_runtime::backend::{Backend, CpuBackend};
+use weft_runtime::cpu::tensor::Tensor;
 
 use weft_runtime::data::corpus::{load_shards, pack, read_documents, text_files, unigram_entropy};
 use weft_runtime::data::{Tokenizer, Windows};
@@ -90,6 +92,17 @@ pub fn make_backend(
     c: &RunConfig,
     choice: BackendChoice,
 ) -> Result<(Box<dyn Backend>, String), String> {
+    make_backend_with(program, c, choice, None)
+}
+
+/// [`make_backend`] with the parameters given (a checkpoint's) instead of initialised: the GPU
+/// puts them on the device directly, with no initialisation to overwrite.
+pub fn make_backend_with(
+    program: Program,
+    c: &RunConfig,
+    choice: BackendChoice,
+    params: Option<BTreeMap<String, Tensor<f32>>>,
+) -> Result<(Box<dyn Backend>, String), String> {
     use weft_runtime::cuda::{Gpu, GpuBackend};
     let gpu = match choice {
         BackendChoice::Cpu | BackendChoice::CpuF64 => None,
@@ -102,12 +115,23 @@ pub fn make_backend(
             let (bundle, _) = crate::build::build_bundle(&program, &shapes, &crate::lower::cache::Cache::user())
                 .map_err(|e| e.to_string())?;
             let name = format!("the GPU ({})", gpu.name);
-            Ok((Box::new(GpuBackend::new(gpu, bundle, c.train.seed).map_err(|e| e.0)?), name))
+            let be = match params {
+                Some(p) => GpuBackend::with_parameters(gpu, bundle, p),
+                None => GpuBackend::new(gpu, bundle, c.train.seed),
+            };
+            Ok((Box::new(be.map_err(|e| e.0)?), name))
         }
-        None if choice == BackendChoice::CpuF64 => {
-            Ok((Box::new(CpuBackend::new_f64(program, c.train.seed)), "the CPU reference (f64)".into()))
+        None => {
+            let (mut be, name) = if choice == BackendChoice::CpuF64 {
+                (CpuBackend::new_f64(program, c.train.seed), "the CPU reference (f64)")
+            } else {
+                (CpuBackend::new(program, c.train.seed), "the CPU reference")
+            };
+            if let Some(p) = params {
+                be.write(p)?;
+            }
+            Ok((Box::new(be), name.into()))
         }
-        None => Ok((Box::new(CpuBackend::new(program, c.train.seed)), "the CPU reference".into())),
     }
 }
 
@@ -302,7 +326,7 @@ fn load_data(c: &RunConfig, model: &Model, out_dir: &Path) -> Result<Data, Strin
 pub struct OpenRun {
     pub info: RunInfo,
     pub program: Program,
-    pub params: std::collections::BTreeMap<String, weft_runtime::cpu::tensor::Tensor<f32>>,
+    pub params: BTreeMap<String, Tensor<f32>>,
     pub tokenizer: Tokenizer,
     /// The checkpoint read.
     pub checkpoint: PathBuf,
@@ -343,8 +367,7 @@ fn open_generator(
     c.train.seed = s.seed;
     c.generate.max_new_tokens = run.info.max_context.saturating_sub(s.seq_len);
     c.generate.batch = slots as u64;
-    let (mut backend, _) = make_backend(run.program, &c, choice)?;
-    backend.write(run.params)?;
+    let (backend, _) = make_backend_with(run.program, &c, choice, Some(run.params))?;
     Ok((backend, run.tokenizer, run.info.max_context as usize))
 }
 
