@@ -452,11 +452,11 @@ fn the_engine_gives_each_request_the_tokens_it_gets_alone() {
         generate(&mut be, &r.prompt, r.max_new.min(64 - r.prompt.len()), &r.sampling, stop, |_| true).unwrap()
     };
     let mut reqs = vec![
-        Request { prompt: prompt(5, 3), max_new: 12, sampling: greedy.clone(), stop: vec![] },
-        Request { prompt: prompt(9, 5), max_new: 7, sampling: warm, stop: vec![] },
-        Request { prompt: prompt(3, 7), max_new: 20, sampling: greedy.clone(), stop: vec![] },
+        Request { prompt: prompt(5, 3), max_new: 12, sampling: greedy.clone(), stop: vec![], logprobs: None },
+        Request { prompt: prompt(9, 5), max_new: 7, sampling: warm, stop: vec![], logprobs: None },
+        Request { prompt: prompt(3, 7), max_new: 20, sampling: greedy.clone(), stop: vec![], logprobs: None },
         // 60 of the 64 positions: the context leaves 4 new tokens.
-        Request { prompt: prompt(60, 11), max_new: 30, sampling: greedy, stop: vec![] },
+        Request { prompt: prompt(60, 11), max_new: 30, sampling: greedy, stop: vec![], logprobs: None },
     ];
     let third = alone(&reqs[2]);
     reqs[2].stop = vec![third[4]];
@@ -474,7 +474,7 @@ fn the_engine_gives_each_request_the_tokens_it_gets_alone() {
     while !engine.idle() {
         for e in engine.step().unwrap() {
             match e {
-                Event::Token { id, token } => got.entry(id).or_default().push(token),
+                Event::Token { id, token, .. } => got.entry(id).or_default().push(token),
                 Event::Done { id, finish } => done.push((id, finish)),
             }
         }
@@ -497,7 +497,8 @@ fn the_engine_frees_a_cancelled_slot_and_refuses_bad_requests() {
     use weft_runtime::generate::Sampling;
     let (p, _) = program(EVERY_KIND);
     let greedy = Sampling { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 };
-    let req = |prompt: Vec<u32>| Request { prompt, max_new: 10, sampling: greedy.clone(), stop: vec![] };
+    let req =
+        |prompt: Vec<u32>| Request { prompt, max_new: 10, sampling: greedy.clone(), stop: vec![], logprobs: None };
     let mut be = CpuBackend::new(p, 3);
     let mut engine = Engine::new(&mut be, 1, 64).unwrap();
     let bad = |e: Result<usize, String>| e.unwrap_err();
@@ -506,6 +507,7 @@ fn the_engine_frees_a_cancelled_slot_and_refuses_bad_requests() {
     assert!(bad(engine.submit(req(vec![1; 64]))).contains("context of 64"));
     let bad_sampling = Request { sampling: Sampling { top_p: 0.0, ..greedy.clone() }, ..req(vec![1]) };
     assert!(bad(engine.submit(bad_sampling)).contains("top-p"));
+    assert!(bad(engine.submit(Request { logprobs: Some(21), ..req(vec![1]) })).contains("at most 20"));
     let a = engine.submit(req(vec![1, 2, 3])).unwrap();
     let b = engine.submit(req(vec![4, 5])).unwrap();
     let first = engine.step().unwrap();
@@ -547,5 +549,51 @@ fn the_score_plan_gives_each_targets_log_probability() {
         let want = if target < 0 { 0.0 } else { row[target as usize] - lse };
         assert!((lp[i] - want).abs() < 1e-12, "position {i}: {} against {want}", lp[i]);
         assert!(target < 0 || lp[i] < 0.0);
+    }
+}
+
+/// Each token's log-probability as the engine reports it is the score plan's for the same
+/// text (a full forward pass instead of decode steps), and its alternatives are the most
+/// likely tokens in order, the greedy token first. On the f64 reference both sides differ by
+/// the f32 rounding of the logits the engine reads (each within |z|·2⁻²⁴, so the log-softmax
+/// within 2·max|z|·2⁻²⁴) and of the two results.
+#[test]
+fn the_engine_reports_each_tokens_log_probability() {
+    use weft_runtime::backend::{Backend, CpuBackend};
+    use weft_runtime::engine::{Engine, Event, Request};
+    use weft_runtime::generate::Sampling;
+    let (p, _) = program(EVERY_KIND);
+    let greedy = Sampling { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 };
+    let prompt: Vec<u32> = vec![3, 9, 27, 17, 4, 12];
+    let mut be = CpuBackend::new_f64(p, 8);
+    let mut engine = Engine::new(&mut be, 2, 64).unwrap();
+    let r = Request { prompt: prompt.clone(), max_new: 9, sampling: greedy, stop: vec![], logprobs: Some(3) };
+    engine.submit(r).unwrap();
+    let mut got = Vec::new();
+    while !engine.idle() {
+        for e in engine.step().unwrap() {
+            if let Event::Token { token, logprobs, .. } = e {
+                got.push((token, logprobs.unwrap()));
+            }
+        }
+    }
+    drop(engine);
+    assert_eq!(got.len(), 9);
+    let text: Vec<i32> = prompt.iter().chain(got.iter().map(|g| &g.0)).map(|&t| t as i32).collect();
+    let n = text.len() - 1;
+    let tokens = Tensor::ints(vec![1, n], text[..n].to_vec());
+    let logits = be.run("logits", vec![("tokens".into(), tokens.clone())]).unwrap();
+    let zmax = logits["logits"].reals().unwrap().iter().fold(0f32, |m, z| m.max(z.abs())) as f64;
+    let targets = Tensor::ints(vec![1, n], text[1..].to_vec());
+    let out = be.run("score", vec![("tokens".into(), tokens), ("targets".into(), targets)]).unwrap();
+    let score = out["logprobs"].reals().unwrap();
+    for (i, (token, lp)) in got.iter().enumerate() {
+        let want = score[prompt.len() - 1 + i] as f64;
+        let tol = 2.0 * zmax * 2f64.powi(-24) + 2.0 * want.abs() * 2f64.powi(-24) + 1e-9;
+        assert!((lp.logprob as f64 - want).abs() <= tol, "token {i}: {} against {want}", lp.logprob);
+        assert_eq!(lp.top.len(), 3);
+        assert_eq!(lp.top[0], (*token, lp.logprob), "token {i}: greedy takes the most likely");
+        assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1), "token {i}: {:?}", lp.top);
+        assert!(lp.top.iter().map(|t| (t.1 as f64).exp()).sum::<f64>() <= 1.0 + 1e-6);
     }
 }

@@ -25,6 +25,39 @@ pub struct Request {
     pub sampling: Sampling,
     /// Tokens that end the sequence (the stop token itself is given out).
     pub stop: Vec<u32>,
+    /// With `Some(n)`, each token comes with its log-probability under the model (before
+    /// temperature and truncation) and the `n` most likely tokens' (at most [`MAX_TOP_LOGPROBS`]).
+    pub logprobs: Option<usize>,
+}
+
+/// The most alternatives a token's log-probabilities list.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// A token's log-probability and the most likely tokens' at its position, most likely first
+/// (ties by id).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Logprobs {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+impl Logprobs {
+    /// Of `token` under the distribution of the logits `row`, with its `n` most likely tokens.
+    pub fn of(row: &[f32], token: u32, n: usize) -> Logprobs {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = m + row.iter().map(|&z| (z as f64 - m).exp()).sum::<f64>().ln();
+        let lp = |z: f32| (z as f64 - lse) as f32;
+        let mut ids: Vec<u32> = (0..row.len() as u32).collect();
+        let order = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
+        let n = n.min(row.len());
+        if n < ids.len() {
+            ids.select_nth_unstable_by(n, order);
+        }
+        ids.truncate(n);
+        ids.sort_by(order);
+        let top = ids.into_iter().map(|i| (i, lp(row[i as usize]))).collect();
+        Logprobs { logprob: row.get(token as usize).map_or(f32::NEG_INFINITY, |&z| lp(z)), top }
+    }
 }
 
 /// Why a sequence ended.
@@ -39,7 +72,7 @@ pub enum Finish {
 /// What one step gave out, in slot order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    Token { id: usize, token: u32 },
+    Token { id: usize, token: u32, logprobs: Option<Logprobs> },
     Done { id: usize, finish: Finish },
 }
 
@@ -52,6 +85,7 @@ struct Live {
     max_new: usize,
     sampling: Sampling,
     stop: Vec<u32>,
+    logprobs: Option<usize>,
 }
 
 pub struct Engine<'b> {
@@ -95,6 +129,9 @@ impl<'b> Engine<'b> {
             return Err(format!("token id {t} is outside the vocabulary of {}", self.vocab));
         }
         r.sampling.validate()?;
+        if r.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+            return Err(format!("at most {MAX_TOP_LOGPROBS} alternatives per token's log-probabilities"));
+        }
         let id = self.next_id;
         self.next_id += 1;
         self.queue.push_back((id, r));
@@ -151,7 +188,7 @@ impl<'b> Engine<'b> {
         let mut out: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
         while !self.idle() {
             for e in self.step()? {
-                if let Event::Token { id, token } = e {
+                if let Event::Token { id, token, .. } = e {
                     out.entry(id).or_default().push(token);
                 }
                 on_event(&e);
@@ -168,10 +205,20 @@ impl<'b> Engine<'b> {
         }
         let ids: Vec<i32> = r.prompt.iter().map(|&t| t as i32).collect();
         let out = self.backend.run("prefill", vec![("tokens".into(), Tensor::ints(vec![1, ids.len()], ids))])?;
-        let first = sample(last_row(&out, self.vocab)?, &r.sampling, 0);
-        let mut live =
-            Live { id, pos: r.prompt.len(), next: first, produced: 0, max_new, sampling: r.sampling, stop: r.stop };
-        if self.emit(&mut live, first, events) {
+        let row = last_row(&out, self.vocab)?;
+        let first = sample(row, &r.sampling, 0);
+        let lp = r.logprobs.map(|n| Logprobs::of(row, first, n));
+        let mut live = Live {
+            id,
+            pos: r.prompt.len(),
+            next: first,
+            produced: 0,
+            max_new,
+            sampling: r.sampling,
+            stop: r.stop,
+            logprobs: r.logprobs,
+        };
+        if self.emit(&mut live, first, lp, events) {
             return Ok(());
         }
         let batch = self.slots.len();
@@ -184,10 +231,10 @@ impl<'b> Engine<'b> {
     }
 
     /// Gives out `token`; whether the sequence ended with it.
-    fn emit(&self, live: &mut Live, token: u32, events: &mut Vec<Event>) -> bool {
+    fn emit(&self, live: &mut Live, token: u32, logprobs: Option<Logprobs>, events: &mut Vec<Event>) -> bool {
         live.produced += 1;
         live.next = token;
-        events.push(Event::Token { id: live.id, token });
+        events.push(Event::Token { id: live.id, token, logprobs });
         let finish = if live.stop.contains(&token) {
             Some(Finish::Stop)
         } else if live.produced >= live.max_new {
@@ -213,9 +260,11 @@ impl<'b> Engine<'b> {
         }
         for s in 0..self.slots.len() {
             let Some(mut live) = self.slots[s].take() else { continue };
-            let token = sample(&logits[s * v..(s + 1) * v], &live.sampling, live.produced as u64);
+            let row = &logits[s * v..(s + 1) * v];
+            let token = sample(row, &live.sampling, live.produced as u64);
+            let lp = live.logprobs.map(|n| Logprobs::of(row, token, n));
             live.pos += 1;
-            if !self.emit(&mut live, token, events) {
+            if !self.emit(&mut live, token, lp, events) {
                 self.slots[s] = Some(live);
             }
         }

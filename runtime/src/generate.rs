@@ -393,7 +393,7 @@ pub fn generate_texts(
         let (ids, k) = encode_prompt(tokenizer, context, p, o).map_err(|e| format!("prompt {}: {e}", i + 1))?;
         kept.push(k);
         let sampling = Sampling { seed: sampling.seed.wrapping_add(i as u64), ..sampling.clone() };
-        let r = Request { prompt: ids, max_new: o.max_new, sampling, stop: vec![tokenizer.eot()] };
+        let r = Request { prompt: ids, max_new: o.max_new, sampling, stop: vec![tokenizer.eot()], logprobs: None };
         engine.submit(r).map_err(|e| format!("prompt {}: {e}", i + 1))?;
     }
     let stops: Vec<&str> = o.stop.iter().map(String::as_str).filter(|s| !s.is_empty()).collect();
@@ -402,7 +402,7 @@ pub fn generate_texts(
     let mut stopped = vec![false; prompts.len()];
     while !engine.idle() {
         for e in engine.step()? {
-            let Event::Token { id, token } = e else { continue };
+            let Event::Token { id, token, .. } = e else { continue };
             if stopped[id] {
                 continue;
             }
