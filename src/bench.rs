@@ -263,7 +263,9 @@ impl CompileReport {
 }
 
 /// The spec compiled at `batch × seq` and benchmarked on GPU 0 (see `weft_runtime::cuda::bench`).
-pub fn bench_gpu(spec: &Path, seq: u64, batch: u64, steps: usize) -> Result<String, String> {
+/// With `decode`, generation instead: `batch` sequences decoding `steps` tokens after a `seq`-token
+/// prompt (states on the device against through the host, start-up, the step's kernels).
+pub fn bench_gpu(spec: &Path, seq: u64, batch: u64, steps: usize, decode: bool) -> Result<String, String> {
     use weft_runtime::cuda::{bench, Gpu, GpuBackend};
     let gpu = Gpu::open(0).map_err(|e| format!("no usable GPU: {e}"))?;
     let mut settings = RunConfig::default();
@@ -273,9 +275,17 @@ pub fn bench_gpu(spec: &Path, seq: u64, batch: u64, steps: usize) -> Result<Stri
     let max_context = seq + settings.generate.max_new_tokens;
     let program =
         build_program(&checked.model, &OptimizerSettings::from_config(&settings), max_context).map_err(|e| e.0)?;
-    let shapes = crate::build::Shapes { batch, seq, gen_batch: 1, max_prompt: seq };
+    let shapes = if decode {
+        // The decode bench prompts with the context less the steps and one.
+        crate::build::Shapes { batch: 1, seq, gen_batch: batch, max_prompt: seq + steps as u64 + 1 }
+    } else {
+        crate::build::Shapes { batch, seq, gen_batch: 1, max_prompt: seq }
+    };
     let (bundle, _) = crate::build::build_bundle(&program, &shapes, &crate::lower::cache::Cache::user())
         .map_err(|e| e.to_string())?;
     let mut be = GpuBackend::new(gpu, bundle, 0).map_err(|e| e.0)?;
+    if decode {
+        return Ok(bench::bench_decode(&mut be, steps)?.render());
+    }
     Ok(bench::bench(&mut be, steps)?.render())
 }

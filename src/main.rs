@@ -152,6 +152,10 @@ enum Command {
         /// --seq and timed on the GPU (tokens/s, MFU, memory, time by kernel class, prefill).
         #[arg(long, value_enum, default_value = "cpu")]
         backend: BackendArg,
+        /// With --backend gpu: time generation instead, --batch sequences decoding --steps
+        /// tokens (at least 2) after a --seq-token prompt.
+        #[arg(long, conflicts_with_all = ["compile", "scaling"])]
+        decode: bool,
     },
     /// Generate text from the newest checkpoint of a training run.
     Generate {
@@ -403,7 +407,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 out.display()
             );
         }
-        Command::Bench { spec, scaling, seq, batch, steps, compile, config, backend } => {
+        Command::Bench { spec, scaling, seq, batch, steps, compile, config, backend, decode } => {
             if scaling {
                 print!("{}", report(weft::bench::bench_scaling())?);
                 return Ok(());
@@ -412,8 +416,13 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 eprintln!("error: name a spec to benchmark");
                 return Err(Reported);
             };
+            if decode && backend != BackendArg::Gpu {
+                eprintln!("error: --decode times generation on the GPU: add --backend gpu (the CPU bench already reports decode tokens/s)");
+                return Err(Reported);
+            }
             if backend == BackendArg::Gpu && !compile {
-                let r = report(weft::bench::bench_gpu(&spec, seq, batch, steps.max(1)))?;
+                let steps = if decode { steps.max(2) } else { steps.max(1) };
+                let r = report(weft::bench::bench_gpu(&spec, seq, batch, steps, decode))?;
                 print!("{r}");
             } else if compile {
                 let settings = config.as_deref().map(load_config).transpose()?.unwrap_or_default();

@@ -215,3 +215,21 @@ fn check_reports_gpu_limits_and_fallbacks_at_the_spec_line() {
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("has no GPU kernel yet") && err.contains("CPU reference only"), "{err}");
 }
+
+/// `weft bench --decode` times generation on the GPU: asked on the CPU it says so, and where
+/// no GPU is usable it says that, both with a non-zero exit.
+#[test]
+fn bench_decode_names_what_it_needs() {
+    let (code, _, err) = weft(&["bench", "specs/tiny/samba-micro.weft", "--decode"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--backend gpu"), "{err}");
+    let (code, out, err) =
+        weft(&["bench", "specs/tiny/samba-micro.weft", "--decode", "--backend", "gpu", "--seq", "64"]);
+    // A machine with a GPU runs it; one without refuses by name.
+    if code != 0 {
+        assert_eq!(code, 1);
+        assert!(err.contains("no usable GPU"), "{err}");
+    } else {
+        assert!(out.contains("states on the device"), "{out}");
+    }
+}
