@@ -398,6 +398,9 @@ pub fn generate_many_on(
     sampling: &Sampling,
     choice: BackendChoice,
 ) -> Result<Vec<(String, String)>, String> {
+    if prompts.is_empty() {
+        return Err("no prompts: give one per line".into());
+    }
     let slots = prompts.len().clamp(1, GENERATE_SLOTS);
     let (mut backend, tokenizer, context) = open_generator(run_dir, choice, slots)?;
     weft_runtime::generate::generate_texts(backend.as_mut(), &tokenizer, context, slots, prompts, o, sampling)

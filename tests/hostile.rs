@@ -427,5 +427,9 @@ fn prompts_longer_than_the_context_are_refused_and_come_from_files() {
         let together = format!("{}{}\n", lines[i]["prompt"].as_str().unwrap(), lines[i]["text"].as_str().unwrap());
         assert_eq!(together, alone, "prompt {i}: {err}");
     }
+    std::fs::write(&list, "").unwrap();
+    let (code, _, err) =
+        capped(&["generate", "--run", run, "--prompts", list.to_str().unwrap()], 2 * GIB, Duration::from_secs(60));
+    assert!(code == 1 && err.contains("no prompts"), "{code}: {err}");
     let _ = std::fs::remove_dir_all(&d);
 }

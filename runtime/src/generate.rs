@@ -271,8 +271,11 @@ impl GenerateFlags {
 }
 
 /// The prompts of `--prompts`: the lines of `text` (a trailing newline ends the last one; an
-/// empty line is an empty prompt).
+/// empty line is an empty prompt); none in an empty text.
 pub fn prompt_lines(text: &str) -> Vec<String> {
+    if text.is_empty() {
+        return Vec::new();
+    }
     text.strip_suffix('\n').unwrap_or(text).split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l).to_string()).collect()
 }
 
@@ -387,6 +390,9 @@ pub fn generate_texts(
     sampling: &Sampling,
 ) -> Result<Vec<(String, String)>, String> {
     use crate::engine::{Engine, Event, Request};
+    if prompts.is_empty() {
+        return Err("no prompts: give one per line".into());
+    }
     let mut engine = Engine::new(backend, slots, context)?;
     let mut kept = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
@@ -516,6 +522,14 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn prompts_are_lines() {
+        assert_eq!(prompt_lines("a\nb c\n"), ["a", "b c"]);
+        assert_eq!(prompt_lines("a\r\n\nz"), ["a", "", "z"]);
+        assert_eq!(prompt_lines("\n"), [""]);
+        assert!(prompt_lines("").is_empty());
     }
 
     #[test]
