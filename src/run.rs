@@ -360,15 +360,42 @@ fn open_generator(
     slots: usize,
 ) -> Result<(Box<dyn Backend>, Tokenizer, usize), String> {
     let run = open_run(run_dir)?;
-    let s = &run.info.settings;
+    let c = generation_config(&run.info, slots);
+    let (backend, _) = make_backend_with(run.program, &c, choice, Some(run.params))?;
+    Ok((backend, run.tokenizer, run.info.max_context as usize))
+}
+
+/// The run settings a run's generation plans are built with, for `slots` sequences at once.
+fn generation_config(info: &weft_runtime::run::RunInfo, slots: usize) -> RunConfig {
+    let s = &info.settings;
     let mut c = RunConfig::default();
     c.train.batch_size = s.batch_size;
     c.train.seq_len = s.seq_len;
     c.train.seed = s.seed;
-    c.generate.max_new_tokens = run.info.max_context.saturating_sub(s.seq_len);
+    c.generate.max_new_tokens = info.max_context.saturating_sub(s.seq_len);
     c.generate.batch = slots as u64;
-    let (backend, _) = make_backend_with(run.program, &c, choice, Some(run.params))?;
-    Ok((backend, run.tokenizer, run.info.max_context as usize))
+    c
+}
+
+/// Serves the newest checkpoint of a run directory over HTTP (see `weft_runtime::serve`), the
+/// backend built on the engine's thread; `ready` gets the address once it listens.
+pub fn serve_on(
+    run_dir: &Path,
+    choice: BackendChoice,
+    host: String,
+    port: u16,
+    slots: usize,
+    queue: usize,
+) -> Result<(), String> {
+    let run = open_run(run_dir)?;
+    let c = generation_config(&run.info, slots);
+    let context = run.info.max_context as usize;
+    let vocab = run.program.vocab().ok_or("the model has no embedding table")?;
+    let model = run.program.model.clone();
+    let o = weft_runtime::serve::ServeOptions { host, port, model, context, slots, queue };
+    let (program, params) = (run.program, run.params);
+    let make = Box::new(move || make_backend_with(program, &c, choice, Some(params)).map(|(b, _)| b));
+    weft_runtime::serve::serve(o, run.tokenizer, vocab, make, |addr| eprintln!("listening on http://{addr}"))
 }
 
 /// Generates text from the newest checkpoint of a run directory, on the GPU when `choice` says

@@ -11,6 +11,7 @@ mod hostile;
 mod lower;
 mod parameters;
 mod robustness;
+mod serve;
 mod train;
 
 use std::path::{Path, PathBuf};

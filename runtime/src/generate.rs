@@ -308,34 +308,88 @@ pub fn generate_text(
 ) -> Result<(String, String), String> {
     let (ids, kept) = encode_prompt(tokenizer, context, prompt, o)?;
     let budget = context - ids.len();
-    let mut emitted = String::new();
-    let mut text = String::new();
-    let mut all = Vec::new();
-    let stops: Vec<&str> = o.stop.iter().map(String::as_str).filter(|s| !s.is_empty()).collect();
+    let mut stream = TextStream::new(tokenizer, &o.stop);
     generate(backend, &ids, o.max_new.min(budget), sampling, Some(tokenizer.eot()), |t| {
-        all.push(t);
-        // Decode the whole continuation each time so multi-token characters come out whole.
-        match tokenizer.decode(&all) {
-            Ok(t) => text = t,
-            Err(_) => return true,
+        let piece = stream.push(t);
+        if !piece.is_empty() {
+            out(&kept, &piece);
         }
-        let stop_at = stops.iter().filter_map(|s| text.find(s)).min();
-        if let Some(at) = stop_at {
-            text.truncate(at);
-        }
-        // Text that may be the start of a stop string waits until it is known not to be.
-        let safe = if stop_at.is_some() { text.len() } else { text.len() - held_back(&text, &stops) };
-        if safe > emitted.len() && text.is_char_boundary(emitted.len()) {
-            out(&kept, &text[emitted.len()..safe]);
-            emitted = text[..safe].to_string();
-        }
-        stop_at.is_none()
+        !stream.stopped()
     })?;
-    if text.len() > emitted.len() && text.is_char_boundary(emitted.len()) {
-        out(&kept, &text[emitted.len()..]);
-        emitted = text;
+    let rest = stream.finish();
+    if !rest.is_empty() {
+        out(&kept, &rest);
     }
-    Ok((kept, emitted))
+    Ok((kept, stream.text().to_string()))
+}
+
+/// The text of a growing token sequence as it can be shown piece by piece: whole characters
+/// only (a trailing replacement character may be half of one, so it waits), cut before the
+/// first stop string, and an end that may begin a stop string held back until it is known
+/// not to.
+pub struct TextStream<'t> {
+    tokenizer: &'t Tokenizer,
+    stops: Vec<String>,
+    tokens: Vec<u32>,
+    text: String,
+    shown: usize,
+    stopped: bool,
+}
+
+impl<'t> TextStream<'t> {
+    pub fn new(tokenizer: &'t Tokenizer, stops: &[String]) -> TextStream<'t> {
+        let stops = stops.iter().filter(|s| !s.is_empty()).cloned().collect();
+        TextStream { tokenizer, stops, tokens: Vec::new(), text: String::new(), shown: 0, stopped: false }
+    }
+
+    /// Adds a token; returns the text it makes safe to show (often empty).
+    pub fn push(&mut self, token: u32) -> String {
+        if self.stopped {
+            return String::new();
+        }
+        self.tokens.push(token);
+        // The whole continuation each time, so characters split across tokens come out whole.
+        let Ok(text) = self.tokenizer.decode(&self.tokens) else { return String::new() };
+        self.text = text;
+        let stops: Vec<&str> = self.stops.iter().map(String::as_str).collect();
+        if let Some(at) = stops.iter().filter_map(|s| self.text.find(s)).min() {
+            self.text.truncate(at);
+            self.stopped = true;
+            let n = self.text.len();
+            return self.take(n);
+        }
+        let mut safe = self.text.len() - held_back(&self.text, &stops);
+        if self.text[..safe].ends_with('\u{FFFD}') {
+            safe -= '\u{FFFD}'.len_utf8();
+        }
+        self.take(safe)
+    }
+
+    /// Whether a stop string has appeared (the text ends before it).
+    pub fn stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// The rest of the text, at the end of the sequence.
+    pub fn finish(&mut self) -> String {
+        let n = self.text.len();
+        self.take(n)
+    }
+
+    /// The text so far (cut at a stop string).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    fn take(&mut self, upto: usize) -> String {
+        let t = &self.text;
+        if upto <= self.shown || !t.is_char_boundary(self.shown) || !t.is_char_boundary(upto) {
+            return String::new();
+        }
+        let piece = t[self.shown..upto].to_string();
+        self.shown = upto;
+        piece
+    }
 }
 
 /// A prompt's tokens (the end-of-text token for an empty one, as after a document) and its
@@ -402,28 +456,20 @@ pub fn generate_texts(
         let r = Request { prompt: ids, max_new: o.max_new, sampling, stop: vec![tokenizer.eot()], logprobs: None };
         engine.submit(r).map_err(|e| format!("prompt {}: {e}", i + 1))?;
     }
-    let stops: Vec<&str> = o.stop.iter().map(String::as_str).filter(|s| !s.is_empty()).collect();
-    let mut tokens = vec![Vec::new(); prompts.len()];
-    let mut texts = vec![String::new(); prompts.len()];
-    let mut stopped = vec![false; prompts.len()];
+    let mut streams: Vec<TextStream> = prompts.iter().map(|_| TextStream::new(tokenizer, &o.stop)).collect();
     while !engine.idle() {
         for e in engine.step()? {
             let Event::Token { id, token, .. } = e else { continue };
-            if stopped[id] {
+            if streams[id].stopped() {
                 continue;
             }
-            tokens[id].push(token);
-            if let Ok(t) = tokenizer.decode(&tokens[id]) {
-                texts[id] = t;
-            }
-            if let Some(at) = stops.iter().filter_map(|s| texts[id].find(s)).min() {
-                texts[id].truncate(at);
-                stopped[id] = true;
+            streams[id].push(token);
+            if streams[id].stopped() {
                 engine.cancel(id);
             }
         }
     }
-    Ok(kept.into_iter().zip(texts).collect())
+    Ok(kept.into_iter().zip(streams.iter().map(|s| s.text().to_string())).collect())
 }
 
 /// The length of the longest end of `text` that begins some stop string (at a character

@@ -21,6 +21,7 @@ pub mod memory;
 pub mod op;
 pub mod plan;
 pub mod run;
+pub mod serve;
 pub mod shape;
 pub mod train;
 
