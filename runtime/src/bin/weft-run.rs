@@ -110,6 +110,24 @@ enum Command {
         #[arg(long, value_enum, default_value = "gpu")]
         backend: BackendArg,
     },
+    /// Serve a run's newest checkpoint over HTTP, OpenAI's completions API, with the bundle's
+    /// generation batch as the slots decoded at once (until SIGINT or SIGTERM).
+    Serve {
+        bundle: PathBuf,
+        /// The run directory (made by `weft train` or `weft-run train`).
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// 0 takes any free port (the address is printed when the server listens).
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Requests that may wait for a slot; past that the server answers 429.
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
+        queue: u64,
+        #[arg(long, value_enum, default_value = "gpu")]
+        backend: BackendArg,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -287,46 +305,37 @@ fn run(command: Command) -> Result<bool, String> {
             );
             Ok(true)
         }
+        Command::Serve { bundle: path, run, host, port, queue, backend } => {
+            let g = open_generation(&path, &run)?;
+            let slots = g.bundle.plans.get("decode").ok_or("the bundle has no decode plan")?.0.batch as usize;
+            let vocab = g.bundle.program.vocab().ok_or("the model has no embedding table")?;
+            let model = g.bundle.program.model.clone();
+            let o = weft_runtime::serve::ServeOptions {
+                host,
+                port,
+                model,
+                context: g.context,
+                slots,
+                queue: queue as usize,
+            };
+            let (bundle, params, seed) = (g.bundle, g.run.params, g.seed);
+            // The backend is made on the engine's thread, which keeps it.
+            let make = Box::new(move || backend_for(bundle, params, seed, backend));
+            weft_runtime::serve::serve(o, g.run.tokenizer, vocab, make, |a| eprintln!("listening on http://{a}"))?;
+            Ok(true)
+        }
         Command::Generate { bundle: path, run, flags, backend } => {
             use weft_runtime::generate::generate_text;
-            use weft_runtime::run::{open_for_generation, RunInfo};
             let (prompt, sampling, options) = flags.resolve()?;
             // Everything is checked before the GPU is touched.
-            let bundle = Bundle::read(&path).map_err(|e| e.0)?;
-            let info = RunInfo::read(&run)?.ok_or_else(|| {
-                format!("`{}` is not a training run (it has no {})", run.display(), weft_runtime::run::RUN_INFO)
-            })?;
-            let source = bundle.source.as_ref().ok_or(
-                "the bundle records no spec and settings (built by an older weft): rebuild it with `weft build`",
-            )?;
-            if source.spec.hash() != info.spec_hash {
-                return Err(format!(
-                    "`{}` was built from another spec than the run `{}` was trained with",
-                    path.display(),
-                    run.display()
-                ));
-            }
-            let context = bundle.plans.get("prefill").ok_or("the bundle has no prefill plan")?.0.seq as usize;
-            let r = open_for_generation(&run, &info, &bundle.program)?;
-            let cpu = |params| -> Result<Box<dyn Backend>, String> {
-                let mut be = CpuBackend::new(bundle.program.clone(), info.settings.seed);
-                be.write(params)?;
-                Ok(Box::new(be))
-            };
-            let mut be: Box<dyn Backend> = match backend {
-                BackendArg::Cpu => cpu(r.params)?,
-                // The checkpoint's parameters go straight to the device: nothing is initialised
-                // only to be overwritten.
-                BackendArg::Gpu | BackendArg::Auto => match Gpu::open(0) {
-                    Ok(gpu) => Box::new(GpuBackend::with_parameters(gpu, bundle.clone(), r.params).map_err(|e| e.0)?),
-                    Err(e) if backend == BackendArg::Gpu => return Err(format!("no usable GPU: {}", e.0)),
-                    Err(_) => cpu(r.params)?,
-                },
-            };
+            let g = open_generation(&path, &run)?;
+            // The bundle's generation batch is the engine's pool of slots (with --prompts).
+            let slots = g.bundle.plans.get("decode").map(|p| p.0.batch as usize);
+            let (r, context) = (g.run, g.context);
+            let mut be = backend_for(g.bundle, r.params, g.seed, backend)?;
             let started = Instant::now();
             if flags.prompts.is_some() {
-                // The bundle's generation batch is the engine's pool of slots.
-                let slots = bundle.plans.get("decode").ok_or("the bundle has no decode plan")?.0.batch as usize;
+                let slots = slots.ok_or("the bundle has no decode plan")?;
                 let prompts = weft_runtime::generate::prompt_lines(&prompt);
                 let texts = weft_runtime::generate::generate_texts(
                     be.as_mut(),
@@ -367,6 +376,61 @@ fn run(command: Command) -> Result<bool, String> {
             eprintln!("{pieces} pieces of text in {:.2} s on {}", started.elapsed().as_secs_f64(), be.name());
             Ok(true)
         }
+    }
+}
+
+/// A bundle and a run directory checked against each other (the same spec), with the run's
+/// newest checkpoint and tokenizer.
+struct Generation {
+    bundle: Bundle,
+    run: weft_runtime::run::RunForGeneration,
+    /// Prompt and new tokens together.
+    context: usize,
+    seed: u64,
+}
+
+fn open_generation(path: &std::path::Path, run: &std::path::Path) -> Result<Generation, String> {
+    use weft_runtime::run::{open_for_generation, RunInfo};
+    let bundle = Bundle::read(path).map_err(|e| e.0)?;
+    let info = RunInfo::read(run)?.ok_or_else(|| {
+        format!("`{}` is not a training run (it has no {})", run.display(), weft_runtime::run::RUN_INFO)
+    })?;
+    let source = bundle
+        .source
+        .as_ref()
+        .ok_or("the bundle records no spec and settings (built by an older weft): rebuild it with `weft build`")?;
+    if source.spec.hash() != info.spec_hash {
+        return Err(format!(
+            "`{}` was built from another spec than the run `{}` was trained with",
+            path.display(),
+            run.display()
+        ));
+    }
+    let context = bundle.plans.get("prefill").ok_or("the bundle has no prefill plan")?.0.seq as usize;
+    let r = open_for_generation(run, &info, &bundle.program)?;
+    Ok(Generation { bundle, run: r, context, seed: info.settings.seed })
+}
+
+/// The backend a generation runs on, the checkpoint's parameters in place: on the GPU they go
+/// straight to the device (nothing is initialised only to be overwritten).
+fn backend_for(
+    bundle: Bundle,
+    params: std::collections::BTreeMap<String, weft_runtime::cpu::tensor::Tensor<f32>>,
+    seed: u64,
+    backend: BackendArg,
+) -> Result<Box<dyn Backend>, String> {
+    let cpu = |bundle: Bundle, params| -> Result<Box<dyn Backend>, String> {
+        let mut be = CpuBackend::new(bundle.program, seed);
+        be.write(params)?;
+        Ok(Box::new(be))
+    };
+    match backend {
+        BackendArg::Cpu => cpu(bundle, params),
+        BackendArg::Gpu | BackendArg::Auto => match Gpu::open(0) {
+            Ok(gpu) => Ok(Box::new(GpuBackend::with_parameters(gpu, bundle, params).map_err(|e| e.0)?)),
+            Err(e) if backend == BackendArg::Gpu => Err(format!("no usable GPU: {}", e.0)),
+            Err(_) => cpu(bundle, params),
+        },
     }
 }
 
@@ -419,6 +483,7 @@ mod tests {
                 "--temperature",
                 "0",
             ],
+            &["serve", "m.bundle", "--run", "r", "--port", "0", "--queue", "4", "--backend", "cpu"],
         ] {
             let cli = parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
             // Reading every field, as `run` does, must not panic.
@@ -435,6 +500,9 @@ mod tests {
                         (flags.max_new_tokens, flags.prompt_file.as_deref()),
                         (7, Some(std::path::Path::new("-")))
                     )
+                }
+                Command::Serve { port, queue, host, .. } => {
+                    assert_eq!((port, queue, host.as_str()), (0, 4, "127.0.0.1"))
                 }
                 Command::Info => {}
             }
