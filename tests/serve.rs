@@ -94,7 +94,7 @@ fn the_server_completes_as_generate_does_and_refuses_bad_requests() {
     std::fs::write(
         &cfg,
         format!(
-            "spec = \"{}\"\n[train]\nseq_len = 32\nbatch_size = 2\nsteps = 2\neval_batches = 1\n[data]\ntrain = [\"{}\"]\ntokenizer = \"byte\"\n[checkpoint]\ndir = \"{}\"\n[generate]\nmax_new_tokens = 16\n",
+            "spec = \"{}\"\n[train]\nseq_len = 32\nbatch_size = 2\nsteps = 2\neval_batches = 1\n[data]\ntrain = [\"{}\"]\ntokenizer = \"byte\"\n[checkpoint]\ndir = \"{}\"\n[generate]\nmax_new_tokens = 100000\n",
             crate::root().join("specs/tiny/samba-micro.weft").display(),
             docs.display(),
             d.join("run").display()
@@ -196,7 +196,7 @@ fn the_server_completes_as_generate_does_and_refuses_bad_requests() {
     refused("/v1/completions", b"[1, 2]", 400, "JSON object");
     refused("/v1/completions", br#"{"prompt": "x", "bogus": 1}"#, 400, "unknown field `bogus`");
     refused("/v1/completions", br#"{"prompt": "x", "max_tokens": "many"}"#, 400, "`max_tokens` must be an integer");
-    refused("/v1/completions", br#"{"prompt": "x", "max_tokens": 10000}"#, 400, "context");
+    refused("/v1/completions", br#"{"prompt": "x", "max_tokens": 1000000}"#, 400, "context");
     refused("/v1/completions", br#"{"prompt": ""}"#, 400, "empty");
     refused("/v1/completions", br#"{"prompt": [1, 5000]}"#, 400, "token id 5000");
     refused("/v1/completions", br#"{"prompt": "x", "n": 2}"#, 400, "`n` must be 1");
@@ -232,6 +232,50 @@ fn the_server_completes_as_generate_does_and_refuses_bad_requests() {
     assert_eq!(seen["weft_live_slots"], 0.0);
     assert_eq!(seen["weft_queue_depth"], 0.0);
     assert!(seen["weft_generation_tokens_total"] >= 6.0 * 2.0 + 5.0 * 2.0 + 7.0 * 3.0);
+    drop(server);
+
+    // One slot and no queue: while a long streamed request holds the slot (100,000 tokens,
+    // minutes of decoding), another gets 429; once its client goes away the engine frees the
+    // slot within a step, and the next request is served.
+    let server = start(run, &["--slots", "1", "--queue", "0"]);
+    let a = server.addr.as_str();
+    let mut long = TcpStream::connect(a).unwrap();
+    let body = r#"{"prompt": "the whale", "max_tokens": 100000, "temperature": 1.0, "seed": 3, "stream": true, "ignore_eos": true}"#;
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    long.write_all(head.as_bytes()).unwrap();
+    // Its first chunk: the request holds the slot.
+    let mut first = [0u8; 64];
+    let n = long.read(&mut first).unwrap();
+    assert!(
+        String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&first[..n])
+    );
+    let (status, text) = http(a, "POST", "/v1/completions", br#"{"prompt": "x", "max_tokens": 2}"#);
+    assert_eq!(status, 429, "{text}");
+    assert_eq!(json(&text)["error"]["type"], "rate_limit_error");
+    drop(long);
+    // The server notices the client is gone at its next chunk; then nothing is live or waiting.
+    let idle = || {
+        let (_, text) = http(a, "GET", "/metrics", b"");
+        let value = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string());
+        value("weft_live_slots ").as_deref() == Some("0") && value("weft_queue_depth ").as_deref() == Some("0")
+    };
+    let mut free = false;
+    for _ in 0..200 {
+        if idle() {
+            free = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(free, "the request of a client that went away is still counted");
+    // Had the engine kept decoding it, this would wait behind 100,000 tokens (and time out).
+    let (status, text) = http(a, "POST", "/v1/completions", br#"{"prompt": "x", "max_tokens": 2}"#);
+    assert_eq!(status, 200, "{text}");
     drop(server);
     let _ = std::fs::remove_dir_all(&d);
 }
