@@ -174,17 +174,11 @@ enum Command {
         /// The run directory.
         #[arg(long)]
         run: PathBuf,
-        #[arg(long, default_value = "127.0.0.1")]
-        host: String,
-        /// 0 takes any free port (the address is printed when the server listens).
-        #[arg(long, default_value_t = 8000)]
-        port: u16,
+        #[command(flatten)]
+        flags: weft_runtime::serve::ServeFlags,
         /// Sequences decoded at once.
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
         slots: u64,
-        /// Requests that may wait for a slot; past that the server answers 429.
-        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
-        queue: u64,
         /// `auto` (a GPU when one is usable, else the CPU), `cpu` or `gpu`.
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendArg,
@@ -384,7 +378,8 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 r.out_dir.join("loss.svg").display()
             );
         }
-        Command::Serve { run, host, port, slots, queue, backend } => {
+        Command::Serve { run, flags, slots, backend } => {
+            let weft_runtime::serve::ServeFlags { host, port, queue } = flags;
             let choice = match backend {
                 BackendArg::Auto => weft::run::BackendChoice::Auto,
                 BackendArg::Cpu => weft::run::BackendChoice::Cpu,

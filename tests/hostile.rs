@@ -336,21 +336,7 @@ fn a_run_trusts_no_file_it_reads_back() {
 #[test]
 fn prompts_longer_than_the_context_are_refused_and_come_from_files() {
     let d = dir("prompts");
-    let docs = d.join("docs");
-    std::fs::create_dir_all(&docs).unwrap();
-    for i in 0..4 {
-        std::fs::write(docs.join(format!("d{i}.txt")), "the whale and the sea ".repeat(40)).unwrap();
-    }
-    let cfg = d.join("run.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "spec = \"{}\"\n[train]\nseq_len = 32\nbatch_size = 2\nsteps = 1\neval_batches = 1\n[data]\ntrain = [\"{}\"]\ntokenizer = \"byte\"\n[checkpoint]\ndir = \"run\"\n[generate]\nmax_new_tokens = 16\n",
-            crate::root().join("specs/tiny/samba-micro.weft").display(),
-            docs.display()
-        ),
-    )
-    .unwrap();
+    let cfg = crate::tiny_run_config(&d, 1, 16);
     let (code, _, err) = train(&cfg, &[]);
     assert_eq!(code, 0, "{err}");
     let run = d.join("run");

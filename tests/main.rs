@@ -21,6 +21,28 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Writes a small corpus and the run settings of a quick samba-micro run under `d` (byte
+/// tokenizer, 32-token windows, `steps` steps, `max_new` new tokens of context for
+/// generation, the run in `d/run`); returns the settings' path.
+pub fn tiny_run_config(d: &Path, steps: u64, max_new: u64) -> PathBuf {
+    let docs = d.join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    for i in 0..4 {
+        std::fs::write(docs.join(format!("d{i}.txt")), "the whale and the sea ".repeat(40)).unwrap();
+    }
+    let cfg = d.join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "spec = \"{}\"\n[train]\nseq_len = 32\nbatch_size = 2\nsteps = {steps}\neval_batches = 1\n[data]\ntrain = [\"{}\"]\ntokenizer = \"byte\"\n[checkpoint]\ndir = \"run\"\n[generate]\nmax_new_tokens = {max_new}\n",
+            root().join("specs/tiny/samba-micro.weft").display(),
+            docs.display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
 /// Checks a spec under the repository root; panics with the rendered errors if it fails.
 pub fn checked(rel: &str) -> weft::Checked {
     match weft::check_file(Path::new(rel)) {

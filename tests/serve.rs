@@ -85,22 +85,9 @@ fn start(run: &str, extra: &[&str]) -> Server {
 fn the_server_completes_as_generate_does_and_refuses_bad_requests() {
     let d = std::env::temp_dir().join(format!("weft-serve-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
-    let docs = d.join("docs");
-    std::fs::create_dir_all(&docs).unwrap();
-    for i in 0..4 {
-        std::fs::write(docs.join(format!("d{i}.txt")), "the whale and the sea ".repeat(40)).unwrap();
-    }
-    let cfg = d.join("run.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "spec = \"{}\"\n[train]\nseq_len = 32\nbatch_size = 2\nsteps = 2\neval_batches = 1\n[data]\ntrain = [\"{}\"]\ntokenizer = \"byte\"\n[checkpoint]\ndir = \"{}\"\n[generate]\nmax_new_tokens = 100000\n",
-            crate::root().join("specs/tiny/samba-micro.weft").display(),
-            docs.display(),
-            d.join("run").display()
-        ),
-    )
-    .unwrap();
+    // A context of 100,032 tokens: room for a request that holds its slot for minutes.
+    std::fs::create_dir_all(&d).unwrap();
+    let cfg = crate::tiny_run_config(&d, 2, 100_000);
     let (code, _, err) = weft(&["train", "--no-progress", "--backend", "cpu", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     let run = d.join("run");

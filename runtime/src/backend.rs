@@ -139,15 +139,9 @@ impl Backend for CpuBackend {
         first: usize,
         rows: &Tensor<f32>,
     ) -> Result<(), String> {
-        let ty = self.program.plan(plan).map_err(|e| e.0)?.input_type(name).cloned();
-        let ty = ty.ok_or_else(|| format!("plan `{plan}` has no input `{name}`"))?;
-        let shape =
-            carried_shape(&ty, batch).ok_or_else(|| format!("`{name}` ({}) is not one row per sequence", ty.shape))?;
+        let shape = carried_rows(self.program.plan(plan).map_err(|e| e.0)?, name, batch, first, rows)?;
         let per: usize = shape[1..].iter().product();
-        let n = rows.shape.first().copied().unwrap_or(0);
-        if rows.shape.get(1..) != Some(&shape[1..]) || first + n > batch {
-            return Err(format!("`{name}`: {:?} cannot go to rows {first}..{} of {shape:?}", rows.shape, first + n));
-        }
+        let n = rows.shape[0];
         let slot = self.carried.entry(name.to_string()).or_insert_with(|| Tensor::real(vec![0], vec![]));
         if slot.shape != shape {
             *slot = Tensor::real(shape.clone(), vec![0.0; shape.iter().product()]);
@@ -184,20 +178,33 @@ impl Backend for CpuBackend {
     }
 }
 
-/// The shape of a carried value `[B, ...]` at `batch` sequences (none unless only its first
-/// dimension is the batch).
-pub fn carried_shape(ty: &crate::shape::TensorType, batch: usize) -> Option<Vec<usize>> {
+/// Checks [`Backend::put_carried`]'s arguments against `plan`: returns the shape of the carried
+/// input `name` (`[B, ...]`, only its first dimension the batch) at `batch` sequences, which
+/// `rows` (`[n, ...]`) fits at rows `first..first + n`.
+pub fn carried_rows(
+    plan: &crate::plan::Plan,
+    name: &str,
+    batch: usize,
+    first: usize,
+    rows: &Tensor<f32>,
+) -> Result<Vec<usize>, String> {
     use crate::shape::Dim;
-    let (first, rest) = ty.shape.0.split_first()?;
-    if *first != Dim::Batch {
-        return None;
+    let ty = plan.input_type(name).ok_or_else(|| format!("plan `{}` has no input `{name}`", plan.name))?;
+    let not_rows = || format!("`{name}` ({}) is not one row per sequence", ty.shape);
+    let (lead, rest) = ty.shape.0.split_first().ok_or_else(not_rows)?;
+    if *lead != Dim::Batch {
+        return Err(not_rows());
     }
     let mut shape = vec![batch];
     for d in rest {
         match d {
             Dim::Fixed(n) => shape.push(*n as usize),
-            _ => return None,
+            _ => return Err(not_rows()),
         }
     }
-    Some(shape)
+    let n = rows.shape.first().copied().unwrap_or(0);
+    if rows.shape.get(1..) != Some(&shape[1..]) || first + n > batch {
+        return Err(format!("`{name}`: {:?} cannot go to rows {first}..{} of {shape:?}", rows.shape, first + n));
+    }
+    Ok(shape)
 }

@@ -47,6 +47,19 @@ pub struct ServeOptions {
     pub queue: usize,
 }
 
+/// Where to listen and how long the queue is, as both command lines take them.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServeFlags {
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// 0 takes any free port (the address is printed when the server listens).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Requests that may wait for a slot; past that the server answers 429.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
+    pub queue: u64,
+}
+
 /// What the engine thread sends back for one request.
 enum Msg {
     Token { token: u32, logprobs: Option<Logprobs> },

@@ -117,14 +117,8 @@ enum Command {
         /// The run directory (made by `weft train` or `weft-run train`).
         #[arg(long)]
         run: PathBuf,
-        #[arg(long, default_value = "127.0.0.1")]
-        host: String,
-        /// 0 takes any free port (the address is printed when the server listens).
-        #[arg(long, default_value_t = 8000)]
-        port: u16,
-        /// Requests that may wait for a slot; past that the server answers 429.
-        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
-        queue: u64,
+        #[command(flatten)]
+        flags: weft_runtime::serve::ServeFlags,
         #[arg(long, value_enum, default_value = "gpu")]
         backend: BackendArg,
     },
@@ -305,7 +299,8 @@ fn run(command: Command) -> Result<bool, String> {
             );
             Ok(true)
         }
-        Command::Serve { bundle: path, run, host, port, queue, backend } => {
+        Command::Serve { bundle: path, run, flags, backend } => {
+            let weft_runtime::serve::ServeFlags { host, port, queue } = flags;
             let g = open_generation(&path, &run)?;
             let slots = g.bundle.plans.get("decode").ok_or("the bundle has no decode plan")?.0.batch as usize;
             let vocab = g.bundle.program.vocab().ok_or("the model has no embedding table")?;
@@ -501,8 +496,8 @@ mod tests {
                         (7, Some(std::path::Path::new("-")))
                     )
                 }
-                Command::Serve { port, queue, host, .. } => {
-                    assert_eq!((port, queue, host.as_str()), (0, 4, "127.0.0.1"))
+                Command::Serve { flags, .. } => {
+                    assert_eq!((flags.port, flags.queue, flags.host.as_str()), (0, 4, "127.0.0.1"))
                 }
                 Command::Info => {}
             }

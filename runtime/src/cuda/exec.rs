@@ -616,17 +616,8 @@ impl GpuBackend {
     ) -> Result<(), GpuError> {
         self.load_plan(plan)?;
         let lp = &self.plans[plan];
-        let ty = lp.plan.input_type(name).ok_or_else(|| GpuError(format!("plan `{plan}` has no input `{name}`")))?;
-        let shape = crate::backend::carried_shape(ty, batch)
-            .ok_or_else(|| GpuError(format!("`{name}` ({}) is not one row per sequence", ty.shape)))?;
-        let n = rows.shape.first().copied().unwrap_or(0);
-        if rows.shape.get(1..) != Some(&shape[1..]) || first + n > batch {
-            return Err(GpuError(format!(
-                "`{name}`: {:?} cannot go to rows {first}..{} of {shape:?}",
-                rows.shape,
-                first + n
-            )));
-        }
+        crate::backend::carried_rows(&lp.plan, name, batch, first, rows).map_err(GpuError)?;
+        let ty = lp.plan.input_type(name).expect("checked");
         if batch as u64 > lp.shape.batch {
             return Err(GpuError(format!(
                 "plan `{plan}` was built for up to {} sequences, not {batch}: rebuild the bundle with a larger generate.batch",
