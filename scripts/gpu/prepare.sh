@@ -33,6 +33,14 @@ if [ ! -f runs/samba-micro/tokenizer.json ]; then
 fi
 build specs/tiny/samba-micro.weft "$config" samba-micro-train
 cp runs/samba-micro/tokenizer.json "$out/"
+# The engine and server checks' run: samba-micro after 40 CPU steps (trained once, kept in runs/).
+serve=scripts/gpu/micro-serve.toml
+[ -f runs/micro-serve/latest ] || ./target/release/weft train --config "$serve" --backend cpu --no-progress >/dev/null
+build specs/tiny/samba-micro.weft "$serve" micro-serve
+mkdir -p "$out/micro-serve-run"
+cp runs/micro-serve/{run.json,tokenizer.json,latest} "$out/micro-serve-run/"
+cp -r "runs/micro-serve/$(cat runs/micro-serve/latest)" "$out/micro-serve-run/"
+cp scripts/gpu/serve_check.py "$out/"
 mapfile -t files < <(ls data/corpus/moby-dick/chapter-*.txt | sort)
 n=${#files[@]}
 nv=$(( (n * 5 + 99) / 100 ))

@@ -3,8 +3,9 @@
 # prepare.sh filled); a summary table comes last. libcuda comes from the driver; libcublasLt.so.13
 # is looked up in python3's site-packages (NVIDIA's PyPI wheel), then anywhere on the root file
 # system. Parts: CHECK (bundle names, or "none"), RUNS=0 skips the training runs, BENCH (bundle
-# names, or "none"), DECODE (bundle names for the generation benchmark, or "none"); logs go to
-# $OUT when it is set.
+# names, or "none"), DECODE (bundle names for the generation benchmark, or "none"), ENGINE=0
+# skips the engine and server checks (WHEELS: a folder with the openai client); logs go to $OUT
+# when it is set.
 set -uo pipefail
 cd "$(dirname "$0")"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -72,6 +73,47 @@ case "${RUNS:-1}" in
   side) ( summary=(); training_runs; printf '%s\n' "${summary[@]}" > runs.result ) & side=$! ;;
   *) late "training runs" || training_runs ;;
 esac
+
+# ---- the engine and the server: prompts of different lengths decoded together, then HTTP ----
+# micro-serve is samba-micro after 40 CPU steps (prepare.sh), four sequences per decode step.
+ENGINE=${ENGINE:-1}
+PROMPTS=("Call me Ishmael." "It was the best of times" "The whale"
+  "Some years ago, never mind how long precisely, having little or no money in my purse, and nothing particular to interest me on shore,"
+  "Queequeg" "I stuffed a shirt or two into my old carpet-bag, tucked it under my arm, and started for")
+gen() { ./weft-run generate micro-serve.bundle --run micro-serve-run --max-new-tokens 48 --temperature 0 "$@"; }
+same_texts() { python3 -c 'import json,sys; a,b=[[json.loads(l)["text"] for l in open(f)] for f in sys.argv[1:]]; print(sum(x==y for x,y in zip(a,b)) if len(a)==len(b) else -1)' "$1" "$2"; }
+engine_runs() {
+  printf '%s\n' "${PROMPTS[@]}" > prompts.txt
+  echo "=== engine: ${#PROMPTS[@]} prompts, 4 slots"
+  for be in gpu cpu; do
+    gen --prompts prompts.txt --backend $be > engine-$be.jsonl 2> engine-$be.log || echo "FAIL" >> engine-$be.log
+    cat engine-$be.log engine-$be.jsonl
+  done
+  : > engine-alone.jsonl
+  for p in "${PROMPTS[@]}"; do printf '%s\n' "$p" | gen --prompts - --backend gpu >> engine-alone.jsonl 2>> engine-alone.log; done
+  local n=${#PROMPTS[@]}
+  note "engine (GPU, 4 slots, ${#PROMPTS[@]} prompts): $(same_texts engine-gpu.jsonl engine-alone.jsonl)/$n texts equal each prompt alone; $(same_texts engine-gpu.jsonl engine-cpu.jsonl)/$n equal the CPU reference's; $(grep -o '[0-9.]* s on [a-z0-9-]*' engine-gpu.log)"
+  echo "=== serve on the GPU"
+  ./weft-run serve micro-serve.bundle --run micro-serve-run --port 8321 --backend gpu > serve.log 2>&1 &
+  local spid=$! up=0
+  for _ in $(seq 300); do
+    if python3 -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:8321/health", timeout=1)' 2>/dev/null; then up=1; break; fi
+    kill -0 $spid 2>/dev/null || break
+    sleep 0.2
+  done
+  if [ $up = 1 ]; then
+    PYTHONPATH=${WHEELS:-} python3 serve_check.py http://127.0.0.1:8321 engine-gpu.jsonl 48 2>&1 | tee serve-check.log
+    kill -INT $spid; wait $spid; local rc=$?
+    note "serve (GPU): $(grep -c ': ok:' serve-check.log) checks ok, $(grep -c ': FAIL:' serve-check.log) failed; SIGINT -> exit $rc"
+    mapfile -t bad < <(grep ': FAIL:' serve-check.log)
+    for l in "${bad[@]}"; do note "  $l"; done
+  else
+    kill $spid 2>/dev/null
+    note "serve (GPU): FAIL (never answered /health; see serve.log)"
+  fi
+  cat serve.log
+}
+if [ "$ENGINE" = 1 ]; then late "engine" || engine_runs; fi
 
 # ---- the check: every step against f64 and a bf16-rounding CPU run, then the whole model ----
 # Decode runs far past each window and past full attention's prompt where the case is about it
