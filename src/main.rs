@@ -168,6 +168,9 @@ enum Command {
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendArg,
     },
+    /// Load a completions server with concurrent streaming clients; report throughput and
+    /// latencies (exits non-zero if a request failed).
+    Load(weft_runtime::load::LoadFlags),
     /// Serve the newest checkpoint of a training run over HTTP, OpenAI's completions API
     /// (until SIGINT or SIGTERM).
     Serve {
@@ -378,14 +381,18 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 r.out_dir.join("loss.svg").display()
             );
         }
+        Command::Load(flags) => {
+            if !report(weft_runtime::load::run_and_report(&flags))? {
+                return Err(Reported);
+            }
+        }
         Command::Serve { run, flags, slots, backend } => {
-            let weft_runtime::serve::ServeFlags { host, port, queue } = flags;
             let choice = match backend {
                 BackendArg::Auto => weft::run::BackendChoice::Auto,
                 BackendArg::Cpu => weft::run::BackendChoice::Cpu,
                 BackendArg::Gpu => weft::run::BackendChoice::Gpu,
             };
-            report(weft::run::serve_on(&run, choice, host, port, slots as usize, queue as usize))?;
+            report(weft::run::serve_on(&run, choice, &flags, slots as usize))?;
         }
         Command::Generate { run, flags, backend } => {
             let (prompt, sampling, options) = report(flags.resolve())?;

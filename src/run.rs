@@ -382,17 +382,15 @@ fn generation_config(info: &weft_runtime::run::RunInfo, slots: usize) -> RunConf
 pub fn serve_on(
     run_dir: &Path,
     choice: BackendChoice,
-    host: String,
-    port: u16,
+    flags: &weft_runtime::serve::ServeFlags,
     slots: usize,
-    queue: usize,
 ) -> Result<(), String> {
     let run = open_run(run_dir)?;
     let c = generation_config(&run.info, slots);
     let context = run.info.max_context as usize;
     let vocab = run.program.vocab().ok_or("the model has no embedding table")?;
     let model = run.program.model.clone();
-    let o = weft_runtime::serve::ServeOptions { host, port, model, context, slots, queue };
+    let o = flags.options(model, context, slots);
     let (program, params) = (run.program, run.params);
     let make = Box::new(move || make_backend_with(program, &c, choice, Some(params)).map(|(b, _)| b));
     weft_runtime::serve::serve(o, run.tokenizer, vocab, make, |addr| eprintln!("listening on http://{addr}"))

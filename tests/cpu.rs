@@ -452,11 +452,11 @@ fn the_engine_gives_each_request_the_tokens_it_gets_alone() {
         generate(&mut be, &r.prompt, r.max_new.min(64 - r.prompt.len()), &r.sampling, stop, |_| true).unwrap()
     };
     let mut reqs = vec![
-        Request { prompt: prompt(5, 3), max_new: 12, sampling: greedy.clone(), stop: vec![], logprobs: None },
-        Request { prompt: prompt(9, 5), max_new: 7, sampling: warm, stop: vec![], logprobs: None },
-        Request { prompt: prompt(3, 7), max_new: 20, sampling: greedy.clone(), stop: vec![], logprobs: None },
+        Request::new(prompt(5, 3), 12, greedy.clone(), vec![]),
+        Request::new(prompt(9, 5), 7, warm, vec![]),
+        Request::new(prompt(3, 7), 20, greedy.clone(), vec![]),
         // 60 of the 64 positions: the context leaves 4 new tokens.
-        Request { prompt: prompt(60, 11), max_new: 30, sampling: greedy, stop: vec![], logprobs: None },
+        Request::new(prompt(60, 11), 30, greedy, vec![]),
     ];
     let third = alone(&reqs[2]);
     reqs[2].stop = vec![third[4]];
@@ -476,6 +476,7 @@ fn the_engine_gives_each_request_the_tokens_it_gets_alone() {
             match e {
                 Event::Token { id, token, .. } => got.entry(id).or_default().push(token),
                 Event::Done { id, finish } => done.push((id, finish)),
+                Event::Prompt { .. } => panic!("no request asked for its prompt's log-probabilities"),
             }
         }
         most_live = most_live.max(engine.live());
@@ -497,8 +498,7 @@ fn the_engine_frees_a_cancelled_slot_and_refuses_bad_requests() {
     use weft_runtime::generate::Sampling;
     let (p, _) = program(EVERY_KIND);
     let greedy = Sampling { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 };
-    let req =
-        |prompt: Vec<u32>| Request { prompt, max_new: 10, sampling: greedy.clone(), stop: vec![], logprobs: None };
+    let req = |prompt: Vec<u32>| Request::new(prompt, 10, greedy.clone(), vec![]);
     let mut be = CpuBackend::new(p, 3);
     let mut engine = Engine::new(&mut be, 1, 64).unwrap();
     let bad = |e: Result<usize, String>| e.unwrap_err();
@@ -567,13 +567,16 @@ fn the_engine_reports_each_tokens_log_probability() {
     let prompt: Vec<u32> = vec![3, 9, 27, 17, 4, 12];
     let mut be = CpuBackend::new_f64(p, 8);
     let mut engine = Engine::new(&mut be, 2, 64).unwrap();
-    let r = Request { prompt: prompt.clone(), max_new: 9, sampling: greedy, stop: vec![], logprobs: Some(3) };
+    let r = Request { logprobs: Some(3), echo: Some(2), ..Request::new(prompt.clone(), 9, greedy, vec![]) };
     engine.submit(r).unwrap();
     let mut got = Vec::new();
+    let mut scored = Vec::new();
     while !engine.idle() {
         for e in engine.step().unwrap() {
-            if let Event::Token { token, logprobs, .. } = e {
-                got.push((token, logprobs.unwrap()));
+            match e {
+                Event::Token { token, logprobs, .. } => got.push((token, logprobs.unwrap())),
+                Event::Prompt { logprobs, .. } => scored = logprobs,
+                Event::Done { .. } => {}
             }
         }
     }
@@ -596,4 +599,46 @@ fn the_engine_reports_each_tokens_log_probability() {
         assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1), "token {i}: {:?}", lp.top);
         assert!(lp.top.iter().map(|t| (t.1 as f64).exp()).sum::<f64>() <= 1.0 + 1e-6);
     }
+    // With echo, each prompt token's log-probability given those before it (none for the
+    // first), before any new token.
+    assert_eq!(scored.len(), prompt.len());
+    assert!(scored[0].is_none());
+    for (j, lp) in scored.iter().enumerate().skip(1) {
+        let lp = lp.as_ref().unwrap();
+        let want = score[j - 1] as f64;
+        let tol = 2.0 * zmax * 2f64.powi(-24) + 2.0 * want.abs() * 2f64.powi(-24) + 1e-9;
+        assert!((lp.logprob as f64 - want).abs() <= tol, "prompt token {j}: {} against {want}", lp.logprob);
+        assert_eq!(lp.top.len(), 2);
+        assert!(lp.top[0].1 >= lp.logprob);
+    }
+}
+
+/// Stop tokens are out of the draw until `min_new` tokens are out: a stop token the sequence
+/// meets at once alone is not drawn before then, and the tokens before it do not change.
+#[test]
+fn the_engine_draws_no_stop_token_before_min_new() {
+    use weft_runtime::backend::CpuBackend;
+    use weft_runtime::engine::{Engine, Request};
+    use weft_runtime::generate::Sampling;
+    let (p, _) = program(EVERY_KIND);
+    let greedy = Sampling { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 };
+    let prompt: Vec<u32> = vec![3, 9, 27, 17];
+    let run = |r: Request| {
+        let mut be = CpuBackend::new(p.clone(), 3);
+        let mut engine = Engine::new(&mut be, 1, 64).unwrap();
+        engine.submit(r).unwrap();
+        engine.run_to_end(|_| {}).unwrap().remove(&0).unwrap()
+    };
+    let free = run(Request::new(prompt.clone(), 12, greedy.clone(), vec![]));
+    let stop = free[1];
+    let k = free.iter().position(|&t| t == stop).unwrap();
+    assert_eq!(run(Request::new(prompt.clone(), 12, greedy.clone(), vec![stop])), free[..=k]);
+    let min = 6;
+    let late = run(Request { min_new: min, ..Request::new(prompt.clone(), 12, greedy.clone(), vec![stop]) });
+    assert!(late.len() >= min && !late[..min].contains(&stop), "{late:?} (stop {stop})");
+    assert_eq!(late[..k], free[..k]);
+    assert!(late.len() == 12 || late.last() == Some(&stop), "{late:?}");
+    let bad = Request { min_new: 13, ..Request::new(prompt, 12, greedy, vec![stop]) };
+    let mut be = CpuBackend::new(p, 3);
+    assert!(Engine::new(&mut be, 1, 64).unwrap().submit(bad).unwrap_err().contains("at least 13"));
 }

@@ -266,3 +266,173 @@ fn the_server_completes_as_generate_does_and_refuses_bad_requests() {
     drop(server);
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// What the evaluation harness and load generators rely on: `echo` with `logprobs` scores every
+/// prompt token (exactly the log-softmax of the logits plan's row before it; nothing for the
+/// first), `min_tokens` keeps stop strings from ending the text early, presets by name,
+/// `include_usage`, `/tokenizer_info`; an unknown model is 404; slow and idle connections are
+/// closed at the timeout (a slow body gets 408); the latency histograms count every request;
+/// and the load generator's streams all get their tokens.
+#[test]
+fn the_server_scores_prompts_times_out_slow_clients_and_bears_load() {
+    use weft_runtime::backend::{Backend, CpuBackend};
+    use weft_runtime::cpu::tensor::Tensor;
+    use weft_runtime::engine::Logprobs;
+    let d = std::env::temp_dir().join(format!("weft-serve-eval-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let cfg = crate::tiny_run_config(&d, 2, 64);
+    let (code, _, err) = weft(&["train", "--no-progress", "--backend", "cpu", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let run_dir = d.join("run");
+    let run = run_dir.to_str().unwrap();
+    let server = start(run, &["--slots", "2", "--timeout", "1"]);
+    let a = server.addr.as_str();
+    let ask = |body: &serde_json::Value| {
+        let (status, text) = http(a, "POST", "/v1/completions", body.to_string().as_bytes());
+        (status, json(&text))
+    };
+
+    // echo + logprobs, two token-id prompts in one request, as lm-evaluation-harness sends them.
+    let prompts = [vec![116u32, 104, 101, 32, 119, 104, 97, 108, 101], vec![115, 101, 97, 32, 97, 110, 100]];
+    let (status, r) = ask(&serde_json::json!({
+        "prompt": prompts, "max_tokens": 1, "logprobs": 2, "echo": true, "temperature": 0, "seed": 1234,
+    }));
+    assert_eq!(status, 200, "{r}");
+    let opened = weft::run::open_run(&run_dir).unwrap();
+    let mut be = CpuBackend::new(opened.program, 0);
+    be.write(opened.params).unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        let lp = &r["choices"][i]["logprobs"];
+        assert_eq!(r["choices"][i]["index"], i);
+        let tokens = lp["tokens"].as_array().unwrap();
+        assert_eq!(tokens.len(), p.len() + 1, "the prompt's tokens, then the new one: {lp}");
+        assert!(lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null());
+        let ids: Vec<i32> = p.iter().map(|&t| t as i32).collect();
+        let out = be.run("logits", vec![("tokens".into(), Tensor::ints(vec![1, ids.len()], ids))]).unwrap();
+        let logits = out["logits"].reals().unwrap();
+        let vocab = logits.len() / p.len();
+        for j in 1..p.len() {
+            let want = Logprobs::of(&logits[(j - 1) * vocab..j * vocab], p[j], 2);
+            assert_eq!(lp["token_logprobs"][j].as_f64().unwrap() as f32, want.logprob, "prompt {i} token {j}");
+            let top = lp["top_logprobs"][j].as_object().unwrap();
+            assert_eq!(top.len(), 2);
+            let best = top.values().map(|v| v.as_f64().unwrap() as f32).fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(best, want.top[0].1, "prompt {i} token {j}");
+        }
+        // The text is the prompt's, then the new token's; offsets count through both.
+        let text = r["choices"][i]["text"].as_str().unwrap();
+        let offsets: Vec<u64> = lp["text_offset"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        assert_eq!(offsets[..3], [0, 1, 2]);
+        assert_eq!(*offsets.last().unwrap() as usize, p.len(), "{text:?}");
+    }
+
+    // min_tokens: a stop string counts only from the min_tokens-th token on. Byte tokens: one
+    // character each, so the text is cut at the first stop at or after that character.
+    let plain = |extra: serde_json::Value| {
+        let mut body = serde_json::json!({ "prompt": "the whale", "max_tokens": 12, "temperature": 0 });
+        let o = body.as_object_mut().unwrap();
+        o.extend(extra.as_object().unwrap().clone());
+        if o.contains_key("preset") {
+            o.remove("temperature");
+        }
+        let (status, r) = ask(&body);
+        assert_eq!(status, 200, "{r}");
+        r["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    let want = plain(serde_json::json!({}));
+    assert!(want.is_ascii() && want.len() == 12, "{want:?}");
+    let stop = &want[1..2];
+    assert_eq!(plain(serde_json::json!({ "stop": stop })), want[..want.find(stop).unwrap()]);
+    let min = 6;
+    let cut = want[min - 1..].find(stop).map_or(want.len(), |k| k + min - 1);
+    assert_eq!(plain(serde_json::json!({ "stop": stop, "min_tokens": min })), want[..cut], "stop {stop:?}");
+    // Presets by name.
+    assert_eq!(plain(serde_json::json!({ "preset": "greedy" })), want);
+    let (status, e) = ask(&serde_json::json!({ "prompt": "x", "preset": "humaneval", "temperature": 0.5 }));
+    assert_eq!(status, 400, "{e}");
+    let (status, e) = ask(&serde_json::json!({ "prompt": "x", "preset": "hot" }));
+    assert!(status == 400 && e["error"]["message"].as_str().unwrap().contains("greedy, humaneval, mbpp"), "{e}");
+    let (status, e) = ask(&serde_json::json!({ "prompt": "x", "max_tokens": 2, "min_tokens": 3 }));
+    assert!(status == 400 && e["error"]["message"].as_str().unwrap().contains("min_tokens"), "{e}");
+    let (status, e) = ask(&serde_json::json!({ "prompt": "x", "model": "gpt-9" }));
+    assert!(status == 404 && e["error"]["message"].as_str().unwrap().contains("gpt-9"), "{e}");
+    // include_usage: a last chunk with no choices and the usage, before [DONE].
+    let body = serde_json::json!({
+        "prompt": "the whale", "max_tokens": 5, "temperature": 0, "ignore_eos": true, "stream": true,
+        "stream_options": { "include_usage": true },
+    });
+    let (status, text) = http(a, "POST", "/v1/completions", body.to_string().as_bytes());
+    assert_eq!(status, 200);
+    let data: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(data.last(), Some(&"[DONE]"));
+    let usage = json(data[data.len() - 2]);
+    assert_eq!(usage["choices"].as_array().map(Vec::len), Some(0), "{usage}");
+    assert_eq!(usage["usage"]["completion_tokens"], 5);
+    let info = json(&http(a, "GET", "/tokenizer_info", b"").1);
+    assert_eq!((info["eos_token"].as_str(), info["vocab_size"].as_u64()), (Some("<|endoftext|>"), Some(257)));
+
+    // Timeouts of one second: an idle connection and a half-sent head are closed, a half-sent
+    // body gets 408; the server serves on.
+    let closed_within = |send: &[u8]| {
+        let mut s = TcpStream::connect(a).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(send).unwrap();
+        let t = std::time::Instant::now();
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        (t.elapsed(), String::from_utf8_lossy(&raw).into_owned())
+    };
+    let (t, got) = closed_within(b"");
+    assert!(got.is_empty() && t < Duration::from_secs(10), "idle: {got:?} after {t:?}");
+    let (t, got) = closed_within(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n");
+    assert!(!got.starts_with("HTTP/1.1 200") && t < Duration::from_secs(10), "slow head: {got:?} after {t:?}");
+    let (t, got) = closed_within(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompt\"");
+    assert!(got.starts_with("HTTP/1.1 408") && got.contains("did not arrive") && t < Duration::from_secs(10), "{got}");
+
+    // The load generator: 3 clients, 7 streamed requests of 8 tokens each.
+    let (code, out, err) = weft(&[
+        "load",
+        "--url",
+        &format!("http://{a}"),
+        "--clients",
+        "3",
+        "--requests",
+        "7",
+        "--prompt-tokens",
+        "5:20",
+        "--output-tokens",
+        "8",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let report = json(out.trim());
+    assert_eq!((report["requests"].as_u64(), report["errors"].as_u64()), (Some(7), Some(0)), "{report}");
+    assert_eq!(report["output_tokens"], 56);
+    let p = report["prompt_tokens"].as_u64().unwrap();
+    assert!((35..=140).contains(&p), "{report}");
+    assert!(report["ttft_ms"]["p50"].as_f64().unwrap() > 0.0 && report["itl_ms"]["p99"].as_f64().unwrap() > 0.0);
+
+    // Every request is in the latency histograms: cumulative buckets, +Inf equal to the count.
+    let (_, text) = http(a, "GET", "/metrics", b"");
+    let value = |name: &str| -> f64 {
+        text.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok()).unwrap_or(-1.0)
+    };
+    let served = value("weft_e2e_request_latency_seconds_count ");
+    // 2 scored + 4 plain + 1 streamed + 7 from the load generator.
+    assert!(served >= 14.0, "{text}");
+    for h in
+        ["weft_time_to_first_token_seconds", "weft_inter_token_latency_seconds", "weft_e2e_request_latency_seconds"]
+    {
+        let buckets: Vec<f64> = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{h}_bucket")))
+            .map(|l| l.rsplit_once(' ').unwrap().1.parse().unwrap())
+            .collect();
+        assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{h}: {buckets:?}");
+        assert_eq!(buckets.last().copied(), Some(value(&format!("{h}_count "))), "{h}");
+    }
+    assert!(value("weft_inter_token_latency_seconds_count ") >= 7.0 * 7.0);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&d);
+}

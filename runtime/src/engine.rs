@@ -25,9 +25,21 @@ pub struct Request {
     pub sampling: Sampling,
     /// Tokens that end the sequence (the stop token itself is given out).
     pub stop: Vec<u32>,
+    /// The stop tokens are not drawn before this many new tokens.
+    pub min_new: usize,
     /// With `Some(n)`, each token comes with its log-probability under the model (before
     /// temperature and truncation) and the `n` most likely tokens' (at most [`MAX_TOP_LOGPROBS`]).
     pub logprobs: Option<usize>,
+    /// With `Some(n)`, the sequence first gives each prompt token's log-probability given the
+    /// tokens before it, with the `n` most likely there ([`Event::Prompt`]).
+    pub echo: Option<usize>,
+}
+
+impl Request {
+    /// Greedy or sampled tokens after `prompt`, ending at `stop`, with nothing else asked.
+    pub fn new(prompt: Vec<u32>, max_new: usize, sampling: Sampling, stop: Vec<u32>) -> Request {
+        Request { prompt, max_new, sampling, stop, min_new: 0, logprobs: None, echo: None }
+    }
 }
 
 /// The most alternatives a token's log-probabilities list.
@@ -72,8 +84,21 @@ pub enum Finish {
 /// What one step gave out, in slot order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    Token { id: usize, token: u32, logprobs: Option<Logprobs> },
-    Done { id: usize, finish: Finish },
+    /// The prompt's log-probabilities (with [`Request::echo`]), before its first token: none
+    /// for the first prompt token, which nothing precedes.
+    Prompt {
+        id: usize,
+        logprobs: Vec<Option<Logprobs>>,
+    },
+    Token {
+        id: usize,
+        token: u32,
+        logprobs: Option<Logprobs>,
+    },
+    Done {
+        id: usize,
+        finish: Finish,
+    },
 }
 
 /// A sequence in a slot: the token it decodes next, at position `pos`.
@@ -85,7 +110,24 @@ struct Live {
     max_new: usize,
     sampling: Sampling,
     stop: Vec<u32>,
+    min_new: usize,
     logprobs: Option<usize>,
+}
+
+impl Live {
+    /// The next token from its logits `row`: stop tokens are out of the draw until `min_new`.
+    fn pick(&self, row: &[f32]) -> u32 {
+        if self.produced >= self.min_new || self.stop.is_empty() {
+            return sample(row, &self.sampling, self.produced as u64);
+        }
+        let mut row = row.to_vec();
+        for &t in &self.stop {
+            if let Some(z) = row.get_mut(t as usize) {
+                *z = f32::NEG_INFINITY;
+            }
+        }
+        sample(&row, &self.sampling, self.produced as u64)
+    }
 }
 
 pub struct Engine<'b> {
@@ -129,8 +171,11 @@ impl<'b> Engine<'b> {
             return Err(format!("token id {t} is outside the vocabulary of {}", self.vocab));
         }
         r.sampling.validate()?;
-        if r.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+        if [r.logprobs, r.echo].iter().flatten().any(|&n| n > MAX_TOP_LOGPROBS) {
             return Err(format!("at most {MAX_TOP_LOGPROBS} alternatives per token's log-probabilities"));
+        }
+        if r.min_new > r.max_new {
+            return Err(format!("at least {} new tokens cannot be at most {}", r.min_new, r.max_new));
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -198,26 +243,39 @@ impl<'b> Engine<'b> {
     }
 
     fn join(&mut self, slot: usize, id: usize, r: Request, events: &mut Vec<Event>) -> Result<(), String> {
+        let ids: Vec<i32> = r.prompt.iter().map(|&t| t as i32).collect();
+        let tokens = || vec![("tokens".to_string(), Tensor::ints(vec![1, ids.len()], ids.clone()))];
+        if let Some(n) = r.echo {
+            // Every position's logits: each prompt token scored given those before it.
+            let out = self.backend.run("logits", tokens())?;
+            let l = out.get("logits").and_then(|t| t.reals()).ok_or("the logits plan gave no logits")?;
+            if l.len() != ids.len() * self.vocab {
+                return Err(format!("the logits plan gave {} logits for {} tokens", l.len(), ids.len()));
+            }
+            let rows = l.chunks(self.vocab);
+            let scored = rows.zip(&r.prompt[1..]).map(|(row, &t)| Some(Logprobs::of(row, t, n)));
+            events.push(Event::Prompt { id, logprobs: std::iter::once(None).chain(scored).collect() });
+        }
         let max_new = r.max_new.min(self.context - r.prompt.len());
         if max_new == 0 {
             events.push(Event::Done { id, finish: Finish::Length });
             return Ok(());
         }
-        let ids: Vec<i32> = r.prompt.iter().map(|&t| t as i32).collect();
-        let out = self.backend.run("prefill", vec![("tokens".into(), Tensor::ints(vec![1, ids.len()], ids))])?;
+        let out = self.backend.run("prefill", tokens())?;
         let row = last_row(&out, self.vocab)?;
-        let first = sample(row, &r.sampling, 0);
-        let lp = r.logprobs.map(|n| Logprobs::of(row, first, n));
         let mut live = Live {
             id,
             pos: r.prompt.len(),
-            next: first,
+            next: 0,
             produced: 0,
             max_new,
             sampling: r.sampling,
             stop: r.stop,
+            min_new: r.min_new,
             logprobs: r.logprobs,
         };
+        let first = live.pick(row);
+        let lp = r.logprobs.map(|n| Logprobs::of(row, first, n));
         if self.emit(&mut live, first, lp, events) {
             return Ok(());
         }
@@ -261,7 +319,7 @@ impl<'b> Engine<'b> {
         for s in 0..self.slots.len() {
             let Some(mut live) = self.slots[s].take() else { continue };
             let row = &logits[s * v..(s + 1) * v];
-            let token = sample(row, &live.sampling, live.produced as u64);
+            let token = live.pick(row);
             let lp = live.logprobs.map(|n| Logprobs::of(row, token, n));
             live.pos += 1;
             if !self.emit(&mut live, token, lp, events) {

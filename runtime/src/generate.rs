@@ -334,12 +334,31 @@ pub struct TextStream<'t> {
     text: String,
     shown: usize,
     stopped: bool,
+    /// Stop strings count from the `min_tokens`-th token on (as vLLM's `min_tokens`).
+    min_tokens: usize,
+    /// Where stop strings are looked for, once they count: from just before the text of that
+    /// token, so a stop string ending in it matches and none that ended earlier does.
+    search_from: Option<usize>,
 }
 
 impl<'t> TextStream<'t> {
     pub fn new(tokenizer: &'t Tokenizer, stops: &[String]) -> TextStream<'t> {
+        TextStream::with_min_tokens(tokenizer, stops, 0)
+    }
+
+    /// Stop strings end the text only from the `min_tokens`-th token on.
+    pub fn with_min_tokens(tokenizer: &'t Tokenizer, stops: &[String], min_tokens: usize) -> TextStream<'t> {
         let stops = stops.iter().filter(|s| !s.is_empty()).cloned().collect();
-        TextStream { tokenizer, stops, tokens: Vec::new(), text: String::new(), shown: 0, stopped: false }
+        TextStream {
+            tokenizer,
+            stops,
+            tokens: Vec::new(),
+            text: String::new(),
+            shown: 0,
+            stopped: false,
+            min_tokens,
+            search_from: (min_tokens == 0).then_some(0),
+        }
     }
 
     /// Adds a token; returns the text it makes safe to show (often empty).
@@ -348,11 +367,21 @@ impl<'t> TextStream<'t> {
             return String::new();
         }
         self.tokens.push(token);
+        if self.search_from.is_none() && self.tokens.len() >= self.min_tokens {
+            let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
+            let mut from = self.text.len().saturating_sub(longest.saturating_sub(1));
+            while !self.text.is_char_boundary(from) {
+                from -= 1;
+            }
+            self.search_from = Some(from);
+        }
         // The whole continuation each time, so characters split across tokens come out whole.
         let Ok(text) = self.tokenizer.decode(&self.tokens) else { return String::new() };
         self.text = text;
         let stops: Vec<&str> = self.stops.iter().map(String::as_str).collect();
-        if let Some(at) = stops.iter().filter_map(|s| self.text.find(s)).min() {
+        let from = self.search_from.filter(|&f| self.text.is_char_boundary(f));
+        let found = from.and_then(|f| stops.iter().filter_map(|s| self.text[f..].find(s).map(|i| f + i)).min());
+        if let Some(at) = found {
             self.text.truncate(at);
             self.stopped = true;
             let n = self.text.len();
@@ -453,7 +482,7 @@ pub fn generate_texts(
         let (ids, k) = encode_prompt(tokenizer, context, p, o).map_err(|e| format!("prompt {}: {e}", i + 1))?;
         kept.push(k);
         let sampling = Sampling { seed: sampling.seed.wrapping_add(i as u64), ..sampling.clone() };
-        let r = Request { prompt: ids, max_new: o.max_new, sampling, stop: vec![tokenizer.eot()], logprobs: None };
+        let r = Request::new(ids, o.max_new, sampling, vec![tokenizer.eot()]);
         engine.submit(r).map_err(|e| format!("prompt {}: {e}", i + 1))?;
     }
     let mut streams: Vec<TextStream> = prompts.iter().map(|_| TextStream::new(tokenizer, &o.stop)).collect();

@@ -17,6 +17,7 @@ pub mod flops;
 pub mod generate;
 pub mod init;
 pub mod io;
+pub mod load;
 pub mod memory;
 pub mod op;
 pub mod plan;

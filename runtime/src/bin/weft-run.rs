@@ -110,13 +110,23 @@ enum Command {
         #[arg(long, value_enum, default_value = "gpu")]
         backend: BackendArg,
     },
+    /// Load a completions server with concurrent streaming clients; report throughput and
+    /// latencies (exits non-zero if a request failed).
+    Load(weft_runtime::load::LoadFlags),
     /// Serve a run's newest checkpoint over HTTP, OpenAI's completions API, with the bundle's
     /// generation batch as the slots decoded at once (until SIGINT or SIGTERM).
     Serve {
         bundle: PathBuf,
         /// The run directory (made by `weft train` or `weft-run train`).
-        #[arg(long)]
-        run: PathBuf,
+        #[arg(long, required_unless_present = "random_weights")]
+        run: Option<PathBuf>,
+        /// Serve freshly initialised parameters (this seed) instead of a run's: for load tests
+        /// of a model never trained. Needs --tokenizer.
+        #[arg(long, conflicts_with = "run", requires = "tokenizer")]
+        random_weights: Option<u64>,
+        /// With --random-weights: `byte` or a tokenizer.json.
+        #[arg(long, requires = "random_weights")]
+        tokenizer: Option<String>,
         #[command(flatten)]
         flags: weft_runtime::serve::ServeFlags,
         #[arg(long, value_enum, default_value = "gpu")]
@@ -299,24 +309,33 @@ fn run(command: Command) -> Result<bool, String> {
             );
             Ok(true)
         }
-        Command::Serve { bundle: path, run, flags, backend } => {
-            let weft_runtime::serve::ServeFlags { host, port, queue } = flags;
-            let g = open_generation(&path, &run)?;
-            let slots = g.bundle.plans.get("decode").ok_or("the bundle has no decode plan")?.0.batch as usize;
-            let vocab = g.bundle.program.vocab().ok_or("the model has no embedding table")?;
-            let model = g.bundle.program.model.clone();
-            let o = weft_runtime::serve::ServeOptions {
-                host,
-                port,
-                model,
-                context: g.context,
-                slots,
-                queue: queue as usize,
+        Command::Load(flags) => weft_runtime::load::run_and_report(&flags),
+        Command::Serve { bundle: path, run, random_weights, tokenizer, flags, backend } => {
+            let (bundle, context, params, tokenizer, seed) = match (run, random_weights, tokenizer) {
+                (Some(run), _, _) => {
+                    let g = open_generation(&path, &run)?;
+                    (g.bundle, g.context, Some(g.run.params), g.run.tokenizer, g.seed)
+                }
+                (None, Some(seed), Some(t)) => {
+                    let bundle = Bundle::read(&path).map_err(|e| e.0)?;
+                    let context = bundle.plans.get("prefill").ok_or("the bundle has no prefill plan")?.0.seq as usize;
+                    let tokenizer = weft_runtime::data::Tokenizer::load(&t).map_err(|e| e.0)?;
+                    (bundle, context, None, tokenizer, seed)
+                }
+                _ => return Err("give --run DIR, or --random-weights SEED with --tokenizer".into()),
             };
-            let (bundle, params, seed) = (g.bundle, g.run.params, g.seed);
+            let slots = bundle.plans.get("decode").ok_or("the bundle has no decode plan")?.0.batch as usize;
+            let vocab = bundle.program.vocab().ok_or("the model has no embedding table")?;
+            if tokenizer.vocab_size() > vocab {
+                return Err(format!(
+                    "the tokenizer has {} tokens, more than the model's vocabulary of {vocab}",
+                    tokenizer.vocab_size()
+                ));
+            }
+            let o = flags.options(bundle.program.model.clone(), context, slots);
             // The backend is made on the engine's thread, which keeps it.
             let make = Box::new(move || backend_for(bundle, params, seed, backend));
-            weft_runtime::serve::serve(o, g.run.tokenizer, vocab, make, |a| eprintln!("listening on http://{a}"))?;
+            weft_runtime::serve::serve(o, tokenizer, vocab, make, |a| eprintln!("listening on http://{a}"))?;
             Ok(true)
         }
         Command::Generate { bundle: path, run, flags, backend } => {
@@ -327,7 +346,7 @@ fn run(command: Command) -> Result<bool, String> {
             // The bundle's generation batch is the engine's pool of slots (with --prompts).
             let slots = g.bundle.plans.get("decode").map(|p| p.0.batch as usize);
             let (r, context) = (g.run, g.context);
-            let mut be = backend_for(g.bundle, r.params, g.seed, backend)?;
+            let mut be = backend_for(g.bundle, Some(r.params), g.seed, backend)?;
             let started = Instant::now();
             if flags.prompts.is_some() {
                 let slots = slots.ok_or("the bundle has no decode plan")?;
@@ -406,23 +425,32 @@ fn open_generation(path: &std::path::Path, run: &std::path::Path) -> Result<Gene
     Ok(Generation { bundle, run: r, context, seed: info.settings.seed })
 }
 
-/// The backend a generation runs on, the checkpoint's parameters in place: on the GPU they go
-/// straight to the device (nothing is initialised only to be overwritten).
+/// The backend a generation runs on, the checkpoint's parameters in place (on the GPU they go
+/// straight to the device: nothing is initialised only to be overwritten), or with none, the
+/// parameters initialised from `seed`.
 fn backend_for(
     bundle: Bundle,
-    params: std::collections::BTreeMap<String, weft_runtime::cpu::tensor::Tensor<f32>>,
+    params: Option<std::collections::BTreeMap<String, weft_runtime::cpu::tensor::Tensor<f32>>>,
     seed: u64,
     backend: BackendArg,
 ) -> Result<Box<dyn Backend>, String> {
-    let cpu = |bundle: Bundle, params| -> Result<Box<dyn Backend>, String> {
+    let cpu = |bundle: Bundle, params: Option<_>| -> Result<Box<dyn Backend>, String> {
         let mut be = CpuBackend::new(bundle.program, seed);
-        be.write(params)?;
+        if let Some(p) = params {
+            be.write(p)?;
+        }
         Ok(Box::new(be))
     };
     match backend {
         BackendArg::Cpu => cpu(bundle, params),
         BackendArg::Gpu | BackendArg::Auto => match Gpu::open(0) {
-            Ok(gpu) => Ok(Box::new(GpuBackend::with_parameters(gpu, bundle, params).map_err(|e| e.0)?)),
+            Ok(gpu) => Ok(Box::new(
+                match params {
+                    Some(p) => GpuBackend::with_parameters(gpu, bundle, p),
+                    None => GpuBackend::new(gpu, bundle, seed),
+                }
+                .map_err(|e| e.0)?,
+            )),
             Err(e) if backend == BackendArg::Gpu => Err(format!("no usable GPU: {}", e.0)),
             Err(_) => cpu(bundle, params),
         },
@@ -479,6 +507,8 @@ mod tests {
                 "0",
             ],
             &["serve", "m.bundle", "--run", "r", "--port", "0", "--queue", "4", "--backend", "cpu"],
+            &["serve", "m.bundle", "--random-weights", "3", "--tokenizer", "byte", "--timeout", "5"],
+            &["load", "--clients", "64", "--prompt-tokens", "256:768", "--output-tokens", "256"],
         ] {
             let cli = parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
             // Reading every field, as `run` does, must not panic.
@@ -496,8 +526,14 @@ mod tests {
                         (7, Some(std::path::Path::new("-")))
                     )
                 }
-                Command::Serve { flags, .. } => {
+                Command::Serve { flags, random_weights: None, .. } => {
                     assert_eq!((flags.port, flags.queue, flags.host.as_str()), (0, 4, "127.0.0.1"))
+                }
+                Command::Serve { flags, random_weights: Some(seed), tokenizer, run, .. } => {
+                    assert_eq!((seed, tokenizer.as_deref(), run, flags.timeout), (3, Some("byte"), None, 5))
+                }
+                Command::Load(f) => {
+                    assert_eq!((f.clients, f.prompt_tokens.lo, f.prompt_tokens.hi, f.requests), (64, 256, 768, None))
                 }
                 Command::Info => {}
             }
