@@ -463,30 +463,34 @@ fn the_engine_gives_each_request_the_tokens_it_gets_alone() {
     let want: Vec<Vec<u32>> = reqs.iter().map(alone).collect();
     assert!(want[2].len() <= 5 && want[2].len() < 20, "the stop token ends request 2 early: {:?}", want[2]);
     assert_eq!(want[3].len(), 4);
-    let mut be = CpuBackend::new(p.clone(), 3);
-    let mut engine = Engine::new(&mut be, 2, 64).unwrap();
-    for r in &reqs {
-        engine.submit(r.clone()).unwrap();
-    }
-    let mut done = Vec::new();
-    let mut most_live = 0;
-    let mut got: std::collections::BTreeMap<usize, Vec<u32>> = Default::default();
-    while !engine.idle() {
-        for e in engine.step().unwrap() {
-            match e {
-                Event::Token { id, token, .. } => got.entry(id).or_default().push(token),
-                Event::Done { id, finish } => done.push((id, finish)),
-                Event::Prompt { .. } => panic!("no request asked for its prompt's log-probabilities"),
-            }
+    // Two slots (requests wait), three (a step of three), five (a step of four while all are
+    // live, of fewer as the shorter ones end and the last live slot moves down).
+    for slots in [2, 3, 5] {
+        let mut be = CpuBackend::new(p.clone(), 3);
+        let mut engine = Engine::new(&mut be, slots, 64).unwrap();
+        for r in &reqs {
+            engine.submit(r.clone()).unwrap();
         }
-        most_live = most_live.max(engine.live());
+        let mut done = Vec::new();
+        let mut most_live = 0;
+        let mut got: std::collections::BTreeMap<usize, Vec<u32>> = Default::default();
+        while !engine.idle() {
+            for e in engine.step().unwrap() {
+                match e {
+                    Event::Token { id, token, .. } => got.entry(id).or_default().push(token),
+                    Event::Done { id, finish } => done.push((id, finish)),
+                    Event::Prompt { .. } => panic!("no request asked for its prompt's log-probabilities"),
+                }
+            }
+            most_live = most_live.max(engine.live());
+        }
+        for (id, w) in want.iter().enumerate() {
+            assert_eq!(&got[&id], w, "request {id}, {slots} slots");
+        }
+        assert_eq!(most_live, slots.min(4));
+        done.sort_by_key(|d| d.0);
+        assert_eq!(done, vec![(0, Finish::Length), (1, Finish::Length), (2, Finish::Stop), (3, Finish::Length)]);
     }
-    for (id, w) in want.iter().enumerate() {
-        assert_eq!(&got[&id], w, "request {id}");
-    }
-    assert_eq!(most_live, 2);
-    done.sort_by_key(|d| d.0);
-    assert_eq!(done, vec![(0, Finish::Length), (1, Finish::Length), (2, Finish::Stop), (3, Finish::Length)]);
 }
 
 /// A cancelled request frees its slot for the next one at once, and bad requests are refused

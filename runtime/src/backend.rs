@@ -116,17 +116,30 @@ impl Backend for CpuBackend {
         mut inputs: Vec<(String, Tensor<f32>)>,
         carried: &[String],
     ) -> Result<BTreeMap<String, Tensor<f32>>, String> {
+        // The call's sequences: a kept value of more gives its first rows, and gets them back.
+        let batch = inputs.iter().find(|(n, _)| n == "tokens").and_then(|(_, t)| t.shape.first().copied());
         for name in carried {
             if !inputs.iter().any(|(n, _)| n == name) {
-                let t =
-                    self.carried.remove(name).ok_or_else(|| format!("no carried `{name}`: give it the first time"))?;
-                inputs.push((name.clone(), t));
+                let t = self.carried.get(name).ok_or_else(|| format!("no carried `{name}`: give it the first time"))?;
+                let b = batch.unwrap_or(t.shape[0]);
+                if b > t.shape[0] {
+                    return Err(format!("`{name}` is kept for {} sequences; this call has {b}", t.shape[0]));
+                }
+                inputs.push((name.clone(), rows(t, b)?));
             }
         }
         let mut out = self.run(plan, inputs)?;
         for name in carried {
             let t = out.remove(name).ok_or_else(|| format!("plan `{plan}` has no output `{name}` to carry"))?;
-            self.carried.insert(name.clone(), t);
+            match self.carried.get_mut(name) {
+                Some(kept) if kept.shape[0] > t.shape[0] && kept.shape[1..] == t.shape[1..] => {
+                    let src = t.reals().ok_or_else(|| format!("`{name}` holds ids"))?;
+                    kept.reals_mut().ok_or_else(|| format!("`{name}` holds ids"))?[..src.len()].copy_from_slice(src);
+                }
+                _ => {
+                    self.carried.insert(name.clone(), t);
+                }
+            }
         }
         Ok(out)
     }
@@ -143,8 +156,13 @@ impl Backend for CpuBackend {
         let per: usize = shape[1..].iter().product();
         let n = rows.shape[0];
         let slot = self.carried.entry(name.to_string()).or_insert_with(|| Tensor::real(vec![0], vec![]));
-        if slot.shape != shape {
+        // Sequences it holds stay; more are made as zeros.
+        if slot.shape[1..] != shape[1..] {
             *slot = Tensor::real(shape.clone(), vec![0.0; shape.iter().product()]);
+        } else if slot.shape[0] < batch {
+            let mut v = slot.reals().ok_or_else(|| format!("`{name}` holds ids"))?.to_vec();
+            v.resize(batch * per, 0.0);
+            *slot = Tensor::real(shape.clone(), v);
         }
         let src = rows.reals().ok_or_else(|| format!("`{name}` holds ids"))?;
         let dst = slot.reals_mut().ok_or_else(|| format!("`{name}` holds ids"))?;
@@ -176,6 +194,15 @@ impl Backend for CpuBackend {
         }
         Ok(())
     }
+}
+
+/// The first `b` sequences (rows of the first dimension) of `t`.
+fn rows(t: &Tensor<f32>, b: usize) -> Result<Tensor<f32>, String> {
+    let per: usize = t.shape[1..].iter().product();
+    let v = t.reals().ok_or("a carried value holds ids")?;
+    let mut shape = t.shape.clone();
+    shape[0] = b;
+    Ok(Tensor::real(shape, v[..b * per].to_vec()))
 }
 
 /// Checks [`Backend::put_carried`]'s arguments against `plan`: returns the shape of the carried

@@ -2,10 +2,11 @@
 //! token per step (continuous batching). A request waits in a queue until a slot is free. It
 //! joins by a prefill of its prompt alone, whose layer states go into its slot's rows of the
 //! decode plan's carried states (constant bytes per sequence: Mamba's conv and SSM states,
-//! each attention layer's ring of keys and values). Each step decodes every slot at its own
-//! position (a free slot on a dummy token at position 0: its rows are read by no one), samples
-//! each live sequence with its own settings and draw counter, and frees the slots of finished
-//! sequences for the next waiting requests. A sequence's tokens are those [`generate`] gives it
+//! each attention layer's ring of keys and values). Each step decodes the first slots up to
+//! the last live one, padded to a power of two (fewer sequences take a smaller, faster step),
+//! each at its own position (a free slot among them on a dummy token at position 0: its rows
+//! are read by no one); it samples each live sequence with its own settings and draw counter,
+//! and frees the slots of finished sequences for the next waiting requests. A sequence's tokens are those [`generate`] gives it
 //! alone: on the CPU reference exactly, since no row of a batch reads another's.
 //!
 //! [`generate`]: crate::generate::generate
@@ -306,17 +307,26 @@ impl<'b> Engine<'b> {
         finish.is_some()
     }
 
+    /// The sequences a decode step runs: the first slots up to the last live one, padded to a
+    /// power of two (so a GPU captures at most log2(slots) + 1 step graphs), at most the pool.
+    fn step_batch(&self) -> usize {
+        let last = self.slots.iter().rposition(Option::is_some).map_or(0, |i| i + 1);
+        last.next_power_of_two().min(self.slots.len())
+    }
+
     fn decode_step(&mut self, events: &mut Vec<Event>) -> Result<(), String> {
-        let tokens: Vec<i32> = self.slots.iter().map(|s| s.as_ref().map_or(0, |l| l.next as i32)).collect();
-        let positions: Vec<usize> = self.slots.iter().map(|s| s.as_ref().map_or(0, |l| l.pos)).collect();
+        let b = self.step_batch();
+        let live = &self.slots[..b];
+        let tokens: Vec<i32> = live.iter().map(|s| s.as_ref().map_or(0, |l| l.next as i32)).collect();
+        let positions: Vec<usize> = live.iter().map(|s| s.as_ref().map_or(0, |l| l.pos)).collect();
         let inputs = decode_inputs(&self.decode, &mut BTreeMap::new(), tokens, &positions)?;
         let out = self.backend.run_carried("decode", inputs, &self.carried)?;
         let logits = out.get("logits").and_then(|t| t.reals()).ok_or("the decode plan gave no logits")?;
         let v = self.vocab;
-        if logits.len() != self.slots.len() * v {
-            return Err(format!("the decode plan gave {} logits for {} sequences", logits.len(), self.slots.len()));
+        if logits.len() != b * v {
+            return Err(format!("the decode plan gave {} logits for {b} sequences", logits.len()));
         }
-        for s in 0..self.slots.len() {
+        for s in 0..b {
             let Some(mut live) = self.slots[s].take() else { continue };
             let row = &logits[s * v..(s + 1) * v];
             let token = live.pick(row);

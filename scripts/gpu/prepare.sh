@@ -25,6 +25,8 @@ for s in samba-421m samba-1.3b; do
 done
 # Generation at 16 sequences (the decode benchmark's second batch size).
 build specs/samba-421m.weft scripts/gpu/decode-b16.toml samba-421m-b16
+# Serving under load: 64 slots.
+build specs/samba-421m.weft scripts/gpu/serve-421m.toml serve-421m
 # samba-micro as the main job trains it: its tokenizer (trained by the CPU run's data loading),
 # the corpus split as the CPU run splits it (the last 5% of the chapters held out).
 config=examples/samba-micro.toml

@@ -4,8 +4,8 @@
 # is looked up in python3's site-packages (NVIDIA's PyPI wheel), then anywhere on the root file
 # system. Parts: CHECK (bundle names, or "none"), RUNS=0 skips the training runs, BENCH (bundle
 # names, or "none"), DECODE (bundle names for the generation benchmark, or "none"), ENGINE=0
-# skips the engine and server checks (WHEELS: a folder with the openai client); logs go to $OUT
-# when it is set.
+# skips the engine and server checks (WHEELS: a folder with the openai client), LOAD (bundle
+# names served under the load generator, or "none"); logs go to $OUT when it is set.
 set -uo pipefail
 cd "$(dirname "$0")"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -201,6 +201,45 @@ for b in $DECODE; do
   else
     note "decode $b: FAIL (see decode-$b.log)"
   fi
+done
+
+# ---- serving under load: random weights, 512-token prompts, 256 new tokens (ignore_eos) ----
+# The same bundle's decode benchmark at its batch (64) comes first: the served throughput at
+# 64 clients is compared with it.
+LOAD=${LOAD:-serve-421m}
+[ "$LOAD" = none ] && LOAD=
+gpu_mib() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1; }
+for b in $LOAD; do
+  late "load $b" && continue
+  echo "=== decode bench $b"
+  ./weft-run bench "$b.bundle" --decode --steps 100 2>&1 | tee "decode-$b.log"
+  bench=$(grep -o 'states on the device *[0-9.]* ms/step *[0-9]* tokens/s' "decode-$b.log" | awk '{print $(NF-1)}')
+  note "decode $b (bench, full batch): $(grep -o 'states on the device.*' "decode-$b.log" | tr -s ' ')"
+  ./weft-run serve "$b.bundle" --random-weights 0 --tokenizer tokenizer.json --port 8322 --queue 4096 --backend gpu > "serve-$b.log" 2>&1 &
+  spid=$!
+  up=0
+  for _ in $(seq 600); do
+    if python3 -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:8322/health", timeout=1)' 2>/dev/null; then up=1; break; fi
+    kill -0 $spid 2>/dev/null || break
+    sleep 0.2
+  done
+  if [ $up = 0 ]; then note "load $b: FAIL (the server did not come up; see serve-$b.log)"; kill $spid 2>/dev/null; cat "serve-$b.log"; continue; fi
+  for c in ${LOAD_CLIENTS:-1 16 64}; do
+    late "load $b at $c clients" && continue
+    n=$(( c < 4 ? 4 : 2 * c ))
+    echo "=== load $b: $c clients, $n requests"
+    ./weft-run load --url http://127.0.0.1:8322 --clients $c --requests $n --prompt-tokens 512 --output-tokens 256 | tee "load-$b-$c.log"
+    tps=$(grep -o '[0-9]* output tokens/s' "load-$b-$c.log" | awk '{print $1}')
+    ratio=$(awk -v a="$tps" -v b="$bench" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "?" }')
+    note "load $b, $c clients: $(head -1 "load-$b-$c.log" | grep -o '([0-9]* failed)'), $tps output tokens/s (${ratio}x the bench at full batch); ITL $(grep '^ITL' "load-$b-$c.log" | tr -s ' ' | cut -d' ' -f2-); TTFT $(grep '^TTFT' "load-$b-$c.log" | tr -s ' ' | cut -d' ' -f2-); GPU memory $(gpu_mib) MiB"
+  done
+  if ! late "load $b with a long prompt"; then
+    echo "=== load $b: 16 clients and one 1000-token prompt"
+    ./weft-run load --url http://127.0.0.1:8322 --clients 16 --requests 32 --prompt-tokens 512 --output-tokens 256 --long-prompt 1000 | tee "load-$b-long.log"
+    note "load $b, 16 clients + one 1000-token prompt: ITL $(grep '^ITL' "load-$b-long.log" | tr -s ' ' | cut -d' ' -f2-); $(grep -o 'long prompt:.*' "load-$b-long.log")"
+  fi
+  kill -INT $spid; wait $spid
+  note "serve $b: SIGINT -> exit $?; $(grep -c . "serve-$b.log") lines of log"
 done
 
 echo "=== summary"

@@ -82,6 +82,16 @@ if client is not None:
     except openai.BadRequestError as e:
         note(True, f"a negative temperature: 400 ({e.body.get('message', '')[:60] if isinstance(e.body, dict) else ''})")
 
+# echo with logprobs, as lm-evaluation-harness scores: every prompt token after the first.
+ids = [[5, 17, 300, 41, 9, 77, 2], [8, 8, 101]]
+status, body = post("/v1/completions", {"prompt": ids, "max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0})
+ok = status == 200
+for i, p in enumerate(ids):
+    lp = body["choices"][i]["logprobs"] if ok else None
+    ok = ok and lp["token_logprobs"][0] is None and len(lp["token_logprobs"]) == len(p) + 1
+    ok = ok and all(x <= 0 and max(t.values()) >= x for x, t in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:]))
+note(ok, f"echo with logprobs scores every prompt token: {status}")
+
 status, body = post("/v1/completions", {"prompt": [1, 2], "max_tokens": 1, "frobnicate": 1})
 note(status == 400 and "error" in body, f"an unknown field: {status}")
 with urllib.request.urlopen(base + "/metrics", timeout=10) as r:

@@ -145,7 +145,9 @@ pub struct DecodeBench {
     pub state_bytes: u64,
     pub prefill_ms: f64,
     pub carried_ms_per_step: f64,
-    pub host_ms_per_step: f64,
+    /// None where the batch's states are over [`HOST_PATH_LIMIT`]: seconds per step, minutes
+    /// in all, to show what smaller batches already show.
+    pub host_ms_per_step: Option<f64>,
     pub memory_bytes: usize,
     /// One decode step's device time (CUDA events, no host work) by kernel class, and its
     /// costliest kernels, milliseconds.
@@ -153,6 +155,9 @@ pub struct DecodeBench {
     pub split: BTreeMap<&'static str, f64>,
     pub kernels: Vec<(String, f64)>,
 }
+
+/// The most bytes of layer state (all sequences) the through-the-host comparison moves.
+pub const HOST_PATH_LIMIT: u64 = 2 << 30;
 
 pub fn bench_decode(be: &mut GpuBackend, steps: usize) -> Result<DecodeBench, String> {
     let decode = be.program().plan("decode").map_err(|e| e.0)?.clone();
@@ -188,16 +193,20 @@ pub fn bench_decode(be: &mut GpuBackend, steps: usize) -> Result<DecodeBench, St
     kernels.truncate(12);
     // Through the host: every state downloaded and uploaded again at every step (a second or
     // more per step at 16 sequences of Samba-421M: a few steps tell).
-    let host_steps = steps.clamp(2, 11);
-    let mut out = first;
-    let inputs = crate::generate::decode_inputs(&decode, &mut out, next(0), &[prompt])?;
-    out = be.run_plan("decode", &inputs).map_err(|e| e.0)?;
-    let t = std::time::Instant::now();
-    for i in 1..host_steps {
-        let inputs = crate::generate::decode_inputs(&decode, &mut out, next(i), &[prompt + i])?;
+    let host_ms_per_step = if state_bytes * batch as u64 > HOST_PATH_LIMIT {
+        None
+    } else {
+        let host_steps = steps.clamp(2, 11);
+        let mut out = first;
+        let inputs = crate::generate::decode_inputs(&decode, &mut out, next(0), &[prompt])?;
         out = be.run_plan("decode", &inputs).map_err(|e| e.0)?;
-    }
-    let host_ms_per_step = t.elapsed().as_secs_f64() * 1e3 / (host_steps - 1) as f64;
+        let t = std::time::Instant::now();
+        for i in 1..host_steps {
+            let inputs = crate::generate::decode_inputs(&decode, &mut out, next(i), &[prompt + i])?;
+            out = be.run_plan("decode", &inputs).map_err(|e| e.0)?;
+        }
+        Some(t.elapsed().as_secs_f64() * 1e3 / (host_steps - 1) as f64)
+    };
     Ok(DecodeBench {
         model: be.program().model.clone(),
         device: be.gpu().name.clone(),
@@ -221,9 +230,7 @@ impl DecodeBench {
         format!(
             "{} on {}: decode at batch {} after a {}-token prompt, {} steps\n\
              layer state {:.2} MiB per sequence; device memory in use {:.2} GiB; first prefill {:.1} ms\n\
-             states on the device  {:>8.3} ms/step  {:>9.0} tokens/s\n\
-             states through host   {:>8.3} ms/step  {:>9.0} tokens/s\n\
-             speed-up {:.2}x\n",
+             states on the device  {:>8.3} ms/step  {:>9.0} tokens/s\n{}",
             self.model,
             self.device,
             self.batch,
@@ -234,9 +241,17 @@ impl DecodeBench {
             self.prefill_ms,
             self.carried_ms_per_step,
             tps(self.carried_ms_per_step),
-            self.host_ms_per_step,
-            tps(self.host_ms_per_step),
-            self.host_ms_per_step / self.carried_ms_per_step,
+            match self.host_ms_per_step {
+                Some(h) => format!(
+                    "states through host   {h:>8.3} ms/step  {:>9.0} tokens/s\nspeed-up {:.2}x\n",
+                    tps(h),
+                    h / self.carried_ms_per_step
+                ),
+                None => format!(
+                    "states through host: not run ({:.1} GiB of states per step)\n",
+                    (self.state_bytes * self.batch) as f64 / (1u64 << 30) as f64
+                ),
+            },
         ) + &self.profile()
     }
 

@@ -36,8 +36,8 @@ struct LoadedPlan {
     /// every cuBLASLt algorithm).
     graphs: HashMap<(u64, u64), CudaGraph>,
     calls: HashMap<(u64, u64), usize>,
-    /// Inputs whose buffer holds a carried value (the last call's output of that name), with
-    /// the batch it was written at.
+    /// Inputs whose buffer holds a carried value (the last calls' outputs of that name), with
+    /// the sequences it holds: a call of fewer reads and writes the first rows only.
     resident: HashMap<String, u64>,
 }
 
@@ -356,8 +356,9 @@ impl GpuBackend {
             }
         }
         let (b, t) = (b.unwrap_or(1), t.unwrap_or(1));
-        if let Some((name, at)) = resident.into_iter().find(|&(_, at)| at != b) {
-            return Err(GpuError(format!("input `{name}` is kept from a call of {at} sequences; this call has {b}")));
+        // A kept value's first b rows are its first b sequences' (rows are whole sequences).
+        if let Some((name, at)) = resident.into_iter().find(|&(_, at)| at < b) {
+            return Err(GpuError(format!("input `{name}` is kept for {at} sequences; this call has {b}")));
         }
         let s = lp.shape;
         if b > s.batch || t > s.seq || (lp.device.exact_shape && (b, t) != (s.batch, s.seq)) {
@@ -544,9 +545,11 @@ impl GpuBackend {
                 out.insert(n.clone(), self.fetch_value(name, *v, batch, seq)?);
             }
         }
+        // Rows past this call's batch keep what they held.
         let lp = self.plans.get_mut(name).expect("loaded");
         for n in kept {
-            lp.resident.insert(n, batch);
+            let at = lp.resident.entry(n).or_insert(batch);
+            *at = (*at).max(batch);
         }
         Ok(out)
     }
@@ -627,11 +630,12 @@ impl GpuBackend {
         let dst = lp.inputs[name].ptr;
         let row_bytes = dense_bytes(ty, 1, 1);
         let bytes = encode(rows, ty.dtype)?;
-        if lp.resident.get(name) != Some(&(batch as u64)) {
-            self.gpu.zero(dst, row_bytes * batch)?;
+        let kept = lp.resident.get(name).copied().unwrap_or(0);
+        if kept < batch as u64 {
+            self.gpu.zero(dst + kept * row_bytes as u64, row_bytes * (batch - kept as usize))?;
         }
         self.gpu.upload(dst + (first * row_bytes) as u64, &bytes)?;
-        self.plans.get_mut(plan).expect("loaded").resident.insert(name.to_string(), batch as u64);
+        self.plans.get_mut(plan).expect("loaded").resident.insert(name.to_string(), kept.max(batch as u64));
         Ok(())
     }
 
