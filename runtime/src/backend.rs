@@ -34,6 +34,27 @@ pub trait Backend {
         first: usize,
         rows: &Tensor<f32>,
     ) -> Result<(), String>;
+    /// Runs plan `plan` on one sequence and puts its outputs named in `names` into row `slot`
+    /// of the values plan `to` carries at `batch` sequences (a prompt's layer states joining a
+    /// decode batch), instead of returning them; returns the other outputs. The GPU copies on
+    /// the device.
+    fn run_joining(
+        &mut self,
+        plan: &str,
+        inputs: Vec<(String, Tensor<f32>)>,
+        names: &[String],
+        to: &str,
+        batch: usize,
+        slot: usize,
+    ) -> Result<BTreeMap<String, Tensor<f32>>, String> {
+        let mut out = self.run(plan, inputs)?;
+        for n in names {
+            let rows = out.remove(n).ok_or_else(|| format!("plan `{plan}` gives no `{n}`"))?;
+            self.put_carried(to, n, batch, slot, &rows)?;
+        }
+        Ok(out)
+    }
+
     /// Copies of the persistent tensors named.
     fn read(&self, names: &[&str]) -> Result<BTreeMap<String, Tensor<f32>>, String>;
     /// Replaces persistent tensors (shapes must match the program).

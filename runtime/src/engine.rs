@@ -262,7 +262,10 @@ impl<'b> Engine<'b> {
             events.push(Event::Done { id, finish: Finish::Length });
             return Ok(());
         }
-        let out = self.backend.run("prefill", tokens())?;
+        // The prompt's states go straight into the slot's rows (on the GPU, device to device);
+        // a sequence that ends at its first token leaves them unread.
+        let batch = self.slots.len();
+        let out = self.backend.run_joining("prefill", tokens(), &self.carried, "decode", batch, slot)?;
         let row = last_row(&out, self.vocab)?;
         let mut live = Live {
             id,
@@ -279,11 +282,6 @@ impl<'b> Engine<'b> {
         let lp = r.logprobs.map(|n| Logprobs::of(row, first, n));
         if self.emit(&mut live, first, lp, events) {
             return Ok(());
-        }
-        let batch = self.slots.len();
-        for name in &self.carried {
-            let rows = out.get(name).ok_or_else(|| format!("the prefill gives no `{name}`"))?;
-            self.backend.put_carried("decode", name, batch, slot, rows)?;
         }
         self.slots[slot] = Some(live);
         Ok(())

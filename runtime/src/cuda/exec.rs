@@ -508,13 +508,14 @@ impl GpuBackend {
     }
 
     /// Writes a finished call's updates into the store and its carried outputs into the input
-    /// buffers of the same names (on the device); returns its other outputs.
+    /// buffers of the same names (on the device); returns its other outputs but `skip`.
     fn finish(
         &mut self,
         name: &str,
         batch: u64,
         seq: u64,
         carried: &[String],
+        skip: &[String],
     ) -> Result<BTreeMap<String, Tensor<f32>>, GpuError> {
         let lp = &self.plans[name];
         for (n, v) in &lp.plan.updates {
@@ -541,7 +542,7 @@ impl GpuBackend {
         self.gpu.synchronize()?;
         let mut out = BTreeMap::new();
         for (n, v) in &lp.plan.outputs {
-            if !carried.contains(n) {
+            if !carried.contains(n) && !skip.contains(n) {
                 out.insert(n.clone(), self.fetch_value(name, *v, batch, seq)?);
             }
         }
@@ -587,6 +588,12 @@ impl GpuBackend {
         carried: &[String],
     ) -> Result<BTreeMap<String, Tensor<f32>>, GpuError> {
         let (b, t) = self.stage_inputs(name, inputs)?;
+        self.run_staged(name, b, t)?;
+        self.finish(name, b, t, carried, &[])
+    }
+
+    /// Runs a staged call's device steps: from the second call of a shape on, as a CUDA graph.
+    fn run_staged(&mut self, name: &str, b: u64, t: u64) -> Result<(), GpuError> {
         let n = self.plans[name].device.steps.len();
         let use_graphs = std::env::var_os("WEFT_NO_CUDA_GRAPH").is_none();
         let lp = self.plans.get_mut(name).expect("staged");
@@ -604,7 +611,69 @@ impl GpuBackend {
         } else {
             self.run_device_steps(name, b, t, 0..n)?;
         }
-        self.finish(name, b, t, carried)
+        Ok(())
+    }
+
+    /// [`Backend::run_joining`]: a one-sequence call whose outputs `names` are copied on the
+    /// device into row `slot` of the inputs of plan `to` that carry them at `batch` sequences
+    /// (a prompt's states joining the decode batch: no round trip through the host).
+    pub fn run_plan_joining(
+        &mut self,
+        name: &str,
+        inputs: &[(String, Tensor<f32>)],
+        names: &[String],
+        to: &str,
+        batch: usize,
+        slot: usize,
+    ) -> Result<BTreeMap<String, Tensor<f32>>, GpuError> {
+        self.load_plan(to)?;
+        let (b, t) = self.stage_inputs(name, inputs)?;
+        if b != 1 {
+            return Err(GpuError(format!("plan `{name}` joins one sequence at a time, not {b}")));
+        }
+        self.run_staged(name, b, t)?;
+        let mut by_host = Vec::new();
+        for n in names {
+            let lp = &self.plans[name];
+            let v = lp.plan.output(n).ok_or_else(|| GpuError(format!("plan `{name}` has no output `{n}`")))?;
+            let ty = &lp.plan.values[v as usize];
+            let ity = self.plans[to].plan.input_type(n);
+            let dense = !lp.offsets.contains_key(&v) || crate::memory::row_pitch(ty) == ty.shape.last().unwrap_or(1);
+            if Some(ty) != ity || !dense {
+                // Laid out differently: through the host.
+                by_host.push((n.clone(), v));
+                continue;
+            }
+            let (src, row_bytes) = (self.value_addr(lp, v)?, dense_bytes(ty, 1, 1));
+            let dst = self.carried_rows_at(to, n, batch)?;
+            self.gpu.copy(dst + (slot * row_bytes) as u64, src, row_bytes)?;
+        }
+        for (n, v) in by_host {
+            let rows = self.fetch_value(name, v, b, t)?;
+            self.put_carried_rows(to, &n, batch, slot, &rows)?;
+        }
+        self.finish(name, b, t, &[], names)
+    }
+
+    /// The input buffer of plan `to` that carries `name` for `batch` sequences, rows it did not
+    /// hold yet cleared.
+    fn carried_rows_at(&mut self, to: &str, name: &str, batch: usize) -> Result<u64, GpuError> {
+        let lp = &self.plans[to];
+        if batch as u64 > lp.shape.batch {
+            return Err(GpuError(format!(
+                "plan `{to}` was built for up to {} sequences, not {batch}: rebuild the bundle with a larger generate.batch",
+                lp.shape.batch
+            )));
+        }
+        let ty = lp.plan.input_type(name).ok_or_else(|| GpuError(format!("plan `{to}` has no input `{name}`")))?;
+        let dst = lp.inputs[name].ptr;
+        let row_bytes = dense_bytes(ty, 1, 1) as u64;
+        let kept = lp.resident.get(name).copied().unwrap_or(0);
+        if kept < batch as u64 {
+            self.gpu.zero(dst + kept * row_bytes, (row_bytes * (batch as u64 - kept)) as usize)?;
+        }
+        self.plans.get_mut(to).expect("loaded").resident.insert(name.to_string(), kept.max(batch as u64));
+        Ok(dst)
     }
 
     /// [`Backend::put_carried`]: the rows go straight into the plan's input buffer, where the
@@ -621,22 +690,9 @@ impl GpuBackend {
         let lp = &self.plans[plan];
         crate::backend::carried_rows(&lp.plan, name, batch, first, rows).map_err(GpuError)?;
         let ty = lp.plan.input_type(name).expect("checked");
-        if batch as u64 > lp.shape.batch {
-            return Err(GpuError(format!(
-                "plan `{plan}` was built for up to {} sequences, not {batch}: rebuild the bundle with a larger generate.batch",
-                lp.shape.batch
-            )));
-        }
-        let dst = lp.inputs[name].ptr;
-        let row_bytes = dense_bytes(ty, 1, 1);
-        let bytes = encode(rows, ty.dtype)?;
-        let kept = lp.resident.get(name).copied().unwrap_or(0);
-        if kept < batch as u64 {
-            self.gpu.zero(dst + kept * row_bytes as u64, row_bytes * (batch - kept as usize))?;
-        }
-        self.gpu.upload(dst + (first * row_bytes) as u64, &bytes)?;
-        self.plans.get_mut(plan).expect("loaded").resident.insert(name.to_string(), kept.max(batch as u64));
-        Ok(())
+        let (row_bytes, bytes) = (dense_bytes(ty, 1, 1), encode(rows, ty.dtype)?);
+        let dst = self.carried_rows_at(plan, name, batch)?;
+        self.gpu.upload(dst + (first * row_bytes) as u64, &bytes)
     }
 
     /// Runs a plan `repeats` times after its inputs were staged once, timing each device step
@@ -782,6 +838,18 @@ impl Backend for GpuBackend {
         rows: &Tensor<f32>,
     ) -> Result<(), String> {
         self.put_carried_rows(plan, name, batch, first, rows).map_err(|e| e.0)
+    }
+
+    fn run_joining(
+        &mut self,
+        plan: &str,
+        inputs: Vec<(String, Tensor<f32>)>,
+        names: &[String],
+        to: &str,
+        batch: usize,
+        slot: usize,
+    ) -> Result<BTreeMap<String, Tensor<f32>>, String> {
+        self.run_plan_joining(plan, &inputs, names, to, batch, slot).map_err(|e| e.0)
     }
 
     fn read(&self, names: &[&str]) -> Result<BTreeMap<String, Tensor<f32>>, String> {
