@@ -182,6 +182,9 @@ enum Command {
         /// Sequences decoded at once.
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
         slots: u64,
+        /// The longest sequence (prompt and new tokens) served; default: the run's.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(2..=1 << 24))]
+        context: Option<u64>,
         /// `auto` (a GPU when one is usable, else the CPU), `cpu` or `gpu`.
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendArg,
@@ -386,13 +389,13 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 return Err(Reported);
             }
         }
-        Command::Serve { run, flags, slots, backend } => {
+        Command::Serve { run, flags, slots, context, backend } => {
             let choice = match backend {
                 BackendArg::Auto => weft::run::BackendChoice::Auto,
                 BackendArg::Cpu => weft::run::BackendChoice::Cpu,
                 BackendArg::Gpu => weft::run::BackendChoice::Gpu,
             };
-            report(weft::run::serve_on(&run, choice, &flags, slots as usize))?;
+            report(weft::run::serve_on(&run, choice, &flags, slots as usize, context))?;
         }
         Command::Generate { run, flags, backend } => {
             let (prompt, sampling, options) = report(flags.resolve())?;

@@ -336,12 +336,24 @@ pub struct OpenRun {
 /// (an edited spec file changes nothing); a checkpoint or tokenizer that is not the run's is
 /// refused.
 pub fn open_run(run_dir: &Path) -> Result<OpenRun, String> {
-    let info = RunInfo::read(run_dir)?.ok_or_else(|| {
+    open_run_for(run_dir, None)
+}
+
+/// [`open_run`] with generation plans for a context of `context` tokens instead of the run's
+/// (recurrent and sliding-window layers keep constant state; full attention's cache grows).
+pub fn open_run_for(run_dir: &Path, context: Option<u64>) -> Result<OpenRun, String> {
+    let mut info = RunInfo::read(run_dir)?.ok_or_else(|| {
         format!("`{}` is not a training run (it has no {})", run_dir.display(), weft_runtime::run::RUN_INFO)
     })?;
     let checked = crate::check_source(&info.spec).map_err(|f| {
         format!("the spec recorded in `{}` no longer checks:\n{}", run_dir.join("run.json").display(), f.render())
     })?;
+    if let Some(c) = context {
+        if c < 2 {
+            return Err(format!("a context of {c} tokens leaves no room for a prompt and a new token"));
+        }
+        info.max_context = c;
+    }
     let settings = RunConfig::default();
     let program =
         build_program(&checked.model, &OptimizerSettings::from_config(&settings), info.max_context).map_err(|e| e.0)?;
@@ -370,9 +382,10 @@ fn generation_config(info: &weft_runtime::run::RunInfo, slots: usize) -> RunConf
     let s = &info.settings;
     let mut c = RunConfig::default();
     c.train.batch_size = s.batch_size;
-    c.train.seq_len = s.seq_len;
+    // Prompt and new tokens share the context: the generation plans' length.
+    c.train.seq_len = s.seq_len.min(info.max_context);
     c.train.seed = s.seed;
-    c.generate.max_new_tokens = info.max_context.saturating_sub(s.seq_len);
+    c.generate.max_new_tokens = info.max_context - c.train.seq_len;
     c.generate.batch = slots as u64;
     c
 }
@@ -384,8 +397,9 @@ pub fn serve_on(
     choice: BackendChoice,
     flags: &weft_runtime::serve::ServeFlags,
     slots: usize,
+    context: Option<u64>,
 ) -> Result<(), String> {
-    let run = open_run(run_dir)?;
+    let run = open_run_for(run_dir, context)?;
     let c = generation_config(&run.info, slots);
     let context = run.info.max_context as usize;
     let vocab = run.program.vocab().ok_or("the model has no embedding table")?;

@@ -45,6 +45,12 @@ fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, String) {
     (status, out)
 }
 
+/// A completion request; the status and the JSON answer.
+fn ask_at(addr: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let (status, text) = http(addr, "POST", "/v1/completions", body.to_string().as_bytes());
+    (status, json(&text))
+}
+
 fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
@@ -288,10 +294,7 @@ fn the_server_scores_prompts_times_out_slow_clients_and_bears_load() {
     let run = run_dir.to_str().unwrap();
     let server = start(run, &["--slots", "2", "--timeout", "1"]);
     let a = server.addr.as_str();
-    let ask = |body: &serde_json::Value| {
-        let (status, text) = http(a, "POST", "/v1/completions", body.to_string().as_bytes());
-        (status, json(&text))
-    };
+    let ask = |body: &serde_json::Value| ask_at(a, body);
 
     // echo + logprobs, two token-id prompts in one request, as lm-evaluation-harness sends them.
     let prompts = [vec![116u32, 104, 101, 32, 119, 104, 97, 108, 101], vec![115, 101, 97, 32, 97, 110, 100]];
@@ -433,6 +436,16 @@ fn the_server_scores_prompts_times_out_slow_clients_and_bears_load() {
         assert_eq!(buckets.last().copied(), Some(value(&format!("{h}_count "))), "{h}");
     }
     assert!(value("weft_inter_token_latency_seconds_count ") >= 7.0 * 7.0);
+    drop(server);
+
+    // --context: the run's 96 tokens made 48.
+    let server = start(run, &["--context", "48"]);
+    let a = server.addr.as_str();
+    assert_eq!(json(&http(a, "GET", "/v1/models", b"").1)["data"][0]["max_model_len"], 48);
+    let (status, e) = ask_at(a, &serde_json::json!({ "prompt": "the whale", "max_tokens": 40 }));
+    assert!(status == 400 && e["error"]["message"].as_str().unwrap().contains("context of 48"), "{e}");
+    let (status, r) = ask_at(a, &serde_json::json!({ "prompt": "the whale", "max_tokens": 39, "ignore_eos": true }));
+    assert_eq!((status, r["usage"]["completion_tokens"].as_u64()), (200, Some(39)), "{r}");
     drop(server);
     let _ = std::fs::remove_dir_all(&d);
 }
