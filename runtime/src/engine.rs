@@ -324,11 +324,23 @@ impl<'b> Engine<'b> {
         if logits.len() != b * v {
             return Err(format!("the decode plan gave {} logits for {b} sequences", logits.len()));
         }
-        for s in 0..b {
-            let Some(mut live) = self.slots[s].take() else { continue };
-            let row = &logits[s * v..(s + 1) * v];
-            let token = live.pick(row);
-            let lp = live.logprobs.map(|n| Logprobs::of(row, token, n));
+        // Each row drawn on its own core (a full vocabulary per sequence: milliseconds for a
+        // batch on one), each with its own counter, so the order of work changes nothing.
+        let picks: Vec<Option<(u32, Option<Logprobs>)>> = {
+            use rayon::prelude::*;
+            self.slots[..b]
+                .par_iter()
+                .zip(logits.par_chunks(v))
+                .map(|(slot, row)| {
+                    slot.as_ref().map(|live| {
+                        let token = live.pick(row);
+                        (token, live.logprobs.map(|n| Logprobs::of(row, token, n)))
+                    })
+                })
+                .collect()
+        };
+        for (s, pick) in picks.into_iter().enumerate() {
+            let (Some(mut live), Some((token, lp))) = (self.slots[s].take(), pick) else { continue };
             live.pos += 1;
             if !self.emit(&mut live, token, lp, events) {
                 self.slots[s] = Some(live);

@@ -192,14 +192,16 @@ pub fn generate(
     }
     let vocab = backend.program().vocab().unwrap_or(0);
     let tokens: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
-    let mut out = backend.run("prefill", vec![("tokens".into(), Tensor::ints(vec![1, prompt.len()], tokens))])?;
+    let decode = backend.program().plan("decode").map_err(|e| e.0)?.clone();
+    // The states stay in the backend from step to step (on the GPU's device), from the
+    // prefill's straight into the decode plan's first row.
+    let carried = state_names(&decode);
+    let prompt_in = vec![("tokens".into(), Tensor::ints(vec![1, prompt.len()], tokens))];
+    let mut out = backend.run_joining("prefill", prompt_in, &carried, "decode", 1, 0)?;
     let last_row = |out: &BTreeMap<String, Tensor<f32>>| -> Result<Vec<f32>, String> {
         let l = out.get("logits").and_then(|t| t.reals()).ok_or("the plan gave no logits")?;
         Ok(l[l.len() - vocab..].to_vec())
     };
-    let decode = backend.program().plan("decode").map_err(|e| e.0)?.clone();
-    // The states stay in the backend from step to step (on the GPU's device).
-    let carried = state_names(&decode);
     let mut generated = Vec::new();
     let mut next = sample(&last_row(&out)?, sampling, 0);
     for i in 0..max_new {

@@ -154,6 +154,20 @@ pub struct DecodeBench {
     pub device_ms: f64,
     pub split: BTreeMap<&'static str, f64>,
     pub kernels: Vec<(String, f64)>,
+    pub join: JoinTiming,
+}
+
+/// What a request joining a running batch costs: its prompt's prefill alone, then the same
+/// prefill with its states copied into a slot of the decode plan (`run_plan_joining`), wall
+/// time per call once both are captured as CUDA graphs; the prefill's device time by kernel.
+pub struct JoinTiming {
+    pub prompt: u64,
+    pub prefill_ms: f64,
+    pub joining_ms: f64,
+    pub device_ms: f64,
+    pub kernels: Vec<(String, f64)>,
+    /// States that went through the host (laid out differently in the two plans).
+    pub by_host: Vec<String>,
 }
 
 /// The most bytes of layer state (all sequences) the through-the-host comparison moves.
@@ -207,7 +221,9 @@ pub fn bench_decode(be: &mut GpuBackend, steps: usize) -> Result<DecodeBench, St
         }
         Some(t.elapsed().as_secs_f64() * 1e3 / (host_steps - 1) as f64)
     };
+    let join = time_join(be, &carried, batch, (p.seq as usize - 1).min(512))?;
     Ok(DecodeBench {
+        join,
         model: be.program().model.clone(),
         device: be.gpu().name.clone(),
         batch: batch as u64,
@@ -222,6 +238,36 @@ pub fn bench_decode(be: &mut GpuBackend, steps: usize) -> Result<DecodeBench, St
         split,
         kernels,
     })
+}
+
+/// [`JoinTiming`] of a `prompt`-token request into the last slot of a `batch`-sequence decode.
+fn time_join(be: &mut GpuBackend, carried: &[String], batch: usize, prompt: usize) -> Result<JoinTiming, String> {
+    const REPEATS: usize = 8;
+    let v = vocab(be.program());
+    let pin = vec![("tokens".to_string(), Tensor::ints(vec![1, prompt], tokens(prompt, v, 5)))];
+    let wall = |be: &mut GpuBackend, joining: bool| -> Result<f64, String> {
+        let run = |be: &mut GpuBackend| match joining {
+            true => be.run_plan_joining("prefill", &pin, carried, "decode", batch, batch - 1).map(drop),
+            false => be.run_plan("prefill", &pin).map(drop),
+        };
+        // The first two calls load kernels and capture the graph.
+        for _ in 0..2 {
+            run(be).map_err(|e| e.0)?;
+        }
+        let t = std::time::Instant::now();
+        for _ in 0..REPEATS {
+            run(be).map_err(|e| e.0)?;
+        }
+        Ok(t.elapsed().as_secs_f64() * 1e3 / REPEATS as f64)
+    };
+    let prefill_ms = wall(be, false)?;
+    let joining_ms = wall(be, true)?;
+    let by_host = be.last_join_by_host.clone();
+    let (_, device_ms) = be.time_plan("prefill", &pin, 5).map_err(|e| e.0)?;
+    let mut kernels: Vec<(String, f64)> = be.last_profile.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    kernels.sort_by(|a, b| b.1.total_cmp(&a.1));
+    kernels.truncate(8);
+    Ok(JoinTiming { prompt: prompt as u64, prefill_ms, joining_ms, device_ms, kernels, by_host })
 }
 
 impl DecodeBench {
@@ -256,7 +302,20 @@ impl DecodeBench {
     }
 
     fn profile(&self) -> String {
-        let mut s = format!("one decode step, device time by kernel class ({:.3} ms in all):\n", self.device_ms);
+        let j = &self.join;
+        let mut s = format!(
+            "a {}-token request joining: prefill {:.2} ms, prefill into a decode slot {:.2} ms (wall, per call); \
+             prefill device time {:.2} ms; states through the host: {}\n",
+            j.prompt,
+            j.prefill_ms,
+            j.joining_ms,
+            j.device_ms,
+            if j.by_host.is_empty() { "none".to_string() } else { j.by_host.join(", ") }
+        );
+        for (k, t) in &j.kernels {
+            s += &format!("  {t:>8.3} ms  {k}\n");
+        }
+        s += &format!("one decode step, device time by kernel class ({:.3} ms in all):\n", self.device_ms);
         for (class, t) in &self.split {
             s += &format!("  {class:<10} {t:>8.3} ms\n");
         }

@@ -29,7 +29,35 @@ pub struct Gpu {
     pub name: String,
     pub memory_bytes: usize,
     pub capability: (i32, i32),
+    /// Page-locked host memory that large downloads land in (a decode step's logits, 8 MB at
+    /// 64 sequences of a 32K vocabulary: a pageable copy goes through the driver's bounce
+    /// buffer at a fraction of the bus's speed), grown on demand.
+    staging: std::sync::Mutex<Option<Pinned>>,
 }
+
+/// Page-locked host memory, freed on drop.
+struct Pinned {
+    ptr: *mut u8,
+    bytes: usize,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: the pointer is owned host memory, used only under the `staging` lock.
+unsafe impl Send for Pinned {}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: allocated by malloc_host and freed once; no copy into it is in flight (each
+        // download synchronises before it returns).
+        unsafe {
+            let _ = result::free_host(self.ptr as *mut std::ffi::c_void);
+        }
+    }
+}
+
+/// Downloads smaller than this go straight into the caller's (pageable) memory.
+const STAGED_DOWNLOAD: usize = 1 << 20;
 
 impl Gpu {
     /// Opens GPU `ordinal`: a missing driver, a too-old driver, a GPU older than Hopper, or a
@@ -65,7 +93,7 @@ impl Gpu {
         // A stream of our own: the legacy default stream cannot be captured into a CUDA graph.
         let stream = ctx.new_stream().map_err(cuda("create a stream"))?;
         let blas = super::blas::Blas::new(&stream)?;
-        Ok(Gpu { ctx, stream, blas, name, memory_bytes, capability })
+        Ok(Gpu { ctx, stream, blas, name, memory_bytes, capability, staging: std::sync::Mutex::new(None) })
     }
 
     pub(crate) fn bind(&self) -> Result<(), GpuError> {
@@ -118,6 +146,32 @@ impl Gpu {
         self.synchronize()?;
         // SAFETY: the caller gives a device range of at least `bytes.len()` bytes.
         unsafe { result::memcpy_dtoh_sync(bytes, src) }.map_err(cuda("copy from the GPU"))
+    }
+
+    /// Downloads `len` bytes at `src` and hands them to `read`: large ones through the pinned
+    /// staging buffer (read in place, no second host copy), small ones through a plain vector.
+    pub fn download_with<R>(&self, src: u64, len: usize, read: impl FnOnce(&[u8]) -> R) -> Result<R, GpuError> {
+        if len < STAGED_DOWNLOAD {
+            let mut raw = vec![0u8; len];
+            self.download(src, &mut raw)?;
+            return Ok(read(&raw));
+        }
+        self.bind()?;
+        let mut staging = self.staging.lock().map_err(|_| GpuError("the staging buffer's lock is poisoned".into()))?;
+        if staging.as_ref().is_none_or(|p| p.bytes < len) {
+            *staging = None;
+            let bytes = len.next_power_of_two();
+            // SAFETY: a plain page-locked allocation, freed by Pinned's Drop.
+            let ptr = unsafe { result::malloc_host(bytes, 0) }.map_err(cuda("allocate page-locked host memory"))?;
+            *staging = Some(Pinned { ptr: ptr as *mut u8, bytes, ctx: self.ctx.clone() });
+        }
+        let pinned = staging.as_mut().expect("allocated above");
+        // SAFETY: `pinned` holds at least `len` bytes, exclusively ours under the lock; the
+        // copy is complete when the stream synchronises, before the slice is read.
+        let buf = unsafe { std::slice::from_raw_parts_mut(pinned.ptr, len) };
+        unsafe { result::memcpy_dtoh_async(buf, src, self.raw_stream()) }.map_err(cuda("copy from the GPU"))?;
+        self.synchronize()?;
+        Ok(read(buf))
     }
 
     pub fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<(), GpuError> {

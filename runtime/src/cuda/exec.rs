@@ -57,6 +57,9 @@ pub struct GpuBackend {
     /// Whether kernels launch as programmatic dependents (see [`launch`]); off with
     /// `WEFT_NO_PDL=1`.
     dependent_launch: bool,
+    /// The states the last [`GpuBackend::run_plan_joining`] moved through the host (laid out
+    /// differently in the two plans), for the benchmark to show.
+    pub last_join_by_host: Vec<String>,
 }
 
 fn dense_bytes(ty: &TensorType, batch: u64, seq: u64) -> usize {
@@ -77,17 +80,27 @@ fn encode(t: &Tensor<f32>, dtype: DType) -> Result<Vec<u8>, GpuError> {
     }
 }
 
+/// Host values of device bytes, converted on every core (a decode step's logits are
+/// millions of values).
 fn decode(bytes: &[u8], dtype: DType, shape: Vec<usize>) -> Tensor<f32> {
+    use rayon::prelude::*;
+    const GRAIN: usize = 1 << 14;
     match dtype {
-        DType::I32 => {
-            Tensor::ints(shape, bytes.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect())
-        }
-        DType::F32 => {
-            Tensor::real(shape, bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
-        }
+        DType::I32 => Tensor::ints(
+            shape,
+            bytes.par_chunks_exact(4).with_min_len(GRAIN).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect(),
+        ),
+        DType::F32 => Tensor::real(
+            shape,
+            bytes.par_chunks_exact(4).with_min_len(GRAIN).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+        ),
         DType::BF16 | DType::F16 => Tensor::real(
             shape,
-            bytes.chunks_exact(2).map(|c| bf16::from_le_bytes(c.try_into().unwrap()).to_f32()).collect(),
+            bytes
+                .par_chunks_exact(2)
+                .with_min_len(GRAIN)
+                .map(|c| bf16::from_le_bytes(c.try_into().unwrap()).to_f32())
+                .collect(),
         ),
     }
 }
@@ -170,6 +183,7 @@ impl GpuBackend {
             plans: HashMap::new(),
             last_profile: BTreeMap::new(),
             dependent_launch: std::env::var_os("WEFT_NO_PDL").is_none_or(|v| v != "1"),
+            last_join_by_host: Vec::new(),
         })
     }
 
@@ -471,14 +485,16 @@ impl GpuBackend {
         let esize = ty.dtype.bytes() as usize;
         let elems: usize = shape.iter().product();
         let rows = elems.checked_div(width).unwrap_or(0);
-        let mut raw = vec![0u8; rows * pitch * esize];
-        self.gpu.download(addr, &mut raw)?;
-        let dense: Vec<u8> = if pitch == width {
-            raw
-        } else {
-            raw.chunks(pitch * esize).flat_map(|r| r[..width * esize].to_vec()).collect()
-        };
-        Ok(decode(&dense, ty.dtype, shape))
+        let row_bytes = width * esize;
+        self.gpu.download_with(addr, rows * pitch * esize, |raw| {
+            if pitch == width {
+                decode(raw, ty.dtype, shape)
+            } else {
+                let mut dense = Vec::with_capacity(rows * row_bytes);
+                raw.chunks(pitch * esize).for_each(|r| dense.extend_from_slice(&r[..row_bytes]));
+                decode(&dense, ty.dtype, shape)
+            }
+        })
     }
 
     /// Writes a host tensor into a value's place (rows at the arena's pitch).
@@ -648,6 +664,7 @@ impl GpuBackend {
             let dst = self.carried_rows_at(to, n, batch)?;
             self.gpu.copy(dst + (slot * row_bytes) as u64, src, row_bytes)?;
         }
+        self.last_join_by_host = by_host.iter().map(|(n, _)| n.clone()).collect();
         for (n, v) in by_host {
             let rows = self.fetch_value(name, v, b, t)?;
             self.put_carried_rows(to, &n, batch, slot, &rows)?;
