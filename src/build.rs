@@ -44,6 +44,9 @@ impl Shapes {
     }
 }
 
+/// Plans a bundle leaves out: the CPU reference runs them, the GPU has no kernels for them yet.
+pub const CPU_ONLY_PLANS: &[&str] = &["chunk", "chunk_score"];
+
 #[derive(Debug)]
 pub enum BuildError {
     Lower(Located),
@@ -100,6 +103,7 @@ pub fn program_findings(program: &Program, shapes: &Shapes) -> Result<Vec<Findin
     let per_plan: Vec<_> = program
         .plans
         .par_iter()
+        .filter(|(name, _)| !CPU_ONLY_PLANS.contains(&name.as_str()))
         .map(|(name, plan)| {
             let shape = shapes.of(name);
             crate::lower::plan_findings(plan, shape.batch, shape.seq)
@@ -122,6 +126,11 @@ pub fn lower_program(program: &Program, shapes: &Shapes) -> Result<Lowered, Loca
     let mut plans = BTreeMap::new();
     let mut findings = Vec::new();
     for (name, plan) in &program.plans {
+        // A chunk's step operations over several tokens have CPU kernels only so far: the
+        // GPU prefills a prompt whole.
+        if CPU_ONLY_PLANS.contains(&name.as_str()) {
+            continue;
+        }
         let shape = shapes.of(name);
         let (dp, f) = lower_plan(plan, shape.batch, shape.seq, &mut kernels)?;
         findings.extend(f);

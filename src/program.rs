@@ -196,7 +196,8 @@ pub fn to_plan(g: &Graph, name: &str) -> Plan {
 /// The program of a model: its parameters and optimizer state, and the plans `eval` (forward
 /// and loss), `train_step`, `optimizer_step`, `logits` (every position's logits), `prefill` and
 /// `decode` (generation with each layer's state; full attention caches `max_context` tokens),
-/// each graph through the fusion passes.
+/// `chunk` and `chunk_score` (a prompt's next chunk from the carried states), each graph
+/// through the fusion passes.
 pub fn build_program(model: &Model, settings: &OptimizerSettings, max_context: u64) -> Result<Program, ProgramError> {
     build_program_with(model, settings, max_context, FUSION)
 }
@@ -237,7 +238,11 @@ pub fn build_program_with(
                 )
             },
         );
-        Ok::<_, ProgramError>([logits?, score?, prefill?, decode?])
+        let (chunk, chunk_score) = rayon::join(
+            || plan(Mode::Chunk { max_context, score: false }, "chunk"),
+            || plan(Mode::Chunk { max_context, score: true }, "chunk_score"),
+        );
+        Ok::<_, ProgramError>([logits?, score?, prefill?, decode?, chunk?, chunk_score?])
     };
     let (training, generation) = rayon::join(training, generation);
     let (fwd, train, opt) = training?;

@@ -20,9 +20,14 @@ layers = [m, f, swa, g, full, r, f]
 ";
 
 fn program(src: &str) -> (Program, weft::Checked) {
+    program_for(src, 64)
+}
+
+/// The program of `src` with caches for `context` tokens of full attention.
+fn program_for(src: &str, context: u64) -> (Program, weft::Checked) {
     let c = weft::check_str(Path::new("every-kind.weft"), src).unwrap_or_else(|f| panic!("{}", f.render()));
     let settings = OptimizerSettings::from_config(&weft::config::RunConfig::default());
-    (build_program(&c.model, &settings, 64).unwrap(), c)
+    (build_program(&c.model, &settings, context).unwrap(), c)
 }
 
 fn batch(b: usize, t: usize, vocab: i32, seed: u64) -> Vec<(String, Tensor<f64>)> {
@@ -645,4 +650,155 @@ fn the_engine_draws_no_stop_token_before_min_new() {
     let bad = Request { min_new: 13, ..Request::new(prompt, 12, greedy, vec![stop]) };
     let mut be = CpuBackend::new(p, 3);
     assert!(Engine::new(&mut be, 1, 64).unwrap().submit(bad).unwrap_err().contains("at least 13"));
+}
+
+/// Zeros for each state input of `plan` at `b` sequences: where a sequence starts.
+fn zero_states(plan: &weft_runtime::plan::Plan, b: usize) -> Vec<(String, Tensor<f64>)> {
+    plan.inputs
+        .iter()
+        .filter(|(n, _)| n.starts_with("state:"))
+        .map(|(n, _)| {
+            let ty = plan.input_type(n).unwrap();
+            let shape: Vec<usize> =
+                std::iter::once(b).chain(ty.shape.0[1..].iter().map(|d| d.to_string().parse().unwrap())).collect();
+            let len = shape.iter().product();
+            (n.clone(), Tensor::real(shape, vec![0.0; len]))
+        })
+        .collect()
+}
+
+/// A prompt prefilled a chunk at a time from the carried states gives, at every chunk's end,
+/// the logits of the whole prompt's forward pass, and each position's log-probability of its
+/// target as the score plan gives it, for chunks of 1, of the window ± 1 (the ring of 3 wraps
+/// inside a chunk and across chunks), of 63, 64 and 100 (ends that are not multiples of the
+/// 230-token prompt). Both sides compute in f64 and differ only in the order of their sums
+/// (token by token against whole-sequence kernels), each within a few ulps of values of order
+/// 10 after some hundred terms: 1e-10 leaves a margin of 10⁴ over that.
+#[test]
+fn chunked_prefill_reproduces_the_unchunked_logits() {
+    let (p, _) = program_for(EVERY_KIND, 256);
+    let mut store: Store<f64> = Store::init(&p, 13);
+    let (b, t, vocab) = (2, 230, 32);
+    let inputs = batch(b, t, vocab as i32, 91);
+    let tokens = inputs[0].1.ints_ref().unwrap().to_vec();
+    let targets = inputs[1].1.ints_ref().unwrap().to_vec();
+    let full = logits_of(&run(p.plan("logits").unwrap(), &mut store, vec![inputs[0].clone()]).unwrap());
+    let scored =
+        run(p.plan("score").unwrap(), &mut store, inputs.clone()).unwrap()["logprobs"].reals().unwrap().to_vec();
+    let (chunk, chunk_score) = (p.plan("chunk").unwrap(), p.plan("chunk_score").unwrap());
+    let cols = |v: &[i32], from: usize, n: usize| -> Vec<i32> {
+        (0..b).flat_map(|r| v[r * t + from..r * t + from + n].to_vec()).collect()
+    };
+    for size in [1, 2, 4, 63, 64, 100] {
+        let mut states = zero_states(chunk, b);
+        let mut start = 0;
+        while start < t {
+            let n = size.min(t - start);
+            let mut inp = states.clone();
+            inp.push(("tokens".into(), Tensor::ints(vec![b, n], cols(&tokens, start, n))));
+            inp.push(("pos".into(), Tensor::ints(vec![b], vec![start as i32; b])));
+            let mut with_targets = inp.clone();
+            with_targets.push(("targets".into(), Tensor::ints(vec![b, n], cols(&targets, start, n))));
+            let mut out = run(chunk, &mut store, inp).unwrap();
+            let mut sout = run(chunk_score, &mut store, with_targets).unwrap();
+            let last = logits_of(&out);
+            let lp = sout["logprobs"].reals().unwrap().to_vec();
+            for r in 0..b {
+                let at = r * t + start + n - 1;
+                let want = &full[at * vocab..(at + 1) * vocab];
+                let err =
+                    last[r * vocab..(r + 1) * vocab].iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+                assert!(err < 1e-10, "chunks of {size}, row {r}, position {}: logits differ by {err:e}", start + n - 1);
+                for i in 0..n {
+                    let (got, want) = (lp[r * n + i], scored[r * t + start + i]);
+                    assert!(
+                        (got - want).abs() < 1e-10,
+                        "chunks of {size}, row {r}, position {}: {got} against {want}",
+                        start + i
+                    );
+                }
+            }
+            states = states
+                .iter()
+                .map(|(name, _)| {
+                    let s = out.remove(name).unwrap();
+                    assert_eq!(sout.remove(name).unwrap(), s, "both chunk plans leave the same `{name}`");
+                    (name.clone(), s)
+                })
+                .collect();
+            start += n;
+        }
+    }
+}
+
+/// The engine prefills a prompt longer than its chunk a chunk per step, between the decode
+/// steps of the sequences already running, and each request still gets the tokens it gets
+/// with every prompt prefilled whole (on the f64 reference, whose chunked and whole prefills
+/// differ by far less than any gap between logits greedy decoding compares); a request
+/// cancelled while its prompt is prefilled frees its slot.
+#[test]
+fn the_engine_prefills_long_prompts_in_chunks_between_decode_steps() {
+    use weft_runtime::backend::CpuBackend;
+    use weft_runtime::engine::{Engine, Event, Request};
+    use weft_runtime::generate::Sampling;
+    let (p, _) = program_for(EVERY_KIND, 256);
+    let greedy = Sampling { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 };
+    let warm = Sampling { temperature: 0.8, top_p: 0.95, top_k: 0, seed: 4 };
+    let prompt = |n: usize, k: u32| (0..n as u32).map(|i| (i * k + 3) % 32).collect::<Vec<u32>>();
+    let reqs = [
+        Request::new(prompt(5, 3), 24, greedy.clone(), vec![]),
+        // 150 tokens: four chunks of 32 and one of 22.
+        Request::new(prompt(150, 7), 10, greedy.clone(), vec![]),
+        Request::new(prompt(40, 5), 12, warm, vec![]),
+        Request::new(prompt(33, 9), 6, greedy, vec![]),
+    ];
+    let serve = |chunk: usize| {
+        let mut be = CpuBackend::new_f64(p.clone(), 6);
+        let mut engine = Engine::new(&mut be, 3, 256).unwrap();
+        engine.set_prefill_chunk(chunk).unwrap();
+        for r in &reqs {
+            engine.submit(r.clone()).unwrap();
+        }
+        let mut got: std::collections::BTreeMap<usize, Vec<(usize, u32)>> = Default::default();
+        let mut step = 0;
+        while !engine.idle() {
+            step += 1;
+            for e in engine.step().unwrap() {
+                if let Event::Token { id, token, .. } = e {
+                    got.entry(id).or_default().push((step, token));
+                }
+            }
+        }
+        got
+    };
+    let whole = serve(0);
+    let chunked = serve(32);
+    for id in 0..reqs.len() {
+        let tokens = |g: &std::collections::BTreeMap<usize, Vec<(usize, u32)>>| -> Vec<u32> {
+            g[&id].iter().map(|x| x.1).collect()
+        };
+        assert_eq!(tokens(&chunked), tokens(&whole), "request {id}");
+    }
+    // Whole, the long prompt gives its first token at the first step; in chunks at the fifth
+    // (one chunk per step), while the first request decodes a token at each of those steps.
+    assert_eq!(whole[&1][0].0, 1);
+    assert_eq!(chunked[&1][0].0, 5);
+    // (Its first token comes with its join, its second from the same step's decode.)
+    let first: Vec<usize> = chunked[&0].iter().map(|x| x.0).take(6).collect();
+    assert_eq!(first, vec![1, 1, 2, 3, 4, 5]);
+    // The 40-token prompt is longer than a chunk too: it waits for the staging row.
+    assert!(chunked[&2][0].0 > 5, "{:?}", chunked[&2]);
+
+    // Cancelled mid-prefill: its slot serves the next request.
+    let mut be = CpuBackend::new_f64(p.clone(), 6);
+    let mut engine = Engine::new(&mut be, 1, 256).unwrap();
+    engine.set_prefill_chunk(32).unwrap();
+    let long = engine.submit(reqs[1].clone()).unwrap();
+    let short = engine.submit(reqs[0].clone()).unwrap();
+    assert!(engine.step().unwrap().is_empty());
+    assert_eq!((engine.live(), engine.waiting()), (1, 1));
+    assert!(engine.cancel(long));
+    assert_eq!(engine.live(), 0);
+    let events = engine.step().unwrap();
+    assert!(events.iter().any(|e| matches!(e, Event::Token { id, .. } if *id == short)), "{events:?}");
 }

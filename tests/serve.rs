@@ -115,7 +115,8 @@ fn the_server_completes_as_generate_does_and_refuses_bad_requests() {
         assert_eq!(code, 0, "{err}");
         out.strip_prefix(prompt).unwrap().strip_suffix('\n').unwrap().to_string()
     };
-    let server = start(run, &["--slots", "2"]);
+    // Prompts of more than two tokens are prefilled two at a time, between decode steps.
+    let server = start(run, &["--slots", "2", "--prefill-chunk", "2"]);
     let a = server.addr.as_str();
     assert_eq!(http(a, "GET", "/health", b"").0, 200);
     let models = json(&http(a, "GET", "/v1/models", b"").1);

@@ -55,6 +55,26 @@ pub trait Backend {
         Ok(out)
     }
 
+    /// Runs plan `plan` on one sequence whose states `names` are row `from` of the values plan
+    /// `to` carries at `batch` sequences, writing its outputs of those names into row `into`
+    /// (a prompt's next chunk continuing the sequence there); returns the other outputs. The
+    /// GPU copies on the device.
+    #[allow(clippy::too_many_arguments)]
+    fn run_in_slot(
+        &mut self,
+        plan: &str,
+        inputs: Vec<(String, Tensor<f32>)>,
+        names: &[String],
+        to: &str,
+        batch: usize,
+        from: usize,
+        into: usize,
+    ) -> Result<BTreeMap<String, Tensor<f32>>, String>;
+    /// Whether this backend can run plan `name` (a bundle may leave out plans the GPU has no
+    /// kernels for).
+    fn runs(&self, name: &str) -> bool {
+        self.program().plan(name).is_ok()
+    }
     /// Copies of the persistent tensors named.
     fn read(&self, names: &[&str]) -> Result<BTreeMap<String, Tensor<f32>>, String>;
     /// Replaces persistent tensors (shapes must match the program).
@@ -189,6 +209,38 @@ impl Backend for CpuBackend {
         let dst = slot.reals_mut().ok_or_else(|| format!("`{name}` holds ids"))?;
         dst[first * per..(first + n) * per].copy_from_slice(src);
         Ok(())
+    }
+
+    fn run_in_slot(
+        &mut self,
+        plan: &str,
+        mut inputs: Vec<(String, Tensor<f32>)>,
+        names: &[String],
+        to: &str,
+        batch: usize,
+        from: usize,
+        into: usize,
+    ) -> Result<BTreeMap<String, Tensor<f32>>, String> {
+        for n in names {
+            let t = self.carried.get(n).ok_or_else(|| format!("no carried `{n}`: no sequence joined yet"))?;
+            if t.shape[0] != batch || from.max(into) >= batch {
+                return Err(format!(
+                    "`{n}` is kept for {} sequences, not rows {from} and {into} of {batch}",
+                    t.shape[0]
+                ));
+            }
+            let per: usize = t.shape[1..].iter().product();
+            let v = t.reals().ok_or_else(|| format!("`{n}` holds ids"))?;
+            let mut shape = t.shape.clone();
+            shape[0] = 1;
+            inputs.push((n.clone(), Tensor::real(shape, v[from * per..(from + 1) * per].to_vec())));
+        }
+        let mut out = self.run(plan, inputs)?;
+        for n in names {
+            let rows = out.remove(n).ok_or_else(|| format!("plan `{plan}` gives no `{n}`"))?;
+            self.put_carried(to, n, batch, into, &rows)?;
+        }
+        Ok(out)
     }
 
     fn read(&self, names: &[&str]) -> Result<BTreeMap<String, Tensor<f32>>, String> {

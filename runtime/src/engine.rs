@@ -6,8 +6,12 @@
 //! the last live one, padded to a power of two (fewer sequences take a smaller, faster step),
 //! each at its own position (a free slot among them on a dummy token at position 0: its rows
 //! are read by no one); it samples each live sequence with its own settings and draw counter,
-//! and frees the slots of finished sequences for the next waiting requests. A sequence's tokens are those [`generate`] gives it
-//! alone: on the CPU reference exactly, since no row of a batch reads another's.
+//! and frees the slots of finished sequences for the next waiting requests. A prompt longer
+//! than the prefill chunk (where the backend runs the `chunk` plan) is prefilled one chunk per
+//! step in a staging row after the slots, which no decode step runs, between the others' decode
+//! steps; its last chunk writes its states into its slot. A sequence's tokens are those
+//! [`generate`] gives it alone: on the CPU reference exactly, since no row of a batch reads
+//! another's (chunked prompts up to the rounding of a different order of sums).
 //!
 //! [`generate`]: crate::generate::generate
 
@@ -131,6 +135,20 @@ impl Live {
     }
 }
 
+/// A prompt longer than a chunk, prefilled one chunk per step in the staging row (the row
+/// after the slots, which no decode step runs), its last chunk writing its states into the
+/// slot it then decodes in.
+struct Staged {
+    id: usize,
+    slot: usize,
+    request: Request,
+    /// Prompt tokens prefilled so far.
+    done: usize,
+}
+
+/// Prompt tokens prefilled per chunk where the backend runs the `chunk` plan.
+pub const DEFAULT_PREFILL_CHUNK: usize = 512;
+
 pub struct Engine<'b> {
     backend: &'b mut dyn Backend,
     decode: Plan,
@@ -140,6 +158,9 @@ pub struct Engine<'b> {
     slots: Vec<Option<Live>>,
     queue: VecDeque<(usize, Request)>,
     next_id: usize,
+    /// Longest prefill per step (0: every prompt whole, at once).
+    chunk: usize,
+    staged: Option<Staged>,
 }
 
 impl<'b> Engine<'b> {
@@ -153,7 +174,36 @@ impl<'b> Engine<'b> {
         let vocab = backend.program().vocab().ok_or("the model has no embedding table")?;
         let carried = state_names(&decode);
         let slots = (0..slots).map(|_| None).collect();
-        Ok(Engine { backend, decode, carried, vocab, context, slots, queue: VecDeque::new(), next_id: 0 })
+        let chunk = if backend.runs("chunk") { DEFAULT_PREFILL_CHUNK } else { 0 };
+        let queue = VecDeque::new();
+        Ok(Engine { backend, decode, carried, vocab, context, slots, queue, next_id: 0, chunk, staged: None })
+    }
+
+    /// Prefills at most `tokens` prompt tokens per step, between decode steps (0: each prompt
+    /// whole as it joins, stalling the others while it runs). A prompt longer than that is
+    /// prefilled a chunk per step from the carried states (the `chunk` plan), so no prompt
+    /// needs activations of its whole length.
+    pub fn set_prefill_chunk(&mut self, tokens: usize) -> Result<(), String> {
+        if tokens > 0 && !self.backend.runs("chunk") {
+            return Err(format!("the {} backend cannot prefill in chunks (no `chunk` plan)", self.backend.name()));
+        }
+        if self.staged.is_some() {
+            return Err("a prompt is being prefilled in chunks".into());
+        }
+        self.chunk = tokens;
+        Ok(())
+    }
+
+    /// Rows of the decode plan's carried states: the slots, and the staging row when prompts
+    /// are prefilled in chunks.
+    fn pool(&self) -> usize {
+        self.slots.len() + usize::from(self.chunk > 0)
+    }
+
+    /// A slot neither decoding nor waiting for a staged prompt.
+    fn free_slot(&self) -> Option<usize> {
+        let reserved = self.staged.as_ref().map(|s| s.slot);
+        (0..self.slots.len()).find(|&i| self.slots[i].is_none() && Some(i) != reserved)
     }
 
     /// Queues a request; returns its id (ids count up from 0 in submission order).
@@ -191,6 +241,10 @@ impl<'b> Engine<'b> {
             self.queue.remove(i);
             return true;
         }
+        if self.staged.as_ref().is_some_and(|s| s.id == id) {
+            self.staged = None;
+            return true;
+        }
         match self.slots.iter_mut().find(|s| s.as_ref().is_some_and(|l| l.id == id)) {
             Some(s) => {
                 *s = None;
@@ -200,8 +254,12 @@ impl<'b> Engine<'b> {
         }
     }
 
-    /// Sequences in slots.
+    /// Sequences in slots, decoding or being prefilled.
     pub fn live(&self) -> usize {
+        self.decoding() + usize::from(self.staged.is_some())
+    }
+
+    fn decoding(&self) -> usize {
         self.slots.iter().filter(|s| s.is_some()).count()
     }
 
@@ -215,15 +273,29 @@ impl<'b> Engine<'b> {
         self.live() == 0 && self.queue.is_empty()
     }
 
-    /// One step: waiting requests take the free slots (each prefilled, giving its first
-    /// token), then one decode step for every live sequence.
+    /// One step: the next chunk of a prompt being prefilled in chunks, waiting requests in
+    /// the free slots (each prefilled, giving its first token) while the step's prefill budget
+    /// (one chunk) lasts, then one decode step for every decoding sequence.
     pub fn step(&mut self) -> Result<Vec<Event>, String> {
         let mut events = Vec::new();
-        while let Some(slot) = self.slots.iter().position(Option::is_none) {
-            let Some((id, r)) = self.queue.pop_front() else { break };
-            self.join(slot, id, r, &mut events)?;
+        let mut budget = if self.chunk > 0 { self.chunk } else { usize::MAX };
+        if self.staged.is_some() {
+            budget -= self.advance_staged(&mut events)?;
         }
-        if self.live() > 0 {
+        while budget > 0 {
+            let (Some(slot), Some((_, r))) = (self.free_slot(), self.queue.front()) else { break };
+            let long = self.chunk > 0 && r.prompt.len() > self.chunk;
+            if long && self.staged.is_some() {
+                break;
+            }
+            let (id, r) = self.queue.pop_front().expect("looked at");
+            budget = budget.saturating_sub(r.prompt.len().min(if long { self.chunk } else { usize::MAX }));
+            match long {
+                true => self.stage(slot, id, r, &mut events)?,
+                false => self.join(slot, id, r, &mut events)?,
+            }
+        }
+        if self.decoding() > 0 {
             self.decode_step(&mut events)?;
         }
         Ok(events)
@@ -243,36 +315,90 @@ impl<'b> Engine<'b> {
         Ok(out)
     }
 
-    fn join(&mut self, slot: usize, id: usize, r: Request, events: &mut Vec<Event>) -> Result<(), String> {
-        let ids: Vec<i32> = r.prompt.iter().map(|&t| t as i32).collect();
-        let tokens = || vec![("tokens".to_string(), Tensor::ints(vec![1, ids.len()], ids.clone()))];
+    /// With [`Request::echo`], every prompt token's log-probability given those before it
+    /// (the whole prompt's logits at once); then whether the request asks for no tokens at all
+    /// (the context is full), which ends it.
+    fn open(&mut self, id: usize, r: &Request, events: &mut Vec<Event>) -> Result<bool, String> {
         if let Some(n) = r.echo {
-            // Every position's logits: each prompt token scored given those before it.
-            let out = self.backend.run("logits", tokens())?;
+            let ids: Vec<i32> = r.prompt.iter().map(|&t| t as i32).collect();
+            let tokens = vec![("tokens".to_string(), Tensor::ints(vec![1, ids.len()], ids))];
+            let out = self.backend.run("logits", tokens)?;
             let l = out.get("logits").and_then(|t| t.reals()).ok_or("the logits plan gave no logits")?;
-            if l.len() != ids.len() * self.vocab {
-                return Err(format!("the logits plan gave {} logits for {} tokens", l.len(), ids.len()));
+            if l.len() != r.prompt.len() * self.vocab {
+                return Err(format!("the logits plan gave {} logits for {} tokens", l.len(), r.prompt.len()));
             }
             let rows = l.chunks(self.vocab);
             let scored = rows.zip(&r.prompt[1..]).map(|(row, &t)| Some(Logprobs::of(row, t, n)));
             events.push(Event::Prompt { id, logprobs: std::iter::once(None).chain(scored).collect() });
         }
-        let max_new = r.max_new.min(self.context - r.prompt.len());
-        if max_new == 0 {
+        if r.max_new.min(self.context - r.prompt.len()) == 0 {
             events.push(Event::Done { id, finish: Finish::Length });
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn join(&mut self, slot: usize, id: usize, r: Request, events: &mut Vec<Event>) -> Result<(), String> {
+        if !self.open(id, &r, events)? {
             return Ok(());
         }
         // The prompt's states go straight into the slot's rows (on the GPU, device to device);
         // a sequence that ends at its first token leaves them unread.
-        let batch = self.slots.len();
-        let out = self.backend.run_joining("prefill", tokens(), &self.carried, "decode", batch, slot)?;
-        let row = last_row(&out, self.vocab)?;
+        let out = self.backend.run_joining(
+            "prefill",
+            prompt_tokens(&r.prompt),
+            &self.carried,
+            "decode",
+            self.pool(),
+            slot,
+        )?;
+        self.begin(slot, id, r, last_row(&out, self.vocab)?, events);
+        Ok(())
+    }
+
+    /// Starts prefilling a long prompt in chunks: its first chunk from nothing, into the
+    /// staging row, for `slot`.
+    fn stage(&mut self, slot: usize, id: usize, r: Request, events: &mut Vec<Event>) -> Result<(), String> {
+        if !self.open(id, &r, events)? {
+            return Ok(());
+        }
+        let staging = self.slots.len();
+        let first = prompt_tokens(&r.prompt[..self.chunk]);
+        self.backend.run_joining("prefill", first, &self.carried, "decode", self.pool(), staging)?;
+        self.staged = Some(Staged { id, slot, done: self.chunk, request: r });
+        Ok(())
+    }
+
+    /// The staged prompt's next chunk, from the staging row's states; the last one writes into
+    /// its slot, where it starts decoding. Returns the chunk's tokens.
+    fn advance_staged(&mut self, events: &mut Vec<Event>) -> Result<usize, String> {
+        let Staged { id, slot, request, done } = self.staged.take().expect("called with a staged prompt");
+        let n = self.chunk.min(request.prompt.len() - done);
+        let last = done + n == request.prompt.len();
+        let mut inputs = prompt_tokens(&request.prompt[done..done + n]);
+        if self.backend.program().plan("chunk").map_err(|e| e.0)?.input_type("pos").is_some() {
+            inputs.push(("pos".to_string(), Tensor::ints(vec![1], vec![done as i32])));
+        }
+        let staging = self.slots.len();
+        let into = if last { slot } else { staging };
+        let out = self.backend.run_in_slot("chunk", inputs, &self.carried, "decode", self.pool(), staging, into)?;
+        if last {
+            self.begin(slot, id, request, last_row(&out, self.vocab)?, events);
+        } else {
+            self.staged = Some(Staged { id, slot, request, done: done + n });
+        }
+        Ok(n)
+    }
+
+    /// A prefilled prompt's first token, drawn from its last position's logits `row`; the
+    /// sequence then decodes in `slot` unless that token ended it.
+    fn begin(&mut self, slot: usize, id: usize, r: Request, row: &[f32], events: &mut Vec<Event>) {
         let mut live = Live {
             id,
             pos: r.prompt.len(),
             next: 0,
             produced: 0,
-            max_new,
+            max_new: r.max_new.min(self.context - r.prompt.len()),
             sampling: r.sampling,
             stop: r.stop,
             min_new: r.min_new,
@@ -280,11 +406,9 @@ impl<'b> Engine<'b> {
         };
         let first = live.pick(row);
         let lp = r.logprobs.map(|n| Logprobs::of(row, first, n));
-        if self.emit(&mut live, first, lp, events) {
-            return Ok(());
+        if !self.emit(&mut live, first, lp, events) {
+            self.slots[slot] = Some(live);
         }
-        self.slots[slot] = Some(live);
-        Ok(())
     }
 
     /// Gives out `token`; whether the sequence ended with it.
@@ -348,6 +472,12 @@ impl<'b> Engine<'b> {
         }
         Ok(())
     }
+}
+
+/// A prompt as a plan's `tokens` input of one sequence.
+fn prompt_tokens(prompt: &[u32]) -> Vec<(String, Tensor<f32>)> {
+    let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
+    vec![("tokens".to_string(), Tensor::ints(vec![1, ids.len()], ids))]
 }
 
 /// The last position's logits of a plan's output.

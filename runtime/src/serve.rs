@@ -51,6 +51,9 @@ pub struct ServeOptions {
     /// How long a connection may take to send a request head (or stay idle between requests),
     /// and a request its body.
     pub timeout: Duration,
+    /// Prompt tokens prefilled per step between decode steps (0: each prompt whole); None:
+    /// the engine's default for the backend.
+    pub prefill_chunk: Option<usize>,
 }
 
 /// Where to listen and how long the queue is, as both command lines take them.
@@ -68,6 +71,11 @@ pub struct ServeFlags {
     /// requests, before it is closed.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub timeout: u64,
+    /// Prompt tokens prefilled per step, between the running sequences' decode steps, so a
+    /// long prompt does not stall them (0: each prompt whole as it joins). Default 512 where
+    /// the backend prefills in chunks (the CPU reference; the GPU prefills whole so far).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1 << 24))]
+    pub prefill_chunk: Option<u64>,
 }
 
 impl ServeFlags {
@@ -81,6 +89,7 @@ impl ServeFlags {
             slots,
             queue: self.queue as usize,
             timeout: Duration::from_secs(self.timeout),
+            prefill_chunk: self.prefill_chunk.map(|n| n as usize),
         }
     }
 }
@@ -189,8 +198,8 @@ pub fn serve(
     let (jobs, rx) = std::sync::mpsc::channel::<Job>();
     let live = Arc::new(AtomicUsize::new(0));
     let (up_tx, up_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-    let (slots, context, live_e) = (o.slots, o.context, live.clone());
-    let engine = std::thread::spawn(move || engine_thread(make, slots, context, rx, live_e, up_tx));
+    let (slots, context, chunk, live_e) = (o.slots, o.context, o.prefill_chunk, live.clone());
+    let engine = std::thread::spawn(move || engine_thread(make, (slots, context, chunk), rx, live_e, up_tx));
     up_rx.recv().map_err(|_| "the engine thread ended before it started".to_string())??;
     let shared = Arc::new(Shared {
         o: o.clone(),
@@ -307,8 +316,7 @@ async fn shutdown() {
 
 fn engine_thread(
     make: Box<dyn FnOnce() -> Result<Box<dyn Backend>, String> + Send>,
-    slots: usize,
-    context: usize,
+    (slots, context, chunk): (usize, usize, Option<usize>),
     jobs: std::sync::mpsc::Receiver<Job>,
     live: Arc<AtomicUsize>,
     up: std::sync::mpsc::Sender<Result<(), String>>,
@@ -320,7 +328,9 @@ fn engine_thread(
             return;
         }
     };
-    let mut engine = match Engine::new(backend.as_mut(), slots, context) {
+    let engine = Engine::new(backend.as_mut(), slots, context)
+        .and_then(|mut e| chunk.map_or(Ok(()), |n| e.set_prefill_chunk(n)).map(|()| e));
+    let mut engine = match engine {
         Ok(e) => e,
         Err(e) => {
             let _ = up.send(Err(e));

@@ -30,6 +30,11 @@ pub enum Mode {
     Prefill { max_context: u64 },
     /// One token per sequence at position `pos`: reads and writes every layer's state.
     Decode { max_context: u64 },
+    /// A chunk of a prompt continuing from every layer's state (tokens at positions `pos`,
+    /// `pos + 1`, ...), token by token as decoding: its last position's `logits`, or with
+    /// `score` (and `targets`) each position's `logprobs` as [`Mode::Score`] gives them; and
+    /// the states after it. A prompt of any length, a chunk at a time, in constant memory.
+    Chunk { max_context: u64, score: bool },
 }
 
 /// The training graph (forward pass and loss).
@@ -52,7 +57,11 @@ pub fn build_mode(model: &Model, mode: Mode) -> Result<Graph, BuildError> {
     let act = model.dtype;
     let d = model.width;
     let tokens = b.input("tokens");
-    let targets = if matches!(mode, Mode::Train | Mode::Score) { Some(b.input("targets")) } else { None };
+    let targets = if matches!(mode, Mode::Train | Mode::Score | Mode::Chunk { score: true, .. }) {
+        Some(b.input("targets"))
+    } else {
+        None
+    };
     let table = b.param("embed.weight", &[model.vocab, d], act, b.embed_init());
     let mut x = b.op(Op::Embed, &[tokens, table])?;
 
@@ -87,7 +96,7 @@ pub fn build_mode(model: &Model, mode: Mode) -> Result<Graph, BuildError> {
         b.param("head.weight", &[model.vocab, d], act, init)
     };
     match targets {
-        Some(targets) if b.mode == Mode::Score => {
+        Some(targets) if matches!(b.mode, Mode::Score | Mode::Chunk { .. }) => {
             let logprobs = b.op(Op::TokenLogProbs, &[h, head, targets])?;
             b.g.outputs.push(("logprobs".to_string(), logprobs));
         }
@@ -98,7 +107,10 @@ pub fn build_mode(model: &Model, mode: Mode) -> Result<Graph, BuildError> {
         None => {
             // Generation samples from the prompt's last position only; the `logits` plan
             // keeps every position (perplexity, log-probabilities).
-            let h = if let Mode::Prefill { .. } = b.mode { b.op(Op::LastPosition, &[h])? } else { h };
+            let h = match b.mode {
+                Mode::Prefill { .. } | Mode::Chunk { .. } => b.op(Op::LastPosition, &[h])?,
+                _ => h,
+            };
             let logits = b.op(Op::Logits, &[h, head])?;
             b.g.outputs.push(("logits".to_string(), logits));
         }
@@ -188,7 +200,9 @@ impl Builder<'_> {
     fn capacity(&self, a: &Attention) -> u64 {
         match (a.window, self.mode) {
             (Some(w), _) => w,
-            (None, Mode::Prefill { max_context } | Mode::Decode { max_context }) => max_context,
+            (None, Mode::Prefill { max_context } | Mode::Decode { max_context } | Mode::Chunk { max_context, .. }) => {
+                max_context
+            }
             (None, _) => 0,
         }
     }
@@ -242,7 +256,7 @@ impl Builder<'_> {
         let conv_w = self.param("conv.weight", &[e, k], act, conv_bound.clone());
         let conv_b = self.param("conv.bias", &[e], act, conv_bound);
         let u = match self.mode {
-            Mode::Decode { .. } => {
+            Mode::Decode { .. } | Mode::Chunk { .. } => {
                 let st = self.state_in("conv", TensorType::per_sequence(act, &[k - 1, e]));
                 let r = self.op_all(Op::CausalConv1dSiluStep, &[u0, conv_w, conv_b, st])?;
                 self.state_out("conv", r[1]);
@@ -268,7 +282,7 @@ impl Builder<'_> {
         let a_log = self.param("A_log", &[e, n], DType::F32, Init::S4dRealLog);
         let dskip = self.param("D", &[e], DType::F32, Init::Constant { value: 1.0 });
         let y = match self.mode {
-            Mode::Decode { .. } => {
+            Mode::Decode { .. } | Mode::Chunk { .. } => {
                 let st = self.state_in("ssm", TensorType::per_sequence(DType::F32, &[e, n]));
                 let r = self.op_all(Op::SelectiveScanStep, &[u, delta, a_log, bm, cm, dskip, dt_b, z, st])?;
                 self.state_out("ssm", r[1]);
@@ -296,7 +310,7 @@ impl Builder<'_> {
         };
         let capacity = self.capacity(a);
         let o = match self.mode {
-            Mode::Decode { .. } => {
+            Mode::Decode { .. } | Mode::Chunk { .. } => {
                 let cache = TensorType::per_sequence(self.model.dtype, &[capacity, a.kv_heads * a.head_dim]);
                 let kc = self.state_in("k", cache.clone());
                 let vc = self.state_in("v", cache);
@@ -342,7 +356,7 @@ impl Builder<'_> {
         let log_alpha = self.op(Op::GlaGate { normalizer: l.gate_norm }, &[gk, bias])?;
         let st_ty = TensorType::per_sequence(DType::F32, &[l.heads, l.key_dim / l.heads, l.value_dim / l.heads]);
         let o = match self.mode {
-            Mode::Decode { .. } => {
+            Mode::Decode { .. } | Mode::Chunk { .. } => {
                 let st = self.state_in("gla", st_ty);
                 let r = self.op_all(Op::GlaStep { heads: l.heads }, &[q, k, v, log_alpha, st])?;
                 self.state_out("gla", r[1]);
@@ -363,7 +377,7 @@ impl Builder<'_> {
         let v = self.linear("v_proj", h, l.value_dim, false)?;
         let st_ty = TensorType::per_sequence(DType::F32, &[l.heads, l.key_dim / l.heads, l.value_dim / l.heads]);
         let o = match self.mode {
-            Mode::Decode { .. } => {
+            Mode::Decode { .. } | Mode::Chunk { .. } => {
                 let st = self.state_in("retention", st_ty);
                 let pos = self.pos()?;
                 let r = self.op_all(Op::RetentionStep { heads: l.heads, rope: l.rope }, &[q, k, v, st, pos])?;

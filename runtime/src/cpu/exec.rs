@@ -566,10 +566,12 @@ pub(crate) fn execute_with<T: Real>(
         }
         Op::CausalConv1dSiluStep => {
             let (batch, seq, channels) = seq_dims(ins[0]);
-            one_token(seq)?;
-            let dims = ConvDims { batch, seq, channels, width: ins[1].shape[1] };
+            let dims = ConvDims { batch, seq: 1, channels, width: ins[1].shape[1] };
             let (mut y, mut st) = (out(0), (shapes[1].clone(), r(3)?.to_vec()));
-            conv_step(dims, r(0)?, r(1)?, r(2)?, &mut st.1, &mut y.1);
+            by_token(batch, seq, &[r(0)?], &mut y.1, |_, x, o| {
+                conv_step(dims, &x[0], r(1)?, r(2)?, &mut st.1, o);
+                Ok(())
+            })?;
             emit(y);
             emit(st);
         }
@@ -582,23 +584,16 @@ pub(crate) fn execute_with<T: Real>(
         }
         Op::SelectiveScanStep => {
             let (batch, seq, channels) = seq_dims(ins[0]);
-            one_token(seq)?;
             let (mut y, mut h) = (out(0), (shapes[1].clone(), r(8)?.to_vec()));
-            selective_scan_step(
-                batch,
-                channels,
-                ins[2].shape[1],
-                r(0)?,
-                r(1)?,
-                r(2)?,
-                r(3)?,
-                r(4)?,
-                r(5)?,
-                r(6)?,
-                r(7)?,
-                &mut h.1,
-                &mut y.1,
-            );
+            let tokens = [r(0)?, r(1)?, r(3)?, r(4)?, r(7)?];
+            by_token(batch, seq, &tokens, &mut y.1, |_, x, o| {
+                let (a_log, d, dt_bias) = (r(2)?, r(5)?, r(6)?);
+                let n = ins[2].shape[1];
+                selective_scan_step(
+                    batch, channels, n, &x[0], &x[1], a_log, &x[2], &x[3], d, dt_bias, &x[4], &mut h.1, o,
+                );
+                Ok(())
+            })?;
             emit(y);
             emit(h);
         }
@@ -612,15 +607,19 @@ pub(crate) fn execute_with<T: Real>(
         }
         Op::AttentionDecode { attrs, capacity } => {
             let (batch, seq, _) = seq_dims(ins[0]);
-            one_token(seq)?;
             let pos = positions(ins[5], batch)?;
-            if let Some(&pos) = pos.iter().filter(|&&p| attrs.window.is_none() && p >= *capacity as usize).max() {
+            let last = pos.iter().map(|&p| p + seq - 1);
+            if let Some(pos) = last.filter(|&p| attrs.window.is_none() && p >= *capacity as usize).max() {
                 return fail(format!("position {pos} is past the cache of {capacity} tokens of full attention: generate fewer tokens or build a larger cache"));
             }
-            let dims = attn_dims(attrs, ins[0]);
+            let dims = AttnDims { seq: 1, ..attn_dims(attrs, ins[0]) };
             let mut o = out(0);
             let (mut kc, mut vc) = ((shapes[1].clone(), r(3)?.to_vec()), (shapes[2].clone(), r(4)?.to_vec()));
-            attention_decode(dims, &pos, *capacity as usize, r(0)?, r(1)?, r(2)?, &mut kc.1, &mut vc.1, &mut o.1);
+            by_token(batch, seq, &[r(0)?, r(1)?, r(2)?], &mut o.1, |t, x, o| {
+                let at: Vec<usize> = pos.iter().map(|p| p + t).collect();
+                attention_decode(dims, &at, *capacity as usize, &x[0], &x[1], &x[2], &mut kc.1, &mut vc.1, o);
+                Ok(())
+            })?;
             emit(o);
             emit(kc);
             emit(vc);
@@ -633,9 +632,12 @@ pub(crate) fn execute_with<T: Real>(
         }
         Op::GlaStep { heads } => {
             let (batch, seq, k) = seq_dims(ins[0]);
-            one_token(seq)?;
             let (mut o, mut st) = (out(0), (shapes[1].clone(), r(4)?.to_vec()));
-            gla_step(batch, *heads as usize, k, last_dim(ins[2]), r(0)?, r(1)?, r(2)?, r(3)?, &mut st.1, &mut o.1);
+            let v = last_dim(ins[2]);
+            by_token(batch, seq, &[r(0)?, r(1)?, r(2)?, r(3)?], &mut o.1, |_, x, o| {
+                gla_step(batch, *heads as usize, k, v, &x[0], &x[1], &x[2], &x[3], &mut st.1, o);
+                Ok(())
+            })?;
             emit(o);
             emit(st);
         }
@@ -647,22 +649,14 @@ pub(crate) fn execute_with<T: Real>(
         }
         Op::RetentionStep { heads, rope } => {
             let (batch, seq, k) = seq_dims(ins[0]);
-            one_token(seq)?;
             let pos = positions(ins[4], batch)?;
             let (mut o, mut st) = (out(0), (shapes[1].clone(), r(3)?.to_vec()));
-            retention_step(
-                batch,
-                *heads as usize,
-                k,
-                last_dim(ins[2]),
-                *rope,
-                &pos,
-                r(0)?,
-                r(1)?,
-                r(2)?,
-                &mut st.1,
-                &mut o.1,
-            );
+            let v = last_dim(ins[2]);
+            by_token(batch, seq, &[r(0)?, r(1)?, r(2)?], &mut o.1, |t, x, o| {
+                let at: Vec<usize> = pos.iter().map(|p| p + t).collect();
+                retention_step(batch, *heads as usize, k, v, *rope, &at, &x[0], &x[1], &x[2], &mut st.1, o);
+                Ok(())
+            })?;
             emit(o);
             emit(st);
         }
@@ -677,13 +671,38 @@ pub(crate) fn execute_with<T: Real>(
     Ok(results)
 }
 
-/// Step operations advance one token at a time.
-fn one_token(seq: usize) -> Result<(), ExecError> {
+/// A step operation over `seq` tokens of each of `batch` sequences (a decode step, or a chunk
+/// of a prompt continuing from carried states): `step(t, rows, out)` advances every sequence
+/// by its token `t`, given each of `inputs`' `[batch, 1, width]` rows of that token, writing
+/// the token's `[batch, 1, out width]` rows. Token by token, as decoding does, so a chunk of
+/// any length gives what decoding its tokens one at a time gives.
+fn by_token<T: Real>(
+    batch: usize,
+    seq: usize,
+    inputs: &[&[T]],
+    out: &mut [T],
+    mut step: impl FnMut(usize, &[Vec<T>], &mut [T]) -> Result<(), ExecError>,
+) -> Result<(), ExecError> {
     if seq == 1 {
-        Ok(())
-    } else {
-        fail(format!("a decode step takes one token per sequence, not {seq}"))
+        let rows: Vec<Vec<T>> = inputs.iter().map(|x| x.to_vec()).collect();
+        return step(0, &rows, out);
     }
+    let ow = out.len() / (batch * seq).max(1);
+    let mut o = vec![T::zero(); batch * ow];
+    for t in 0..seq {
+        let rows: Vec<Vec<T>> = inputs
+            .iter()
+            .map(|x| {
+                let w = x.len() / (batch * seq);
+                (0..batch).flat_map(|b| x[(b * seq + t) * w..(b * seq + t + 1) * w].iter().copied()).collect()
+            })
+            .collect();
+        step(t, &rows, &mut o)?;
+        for b in 0..batch {
+            out[(b * seq + t) * ow..(b * seq + t + 1) * ow].copy_from_slice(&o[b * ow..(b + 1) * ow]);
+        }
+    }
+    Ok(())
 }
 
 /// Each sequence's decode position.

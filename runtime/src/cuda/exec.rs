@@ -672,6 +672,58 @@ impl GpuBackend {
         self.finish(name, b, t, &[], names)
     }
 
+    /// [`Backend::run_in_slot`]: row `from` of the values plan `to` carries goes into this
+    /// one-sequence call's inputs `names`, and its outputs of those names into row `into`, all
+    /// on the device.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_plan_in_slot(
+        &mut self,
+        name: &str,
+        inputs: &[(String, Tensor<f32>)],
+        names: &[String],
+        to: &str,
+        batch: usize,
+        from: usize,
+        into: usize,
+    ) -> Result<BTreeMap<String, Tensor<f32>>, GpuError> {
+        self.load_plan(to)?;
+        self.load_plan(name)?;
+        let mut rows = Vec::new();
+        for n in names {
+            let (lp, tp) = (&self.plans[name], &self.plans[to]);
+            let ty = lp.plan.input_type(n).ok_or_else(|| GpuError(format!("plan `{name}` has no input `{n}`")))?;
+            let v = lp.plan.output(n).ok_or_else(|| GpuError(format!("plan `{name}` has no output `{n}`")))?;
+            let oty = &lp.plan.values[v as usize];
+            let dense = !lp.offsets.contains_key(&v) || crate::memory::row_pitch(oty) == oty.shape.last().unwrap_or(1);
+            if tp.plan.input_type(n) != Some(ty) || oty != ty || !dense {
+                return Err(GpuError(format!("plan `{name}`: `{n}` is laid out unlike plan `{to}`'s")));
+            }
+            let kept = tp.resident.get(n).copied().unwrap_or(0);
+            if from.max(into) >= batch || kept < batch as u64 {
+                return Err(GpuError(format!(
+                    "plan `{to}` keeps `{n}` for {kept} sequences, not rows {from} and {into} of {batch}"
+                )));
+            }
+            let (row_bytes, base) = (dense_bytes(ty, 1, 1), tp.inputs[n].ptr);
+            self.gpu.copy(lp.inputs[n].ptr, base + (from * row_bytes) as u64, row_bytes)?;
+            rows.push((n.clone(), v, base + (into * row_bytes) as u64, row_bytes));
+        }
+        let lp = self.plans.get_mut(name).expect("loaded");
+        for n in names {
+            lp.resident.insert(n.clone(), 1);
+        }
+        let (b, t) = self.stage_inputs(name, inputs)?;
+        if b != 1 {
+            return Err(GpuError(format!("plan `{name}` continues one sequence at a time, not {b}")));
+        }
+        self.run_staged(name, b, t)?;
+        for (_, v, at, row_bytes) in &rows {
+            let src = self.value_addr(&self.plans[name], *v)?;
+            self.gpu.copy(*at, src, *row_bytes)?;
+        }
+        self.finish(name, b, t, &[], names)
+    }
+
     /// The input buffer of plan `to` that carries `name` for `batch` sequences, rows it did not
     /// hold yet cleared.
     fn carried_rows_at(&mut self, to: &str, name: &str, batch: usize) -> Result<u64, GpuError> {
@@ -867,6 +919,23 @@ impl Backend for GpuBackend {
         slot: usize,
     ) -> Result<BTreeMap<String, Tensor<f32>>, String> {
         self.run_plan_joining(plan, &inputs, names, to, batch, slot).map_err(|e| e.0)
+    }
+
+    fn run_in_slot(
+        &mut self,
+        plan: &str,
+        inputs: Vec<(String, Tensor<f32>)>,
+        names: &[String],
+        to: &str,
+        batch: usize,
+        from: usize,
+        into: usize,
+    ) -> Result<BTreeMap<String, Tensor<f32>>, String> {
+        self.run_plan_in_slot(plan, &inputs, names, to, batch, from, into).map_err(|e| e.0)
+    }
+
+    fn runs(&self, name: &str) -> bool {
+        self.bundle.plans.contains_key(name)
     }
 
     fn read(&self, names: &[&str]) -> Result<BTreeMap<String, Tensor<f32>>, String> {
