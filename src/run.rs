@@ -455,3 +455,18 @@ pub fn generate_cpu(
 ) -> Result<(String, String), String> {
     generate_on(run_dir, prompt, o, sampling, BackendChoice::Cpu, out)
 }
+
+/// `weft eval ppl`: perplexity of a run's newest checkpoint at each length on held-out text,
+/// on the CPU reference (chunked scoring; full attention's cache sized for the longest length);
+/// prints the table, writes the plot where asked, and gives the rows.
+pub fn eval_ppl(
+    run_dir: &Path,
+    flags: &weft_runtime::eval::PplFlags,
+) -> Result<Vec<weft_runtime::eval::Perplexity>, String> {
+    let (_, longest) = flags.lengths()?;
+    let run = open_run_for(run_dir, Some(longest as u64 + 1))?;
+    let mut backend = CpuBackend::new(run.program, 0);
+    backend.write(run.params)?;
+    let title = format!("perplexity against context length: {}", run_dir.display());
+    flags.run(&mut backend, &run.tokenizer, &title)
+}

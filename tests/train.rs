@@ -500,3 +500,86 @@ fn a_bundle_trains_into_a_run_directory_weft_generates_from() {
     assert!(e.contains("is a checkpoint of model `samba-micro`, not `mamba-tiny`"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `weft eval ppl` against perplexity computed by hand from the `score` plan (every window in
+/// one full-sequence pass, not chunked): windows longer than samba-micro's 128-token window
+/// (the ring wraps), a chunk that divides neither length, the shorter length scoring the same
+/// tokens in more windows; and its refusals.
+#[test]
+fn eval_ppl_matches_perplexity_computed_from_the_score_plan() {
+    use weft_runtime::backend::{Backend, CpuBackend};
+    use weft_runtime::cpu::tensor::Tensor;
+    let dir = temp_dir("eval-ppl");
+    let docs = write_corpus(&dir);
+    let out = train_cmd(&config(&dir, &docs, 2, 2, "byte"), &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run = dir.join("run");
+    // Held-out text unlike the training documents.
+    let held = dir.join("held-out.txt");
+    let text: Vec<String> = (0..300).map(|i| format!("w{}", (i * 13 + i / 7) % 29)).collect();
+    std::fs::write(&held, text.join(" ")).unwrap();
+    let svg = dir.join("ppl.svg");
+    let out = weft()
+        .args(["eval", "ppl", "--lengths", "60,150", "--windows", "3", "--chunk", "7", "--run"])
+        .arg(&run)
+        .arg("--data")
+        .arg(&held)
+        .arg("--svg")
+        .arg(&svg)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    let rows: Vec<Vec<String>> =
+        table.lines().skip(1).map(|l| l.split_whitespace().map(str::to_string).collect()).collect();
+    assert_eq!(rows.len(), 2, "{table}");
+
+    let opened = weft::run::open_run_for(&run, Some(151)).unwrap();
+    let mut stream = opened.tokenizer.encode(&std::fs::read_to_string(&held).unwrap()).unwrap();
+    stream.push(opened.tokenizer.eot());
+    let mut be = CpuBackend::new(opened.program, 0);
+    be.write(opened.params).unwrap();
+    for (row, (length, windows)) in rows.iter().zip([(60usize, 7usize), (150, 3)]) {
+        let per_window: Vec<f64> = (0..windows)
+            .map(|w| {
+                let span: Vec<i32> = stream[w * length..w * length + length + 1].iter().map(|&t| t as i32).collect();
+                let inputs = vec![
+                    ("tokens".to_string(), Tensor::ints(vec![1, length], span[..length].to_vec())),
+                    ("targets".to_string(), Tensor::ints(vec![1, length], span[1..].to_vec())),
+                ];
+                let out = be.run("score", inputs).unwrap();
+                -out["logprobs"].reals().unwrap().iter().map(|&x| x as f64).sum::<f64>() / length as f64
+            })
+            .collect();
+        let n = windows as f64;
+        let nll = per_window.iter().sum::<f64>() / n;
+        let sd = (per_window.iter().map(|x| (x - nll).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+        let half = 1.96 * sd / n.sqrt();
+        let num = |i: usize| row[i].parse::<f64>().unwrap();
+        assert_eq!(row[0], length.to_string(), "{table}");
+        assert_eq!(row[1], windows.to_string(), "{table}");
+        // Printed to 4 and 3 decimals (half a unit of the last place), over f32 log-probabilities
+        // summed over at most 150 tokens (relative error well below 1e-5).
+        assert!((num(2) - nll).abs() < 5e-5 + 1e-5 * nll, "nll {} against {nll}\n{table}", row[2]);
+        let close = |got: f64, want: f64| (got - want).abs() < 5e-4 + 2e-5 * want;
+        assert!(close(num(3), nll.exp()), "ppl {} against {}\n{table}", row[3], nll.exp());
+        assert!(close(num(4), (nll - half).exp()) && close(num(6), (nll + half).exp()), "interval\n{table}");
+    }
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert_eq!(plot.matches("<circle").count(), 2);
+
+    // Refusals: a length the text cannot fill, a malformed length, a missing file.
+    for (args, says) in
+        [(vec!["--lengths", "100000"], "too few for one window"), (vec!["--lengths", "2x"], "is not a length")]
+    {
+        let out =
+            weft().args(["eval", "ppl", "--run"]).arg(&run).arg("--data").arg(&held).args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    let out = weft().args(["eval", "ppl", "--run"]).arg(&run).args(["--data", "no-such-file.txt"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-file.txt"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

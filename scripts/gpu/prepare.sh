@@ -5,7 +5,8 @@
 # paper's training shape for the benchmark; samba-micro with Moby-Dick token shards (the main
 # job's BPE tokenizer) for the training, determinism and kill-and-resume runs. With
 # BASELINE=COMMIT it also builds that commit's weft-run and Samba-421M bundle into
-# gpu-out/baseline/, so the benchmark compares both in one call. Then run `gpu-out/run.sh` there.
+# gpu-out/baseline/, so the benchmark compares both in one call. samba-tiny and llama-tiny with
+# the State of the Union split for perplexity against context length. Then run `gpu-out/run.sh` there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 cargo build --release --bin weft && cargo build --release -p weft-runtime --bin weft-run
@@ -58,5 +59,30 @@ if [ -n "${BASELINE:-}" ]; then
   "$wt/target/release/weft" build specs/samba-421m.weft --config scripts/gpu/bench.toml -o "$out/baseline/samba-421m.bundle" >/dev/null
   git rev-parse --short "$BASELINE" > "$out/baseline/commit"
 fi
+# Perplexity against context length: the State of the Union addresses split by year (before
+# 1991 to train, from 1991 on held out), one BPE tokenizer (4096 tokens, trained by a CPU run's
+# data loading on the training split) for samba-tiny and llama-tiny, bundles whose `score` plan
+# takes 32K-token windows.
+split=data/corpus/sotu-split
+if [ ! -f "$split/.complete" ]; then
+  rm -rf "$split" && mkdir -p "$split/train" "$split/held-out"
+  for f in data/corpus/sotu/*.txt; do
+    y=$(basename "$f" | cut -c1-4)
+    if [ "$y" -lt 1991 ]; then cp "$f" "$split/train/"; else cp "$f" "$split/held-out/"; fi
+  done
+  touch "$split/.complete"
+fi
+ppl=scripts/gpu/ppl.toml
+if [ ! -f runs/ppl-tokenizer/tokenizer.json ]; then
+  ./target/release/weft train --config "$ppl" --backend cpu --steps 0 --no-progress >/dev/null
+fi
+for s in samba-tiny llama-tiny; do build "specs/tiny/$s.weft" "$ppl" "ppl-$s"; done
+cp runs/ppl-tokenizer/tokenizer.json "$out/tokenizer-sotu.json"
+mapfile -t files < <(ls "$split"/train/*.txt | sort)
+n=${#files[@]}
+nv=$(( (n * 5 + 99) / 100 ))
+./target/release/weft shard --tokenizer "$out/tokenizer-sotu.json" --out "$out/sotu-train.tokens" "${files[@]:0:n-nv}"
+./target/release/weft shard --tokenizer "$out/tokenizer-sotu.json" --out "$out/sotu-valid.tokens" "${files[@]:n-nv}"
+cp -r "$split/held-out" "$out/sotu-held-out"
 cp scripts/gpu/run.sh "$out/"
 du -sh "$out"

@@ -5,7 +5,8 @@
 # system. Parts: CHECK (bundle names, or "none"), RUNS=0 skips the training runs, BENCH (bundle
 # names, or "none"), DECODE (bundle names for the generation benchmark, or "none"), ENGINE=0
 # skips the engine and server checks (WHEELS: a folder with the openai client), LOAD (bundle
-# names served under the load generator, or "none"); logs go to $OUT when it is set.
+# names served under the load generator, or "none"), PPL (tiny specs trained and scored for
+# perplexity against context length, or "none"); logs go to $OUT when it is set.
 set -uo pipefail
 cd "$(dirname "$0")"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -240,6 +241,36 @@ for b in $LOAD; do
   fi
   kill -INT $spid; wait $spid
   note "serve $b: SIGINT -> exit $?; $(grep -c . "serve-$b.log") lines of log"
+done
+
+# ---- perplexity against context length (the paper's Table 3 at small scale) ----
+# samba-tiny and llama-tiny trained at 512 tokens on the State of the Union addresses before
+# 1991, scored on those from 1991 on (each length over the same tokens); then the GPU's
+# numbers at 512 and 2K against the CPU reference's chunked scoring of the same windows.
+PPL=${PPL:-samba-tiny llama-tiny}
+[ "$PPL" = none ] && PPL=
+ppl_row() { awk -v l="$2" '$1 == l { printf "%s", $4 }' "$1"; }
+for s in $PPL; do
+  late "ppl $s" && continue
+  echo "=== train $s at 512 tokens, ${PPL_STEPS:-1000} steps"
+  rm -rf "ppl-$s"
+  if ! ./weft-run train "ppl-$s.bundle" --train sotu-train.tokens --valid sotu-valid.tokens --tokenizer tokenizer-sotu.json \
+      --steps "${PPL_STEPS:-1000}" --log-every 100 --eval-every 250 --out "ppl-$s" > "ppl-train-$s.log" 2>&1; then
+    tail -20 "ppl-train-$s.log"; note "ppl $s: training FAIL"; continue
+  fi
+  tail -6 "ppl-train-$s.log"
+  note "ppl $s: ${PPL_STEPS:-1000} steps at 512 tokens: $(grep -o 'final training loss.*' "ppl-train-$s.log" | tail -1)"
+  echo "=== perplexity of $s on the held-out addresses, GPU"
+  ./weft-run eval ppl "ppl-$s.bundle" --run "ppl-$s" --data sotu-held-out --lengths "${PPL_LENGTHS:-512,2k,8k,32k}" \
+    --windows 8 --svg "${OUT:-.}/ppl-$s.svg" > "ppl-$s.log" 2>&1
+  cat "ppl-$s.log"
+  note "ppl $s (GPU, 8 windows of the longest): $(awk 'NR > 1 && $2 ~ /^[0-9]+$/ { printf "%s: %s  ", $1, $4 }' "ppl-$s.log")$(grep -o 'evaluated in.*' "ppl-$s.log")"
+  echo "=== the GPU against the CPU reference, 2 windows of 2K"
+  for be in gpu cpu; do
+    ./weft-run eval ppl "ppl-$s.bundle" --run "ppl-$s" --data sotu-held-out --lengths 512,2k --windows 2 --backend $be > "ppl-$s-$be.log" 2>&1
+    cat "ppl-$s-$be.log"
+  done
+  note "ppl $s at 512 / 2K: GPU $(ppl_row ppl-$s-gpu.log 512) / $(ppl_row ppl-$s-gpu.log 2048), CPU reference $(ppl_row ppl-$s-cpu.log 512) / $(ppl_row ppl-$s-cpu.log 2048)"
 done
 
 echo "=== summary"

@@ -110,6 +110,9 @@ enum Command {
         #[arg(long, value_enum, default_value = "gpu")]
         backend: BackendArg,
     },
+    /// The paper's long-context experiments on a run's newest checkpoint.
+    #[command(subcommand)]
+    Eval(EvalCommand),
     /// Load a completions server with concurrent streaming clients; report throughput and
     /// latencies (exits non-zero if a request failed).
     Load(weft_runtime::load::LoadFlags),
@@ -129,6 +132,25 @@ enum Command {
         tokenizer: Option<String>,
         #[command(flatten)]
         flags: weft_runtime::serve::ServeFlags,
+        #[arg(long, value_enum, default_value = "gpu")]
+        backend: BackendArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Perplexity at each context length on held-out text: the documents joined by the
+    /// end-of-text token, cut into windows of each length, each window scored from an empty
+    /// state; on the CPU reference a chunk at a time (constant memory for recurrent and
+    /// sliding-window layers), on the GPU in one pass of the bundle's `score` plan (windows up
+    /// to its prompt length). A table, and an SVG plot with --svg.
+    Ppl {
+        bundle: PathBuf,
+        /// The run directory (made by `weft train` or `weft-run train`).
+        #[arg(long)]
+        run: PathBuf,
+        #[command(flatten)]
+        flags: weft_runtime::eval::PplFlags,
         #[arg(long, value_enum, default_value = "gpu")]
         backend: BackendArg,
     },
@@ -338,6 +360,29 @@ fn run(command: Command) -> Result<bool, String> {
             weft_runtime::serve::serve(o, tokenizer, vocab, make, |a| eprintln!("listening on http://{a}"))?;
             Ok(true)
         }
+        Command::Eval(EvalCommand::Ppl { bundle: path, run, flags, backend }) => {
+            let g = open_generation(&path, &run)?;
+            let (_, longest) = flags.lengths()?;
+            // The whole-window pass must fit the score plan (the CPU scores in chunks).
+            if backend != BackendArg::Cpu {
+                if let Some((shape, _)) = g.bundle.plans.get("score") {
+                    if longest as u64 > shape.seq {
+                        return Err(format!(
+                            "`{}` scores windows of at most {} tokens on the GPU; --lengths asks for {longest}: rebuild it with a longer generation (train.seq_len + generate.max_new_tokens), or use --backend cpu",
+                            path.display(),
+                            shape.seq
+                        ));
+                    }
+                }
+            }
+            let started = Instant::now();
+            let tokenizer = g.run.tokenizer;
+            let mut be = backend_for(g.bundle, Some(g.run.params), g.seed, backend)?;
+            let title = format!("perplexity against context length: {}", run.display());
+            flags.run(be.as_mut(), &tokenizer, &title)?;
+            eprintln!("evaluated in {:.1} s on {}", started.elapsed().as_secs_f64(), be.name());
+            Ok(true)
+        }
         Command::Generate { bundle: path, run, flags, backend } => {
             use weft_runtime::generate::generate_text;
             let (prompt, sampling, options) = flags.resolve()?;
@@ -509,6 +554,7 @@ mod tests {
             &["serve", "m.bundle", "--run", "r", "--port", "0", "--queue", "4", "--backend", "cpu"],
             &["serve", "m.bundle", "--random-weights", "3", "--tokenizer", "byte", "--timeout", "5"],
             &["load", "--clients", "64", "--prompt-tokens", "256:768", "--output-tokens", "256"],
+            &["eval", "ppl", "m.bundle", "--run", "r", "--data", "a", "b", "--lengths", "512,2k", "--backend", "cpu"],
         ] {
             let cli = parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
             // Reading every field, as `run` does, must not panic.
@@ -534,6 +580,12 @@ mod tests {
                 }
                 Command::Load(f) => {
                     assert_eq!((f.clients, f.prompt_tokens.lo, f.prompt_tokens.hi, f.requests), (64, 256, 768, None))
+                }
+                Command::Eval(EvalCommand::Ppl { flags, .. }) => {
+                    assert_eq!(
+                        (flags.data.len(), flags.lengths().unwrap(), flags.windows),
+                        (2, (vec![512, 2048], 2048), 8)
+                    )
                 }
                 Command::Info => {}
             }
