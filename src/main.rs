@@ -207,6 +207,16 @@ enum EvalCommand {
         #[command(flatten)]
         flags: weft_runtime::eval::PplFlags,
     },
+    /// Attention entropy (H_a, of the last query rows) and Mamba's selection entropy (H_s, of
+    /// Δ over time) per layer on held-out windows, on the CPU reference in f64; a table, and
+    /// an SVG bar chart with --svg.
+    Entropy {
+        /// The run directory.
+        #[arg(long)]
+        run: PathBuf,
+        #[command(flatten)]
+        flags: weft_runtime::entropy::EntropyFlags,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -404,6 +414,11 @@ fn run(cli: Cli) -> Result<(), Reported> {
         }
         Command::Eval(EvalCommand::Ppl { run, flags }) => {
             report(weft::run::eval_ppl(&run, &flags))?;
+        }
+        Command::Eval(EvalCommand::Entropy { run, flags }) => {
+            let r = report(weft::run::open_run(&run))?;
+            let title = format!("entropy per layer: {}", run.display());
+            report(flags.run(&r.program, &r.params, &r.tokenizer, &title))?;
         }
         Command::Load(flags) => {
             if !report(weft_runtime::load::run_and_report(&flags))? {

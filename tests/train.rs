@@ -568,6 +568,33 @@ fn eval_ppl_matches_perplexity_computed_from_the_score_plan() {
     let plot = std::fs::read_to_string(&svg).unwrap();
     assert_eq!(plot.matches("<circle").count(), 2);
 
+    // Entropies per layer of the same run, windows of 200 tokens (longer than the 128-token
+    // sliding window): samba-micro's two Mamba and two attention layers in the order they run,
+    // each at most the log of what its weights spread over (128 keys; 200 tokens for Δ).
+    let out = weft()
+        .args(["eval", "entropy", "--length", "200", "--last", "16", "--windows", "2", "--run"])
+        .arg(&run)
+        .arg("--data")
+        .arg(&held)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let rows: Vec<(String, f64)> = text
+        .lines()
+        .skip(2)
+        .map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (format!("{} {}", w[0], w[1]), w[3].parse().unwrap())
+        })
+        .collect();
+    let names: Vec<&str> = rows.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["mamba 1", "attention 1", "mamba 2", "attention 2"], "{text}");
+    for (name, h) in &rows {
+        let ceiling = if name.starts_with("attention") { 128f64.ln() } else { 200f64.ln() };
+        assert!(*h > 0.0 && *h <= ceiling + 1e-9, "{name}: {h}\n{text}");
+    }
+
     // Refusals: a length the text cannot fill, a malformed length, a missing file.
     for (args, says) in
         [(vec!["--lengths", "100000"], "too few for one window"), (vec!["--lengths", "2x"], "is not a length")]

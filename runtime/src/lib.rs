@@ -13,6 +13,7 @@ pub mod data;
 pub mod device;
 pub mod dtype;
 pub mod engine;
+pub mod entropy;
 pub mod eval;
 pub mod flops;
 pub mod generate;

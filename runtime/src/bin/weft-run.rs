@@ -154,6 +154,17 @@ enum EvalCommand {
         #[arg(long, value_enum, default_value = "gpu")]
         backend: BackendArg,
     },
+    /// Attention entropy (H_a, of the last query rows) and Mamba's selection entropy (H_s, of
+    /// Δ over time) per layer on held-out windows, on the CPU reference in f64; a table, and
+    /// an SVG bar chart with --svg.
+    Entropy {
+        bundle: PathBuf,
+        /// The run directory (made by `weft train` or `weft-run train`).
+        #[arg(long)]
+        run: PathBuf,
+        #[command(flatten)]
+        flags: weft_runtime::entropy::EntropyFlags,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -383,6 +394,12 @@ fn run(command: Command) -> Result<bool, String> {
             eprintln!("evaluated in {:.1} s on {}", started.elapsed().as_secs_f64(), be.name());
             Ok(true)
         }
+        Command::Eval(EvalCommand::Entropy { bundle: path, run, flags }) => {
+            let g = open_generation(&path, &run)?;
+            let title = format!("entropy per layer: {}", run.display());
+            flags.run(&g.bundle.program, &g.run.params, &g.run.tokenizer, &title)?;
+            Ok(true)
+        }
         Command::Generate { bundle: path, run, flags, backend } => {
             use weft_runtime::generate::generate_text;
             let (prompt, sampling, options) = flags.resolve()?;
@@ -555,6 +572,7 @@ mod tests {
             &["serve", "m.bundle", "--random-weights", "3", "--tokenizer", "byte", "--timeout", "5"],
             &["load", "--clients", "64", "--prompt-tokens", "256:768", "--output-tokens", "256"],
             &["eval", "ppl", "m.bundle", "--run", "r", "--data", "a", "b", "--lengths", "512,2k", "--backend", "cpu"],
+            &["eval", "entropy", "m.bundle", "--run", "r", "--data", "a", "--length", "2k", "--last", "16"],
         ] {
             let cli = parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
             // Reading every field, as `run` does, must not panic.
@@ -580,6 +598,9 @@ mod tests {
                 }
                 Command::Load(f) => {
                     assert_eq!((f.clients, f.prompt_tokens.lo, f.prompt_tokens.hi, f.requests), (64, 256, 768, None))
+                }
+                Command::Eval(EvalCommand::Entropy { flags, .. }) => {
+                    assert_eq!((flags.length.as_str(), flags.last, flags.windows), ("2k", 16, 4))
                 }
                 Command::Eval(EvalCommand::Ppl { flags, .. }) => {
                     assert_eq!(
