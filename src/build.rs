@@ -38,14 +38,13 @@ impl Shapes {
             "train_step" | "eval" => (self.batch, self.seq),
             "prefill" | "logits" | "score" => (self.gen_batch, self.max_prompt),
             "decode" => (self.gen_batch, 1),
+            // One prompt at a time (the engine's staging row), a chunk of at most 512 tokens.
+            "chunk" | "chunk_score" => (1, self.max_prompt.min(weft_runtime::engine::DEFAULT_PREFILL_CHUNK as u64)),
             _ => (1, 1),
         };
         PlanShape { batch, seq }
     }
 }
-
-/// Plans a bundle leaves out: the CPU reference runs them, the GPU has no kernels for them yet.
-pub const CPU_ONLY_PLANS: &[&str] = &["chunk", "chunk_score"];
 
 #[derive(Debug)]
 pub enum BuildError {
@@ -103,7 +102,6 @@ pub fn program_findings(program: &Program, shapes: &Shapes) -> Result<Vec<Findin
     let per_plan: Vec<_> = program
         .plans
         .par_iter()
-        .filter(|(name, _)| !CPU_ONLY_PLANS.contains(&name.as_str()))
         .map(|(name, plan)| {
             let shape = shapes.of(name);
             crate::lower::plan_findings(plan, shape.batch, shape.seq)
@@ -126,11 +124,6 @@ pub fn lower_program(program: &Program, shapes: &Shapes) -> Result<Lowered, Loca
     let mut plans = BTreeMap::new();
     let mut findings = Vec::new();
     for (name, plan) in &program.plans {
-        // A chunk's step operations over several tokens have CPU kernels only so far: the
-        // GPU prefills a prompt whole.
-        if CPU_ONLY_PLANS.contains(&name.as_str()) {
-            continue;
-        }
         let shape = shapes.of(name);
         let (dp, f) = lower_plan(plan, shape.batch, shape.seq, &mut kernels)?;
         findings.extend(f);

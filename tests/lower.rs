@@ -62,7 +62,7 @@ fn every_spec_lowers_or_names_the_operation_that_waits() {
             continue;
         }
         let l = r.unwrap_or_else(|e| panic!("{rel}: {e}"));
-        assert_eq!(l.plans.len(), 7, "{rel}");
+        assert_eq!(l.plans.len(), 9, "{rel}");
         for (name, (_, dp)) in &l.plans {
             dp.memory.check().unwrap_or_else(|e| panic!("{rel} {name}: {e}"));
             assert_eq!(dp.origin.len(), dp.steps.len());
@@ -80,9 +80,10 @@ fn identical_kernels_are_generated_once() {
     let l = lowered("specs/samba-421m.weft");
     let launches: usize =
         l.plans.values().map(|(_, dp)| dp.steps.iter().filter(|s| matches!(s, DeviceStep::Launch(_))).count()).sum();
-    // 12 Samba blocks share one kernel per operation and size: ~50 kernels for ~1000 launches.
+    // 12 Samba blocks share one kernel per operation and size: ~75 kernels (the chunk plans'
+    // steps over several tokens among them) for ~1200 launches.
     assert!(launches > 900, "{launches} launches");
-    assert!(l.kernels.len() < 70, "{} kernels", l.kernels.len());
+    assert!(l.kernels.len() < 80, "{} kernels", l.kernels.len());
     // The same name never stands for two different kernels, across specs too.
     let mut by_name: BTreeMap<String, String> = BTreeMap::new();
     for spec in ["specs/samba-421m.weft", "specs/llama2-438m.weft", "specs/mamba-432m.weft"] {

@@ -75,6 +75,12 @@ pub trait Backend {
     fn runs(&self, name: &str) -> bool {
         self.program().plan(name).is_ok()
     }
+    /// The (sequences, tokens) plan `name` was built for where the backend runs plans at a
+    /// planned shape (the GPU: at most that, exactly that for plans with log-probabilities);
+    /// None where any shape runs (the CPU reference).
+    fn plan_shape(&self, _name: &str) -> Option<(usize, usize)> {
+        None
+    }
     /// Copies of the persistent tensors named.
     fn read(&self, names: &[&str]) -> Result<BTreeMap<String, Tensor<f32>>, String>;
     /// Replaces persistent tensors (shapes must match the program).

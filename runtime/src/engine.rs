@@ -173,8 +173,10 @@ impl<'b> Engine<'b> {
         let decode = backend.program().plan("decode").map_err(|e| e.0)?.clone();
         let vocab = backend.program().vocab().ok_or("the model has no embedding table")?;
         let carried = state_names(&decode);
+        // Chunks need the staging row after the slots in the decode plan's states.
+        let staging = backend.plan_shape("decode").is_none_or(|(rows, _)| rows > slots);
+        let chunk = if backend.runs("chunk") && staging { DEFAULT_PREFILL_CHUNK } else { 0 };
         let slots = (0..slots).map(|_| None).collect();
-        let chunk = if backend.runs("chunk") { DEFAULT_PREFILL_CHUNK } else { 0 };
         let queue = VecDeque::new();
         Ok(Engine { backend, decode, carried, vocab, context, slots, queue, next_id: 0, chunk, staged: None })
     }
@@ -186,6 +188,14 @@ impl<'b> Engine<'b> {
     pub fn set_prefill_chunk(&mut self, tokens: usize) -> Result<(), String> {
         if tokens > 0 && !self.backend.runs("chunk") {
             return Err(format!("the {} backend cannot prefill in chunks (no `chunk` plan)", self.backend.name()));
+        }
+        if let Some(rows) =
+            self.backend.plan_shape("decode").map(|(r, _)| r).filter(|&r| tokens > 0 && r <= self.slots.len())
+        {
+            return Err(format!(
+                "prefilling in chunks needs a staging row after the slots: the decode plan holds {rows} sequences, so serve at most {} slots",
+                rows - 1
+            ));
         }
         if self.staged.is_some() {
             return Err("a prompt is being prefilled in chunks".into());

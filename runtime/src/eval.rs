@@ -2,9 +2,9 @@
 //! figure): held-out documents joined by the end-of-text token into one stream
 //! (`data::corpus::pack`), cut into windows of each length. Each window is scored from an
 //! empty state a chunk at a time where the backend has the `chunk_score` plan (the CPU
-//! reference), so memory stays flat with the length for recurrent and sliding-window layers;
-//! elsewhere (the GPU, until its chunk kernels exist) in one pass of the `score` plan, whose
-//! activations grow with the length.
+//! reference, and the GPU with a bundle's `chunk_score` plan), so memory stays flat with the
+//! length for recurrent and sliding-window layers; elsewhere in one pass of the `score` plan,
+//! whose activations grow with the length.
 
 use std::path::PathBuf;
 
@@ -12,7 +12,6 @@ use crate::backend::Backend;
 use crate::cpu::tensor::Tensor;
 use crate::data::corpus;
 use crate::data::tokenizer::Tokenizer;
-use crate::shape::Dim;
 
 /// What `weft eval ppl` and `weft-run eval ppl` are asked, as both take it.
 #[derive(clap::Args, Clone, Debug)]
@@ -118,7 +117,14 @@ pub fn perplexity(
     if windows == 0 {
         return Err(format!("the data holds {} tokens: too few for one window of {length}", stream.len()));
     }
-    let ints = |v: &[u32]| Tensor::ints(vec![1, v.len()], v.iter().map(|&t| t as i32).collect());
+    // Tokens and targets padded to `to` tokens (id 0 without a target: a log-probability of 0,
+    // after every real token, so read by none of them), for backends that run a scoring plan
+    // at exactly its planned length.
+    let padded = |v: &[u32], to: usize, fill: i32| {
+        let mut ids: Vec<i32> = v.iter().map(|&t| t as i32).collect();
+        ids.resize(to.max(v.len()), fill);
+        Tensor::ints(vec![1, ids.len()], ids)
+    };
     let logprob_sum = |out: &std::collections::BTreeMap<String, Tensor<f32>>, plan: &str| -> Result<f64, String> {
         let lp = out.get("logprobs").and_then(|t| t.reals()).ok_or(format!("the {plan} plan gave no logprobs"))?;
         Ok(lp.iter().map(|&x| x as f64).sum())
@@ -127,32 +133,25 @@ pub fn perplexity(
     if !chunked {
         for w in 0..windows {
             let span = &stream[w * length..w * length + length + 1];
-            let inputs = vec![("tokens".into(), ints(&span[..length])), ("targets".into(), ints(&span[1..]))];
+            let to = backend.plan_shape("score").map_or(length, |(_, t)| t);
+            if to < length {
+                return Err(format!("the {} backend scores windows of at most {to} tokens", backend.name()));
+            }
+            let inputs =
+                vec![("tokens".into(), padded(&span[..length], to, 0)), ("targets".into(), padded(&span[1..], to, -1))];
             let out = backend.run("score", inputs)?;
             per_window.push(-logprob_sum(&out, "score")? / length as f64);
         }
         return Ok(summary(length, &per_window));
     }
     let plan = backend.program().plan("chunk_score").map_err(|e| e.0)?.clone();
-    let zeros: Vec<(String, Tensor<f32>)> = plan
-        .inputs
-        .iter()
-        .filter(|(n, _)| n.starts_with("state:"))
-        .map(|(n, v)| {
-            let shape: Vec<usize> = plan.values[*v as usize]
-                .shape
-                .0
-                .iter()
-                .map(|d| match d {
-                    Dim::Fixed(k) => *k as usize,
-                    _ => 1,
-                })
-                .collect();
-            let len = shape.iter().product();
-            (n.clone(), Tensor::real(shape, vec![0.0; len]))
-        })
-        .collect();
+    let zeros = crate::generate::zero_states(&plan, 1);
     let has_pos = plan.input_type("pos").is_some();
+    // A backend that runs the plan at exactly its planned chunk scores chunks of that size.
+    let (chunk, exact) = match backend.plan_shape("chunk_score") {
+        Some((_, t)) => (t, true),
+        None => (chunk, false),
+    };
     for w in 0..windows {
         let span = &stream[w * length..w * length + length + 1];
         let mut states = zeros.clone();
@@ -160,8 +159,9 @@ pub fn perplexity(
         while start < length {
             let n = chunk.min(length - start);
             let mut inputs = std::mem::take(&mut states);
-            inputs.push(("tokens".into(), ints(&span[start..start + n])));
-            inputs.push(("targets".into(), ints(&span[start + 1..start + n + 1])));
+            let to = if exact { chunk } else { n };
+            inputs.push(("tokens".into(), padded(&span[start..start + n], to, 0)));
+            inputs.push(("targets".into(), padded(&span[start + 1..start + n + 1], to, -1)));
             if has_pos {
                 inputs.push(("pos".into(), Tensor::ints(vec![1], vec![start as i32])));
             }

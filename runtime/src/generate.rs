@@ -172,6 +172,28 @@ pub fn decode_inputs(
     Ok(inputs)
 }
 
+/// Every layer state a plan reads (`state:…`), zero, for `batch` sequences: where generation
+/// starts from nothing.
+pub fn zero_states(plan: &Plan, batch: usize) -> Vec<(String, Tensor<f32>)> {
+    plan.inputs
+        .iter()
+        .filter(|(n, _)| n.starts_with("state:"))
+        .map(|(n, v)| {
+            let shape: Vec<usize> = plan.values[*v as usize]
+                .shape
+                .0
+                .iter()
+                .map(|d| match d {
+                    crate::shape::Dim::Fixed(k) => *k as usize,
+                    _ => batch,
+                })
+                .collect();
+            let len = shape.iter().product();
+            (n.clone(), Tensor::real(shape, vec![0.0; len]))
+        })
+        .collect()
+}
+
 /// The layer states a decode plan reads and writes (`state:…`).
 pub fn state_names(plan: &Plan) -> Vec<String> {
     plan.inputs.iter().map(|(n, _)| n).filter(|n| n.starts_with("state:")).cloned().collect()

@@ -73,7 +73,8 @@ pub struct ServeFlags {
     pub timeout: u64,
     /// Prompt tokens prefilled per step, between the running sequences' decode steps, so a
     /// long prompt does not stall them (0: each prompt whole as it joins). Default 512 where
-    /// the backend prefills in chunks (the CPU reference; the GPU prefills whole so far).
+    /// the backend prefills in chunks: the CPU reference, and the GPU with a bundle's `chunk`
+    /// plan (serving one slot fewer than its generation batch: the last row stages prompts).
     #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1 << 24))]
     pub prefill_chunk: Option<u64>,
 }

@@ -141,9 +141,8 @@ enum Command {
 enum EvalCommand {
     /// Perplexity at each context length on held-out text: the documents joined by the
     /// end-of-text token, cut into windows of each length, each window scored from an empty
-    /// state; on the CPU reference a chunk at a time (constant memory for recurrent and
-    /// sliding-window layers), on the GPU in one pass of the bundle's `score` plan (windows up
-    /// to its prompt length). A table, and an SVG plot with --svg.
+    /// state a chunk at a time (constant memory for recurrent and sliding-window layers; on the
+    /// GPU chunks of the bundle's `chunk_score` plan). A table, and an SVG plot with --svg.
     Ppl {
         bundle: PathBuf,
         /// The run directory (made by `weft train` or `weft-run train`).
@@ -357,7 +356,16 @@ fn run(command: Command) -> Result<bool, String> {
                 }
                 _ => return Err("give --run DIR, or --random-weights SEED with --tokenizer".into()),
             };
-            let slots = bundle.plans.get("decode").ok_or("the bundle has no decode plan")?.0.batch as usize;
+            let rows = bundle.plans.get("decode").ok_or("the bundle has no decode plan")?.0.batch as usize;
+            // Prompts prefilled in chunks take the decode plan's last row as their staging row.
+            let chunked = backend != BackendArg::Cpu
+                && bundle.plans.contains_key("chunk")
+                && flags.prefill_chunk != Some(0)
+                && rows > 1;
+            let slots = if chunked { rows - 1 } else { rows };
+            if chunked {
+                eprintln!("{slots} slots: the decode plan's last row stages prompts prefilled in chunks");
+            }
             let vocab = bundle.program.vocab().ok_or("the model has no embedding table")?;
             if tokenizer.vocab_size() > vocab {
                 return Err(format!(
@@ -374,8 +382,9 @@ fn run(command: Command) -> Result<bool, String> {
         Command::Eval(EvalCommand::Ppl { bundle: path, run, flags, backend }) => {
             let g = open_generation(&path, &run)?;
             let (_, longest) = flags.lengths()?;
-            // The whole-window pass must fit the score plan (the CPU scores in chunks).
-            if backend != BackendArg::Cpu {
+            // Without chunks, the whole-window pass must fit the score plan (the CPU scores in
+            // chunks).
+            if backend != BackendArg::Cpu && !g.bundle.plans.contains_key("chunk_score") {
                 if let Some((shape, _)) = g.bundle.plans.get("score") {
                     if longest as u64 > shape.seq {
                         return Err(format!(

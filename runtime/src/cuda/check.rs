@@ -419,6 +419,9 @@ pub fn check_model(gpu: &mut GpuBackend, c: &ModelCheck) -> Result<(Vec<Row>, Ve
         &es["logits"],
         &xs["logits"],
     ));
+    if three.gpu.bundle().plans.contains_key("chunk") {
+        rows.extend(chunked_prefill(&mut three, &program, &prompt, &xs)?);
+    }
     let decode = program.plan("decode").map_err(|e| e.0)?.clone();
     let argmax = |t: &Tensor<f32>| {
         let r = reals(t);
@@ -450,6 +453,61 @@ pub fn check_model(gpu: &mut GpuBackend, c: &ModelCheck) -> Result<(Vec<Row>, Ve
         rows.extend(batched_decode(&mut three, c, batch.min(3), &forced, &alone)?);
     }
     Ok((rows, clips))
+}
+
+/// The prompt again in chunks from empty states (the `chunk` plan), of 1, 63, 64 and 100
+/// tokens in turn (at most the plan's chunk), so chunks cross windows and rings wrap within and
+/// across chunks: every chunk's last logits, then the last chunk's logits and the states after
+/// it against the whole prompt's prefill (`whole`, the f64 reference's).
+fn chunked_prefill(
+    three: &mut Three,
+    program: &crate::plan::Program,
+    prompt: &[i32],
+    whole: &BTreeMap<String, Tensor<f32>>,
+) -> Result<Vec<Row>, String> {
+    let plan = program.plan("chunk").map_err(|e| e.0)?.clone();
+    let longest = three.gpu.bundle().plans["chunk"].0.seq as usize;
+    let names = crate::generate::state_names(&plan);
+    let zeros: BTreeMap<String, Tensor<f32>> = crate::generate::zero_states(&plan, 1).into_iter().collect();
+    let (mut g, mut e, mut x) = (zeros.clone(), zeros.clone(), zeros);
+    let has_pos = plan.input_type("pos").is_some();
+    let mut steps = Vec::new();
+    let (mut start, mut i) = (0, 0);
+    while start < prompt.len() {
+        let n = [1, 63, 64, 100][i % 4].min(longest).min(prompt.len() - start);
+        i += 1;
+        let inputs = |prev: &mut BTreeMap<String, Tensor<f32>>| -> Result<Vec<(String, Tensor<f32>)>, String> {
+            let mut v = Vec::new();
+            for name in &names {
+                v.push((name.clone(), prev.remove(name).ok_or(format!("the chunk plan gave no `{name}`"))?));
+            }
+            v.push(("tokens".to_string(), Tensor::ints(vec![1, n], prompt[start..start + n].to_vec())));
+            if has_pos {
+                v.push(("pos".to_string(), Tensor::ints(vec![1], vec![start as i32])));
+            }
+            Ok(v)
+        };
+        let (gi, ei, xi) = (inputs(&mut g)?, inputs(&mut e)?, inputs(&mut x)?);
+        g = three.gpu.run("chunk", gi).map_err(|e| format!("GPU chunk at {start}: {e}"))?;
+        e = three.emu.run("chunk", ei).map_err(|e| format!("CPU (bf16) chunk at {start}: {e}"))?;
+        x = three.exact.run("chunk", xi).map_err(|e| format!("CPU (f64) chunk at {start}: {e}"))?;
+        steps.push(row(format!("tokens {start}..{}", start + n), &g["logits"], &e["logits"], &x["logits"]));
+        same_argmax(&g["logits"], &x["logits"], &format!("chunk at {start}"))?;
+        start += n;
+    }
+    let mut rows: Vec<Row> =
+        worst(&format!("chunked prefill logits, chunks of 1, 63, 64, 100 over {} tokens", prompt.len()), &steps)
+            .into_iter()
+            .collect();
+    rows.push(row(
+        "chunked prefill: last logits against the whole prompt's".into(),
+        &g["logits"],
+        &e["logits"],
+        &whole["logits"],
+    ));
+    let states: Vec<Row> = names.iter().map(|n| row(n.clone(), &g[n], &e[n], &whole[n])).collect();
+    rows.extend(worst("chunked prefill: states after the prompt against the whole prompt's", &states));
+    Ok(rows)
 }
 
 /// The most sequences plan `name` was built for.

@@ -938,6 +938,10 @@ impl Backend for GpuBackend {
         self.bundle.plans.contains_key(name)
     }
 
+    fn plan_shape(&self, name: &str) -> Option<(usize, usize)> {
+        self.bundle.plans.get(name).map(|p| (p.0.batch as usize, p.0.seq as usize))
+    }
+
     fn read(&self, names: &[&str]) -> Result<BTreeMap<String, Tensor<f32>>, String> {
         let mut out = BTreeMap::new();
         for n in names {

@@ -1107,6 +1107,9 @@ pub(super) fn attention_decode(
     let (q, kk, v, kc, vc, pos) = (&ins[0], &ins[1], &ins[2], &ins[3], &ins[4], &ins[5]);
     let (o, kc2, vc2) = (&outs[0], &outs[1], &outs[2]);
     let positions = decode_positions(capacity, e.max_shape().1);
+    if e.max_shape().1 > 1 {
+        return attention_chunk(e, &s, capacity, positions, &ins[..6], &outs[..3]);
+    }
     let hd = s.hd;
     let ptag = if s.rope.is_some() { format!("_r{positions}") } else { String::new() };
 
@@ -1127,8 +1130,8 @@ pub(super) fn attention_decode(
     // softmax, and a combine kernel merges the ranges in a fixed order.
     let sp = DecodeSplit::new(&s, capacity);
     let partial = e.scratch(Extent::per_sequence((4 * s.heads * sp.splits * (hd + 2)) as i64));
-    decode_partial(e, &s, &sp, capacity, positions, &ptag, [q, kc2, vc2, pos], &partial);
-    decode_combine(e, &s, &sp, capacity, [pos, o], &partial);
+    decode_partial(e, &s, &sp, capacity, positions, &ptag, [q, kc2, vc2, pos], None, &partial);
+    decode_combine(e, &s, &sp, capacity, [pos, o], false, &partial);
     Ok(())
 }
 
@@ -1204,25 +1207,51 @@ fn decode_partial(
     positions: u64,
     ptag: &str,
     ops: [&Operand; 4],
+    chunk: Option<[&Operand; 2]>,
     partial: &BufferArg,
 ) {
     let [q, kc, vc, pos] = ops;
     let (hd, g) = (s.hd, sp.heads as usize);
-    let name =
-        format!("attention_decode_{}_c{capacity}{ptag}_s{}x{}g{g}_{}", s.tag(), sp.splits, sp.chunk, sig(&[q, kc, vc]));
+    let name = match chunk {
+        None => format!(
+            "attention_decode_{}_c{capacity}{ptag}_s{}x{}g{g}_{}",
+            s.tag(),
+            sp.splits,
+            sp.chunk,
+            sig(&[q, kc, vc])
+        ),
+        Some([kk, v]) => format!(
+            "attention_chunk_{}_c{capacity}{ptag}_s{}x{}g{g}_{}",
+            s.tag(),
+            sp.splits,
+            sp.chunk,
+            sig(&[q, kc, vc, kk, v])
+        ),
+    };
     let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
     let qp = k.ptr("q");
     let kcp = k.ptr("k_cache");
     let vcp = k.ptr("v_cache");
     let posp = k.ptr("pos");
     let pp_out = k.ptr("partial");
+    let chunk_ptrs = chunk.map(|_| (k.ptr("k"), k.ptr("v")));
     let rope = s.rope_params(&mut k, Some(positions));
+    let sizes = chunk.map(|_| (k.scalar_i64("batch"), k.scalar_i64("tokens")));
     let gw = WARPS as u64 * sp.heads;
     let sm = k.shared("warp_max", Ty::F32, gw);
     let sl = k.shared("warp_sum", Ty::F32, gw);
     let sacc = k.shared("warp_out", Ty::F32, gw * hd);
     let (tid, lane, warp) = lanes(&mut k);
+    // Decode: block x is a sequence. A chunk: block x is a token row (sequence b, token t of
+    // it, at position pos[b] + t); `b` below is then the row, `seq` its sequence.
     let b = k.block_id('x');
+    let (seq, t) = match &sizes {
+        None => (b.clone(), None),
+        Some((batch, tokens)) => {
+            let t_len = k.div(tokens, batch);
+            (k.div(&b, &t_len), Some(k.rem(&b, &t_len)))
+        }
+    };
     let y = k.block_id('y');
     let j = k.block_id('z');
     let per = k.i64(sp.blocks_per_group(s) as i64);
@@ -1233,14 +1262,21 @@ fn decode_partial(
     let h0 = k.mul(&kvh, &grp);
     let off = k.mul(&sub, &gh);
     let h0 = k.add(&h0, &off);
-    let p = load_pos(&mut k, &posp, &b);
-    let (start, n) = decode_keys(&mut k, s, capacity, &p);
-    let chunk = k.i64(sp.chunk as i64);
-    let lo = k.mul(&j, &chunk);
+    let p0 = load_pos(&mut k, &posp, &seq);
+    let p = match &t {
+        None => p0.clone(),
+        Some(t) => k.add(&p0, t),
+    };
+    let (start, n) = match &t {
+        None => decode_keys(&mut k, s, capacity, &p),
+        Some(_) => chunk_keys(&mut k, s, capacity, &p, &p0),
+    };
+    let chunk_len = k.i64(sp.chunk as i64);
+    let lo = k.mul(&j, &chunk_len);
     let live = k.cmp(Cmp::Lt, &lo, &n);
     // Ranges past the query's keys have no record; the combine reads only the live ones.
     k.if_(&live, |k| {
-        let hi = k.add(&lo, &chunk);
+        let hi = k.add(&lo, &chunk_len);
         let hi = k.min(&hi, &n);
         let first = k.add(&lo, &warp);
         let cap = k.i64(capacity as i64);
@@ -1275,22 +1311,46 @@ fn decode_partial(
         }
         let fin = k.for_(&first, &hi, WARPS, &init, |k, t, cur| {
             let pp = k.add(&start, &t);
-            let slot = k.rem(&pp, &cap);
-            let bc = k.mul(&b, &cap);
-            let crow = k.add(&bc, &slot);
-            let row = |k: &mut KernelBuilder, p: &V, o: &Operand| -> Vec<V> {
-                if vec_rows {
-                    load_run(k, p, o, &crow, &kvh, hd, &dims[0].0, dims.len())
-                } else {
-                    dims.iter().map(|(d, _)| load_head(k, p, o, &crow, &kvh, hd, None, &pp, d)).collect()
-                }
+            let ring = |k: &mut KernelBuilder| -> Vec<V> {
+                let slot = k.rem(&pp, &cap);
+                let bc = k.mul(&seq, &cap);
+                let crow = k.add(&bc, &slot);
+                let row = |k: &mut KernelBuilder, p: &V, o: &Operand| -> Vec<V> {
+                    if vec_rows {
+                        load_run(k, p, o, &crow, &kvh, hd, &dims[0].0, dims.len())
+                    } else {
+                        dims.iter().map(|(d, _)| load_head(k, p, o, &crow, &kvh, hd, None, &pp, d)).collect()
+                    }
+                };
+                let mut kv = row(k, &kcp, kc);
+                kv.extend(row(k, &vcp, vc));
+                kv
             };
-            let kr = row(k, &kcp, kc);
-            let vr = row(k, &vcp, vc);
+            // A chunk's query sees the ring's keys before the chunk, then the chunk's own
+            // (rotated here; the ring takes them after every query has read it).
+            let kv = match (chunk, &chunk_ptrs) {
+                (Some([kk, v]), Some((kp, vp))) => {
+                    let before = k.cmp(Cmp::Lt, &pp, &p0);
+                    k.if_else(&before, ring, |k| {
+                        let t_len = k.div(&sizes.as_ref().expect("chunk").1, &sizes.as_ref().expect("chunk").0);
+                        let r0 = k.mul(&seq, &t_len);
+                        let off = k.sub(&pp, &p0);
+                        let r = k.add(&r0, &off);
+                        let mut kv: Vec<V> = dims
+                            .iter()
+                            .map(|(d, _)| load_head(k, kp, kk, &r, &kvh, hd, rope.as_ref(), &pp, d))
+                            .collect();
+                        kv.extend(dims.iter().map(|(d, _)| load_head(k, vp, v, &r, &kvh, hd, None, &pp, d)));
+                        kv
+                    })
+                }
+                _ => ring(k),
+            };
+            let (kr, vr) = kv.split_at(dims.len());
             let mut out = Vec::with_capacity(cur.len());
             for (i, qh) in qv.iter().enumerate() {
                 let cur = &cur[i * per_head..(i + 1) * per_head];
-                let sc = warp_dot(k, &dims, qh, &kr);
+                let sc = warp_dot(k, &dims, qh, kr);
                 let m_new = k.max(&cur[0], &sc);
                 let dm = k.sub(&cur[0], &m_new);
                 let corr = k.exp2(&dm);
@@ -1298,7 +1358,7 @@ fn decode_partial(
                 let pe = k.exp2(&ds);
                 let l = k.fma(&cur[1], &corr, &pe);
                 out.extend([m_new, l]);
-                for (a, vx) in cur[2..].iter().zip(&vr) {
+                for (a, vx) in cur[2..].iter().zip(vr) {
                     let a = k.mul(a, &corr);
                     out.push(k.fma(&pe, vx, &a));
                 }
@@ -1371,9 +1431,19 @@ fn decode_partial(
         });
     });
     let mut args = vec![q.arg(), kc.arg(), vc.arg(), pos.arg(), Arg::Buffer(partial.clone())];
+    if let Some([kk, v]) = chunk {
+        args.extend([kk.arg(), v.arg()]);
+    }
     args.extend(s.tables(e, positions));
+    let rows = match chunk {
+        None => Extent::per_sequence(1),
+        Some(_) => {
+            args.extend([Arg::I64 { value: Extent::per_sequence(1) }, Arg::I64 { value: Extent::per_token(1) }]);
+            Extent::per_token(1)
+        }
+    };
     let grid = [
-        GridDim { extent: Extent::per_sequence(1), per_block: 1 },
+        GridDim { extent: rows, per_block: 1 },
         GridDim::fixed((s.kv_heads * sp.blocks_per_group(s)) as i64),
         GridDim::fixed(sp.splits as i64),
     ];
@@ -1382,19 +1452,40 @@ fn decode_partial(
 
 /// The output of each (sequence, head): the live ranges' records merged in range order.
 #[allow(clippy::too_many_arguments)]
-fn decode_combine(e: &mut Emit, s: &Spec, sp: &DecodeSplit, capacity: u64, ops: [&Operand; 2], partial: &BufferArg) {
+fn decode_combine(
+    e: &mut Emit,
+    s: &Spec,
+    sp: &DecodeSplit,
+    capacity: u64,
+    ops: [&Operand; 2],
+    per_token: bool,
+    partial: &BufferArg,
+) {
     let [pos, o] = ops;
     let hd = s.hd;
-    let name = format!("attention_decode_combine_{}_c{capacity}_s{}x{}_{}", s.tag(), sp.splits, sp.chunk, sig(&[o]));
+    let kind = if per_token { "chunk" } else { "decode" };
+    let name = format!("attention_{kind}_combine_{}_c{capacity}_s{}x{}_{}", s.tag(), sp.splits, sp.chunk, sig(&[o]));
     let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
     let pp = k.ptr("partial");
     let posp = k.ptr("pos");
     let op = k.ptr("o");
     let tid = k.thread_id('x');
+    // Block x: a sequence (decode) or a token row of the chunk, as in the partial kernel.
     let b = k.block_id('x');
     let h = k.block_id('y');
-    let p = load_pos(&mut k, &posp, &b);
-    let (_, n) = decode_keys(&mut k, s, capacity, &p);
+    let n = if per_token {
+        let batch = k.scalar_i64("batch");
+        let tokens = k.scalar_i64("tokens");
+        let t_len = k.div(&tokens, &batch);
+        let seq = k.div(&b, &t_len);
+        let t = k.rem(&b, &t_len);
+        let p0 = load_pos(&mut k, &posp, &seq);
+        let p = k.add(&p0, &t);
+        chunk_keys(&mut k, s, capacity, &p, &p0).1
+    } else {
+        let p = load_pos(&mut k, &posp, &b);
+        decode_keys(&mut k, s, capacity, &p).1
+    };
     let chunk = k.i64(sp.chunk as i64);
     let one = k.i64(1);
     let n1 = k.add(&n, &chunk);
@@ -1433,9 +1524,108 @@ fn decode_combine(e: &mut Emit, s: &Spec, sp: &DecodeSplit, capacity: u64, ops: 
         k.store(&y, &op, &idx, o.elem());
         vec![]
     });
-    let args = vec![Arg::Buffer(partial.clone()), pos.arg(), o.arg()];
-    let grid =
-        [GridDim { extent: Extent::per_sequence(1), per_block: 1 }, GridDim::fixed(s.heads as i64), GridDim::fixed(1)];
+    let mut args = vec![Arg::Buffer(partial.clone()), pos.arg(), o.arg()];
+    let rows = if per_token {
+        args.extend([Arg::I64 { value: Extent::per_sequence(1) }, Arg::I64 { value: Extent::per_token(1) }]);
+        Extent::per_token(1)
+    } else {
+        Extent::per_sequence(1)
+    };
+    let grid = [GridDim { extent: rows, per_block: 1 }, GridDim::fixed(s.heads as i64), GridDim::fixed(1)];
+    e.launch(k, grid, 0, args);
+}
+
+/// The key positions `[start, p]` a chunk's query at `p` sees (the chunk starts at `p0`): the
+/// ring holds the `capacity` positions before the chunk, the chunk its own; start and count.
+fn chunk_keys(k: &mut KernelBuilder, s: &Spec, capacity: u64, p: &V, p0: &V) -> (V, V) {
+    let cap = k.i64(capacity as i64);
+    let one = k.i64(1);
+    let p1 = k.add(p, &one);
+    let lo_w = first_key(k, s, p);
+    let lo_c = k.sub(p0, &cap);
+    let start = k.max(&lo_w, &lo_c);
+    let n = k.sub(&p1, &start);
+    (start, n)
+}
+
+/// A chunk of T tokens from the carried caches (the `chunk` plan): `(q, k, v, k_cache,
+/// v_cache, pos) -> (o, k_cache', v_cache')`, the chunk at positions `pos[b] ..`. Each query
+/// attends to the ring's keys before the chunk and to the chunk's own up to itself
+/// (flash-decoding per token row); then the chunk's last `capacity` keys (rotated) and values
+/// go into the ring, in place, once every query has read it.
+fn attention_chunk(
+    e: &mut Emit,
+    s: &Spec,
+    capacity: u64,
+    positions: u64,
+    ins: &[Operand],
+    outs: &[Operand],
+) -> Result<(), LowerError> {
+    let (q, kk, v, kc, vc, pos) = (&ins[0], &ins[1], &ins[2], &ins[3], &ins[4], &ins[5]);
+    let (o, kc2, vc2) = (&outs[0], &outs[1], &outs[2]);
+    if !e.write_in_place(&[(kc2, kc), (vc2, vc)]) {
+        return Err(LowerError(
+            "attention over a chunk: its caches must be the plan's carried states (`state:…` inputs and outputs), read by no other step"
+                .into(),
+        ));
+    }
+    let ptag = if s.rope.is_some() { format!("_r{positions}") } else { String::new() };
+    let sp = DecodeSplit::new(s, capacity);
+    let partial = e.scratch(Extent::per_token((4 * s.heads * sp.splits * (s.hd + 2)) as i64));
+    decode_partial(e, s, &sp, capacity, positions, &ptag, [q, kc, vc, pos], Some([kk, v]), &partial);
+    decode_combine(e, s, &sp, capacity, [pos, o], true, &partial);
+    append_chunk_rows(e, s, capacity, positions, &ptag, [kk, v, kc, vc, pos]);
+    Ok(())
+}
+
+/// The chunk's keys (rotated) and values written into the ring, slot `(pos + t) mod
+/// capacity` for token t; only the last `capacity` tokens, so that no two write one slot.
+fn append_chunk_rows(e: &mut Emit, s: &Spec, capacity: u64, positions: u64, ptag: &str, ops: [&Operand; 5]) {
+    let [kk, v, kc, vc, pos] = ops;
+    let (hd, kw) = (s.hd, s.kv_heads * s.hd);
+    let name = format!("attention_chunk_append_{}_c{capacity}{ptag}_{}", s.tag(), sig(&[kk, v, kc, vc]));
+    let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
+    let kp = k.ptr("k");
+    let vp = k.ptr("v");
+    let kcp = k.ptr("k_cache");
+    let vcp = k.ptr("v_cache");
+    let posp = k.ptr("pos");
+    let rope = s.rope_params(&mut k, Some(positions));
+    let batch = k.scalar_i64("batch");
+    let tokens = k.scalar_i64("tokens");
+    // Element (row, col) of the chunk's keys and values.
+    let (inside, r, _, col) = cache_element(&mut k, 1, kw, &tokens);
+    let t_len = k.div(&tokens, &batch);
+    let b = k.div(&r, &t_len);
+    let t = k.rem(&r, &t_len);
+    let cap = k.i64(capacity as i64);
+    let reach = k.add(&t, &cap);
+    let kept = k.cmp(Cmp::Ge, &reach, &t_len);
+    let write = k.and(&inside, &kept);
+    k.if_(&write, |k| {
+        let p0 = load_pos(k, &posp, &b);
+        let p = k.add(&p0, &t);
+        let slot = k.rem(&p, &cap);
+        let bc = k.mul(&b, &cap);
+        let crow = k.add(&bc, &slot);
+        let hw = k.i64(hd as i64);
+        let head = k.div(&col, &hw);
+        let d = k.rem(&col, &hw);
+        let kx = load_head(k, &kp, kk, &r, &head, hd, rope.as_ref(), &p, &d);
+        let vx = load_head(k, &vp, v, &r, &head, hd, None, &p, &d);
+        let ki = at(k, kc, &crow, &col);
+        k.store(&kx, &kcp, &ki, kc.elem());
+        let vi = at(k, vc, &crow, &col);
+        k.store(&vx, &vcp, &vi, vc.elem());
+    });
+    let mut args = vec![kk.arg(), v.arg(), kc.arg(), vc.arg(), pos.arg()];
+    args.extend(s.tables(e, positions));
+    args.extend([Arg::I64 { value: Extent::per_sequence(1) }, Arg::I64 { value: Extent::per_token(1) }]);
+    let grid = [
+        GridDim { extent: Extent::per_token(kw as i64), per_block: THREADS as u64 },
+        GridDim::fixed(1),
+        GridDim::fixed(1),
+    ];
     e.launch(k, grid, 0, args);
 }
 

@@ -292,6 +292,9 @@ pub(super) fn conv_state(e: &mut Emit, width: u64, ins: &[Operand], outs: &[Oper
 
 /// One decode step: `y = silu(bias + Σ_j<K−1 w[c, j]·state[j] + w[c, K−1]·x)`, the state shifted.
 pub(super) fn conv_step(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Result<(), LowerError> {
+    if e.max_shape().1 > 1 {
+        return conv_chunk(e, ins, outs);
+    }
     let (x, w, b, s) = (&ins[0], &ins[1], &ins[2], &ins[3]);
     let (y, s2) = (&outs[0], &outs[1]);
     let ch = x.width;
@@ -339,6 +342,82 @@ pub(super) fn conv_step(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Resu
         }
     });
     let args = vec![x.arg(), w.arg(), b.arg(), s.arg(), y.arg(), s2.arg(), Arg::I64 { value: Extent::per_sequence(1) }];
+    e.launch(k, grid_1d(Extent::per_sequence(ch as i64), THREADS as u64), 0, args);
+    Ok(())
+}
+
+/// A chunk of T tokens continuing from the carried state (the `chunk` plan): thread (b, c)
+/// walks the chunk in order with the channel's last `kw - 1` inputs in registers, and leaves
+/// the last `kw - 1` inputs (from the carried state where the chunk is shorter) as the state.
+fn conv_chunk(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Result<(), LowerError> {
+    let (x, w, b, s) = (&ins[0], &ins[1], &ins[2], &ins[3]);
+    let (y, s2) = (&outs[0], &outs[1]);
+    let ch = x.width;
+    let kw = kernel_width(w) as i64;
+    let keep = kw - 1;
+    let name = format!("causal_conv1d_silu_chunk_c{ch}_k{kw}_{}", sig(&[x, w, b, s, y, s2]));
+    let mut k = KernelBuilder::new(&name, [THREADS, 1, 1]);
+    let (xp, wp, bp, sp, yp, s2p) =
+        (k.ptr("x"), k.ptr("weight"), k.ptr("bias"), k.ptr("state"), k.ptr("y"), k.ptr("state_out"));
+    let batch = k.scalar_i64("batch");
+    let tokens = k.scalar_i64("tokens");
+    let tid = k.thread_id('x');
+    let bid = k.block_id('x');
+    let n = k.i64(THREADS as i64);
+    let base = k.mul(&bid, &n);
+    let idx = k.add(&base, &tid);
+    let c = k.i64(ch as i64);
+    let total = k.mul(&batch, &c);
+    let inside = k.cmp(Cmp::Lt, &idx, &total);
+    k.if_(&inside, |k| {
+        let bi = k.div(&idx, &c);
+        let col = k.rem(&idx, &c);
+        let t_len = k.div(&tokens, &batch);
+        let row0 = k.mul(&bi, &t_len);
+        let zero = k.i64(0);
+        let bias = load_at(k, &bp, b, &zero, &col);
+        let weights: Vec<V> = (0..kw)
+            .map(|j| {
+                let jj = k.i64(j);
+                load_at(k, &wp, w, &col, &jj)
+            })
+            .collect();
+        let keepv = k.i64(keep);
+        let srow0 = k.mul(&bi, &keepv);
+        let window: Vec<V> = (0..keep)
+            .map(|j| {
+                let jj = k.i64(j);
+                let r = k.add(&srow0, &jj);
+                load_at(k, &sp, s, &r, &col)
+            })
+            .collect();
+        let last = k.for_(&zero, &t_len, 1, &window, |k, t, win| {
+            let row = k.add(&row0, &t);
+            let xv = load_at(k, &xp, x, &row, &col);
+            let mut acc = bias.clone();
+            for (wv, v) in weights.iter().zip(win.iter().chain(std::iter::once(&xv))) {
+                acc = k.fma(wv, v, &acc);
+            }
+            let out = k.silu(&acc);
+            store_at(k, &out, &yp, y, &row, &col);
+            win[1..].iter().cloned().chain(std::iter::once(xv)).collect()
+        });
+        for (j, v) in last.iter().enumerate() {
+            let jj = k.i64(j as i64);
+            let r = k.add(&srow0, &jj);
+            store_at(k, v, &s2p, s2, &r, &col);
+        }
+    });
+    let args = vec![
+        x.arg(),
+        w.arg(),
+        b.arg(),
+        s.arg(),
+        y.arg(),
+        s2.arg(),
+        Arg::I64 { value: Extent::per_sequence(1) },
+        Arg::I64 { value: Extent::per_token(1) },
+    ];
     e.launch(k, grid_1d(Extent::per_sequence(ch as i64), THREADS as u64), 0, args);
     Ok(())
 }

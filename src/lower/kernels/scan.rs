@@ -428,6 +428,9 @@ pub(super) fn step(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Result<()
     let s = Scan::new(u, delta, a_log, b, c, dt_bias);
     let block = s.block()?;
     let ops = [u, delta, a_log, b, c, d, dt_bias, z, h_in, y, h_out];
+    if e.max_shape().1 > 1 {
+        return step_chunk(e, &s, block, ops);
+    }
     let mut k =
         KernelBuilder::new(&format!("selective_scan_step_e{}_n{}_{}", s.channels, s.state, sig(&ops)), [block, 1, 1]);
     let (up, dp, ap, bp, cp, dd, bip, zp, hip, yp, hop) = (
@@ -474,6 +477,70 @@ pub(super) fn step(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Result<()
         k.store(hn, &hop, &i, Ty::F32);
     }
     let args: Vec<Arg> = ops.iter().map(|o| o.arg()).collect();
+    e.launch(k, sequence_grid(s.channels / block as u64), 0, args);
+    Ok(())
+}
+
+/// A chunk of T tokens continuing from the carried state (the `chunk` plan): the step's
+/// recurrence, token by token, thread per channel with its state in registers across the
+/// chunk; the state after the last token is written once.
+fn step_chunk(e: &mut Emit, s: &Scan, block: u32, ops: [&Operand; 11]) -> Result<(), LowerError> {
+    let [u, _, _, b, c, d, dt_bias, z, _, y, _] = ops;
+    let name = format!("selective_scan_chunk_e{}_n{}_{}", s.channels, s.state, sig(&ops));
+    let mut k = KernelBuilder::new(&name, [block, 1, 1]);
+    let (up, dp, ap, bp, cp, dd, bip, zp, hip, yp, hop) = (
+        k.ptr("u"),
+        k.ptr("delta"),
+        k.ptr("a_log"),
+        k.ptr("b"),
+        k.ptr("c"),
+        k.ptr("d"),
+        k.ptr("dt_bias"),
+        k.ptr("z"),
+        k.ptr("h"),
+        k.ptr("y"),
+        k.ptr("h_out"),
+    );
+    let batch = k.scalar_i64("batch");
+    let tokens = k.scalar_i64("tokens");
+    let ch = channel(&mut k);
+    let seq = k.block_id('y');
+    let t_len = k.div(&tokens, &batch);
+    let row0 = k.mul(&seq, &t_len);
+    let a = neg_a(&mut k, s, &ap, &ch, None, s.state);
+    let zero = k.i64(0);
+    let beta = load_at(&mut k, &bip, dt_bias, &zero, &ch);
+    let dv = load_at(&mut k, &dd, d, &zero, &ch);
+    let h: Vec<V> = (0..s.state as usize)
+        .map(|n| {
+            let i = state_index(&mut k, s, &seq, &ch, n);
+            k.load(&hip, &i, Ty::F32)
+        })
+        .collect();
+    let h = k.for_(&zero, &t_len, 1, &h, |k, t, h| {
+        let row = k.add(&row0, &t);
+        let (dt, _) = delta_t(k, s, &dp, &beta, &row, &ch);
+        let uv = load_at(k, &up, u, &row, &ch);
+        let bv = state_row(k, &bp, b, &row, None, s.state);
+        let (h, _) = advance(k, &a, &bv, &dt, &uv, h);
+        let cv = state_row(k, &cp, c, &row, None, s.state);
+        let mut r = k.f32(0.0);
+        for (cn, hn) in cv.iter().zip(&h) {
+            r = k.fma(cn, hn, &r);
+        }
+        let y0 = k.fma(&dv, &uv, &r);
+        let zv = load_at(k, &zp, z, &row, &ch);
+        let g = k.silu(&zv);
+        let out = k.mul(&y0, &g);
+        store_at(k, &out, &yp, y, &row, &ch);
+        h
+    });
+    for (n, hn) in h.iter().enumerate() {
+        let i = state_index(&mut k, s, &seq, &ch, n);
+        k.store(hn, &hop, &i, Ty::F32);
+    }
+    let mut args: Vec<Arg> = ops.iter().map(|o| o.arg()).collect();
+    args.extend([Arg::I64 { value: Extent::per_sequence(1) }, Arg::I64 { value: Extent::per_token(1) }]);
     e.launch(k, sequence_grid(s.channels / block as u64), 0, args);
     Ok(())
 }
