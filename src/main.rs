@@ -207,6 +207,16 @@ enum EvalCommand {
         #[command(flatten)]
         flags: weft_runtime::eval::PplFlags,
     },
+    /// Passkey retrieval on the CPU reference: a key hidden at each depth of filler text of
+    /// each length, asked for at the end, answered by greedy decoding; accuracy per length and
+    /// depth, and an SVG heat map with --svg.
+    Passkey {
+        /// The run directory.
+        #[arg(long)]
+        run: PathBuf,
+        #[command(flatten)]
+        flags: weft_runtime::passkey::PasskeyFlags,
+    },
     /// Attention entropy (H_a, of the last query rows) and Mamba's selection entropy (H_s, of
     /// Δ over time) per layer on held-out windows, on the CPU reference in f64; a table, and
     /// an SVG bar chart with --svg.
@@ -414,6 +424,9 @@ fn run(cli: Cli) -> Result<(), Reported> {
         }
         Command::Eval(EvalCommand::Ppl { run, flags }) => {
             report(weft::run::eval_ppl(&run, &flags))?;
+        }
+        Command::Eval(EvalCommand::Passkey { run, flags }) => {
+            report(weft::run::eval_passkey(&run, &flags))?;
         }
         Command::Eval(EvalCommand::Entropy { run, flags }) => {
             let r = report(weft::run::open_run(&run))?;

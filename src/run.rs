@@ -470,3 +470,18 @@ pub fn eval_ppl(
     let title = format!("perplexity against context length: {}", run_dir.display());
     flags.run(&mut backend, &run.tokenizer, &title)
 }
+
+/// `weft eval passkey`: passkey retrieval of a run's newest checkpoint on the CPU reference
+/// (generation plans for the longest prompt and its answer); prints the table, writes the heat
+/// map where asked, and gives the cells.
+pub fn eval_passkey(
+    run_dir: &Path,
+    flags: &weft_runtime::passkey::PasskeyFlags,
+) -> Result<Vec<weft_runtime::passkey::Cell>, String> {
+    let (_, longest) = flags.lengths()?;
+    let run = open_run_for(run_dir, Some((longest + weft_runtime::passkey::KEY_DIGITS + 1) as u64))?;
+    let mut backend = CpuBackend::new(run.program, 0);
+    backend.write(run.params)?;
+    let title = format!("passkey retrieval: {}", run_dir.display());
+    flags.run(&mut backend, &run.tokenizer, &title)
+}

@@ -427,6 +427,7 @@ fn a_bundle_trains_into_a_run_directory_weft_generates_from() {
         keep: 2,
         accept_changes: false,
         init_from: None,
+        passkey: None,
     };
     let go = |r: &ShardRun| {
         let (opts, tw, vw) = shard_run(&bundle, r).unwrap();
@@ -608,5 +609,79 @@ fn eval_ppl_matches_perplexity_computed_from_the_score_plan() {
     let out = weft().args(["eval", "ppl", "--run"]).arg(&run).args(["--data", "no-such-file.txt"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-file.txt"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Passkey tuning as `weft-run train --passkey` runs it (here on the CPU reference): examples
+/// of the training length whose loss is the answer's alone. The held-out loss the run reports
+/// is the mean negative log-probability of the answer tokens only, as the score plan gives
+/// them; the run records its data as passkey examples.
+#[test]
+fn passkey_tuning_scores_the_answer_alone() {
+    use weft_runtime::backend::{Backend, CpuBackend};
+    use weft_runtime::cpu::tensor::Tensor;
+    use weft_runtime::train::{evaluate, shard_run, train, ShardRun};
+    let dir = temp_dir("passkey");
+    let spec = crate::root().join("specs/tiny/samba-micro.weft");
+    let cfg = dir.join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "spec = \"{}\"\n[train]\nseq_len = 400\nbatch_size = 2\nsteps = 2\n[optimizer]\nlr = 1e-3\n[data]\ntrain = [\"x\"]\n",
+            spec.display()
+        ),
+    )
+    .unwrap();
+    let bundle_path = dir.join("micro.bundle");
+    let out = weft()
+        .args(["build", "--no-cubin", "--config"])
+        .arg(&cfg)
+        .arg(&spec)
+        .arg("-o")
+        .arg(&bundle_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bundle = weft_runtime::bundle::Bundle::read(&bundle_path).unwrap();
+    let r = ShardRun {
+        train: vec![],
+        valid: vec![],
+        tokenizer: "byte".into(),
+        out: dir.join("pk"),
+        steps: Some(2),
+        log_every: 1,
+        eval_every: 0,
+        eval_batches: 4,
+        checkpoint_every: 0,
+        keep: 1,
+        accept_changes: false,
+        init_from: None,
+        passkey: Some(20),
+    };
+    let (opts, tw, vw) = shard_run(&bundle, &r).unwrap();
+    let mut be = CpuBackend::new(bundle.program.clone(), opts.run.settings.seed);
+    train(&mut be, &tw, &vw, &opts).unwrap();
+    assert_eq!(run_json(&r.out)["settings"]["data_format"], "passkey");
+    // Held-out: 64 examples, each a window whose targets count only for the answer (a space and
+    // 5 digits), the last 6 of the example's tokens: targets 393..399 of the window (the last
+    // target, the next example's first token, does not count).
+    assert_eq!(vw.count(), 64);
+    let reported = evaluate(&mut be, &vw, 2, 400, 4).unwrap();
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    for i in 0..8 {
+        let (x, y) = vw.masked_window(i);
+        assert_eq!(y.iter().filter(|&&t| t >= 0).count(), 6);
+        assert!(y[..393].iter().all(|&t| t < 0) && y[393..399].iter().all(|&t| t >= 0) && y[399] < 0, "{y:?}");
+        let inputs = vec![
+            ("tokens".to_string(), Tensor::ints(vec![1, 400], x)),
+            ("targets".to_string(), Tensor::ints(vec![1, 400], y)),
+        ];
+        let lp = be.run("score", inputs).unwrap()["logprobs"].reals().unwrap().to_vec();
+        sum -= lp.iter().map(|&v| v as f64).sum::<f64>();
+        count += 6;
+    }
+    let want = sum / count as f64;
+    // f32 sums over 48 tokens and an 800-token batch: far below 1e-4 relative.
+    assert!((reported - want).abs() < 1e-4 * want, "{reported} against {want}");
     let _ = std::fs::remove_dir_all(&dir);
 }

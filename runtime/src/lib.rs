@@ -22,6 +22,7 @@ pub mod io;
 pub mod load;
 pub mod memory;
 pub mod op;
+pub mod passkey;
 pub mod plan;
 pub mod run;
 pub mod serve;

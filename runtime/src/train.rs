@@ -72,6 +72,9 @@ pub struct ShardRun {
     pub keep: usize,
     pub accept_changes: bool,
     pub init_from: Option<PathBuf>,
+    /// Instead of shards: this many generated passkey examples of the training length (keys
+    /// from the run's seed), the loss on each answer alone; 64 more, of another seed, held out.
+    pub passkey: Option<usize>,
 }
 
 /// The options and data [`train`] takes for a [`ShardRun`]: the run's identity is the spec and
@@ -108,7 +111,21 @@ pub fn shard_run(bundle: &crate::bundle::Bundle, r: &ShardRun) -> Result<(TrainO
         let tokens = load_shards(files, vocab).map_err(|e| e.0)?;
         Windows::new(tokens, shape.seq as usize, Path::new(what)).map_err(|e| e.0)
     };
-    let (train_w, valid_w) = (load(&r.train, "the training shards")?, load(&r.valid, "the held-out shards")?);
+    let (train_w, valid_w) = match r.passkey {
+        None => (load(&r.train, "the training shards")?, load(&r.valid, "the held-out shards")?),
+        Some(n) => {
+            settings.data_format = "passkey".to_string();
+            let seq = shape.seq as usize;
+            let make = |count: usize, seed: u64, what: &str| -> Result<Windows, String> {
+                let (tokens, mask) = crate::passkey::tuning_stream(&tok, seq, count, seed)?;
+                Windows::masked(tokens, mask, seq, Path::new(what)).map_err(|e| e.0)
+            };
+            (
+                make(n, settings.seed, "the passkey examples")?,
+                make(64, settings.seed ^ 0x9e37_79b9, "the held-out passkey examples")?,
+            )
+        }
+    };
     let info = RunInfo::new(
         &bundle.program.model,
         source.spec.clone(),
@@ -184,25 +201,33 @@ pub fn evaluate(
     if n == 0 {
         return Err("there is no held-out window to evaluate".into());
     }
-    let mut total = 0.0;
+    let (mut total, mut counted) = (0.0, 0usize);
     let mut done = 0;
     while done < n {
         let b = batch.min(n - done);
         let mut x = Vec::with_capacity(batch * seq);
         let mut y = Vec::with_capacity(batch * seq);
         for i in done..done + b {
-            let (inp, tgt) = valid.window(i);
-            x.extend(inp.iter().map(|&v| v as i32));
-            y.extend(tgt.iter().map(|&v| v as i32));
+            let (inp, tgt) = valid.masked_window(i);
+            x.extend(inp);
+            y.extend(tgt);
         }
         x.resize(batch * seq, 0);
         y.resize(batch * seq, crate::cpu::dense::NO_TARGET);
+        // The plan's loss is the mean over the positions with a target (all b·seq of them,
+        // or those a loss mask keeps).
+        let with_target = y.iter().filter(|&&t| t >= 0).count();
         let out = backend.run("eval", batch_inputs(x, y, batch, seq))?;
-        // The plan's loss is the mean over the positions with a target: b·seq of them.
-        total += scalar(&out, "loss")? * (b * seq) as f64;
+        if with_target > 0 {
+            total += scalar(&out, "loss")? * with_target as f64;
+            counted += with_target;
+        }
         done += b;
     }
-    Ok(total / (n * seq) as f64)
+    if counted == 0 {
+        return Err("no held-out window has a target the loss counts".into());
+    }
+    Ok(total / counted as f64)
 }
 
 fn metrics_path(dir: &Path) -> PathBuf {

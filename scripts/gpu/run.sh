@@ -6,7 +6,8 @@
 # names, or "none"), DECODE (bundle names for the generation benchmark, or "none"), ENGINE=0
 # skips the engine and server checks (WHEELS: a folder with the openai client), LOAD (bundle
 # names served under the load generator, or "none"), PPL (tiny specs trained and scored for
-# perplexity against context length, or "none"); logs go to $OUT when it is set.
+# perplexity against context length, or "none"), PASSKEY (of those, tuned and asked for
+# passkeys, or "none"); logs go to $OUT when it is set.
 set -uo pipefail
 cd "$(dirname "$0")"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -271,6 +272,28 @@ for s in $PPL; do
     cat "ppl-$s-$be.log"
   done
   note "ppl $s at 512 / 2K: GPU $(ppl_row ppl-$s-gpu.log 512) / $(ppl_row ppl-$s-gpu.log 2048), CPU reference $(ppl_row ppl-$s-cpu.log 512) / $(ppl_row ppl-$s-cpu.log 2048)"
+done
+
+# ---- passkey retrieval after tuning (appendix B at small scale) ----
+# A model of the perplexity runs tuned on generated passkey examples of 512 tokens (the loss on
+# the answer alone), then asked at 512 to 8K tokens, 11 depths x 5 keys of another seed.
+PASSKEY=${PASSKEY:-samba-tiny}
+[ "$PASSKEY" = none ] && PASSKEY=
+for s in $PASSKEY; do
+  late "passkey $s" && continue
+  [ -d "ppl-$s" ] || { note "passkey $s: no ppl-$s run to tune"; continue; }
+  echo "=== passkey tuning of $s, ${PASSKEY_STEPS:-300} steps"
+  rm -rf "pk-$s"
+  if ! ./weft-run train "ppl-$s.bundle" --passkey 4000 --init-from "ppl-$s" --tokenizer tokenizer-sotu.json \
+      --steps "${PASSKEY_STEPS:-300}" --log-every 25 --eval-every 50 --out "pk-$s" > "pk-train-$s.log" 2>&1; then
+    tail -20 "pk-train-$s.log"; note "passkey $s: tuning FAIL"; continue
+  fi
+  grep -o '"step":[0-9]*,"loss":[0-9.]*' "pk-$s/metrics.jsonl" | tr '\n' ' '; echo
+  note "passkey $s: tuned ${PASSKEY_STEPS:-300} steps: $(grep -o 'final training loss.*' "pk-train-$s.log" | tail -1)"
+  ./weft-run eval passkey "ppl-$s.bundle" --run "pk-$s" --lengths "${PASSKEY_LENGTHS:-512,2k,8k}" --depths 11 --keys 5 \
+    --svg "${OUT:-.}/passkey-$s.svg" > "pk-$s.log" 2>&1
+  cat "pk-$s.log"
+  note "passkey $s (GPU, 11 depths x 5 keys): $(awk 'NR > 1 && NF > 2 { printf "%s: %s  ", $1, $NF }' "pk-$s.log")$(grep -o 'evaluated in.*' "pk-$s.log")"
 done
 
 echo "=== summary"

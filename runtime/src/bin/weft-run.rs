@@ -59,11 +59,15 @@ enum Command {
     Train {
         bundle: PathBuf,
         /// Token shards to train on (made by `weft shard`).
-        #[arg(long = "train", required = true, num_args = 1..)]
+        #[arg(long = "train", required_unless_present = "passkey", num_args = 1..)]
         train_shards: Vec<PathBuf>,
         /// Held-out token shards.
-        #[arg(long = "valid", required = true, num_args = 1..)]
+        #[arg(long = "valid", required_unless_present = "passkey", num_args = 1..)]
         valid_shards: Vec<PathBuf>,
+        /// Instead of shards: tune on this many generated passkey examples of the training
+        /// length (the loss on each answer alone; usually with --init-from).
+        #[arg(long, conflicts_with_all = ["train_shards", "valid_shards"], value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
+        passkey: Option<u64>,
         /// The run directory.
         #[arg(long)]
         out: PathBuf,
@@ -150,6 +154,19 @@ enum EvalCommand {
         run: PathBuf,
         #[command(flatten)]
         flags: weft_runtime::eval::PplFlags,
+        #[arg(long, value_enum, default_value = "gpu")]
+        backend: BackendArg,
+    },
+    /// Passkey retrieval: a key hidden at each depth of filler text of each length, asked for
+    /// at the end, answered by greedy decoding (whole-prompt prefill: the bundle's prompt
+    /// length bounds the lengths); accuracy per length and depth, and an SVG heat map.
+    Passkey {
+        bundle: PathBuf,
+        /// The run directory (made by `weft train` or `weft-run train`).
+        #[arg(long)]
+        run: PathBuf,
+        #[command(flatten)]
+        flags: weft_runtime::passkey::PasskeyFlags,
         #[arg(long, value_enum, default_value = "gpu")]
         backend: BackendArg,
     },
@@ -294,6 +311,7 @@ fn run(command: Command) -> Result<bool, String> {
             keep,
             accept_changes,
             init_from,
+            passkey,
             backend,
         } => {
             use weft_runtime::train::{shard_run, train, ShardRun};
@@ -312,6 +330,7 @@ fn run(command: Command) -> Result<bool, String> {
                 keep: keep as usize,
                 accept_changes,
                 init_from,
+                passkey: passkey.map(|n| n as usize),
             };
             let (opts, train_w, valid_w) = shard_run(&bundle, &run).map_err(|e| format!("{}: {e}", path.display()))?;
             let settings = opts.run.settings.clone();
@@ -399,6 +418,24 @@ fn run(command: Command) -> Result<bool, String> {
             let tokenizer = g.run.tokenizer;
             let mut be = backend_for(g.bundle, Some(g.run.params), g.seed, backend)?;
             let title = format!("perplexity against context length: {}", run.display());
+            flags.run(be.as_mut(), &tokenizer, &title)?;
+            eprintln!("evaluated in {:.1} s on {}", started.elapsed().as_secs_f64(), be.name());
+            Ok(true)
+        }
+        Command::Eval(EvalCommand::Passkey { bundle: path, run, flags, backend }) => {
+            let g = open_generation(&path, &run)?;
+            let (_, longest) = flags.lengths()?;
+            if longest + weft_runtime::passkey::KEY_DIGITS + 1 > g.context {
+                return Err(format!(
+                    "`{}` generates within {} tokens; --lengths asks for {longest} and the answer: rebuild it with a longer generation (train.seq_len + generate.max_new_tokens)",
+                    path.display(),
+                    g.context
+                ));
+            }
+            let started = Instant::now();
+            let tokenizer = g.run.tokenizer;
+            let mut be = backend_for(g.bundle, Some(g.run.params), g.seed, backend)?;
+            let title = format!("passkey retrieval: {}", run.display());
             flags.run(be.as_mut(), &tokenizer, &title)?;
             eprintln!("evaluated in {:.1} s on {}", started.elapsed().as_secs_f64(), be.name());
             Ok(true)
@@ -582,6 +619,8 @@ mod tests {
             &["load", "--clients", "64", "--prompt-tokens", "256:768", "--output-tokens", "256"],
             &["eval", "ppl", "m.bundle", "--run", "r", "--data", "a", "b", "--lengths", "512,2k", "--backend", "cpu"],
             &["eval", "entropy", "m.bundle", "--run", "r", "--data", "a", "--length", "2k", "--last", "16"],
+            &["eval", "passkey", "m.bundle", "--run", "r", "--lengths", "2k,8k", "--depths", "3"],
+            &["train", "m.bundle", "--passkey", "500", "--out", "r", "--init-from", "base", "--steps", "5"],
         ] {
             let cli = parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
             // Reading every field, as `run` does, must not panic.
@@ -590,6 +629,9 @@ mod tests {
                     let _ = (optimizer_steps + 1, prompt.map(|p| p + 1), decode_steps.map(|d| d + 1));
                 }
                 Command::Bench { steps, decode, .. } => assert_eq!((steps, decode), (10, false)),
+                Command::Train { passkey: Some(n), train_shards, init_from, .. } => {
+                    assert_eq!((n, train_shards.len(), init_from.is_some()), (500, 0, true))
+                }
                 Command::Train { steps, keep, eval_batches, train_shards, .. } => {
                     assert_eq!((steps, keep, eval_batches, train_shards.len()), (Some(5), 3, 2, 2))
                 }
@@ -607,6 +649,9 @@ mod tests {
                 }
                 Command::Load(f) => {
                     assert_eq!((f.clients, f.prompt_tokens.lo, f.prompt_tokens.hi, f.requests), (64, 256, 768, None))
+                }
+                Command::Eval(EvalCommand::Passkey { flags, .. }) => {
+                    assert_eq!((flags.lengths().unwrap().1, flags.depths, flags.keys), (8192, 3, 5))
                 }
                 Command::Eval(EvalCommand::Entropy { flags, .. }) => {
                     assert_eq!((flags.length.as_str(), flags.last, flags.windows), ("2k", 16, 4))

@@ -88,6 +88,9 @@ pub fn unigram_entropy(tokens: &[u32]) -> f64 {
 pub struct Windows {
     tokens: Vec<u32>,
     seq_len: usize,
+    /// Which tokens' predictions count (the loss mask): a masked target is -1, which the loss
+    /// leaves out of its sum and its count. None: all.
+    mask: Option<Vec<bool>>,
 }
 
 impl Windows {
@@ -100,7 +103,15 @@ impl Windows {
                 seq_len + 1
             )));
         }
-        Ok(Windows { tokens, seq_len })
+        Ok(Windows { tokens, seq_len, mask: None })
+    }
+
+    /// Windows whose targets count only where `mask` is true (tokens and mask of one length).
+    pub fn masked(tokens: Vec<u32>, mask: Vec<bool>, seq_len: usize, what: &Path) -> Result<Windows, DataError> {
+        if mask.len() != tokens.len() {
+            return Err(DataError(format!("{}: a mask of {} for {} tokens", what.display(), mask.len(), tokens.len())));
+        }
+        Ok(Windows { mask: Some(mask), ..Windows::new(tokens, seq_len, what)? })
     }
 
     pub fn count(&self) -> usize {
@@ -117,6 +128,20 @@ impl Windows {
         (&self.tokens[s..s + self.seq_len], &self.tokens[s + 1..s + 1 + self.seq_len])
     }
 
+    /// Input and target ids of window `i`, a target -1 where the mask leaves it out.
+    pub fn masked_window(&self, i: usize) -> (Vec<i32>, Vec<i32>) {
+        let (inp, tgt) = self.window(i);
+        let x = inp.iter().map(|&v| v as i32).collect();
+        let y = match &self.mask {
+            None => tgt.iter().map(|&v| v as i32).collect(),
+            Some(m) => {
+                let kept = &m[i * self.seq_len + 1..i * self.seq_len + 1 + self.seq_len];
+                tgt.iter().zip(kept).map(|(&v, &k)| if k { v as i32 } else { -1 }).collect()
+            }
+        };
+        (x, y)
+    }
+
     /// The window a global sample index maps to: sample `s` of epoch `s / count` at its place in
     /// that epoch's permutation.
     pub fn sample(&self, seed: u64, s: u64) -> usize {
@@ -131,9 +156,9 @@ impl Windows {
         let mut x = Vec::with_capacity(batch * self.seq_len);
         let mut y = Vec::with_capacity(batch * self.seq_len);
         for b in 0..batch as u64 {
-            let (i, t) = self.window(self.sample(seed, first + b));
-            x.extend(i.iter().map(|&v| v as i32));
-            y.extend(t.iter().map(|&v| v as i32));
+            let (i, t) = self.masked_window(self.sample(seed, first + b));
+            x.extend(i);
+            y.extend(t);
         }
         (x, y)
     }
@@ -180,6 +205,21 @@ mod tests {
         assert_ne!(first_epoch, second);
         assert_eq!(first_epoch, (0..10).map(|s| w.sample(7, s)).collect::<Vec<_>>());
         assert_ne!(first_epoch, (0..10).map(|s| w.sample(8, s)).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_loss_mask_leaves_out_the_targets_it_does_not_keep() {
+        // Keep every token divisible by 7: window 3 (tokens 30..=40) predicts 31..=40, of which
+        // 35 is kept; the batch of one window at a sample that maps to window 3 agrees.
+        let tokens: Vec<u32> = (0..101).collect();
+        let mask: Vec<bool> = tokens.iter().map(|t| t % 7 == 0).collect();
+        let w = Windows::masked(tokens.clone(), mask, 10, Path::new("t")).unwrap();
+        let (x, y) = w.masked_window(3);
+        assert_eq!(x, (30..40).collect::<Vec<i32>>());
+        assert_eq!(y, [-1, -1, -1, -1, 35, -1, -1, -1, -1, -1]);
+        let s = (0..10).find(|&s| w.sample(5, s) == 3).unwrap();
+        assert_eq!(w.batch(5, s, 1), (x, y));
+        assert!(Windows::masked(tokens, vec![true; 3], 10, Path::new("t")).is_err());
     }
 
     #[test]
