@@ -342,6 +342,15 @@ pub fn open_run(run_dir: &Path) -> Result<OpenRun, String> {
 /// [`open_run`] with generation plans for a context of `context` tokens instead of the run's
 /// (recurrent and sliding-window layers keep constant state; full attention's cache grows).
 pub fn open_run_for(run_dir: &Path, context: Option<u64>) -> Result<OpenRun, String> {
+    open_run_with(run_dir, context, None)
+}
+
+/// [`open_run_for`] with Self-Extend on the model's full-attention layers.
+pub fn open_run_with(
+    run_dir: &Path,
+    context: Option<u64>,
+    self_extend: Option<weft_runtime::op::SelfExtend>,
+) -> Result<OpenRun, String> {
     let mut info = RunInfo::read(run_dir)?.ok_or_else(|| {
         format!("`{}` is not a training run (it has no {})", run_dir.display(), weft_runtime::run::RUN_INFO)
     })?;
@@ -355,8 +364,12 @@ pub fn open_run_for(run_dir: &Path, context: Option<u64>) -> Result<OpenRun, Str
         info.max_context = c;
     }
     let settings = RunConfig::default();
+    let model = match self_extend {
+        Some(se) => checked.model.with_self_extend(se)?,
+        None => checked.model,
+    };
     let program =
-        build_program(&checked.model, &OptimizerSettings::from_config(&settings), info.max_context).map_err(|e| e.0)?;
+        build_program(&model, &OptimizerSettings::from_config(&settings), info.max_context).map_err(|e| e.0)?;
     let r = weft_runtime::run::open_for_generation(run_dir, &info, &program)?;
     Ok(OpenRun { info, program, params: r.params, tokenizer: r.tokenizer, checkpoint: r.checkpoint })
 }
@@ -464,10 +477,20 @@ pub fn eval_ppl(
     flags: &weft_runtime::eval::PplFlags,
 ) -> Result<Vec<weft_runtime::eval::Perplexity>, String> {
     let (_, longest) = flags.lengths()?;
-    let run = open_run_for(run_dir, Some(longest as u64 + 1))?;
+    let self_extend = flags.self_extend()?;
+    let run = open_run_with(run_dir, Some(longest as u64 + 1), self_extend)?;
     let mut backend = CpuBackend::new(run.program, 0);
     backend.write(run.params)?;
-    let title = format!("perplexity against context length: {}", run_dir.display());
+    let title = match self_extend {
+        Some(se) => format!(
+            "perplexity against context length: {}, Self-Extend W={} G={} (reach {} tokens)",
+            run_dir.display(),
+            se.neighbours,
+            se.group,
+            se.reach(run.info.settings.seq_len)
+        ),
+        None => format!("perplexity against context length: {}", run_dir.display()),
+    };
     flags.run(&mut backend, &run.tokenizer, &title)
 }
 

@@ -382,7 +382,14 @@ layers = [m, f, a, f]
     run_rounded(plan, &mut store, train, Rounding::LikeGpu, &mut observe).unwrap();
     assert!(checked > 20, "{checked} bf16 outputs");
     // The tensor-core attention rounds its operands; heads of 256 run in f32 on the GPU.
-    let attn = |hd| weft_runtime::op::AttentionAttrs { heads: 1, kv_heads: 1, head_dim: hd, window: None, rope: None };
+    let attn = |hd| weft_runtime::op::AttentionAttrs {
+        heads: 1,
+        kv_heads: 1,
+        head_dim: hd,
+        window: None,
+        rope: None,
+        self_extend: None,
+    };
     assert!(attn(64).on_tensor_cores(true) && attn(128).on_tensor_cores(true));
     assert!(!attn(256).on_tensor_cores(true) && !attn(64).on_tensor_cores(false));
 }

@@ -596,10 +596,14 @@ fn eval_ppl_matches_perplexity_computed_from_the_score_plan() {
         assert!(*h > 0.0 && *h <= ceiling + 1e-9, "{name}: {h}\n{text}");
     }
 
-    // Refusals: a length the text cannot fill, a malformed length, a missing file.
-    for (args, says) in
-        [(vec!["--lengths", "100000"], "too few for one window"), (vec!["--lengths", "2x"], "is not a length")]
-    {
+    // Refusals: a length the text cannot fill, a malformed length, Self-Extend malformed or on
+    // a model without full attention (samba-micro's is sliding-window), a missing file.
+    for (args, says) in [
+        (vec!["--lengths", "100000"], "too few for one window"),
+        (vec!["--lengths", "2x"], "is not a length"),
+        (vec!["--self-extend", "16"], "takes the neighbour window and the group size"),
+        (vec!["--self-extend", "16,4", "--lengths", "60"], "no full-attention layer with RoPE"),
+    ] {
         let out =
             weft().args(["eval", "ppl", "--run"]).arg(&run).arg("--data").arg(&held).args(&args).output().unwrap();
         assert_eq!(out.status.code(), Some(1), "{args:?}");

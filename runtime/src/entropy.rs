@@ -248,7 +248,7 @@ mod tests {
     use super::*;
 
     fn attrs(window: Option<u64>, rope: Option<f64>) -> AttentionAttrs {
-        AttentionAttrs { heads: 4, kv_heads: 2, head_dim: 8, window, rope }
+        AttentionAttrs { heads: 4, kv_heads: 2, head_dim: 8, window, rope, self_extend: None }
     }
 
     #[test]
@@ -274,7 +274,7 @@ mod tests {
     fn attention_on_one_key_has_the_entropy_of_its_two_point_weights() {
         // No RoPE, one head group: k_j = e_0 · s_j, q = e_0, so the last row's scores are
         // s_j/√8. Two keys (window 2) with scores 0 and ln 3 · √8 give weights 1/4 and 3/4.
-        let a = AttentionAttrs { heads: 1, kv_heads: 1, head_dim: 8, window: Some(2), rope: None };
+        let a = AttentionAttrs { heads: 1, kv_heads: 1, head_dim: 8, window: Some(2), rope: None, self_extend: None };
         let n = 3;
         let mut q = vec![0.0; n * 8];
         let mut k = vec![0.0; n * 8];

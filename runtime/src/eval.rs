@@ -32,9 +32,26 @@ pub struct PplFlags {
     /// Write the plot here.
     #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// Self-Extend on full-attention layers: the neighbour window and the group size (`W,G`,
+    /// e.g. `128,8`); each window then scored whole on the CPU reference.
+    #[arg(long, value_name = "W,G")]
+    pub self_extend: Option<String>,
 }
 
 impl PplFlags {
+    /// The Self-Extend settings asked for, if any.
+    pub fn self_extend(&self) -> Result<Option<crate::op::SelfExtend>, String> {
+        let Some(s) = &self.self_extend else { return Ok(None) };
+        let bad = || format!("--self-extend takes the neighbour window and the group size as `W,G`, not `{s}`");
+        let (w, g) = s.split_once(',').ok_or_else(bad)?;
+        let (neighbours, group) =
+            (w.trim().parse::<u64>().map_err(|_| bad())?, g.trim().parse::<u64>().map_err(|_| bad())?);
+        if neighbours == 0 || group == 0 {
+            return Err(bad());
+        }
+        Ok(Some(crate::op::SelfExtend { neighbours, group }))
+    }
+
     /// The lengths, parsed, and the longest.
     pub fn lengths(&self) -> Result<(Vec<usize>, usize), String> {
         let lengths = self.lengths.iter().map(|s| parse_length(s)).collect::<Result<Vec<usize>, String>>()?;
@@ -58,7 +75,7 @@ impl PplFlags {
         let budget = self.windows as usize * longest;
         let rows = lengths
             .iter()
-            .map(|&l| perplexity(backend, &stream, l, budget / l, self.chunk as usize))
+            .map(|&l| perplexity(backend, &stream, l, budget / l, self.chunk as usize, self.self_extend.is_some()))
             .collect::<Result<Vec<_>, String>>()?;
         print!("{}", table(&rows));
         if let Some(path) = &self.svg {
@@ -98,15 +115,17 @@ pub fn parse_length(s: &str) -> Result<usize, String> {
 }
 
 /// Perplexity of `stream` at `length`: its first `max_windows` windows of `length` + 1 tokens
-/// (each scores `length` next tokens), each from an empty state, `chunk` tokens per call.
+/// (each scores `length` next tokens), each from an empty state, `chunk` tokens per call (or
+/// each window in one call of the `score` plan with `whole`).
 pub fn perplexity(
     backend: &mut dyn Backend,
     stream: &[u32],
     length: usize,
     max_windows: usize,
     chunk: usize,
+    whole: bool,
 ) -> Result<Perplexity, String> {
-    let chunked = backend.runs("chunk_score");
+    let chunked = backend.runs("chunk_score") && !whole;
     if !chunked && !backend.runs("score") {
         return Err(format!("the {} backend has neither a `chunk_score` nor a `score` plan", backend.name()));
     }

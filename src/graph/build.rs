@@ -307,6 +307,7 @@ impl Builder<'_> {
             head_dim: a.head_dim,
             window: a.window,
             rope: a.rope,
+            self_extend: if matches!(self.mode, Mode::Train) { None } else { a.self_extend },
         };
         let capacity = self.capacity(a);
         let o = match self.mode {

@@ -33,6 +33,9 @@ pub struct Attention {
     pub head_dim: u64,
     pub window: Option<u64>,
     pub rope: Option<f64>,
+    /// Self-Extend at inference, set by evaluation (never by a spec): full attention with RoPE
+    /// only, and never in the training graph.
+    pub self_extend: Option<weft_runtime::op::SelfExtend>,
 }
 
 /// SwiGLU MLP `W₃(SiLU(W₁x) ⊙ W₂x)`, reference section 1.5.
@@ -188,7 +191,7 @@ pub fn read_layer(kind: &str, r: &mut ArgReader, width: Option<u64>, def: Span) 
                         ),
                 );
             }
-            LayerKind::Attention(Attention { heads, kv_heads, head_dim, window, rope })
+            LayerKind::Attention(Attention { heads, kv_heads, head_dim, window, rope, self_extend: None })
         }
         "swiglu" | "mlp" => {
             let hidden = r.int("hidden", None, 1, "an MLP needs its hidden width, e.g. `hidden = 4096`");

@@ -49,6 +49,30 @@ pub struct LayerUse {
 }
 
 impl Model {
+    /// This model with Self-Extend on every full-attention layer with RoPE (at inference: the
+    /// training graph ignores it); an error where no layer takes it.
+    pub fn with_self_extend(mut self, se: weft_runtime::op::SelfExtend) -> Result<Model, String> {
+        if se.group < 1 || se.neighbours < 1 {
+            return Err(format!(
+                "Self-Extend needs a neighbour window and a group size of at least 1, not {} and {}",
+                se.neighbours, se.group
+            ));
+        }
+        let mut any = false;
+        for d in &mut self.defs {
+            if let super::layers::LayerKind::Attention(a) = &mut d.kind {
+                if a.window.is_none() && a.rope.is_some() {
+                    a.self_extend = Some(se);
+                    any = true;
+                }
+            }
+        }
+        if !any {
+            return Err(format!("`{}` has no full-attention layer with RoPE for Self-Extend to extend", self.name));
+        }
+        Ok(self)
+    }
+
     pub fn def(&self, layer: &LayerUse) -> &LayerDef {
         &self.defs[layer.def]
     }

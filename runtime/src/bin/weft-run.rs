@@ -399,6 +399,11 @@ fn run(command: Command) -> Result<bool, String> {
             Ok(true)
         }
         Command::Eval(EvalCommand::Ppl { bundle: path, run, flags, backend }) => {
+            if flags.self_extend.is_some() {
+                return Err(
+                    "Self-Extend runs on the CPU reference from a run's spec: use `weft eval ppl --self-extend`".into(),
+                );
+            }
             let g = open_generation(&path, &run)?;
             let (_, longest) = flags.lengths()?;
             // Without chunks, the whole-window pass must fit the score plan (the CPU scores in

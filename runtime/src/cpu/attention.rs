@@ -32,6 +32,9 @@ pub struct AttnDims {
     /// Round the rotated q and k, P and dS to bf16 before their products, as the GPU's
     /// tensor-core kernels do (the GPU check's rounding emulation); the sums stay unrounded.
     pub bf16_operands: bool,
+    /// Self-Extend (neighbour window, group size): keys at least the window away from a
+    /// query score at grouped positions (see [`crate::op::SelfExtend`]). Forward only.
+    pub self_extend: Option<(usize, usize)>,
 }
 
 /// Query rows per forward/dQ task.
@@ -126,6 +129,8 @@ struct Heads<'a, T> {
     q: &'a [T],
     k: &'a [T],
     v: &'a [T],
+    /// With Self-Extend: q and k rotated at their grouped positions.
+    grouped: Option<(Vec<T>, Vec<T>)>,
 }
 
 impl<T: Real> Heads<'_, T> {
@@ -176,7 +181,14 @@ impl<T: Real> Heads<'_, T> {
                     let s = &mut scores[..hi - lo];
                     let mut tile_max = T::neg_infinity();
                     for (sj, j) in s.iter_mut().zip(lo..hi) {
-                        *sj = scale * dot(qi, self.k(bi, j, g));
+                        *sj = match (&self.grouped, d.self_extend) {
+                            (Some((qg, kg)), Some((w, _))) if i - j >= w => {
+                                let (qw, kw) = (d.q_width(), d.kv_width());
+                                let qi = &qg[(bi * d.seq + i) * qw + h * hd..][..hd];
+                                scale * dot(qi, &kg[(bi * d.seq + j) * kw + g * hd..][..hd])
+                            }
+                            _ => scale * dot(qi, self.k(bi, j, g)),
+                        };
                         tile_max = tile_max.max(*sj);
                     }
                     let m_new = m[r].max(tile_max);
@@ -221,7 +233,29 @@ pub fn attention_fwd<T: Real>(dims: AttnDims, q: &[T], k: &[T], v: &[T], out: &m
     }
     let qr = dims.operands(rotated(q, dims.seq, qw, dims.head_dim, dims.rope));
     let kr = dims.operands(rotated(k, dims.seq, kw, dims.head_dim, dims.rope));
-    let heads = Heads { dims, q: &qr, k: &kr, v };
+    let grouped = match (dims.self_extend, dims.rope) {
+        (Some((w, g)), Some(base)) => {
+            assert!(
+                dims.window.is_none() && g >= 1,
+                "{kernel}: Self-Extend extends full attention with a group of 1 or more"
+            );
+            // Queries at ⌊i/G⌋ + W − ⌊W/G⌋, keys at ⌊j/G⌋ (LongLM's grouped positions).
+            let at = |x: &[T], width: usize, pos: &dyn Fn(usize) -> usize| -> Vec<T> {
+                let table = super::rope::RopeTable::new(base, dims.head_dim, 0..dims.seq + w + 1);
+                let mut x = x.to_vec();
+                for (row, xr) in x.chunks_mut(width).enumerate() {
+                    for head in xr.chunks_mut(dims.head_dim) {
+                        table.rotate(pos(row % dims.seq), head);
+                    }
+                }
+                dims.operands(std::borrow::Cow::Owned(x)).into_owned()
+            };
+            Some((at(q, qw, &|i| i / g + w - w / g), at(k, kw, &|j| j / g)))
+        }
+        (Some(_), None) => panic!("{kernel}: Self-Extend needs RoPE"),
+        _ => None,
+    };
+    let heads = Heads { dims, q: &qr, k: &kr, v, grouped };
     out.par_chunks_mut(dims.seq * qw).zip(lse.par_chunks_mut(dims.seq * dims.heads)).enumerate().for_each(
         |(bi, (ob, lb))| {
             ob.par_chunks_mut(QUERY_BLOCK * qw)
@@ -339,7 +373,8 @@ pub fn attention_bwd<T: Real>(
             *dh = dot(&o[h * hd..][..hd], &go[h * hd..][..hd]);
         }
     });
-    let bw = Backward { x: Heads { dims, q: &qr, k: &kr, v }, lse, d_row: &d_row, g_out };
+    assert!(dims.self_extend.is_none(), "{kernel}: Self-Extend is for inference; the backward has none");
+    let bw = Backward { x: Heads { dims, q: &qr, k: &kr, v, grouped: None }, lse, d_row: &d_row, g_out };
     gq.par_chunks_mut(seq * qw).enumerate().for_each(|(bi, gqb)| {
         gqb.par_chunks_mut(QUERY_BLOCK * qw)
             .enumerate()
@@ -496,7 +531,7 @@ mod tests {
         window: Option<usize>,
         rope: Option<f64>,
     ) -> AttnDims {
-        AttnDims { batch, seq, heads, kv_heads, head_dim, window, rope, bf16_operands: false }
+        AttnDims { batch, seq, heads, kv_heads, head_dim, window, rope, bf16_operands: false, self_extend: None }
     }
 
     /// q, k, v with entries uniform in ±`amp`.
@@ -581,6 +616,79 @@ mod tests {
             }
         }
         (out, lse, biggest)
+    }
+
+    /// Self-Extend straight from LongLM's formula: each (query, key) pair's positions from
+    /// `SelfExtend::positions`, each vector rotated at its own, then a softmax per row.
+    fn naive_self_extend(d: AttnDims, se: crate::op::SelfExtend, x: &[Vec<f64>]) -> Vec<f64> {
+        let base = d.rope.expect("RoPE");
+        let (s, hd, qw, kw) = (d.seq, d.head_dim, d.q_width(), d.kv_width());
+        let rot = |v: &[f64], pos: u64| -> Vec<f64> {
+            let half = hd / 2;
+            let mut y = v.to_vec();
+            for i in 0..half {
+                let th = pos as f64 * base.powf(-2.0 * i as f64 / hd as f64);
+                y[i] = v[i] * th.cos() - v[i + half] * th.sin();
+                y[i + half] = v[i] * th.sin() + v[i + half] * th.cos();
+            }
+            y
+        };
+        let mut out = vec![0.0; x[0].len()];
+        for bi in 0..d.batch {
+            for h in 0..d.heads {
+                let g = h / (d.heads / d.kv_heads);
+                for i in 0..s {
+                    let scores: Vec<f64> = (0..=i)
+                        .map(|j| {
+                            let (pq, pk) = se.positions(i as u64, j as u64);
+                            let qi = rot(&x[0][(bi * s + i) * qw + h * hd..][..hd], pq);
+                            let kj = rot(&x[1][(bi * s + j) * kw + g * hd..][..hd], pk);
+                            dot(&qi, &kj) / (hd as f64).sqrt()
+                        })
+                        .collect();
+                    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = scores.iter().map(|x| (x - m).exp()).sum();
+                    for (j, sc) in scores.iter().enumerate() {
+                        let p = (sc - m).exp() / z;
+                        for e in 0..hd {
+                            out[(bi * s + i) * qw + h * hd + e] += p * x[2][(bi * s + j) * kw + g * hd + e];
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn self_extend_positions_follow_longlm() {
+        let se = crate::op::SelfExtend { neighbours: 8, group: 3 };
+        // Within the neighbour window: the true positions.
+        assert_eq!(se.positions(20, 13), (20, 13));
+        // Beyond: the query at ⌊20/3⌋ + 8 − ⌊8/3⌋ = 12, the key at ⌊3/3⌋ = 1.
+        assert_eq!(se.positions(20, 12), (12, 4));
+        assert_eq!(se.positions(20, 3), (12, 1));
+        // Reach over a training length of 512: (512 − 8)·3 + 8.
+        assert_eq!(se.reach(512), 1520);
+    }
+
+    #[test]
+    fn self_extend_matches_the_formula_and_leaves_the_neighbours_alone() {
+        // 40 tokens, a neighbour window of 8 and groups of 3 (neither divides the other nor 40),
+        // GQA: every row past the window mixes true and grouped positions.
+        let d = dims(2, 40, 4, 2, 8, None, Some(10000.0));
+        let se = crate::op::SelfExtend { neighbours: 8, group: 3 };
+        let x = inputs(d, 17, 1.5);
+        let (got, _) = fwd(AttnDims { self_extend: Some((8, 3)), ..d }, &x);
+        let want = naive_self_extend(d, se, &x);
+        // f64 sums of at most 40 terms of size ~1: rounding far below 1e-12.
+        let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(err < 1e-12, "{err}");
+        // A neighbour window as long as the sequence changes nothing; a short one does.
+        let (plain, _) = fwd(d, &x);
+        let (wide, _) = fwd(AttnDims { self_extend: Some((40, 3)), ..d }, &x);
+        assert_eq!(plain, wide);
+        assert!(plain.iter().zip(&got).any(|(a, b)| (a - b).abs() > 1e-3));
     }
 
     #[test]

@@ -597,6 +597,11 @@ pub(crate) fn execute_with<T: Real>(
             emit(y);
             emit(h);
         }
+        Op::AttentionCache { attrs, .. } | Op::AttentionDecode { attrs, .. } if attrs.self_extend.is_some() => {
+            return fail(
+                "Self-Extend runs in the whole-sequence forward (the logits and score plans): caches hold keys rotated at their true positions",
+            );
+        }
         Op::AttentionCache { attrs, capacity } => {
             let (batch, seq, _) = seq_dims(ins[0]);
             let dims = AttnDims { batch, seq, ..attn_dims(attrs, ins[0]) };
@@ -724,6 +729,7 @@ fn attn_dims<T>(a: &crate::op::AttentionAttrs, q: &Tensor<T>) -> AttnDims {
         window: a.window.map(|w| w as usize),
         rope: a.rope,
         bf16_operands: false,
+        self_extend: a.self_extend.map(|s| (s.neighbours as usize, s.group as usize)),
     }
 }
 
@@ -928,7 +934,14 @@ mod tests {
             &[0, 1, 2, 3, 4, 5, 6, 7],
             &plain,
         );
-        let attrs = AttentionAttrs { heads: 4, kv_heads: 2, head_dim: 4, window: Some(3), rope: Some(10000.0) };
+        let attrs = AttentionAttrs {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 4,
+            window: Some(3),
+            rope: Some(10000.0),
+            self_extend: None,
+        };
         check(
             "attention",
             Op::Attention(attrs.clone()),

@@ -28,6 +28,38 @@ pub struct AttentionAttrs {
     pub window: Option<u64>,
     /// RoPE base; `None` is NoPE.
     pub rope: Option<f64>,
+    /// Self-Extend at inference (LongLM): keys within `neighbours` of a query at their true
+    /// relative positions, farther keys at grouped ones. Only full attention with RoPE, only on
+    /// the CPU reference's whole-sequence forward.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_extend: Option<SelfExtend>,
+}
+
+/// Self-Extend's settings: the neighbour window W and the group size G. A query at position q
+/// sees key k at distance q − k when that is below W; beyond, the query sits at
+/// ⌊q/G⌋ + W − ⌊W/G⌋ and the key at ⌊k/G⌋, so distances up to (L − W)·G + W map into a
+/// training length L.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SelfExtend {
+    pub neighbours: u64,
+    pub group: u64,
+}
+
+impl SelfExtend {
+    /// The positions (query, key) a query at `q` and a key at `k ≤ q` are rotated by.
+    pub fn positions(&self, q: u64, k: u64) -> (u64, u64) {
+        let (w, g) = (self.neighbours, self.group);
+        if q - k < w {
+            (q, k)
+        } else {
+            (q / g + w - w / g, k / g)
+        }
+    }
+
+    /// The longest distance it maps within a training length of `trained` tokens.
+    pub fn reach(&self, trained: u64) -> u64 {
+        trained.saturating_sub(self.neighbours) * self.group + self.neighbours
+    }
 }
 
 impl AttentionAttrs {

@@ -43,6 +43,14 @@ pub(crate) fn lower_step(e: &mut Emit, step: &Step) -> Result<(), LowerError> {
         Op::AddRmsNorm { eps } => norm::add_rms_norm(e, *eps, &ins, &outs),
         Op::RmsNormBackward { eps } => norm::rms_norm_backward(e, *eps, &ins, &outs, false),
         Op::RmsNormBackwardAdd { eps } => norm::rms_norm_backward(e, *eps, &ins, &outs, true),
+        Op::Attention(a)
+        | Op::AttentionBackward(a)
+        | Op::AttentionCache { attrs: a, .. }
+        | Op::AttentionDecode { attrs: a, .. }
+            if a.self_extend.is_some() =>
+        {
+            Err(LowerError("Self-Extend has no GPU kernel yet: it runs on the CPU reference".into()))
+        }
         Op::Attention(a) => attention::attention(e, a, &ins, &outs),
         Op::AttentionBackward(a) => attention::attention_backward(e, a, &ins, &outs),
         Op::AttentionCache { attrs, capacity } => attention::attention_cache(e, attrs, *capacity, &ins, &outs),
