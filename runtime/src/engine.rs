@@ -173,12 +173,29 @@ impl<'b> Engine<'b> {
         let decode = backend.program().plan("decode").map_err(|e| e.0)?.clone();
         let vocab = backend.program().vocab().ok_or("the model has no embedding table")?;
         let carried = state_names(&decode);
-        // Chunks need the staging row after the slots in the decode plan's states.
-        let staging = backend.plan_shape("decode").is_none_or(|(rows, _)| rows > slots);
-        let chunk = if backend.runs("chunk") && staging { DEFAULT_PREFILL_CHUNK } else { 0 };
         let slots = (0..slots).map(|_| None).collect();
         let queue = VecDeque::new();
-        Ok(Engine { backend, decode, carried, vocab, context, slots, queue, next_id: 0, chunk, staged: None })
+        let mut e =
+            Engine { backend, decode, carried, vocab, context, slots, queue, next_id: 0, chunk: 0, staged: None };
+        if e.can_chunk().is_ok() {
+            e.chunk = DEFAULT_PREFILL_CHUNK;
+        }
+        Ok(e)
+    }
+
+    /// Whether prompts can be prefilled in chunks: the backend runs the `chunk` plan and the
+    /// decode plan's states have the staging row after the slots.
+    fn can_chunk(&self) -> Result<(), String> {
+        if !self.backend.runs("chunk") {
+            return Err(format!("the {} backend cannot prefill in chunks (no `chunk` plan)", self.backend.name()));
+        }
+        match self.backend.plan_shape("decode") {
+            Some((rows, _)) if rows <= self.slots.len() => Err(format!(
+                "prefilling in chunks needs a staging row after the slots: the decode plan holds {rows} sequences, so serve at most {} slots",
+                rows.saturating_sub(1)
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Prefills at most `tokens` prompt tokens per step, between decode steps (0: each prompt
@@ -186,16 +203,8 @@ impl<'b> Engine<'b> {
     /// prefilled a chunk per step from the carried states (the `chunk` plan), so no prompt
     /// needs activations of its whole length.
     pub fn set_prefill_chunk(&mut self, tokens: usize) -> Result<(), String> {
-        if tokens > 0 && !self.backend.runs("chunk") {
-            return Err(format!("the {} backend cannot prefill in chunks (no `chunk` plan)", self.backend.name()));
-        }
-        if let Some(rows) =
-            self.backend.plan_shape("decode").map(|(r, _)| r).filter(|&r| tokens > 0 && r <= self.slots.len())
-        {
-            return Err(format!(
-                "prefilling in chunks needs a staging row after the slots: the decode plan holds {rows} sequences, so serve at most {} slots",
-                rows - 1
-            ));
+        if tokens > 0 {
+            self.can_chunk()?;
         }
         if self.staged.is_some() {
             return Err("a prompt is being prefilled in chunks".into());

@@ -130,8 +130,8 @@ pub fn tuning_stream(tok: &Tokenizer, length: usize, count: usize, seed: u64) ->
     for i in 0..count as u64 {
         let depth = crate::init::uniform(seed, "passkey-depth", i, 0);
         let e = example(tok, length, depth, &key(seed, i))?;
-        // Pad the prompt's start with fillers' worth of end-of-text so every example is
-        // `length` tokens and windows align with examples.
+        // End-of-text tokens before the prompt make every example `length` tokens, so windows
+        // align with examples.
         let pad = length - e.prompt.len() - e.answer.len();
         tokens.extend(std::iter::repeat_n(tok.eot(), pad));
         tokens.extend(&e.prompt);
