@@ -413,7 +413,10 @@ pub fn serve_on(
     context: Option<u64>,
 ) -> Result<(), String> {
     let run = open_run_for(run_dir, context)?;
-    let c = generation_config(&run.info, slots);
+    // One row more than the slots: the staging row where long prompts are prefilled in chunks
+    // between decode steps (the GPU runs plans at their built batch; the CPU at any).
+    let chunked = flags.prefill_chunk != Some(0);
+    let c = generation_config(&run.info, slots + usize::from(chunked));
     let context = run.info.max_context as usize;
     let vocab = run.program.vocab().ok_or("the model has no embedding table")?;
     let model = run.program.model.clone();
