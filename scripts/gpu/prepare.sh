@@ -69,7 +69,8 @@ ppl=scripts/gpu/ppl.toml
 if [ ! -f runs/ppl-tokenizer/tokenizer.json ]; then
   ./target/release/weft train --config "$ppl" --backend cpu --steps 0 --no-progress >/dev/null
 fi
-for s in samba-tiny llama-tiny; do build "specs/tiny/$s.weft" "$ppl" "ppl-$s"; done
+# mistral-tiny (SWA only, same size) is the passkey contrast: its window cannot reach a key far back.
+for s in samba-tiny llama-tiny mistral-tiny; do build "specs/tiny/$s.weft" "$ppl" "ppl-$s"; done
 cp runs/ppl-tokenizer/tokenizer.json "$out/tokenizer-sotu.json"
 mapfile -t files < <(ls "$split"/train/*.txt | sort)
 n=${#files[@]}

@@ -248,7 +248,7 @@ done
 # samba-tiny and llama-tiny trained at 512 tokens on the State of the Union addresses before
 # 1991, scored on those from 1991 on (each length over the same tokens); then the GPU's
 # numbers at 512 and 2K against the CPU reference's chunked scoring of the same windows.
-PPL=${PPL:-samba-tiny llama-tiny}
+PPL=${PPL:-samba-tiny llama-tiny mistral-tiny}
 [ "$PPL" = none ] && PPL=
 ppl_row() { awk -v l="$2" '$1 == l { printf "%s", $4 }' "$1"; }
 for s in $PPL; do
@@ -277,7 +277,7 @@ done
 # ---- passkey retrieval after tuning (appendix B at small scale) ----
 # A model of the perplexity runs tuned on generated passkey examples of 512 tokens (the loss on
 # the answer alone), then asked at 512 to 8K tokens, 11 depths x 5 keys of another seed.
-PASSKEY=${PASSKEY:-samba-tiny}
+PASSKEY=${PASSKEY:-samba-tiny mistral-tiny}
 [ "$PASSKEY" = none ] && PASSKEY=
 for s in $PASSKEY; do
   late "passkey $s" && continue
