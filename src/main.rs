@@ -113,6 +113,12 @@ enum Command {
         /// and schedule (fine-tuning); recorded in run.json.
         #[arg(long, value_name = "RUN")]
         init_from: Option<PathBuf>,
+        /// Data-parallel ranks, threads of this process (on the GPU, rank r on GPU r): each
+        /// step's train.grad_accum micro-batches are shared among them, so the data, the
+        /// checkpoints and (with one micro-batch a rank) the losses are those of one rank.
+        #[arg(long, alias = "gpus", value_name = "N", default_value_t = 1,
+              value_parser = clap::value_parser!(u64).range(1..=1024))]
+        ranks: u64,
     },
     /// Tokenize text files (each a document, followed by end-of-text) into a token shard.
     Shard {
@@ -360,7 +366,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 println!("wrote {} kernel snapshots to {}", snaps.len(), dir.display());
             }
         }
-        Command::Train { config, spec, steps, no_progress, f64, backend, accept_changes, init_from } => {
+        Command::Train { config, spec, steps, no_progress, f64, backend, accept_changes, init_from, ranks } => {
             let mut settings = load_config(&config)?;
             // The schedule keeps the length the file gives; --steps only trains more or less.
             settings.pin_schedule();
@@ -382,7 +388,8 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 (BackendArg::Cpu, _) => BackendChoice::Cpu,
                 (BackendArg::Gpu, _) => BackendChoice::Gpu,
             };
-            let start = weft::run::StartOptions { progress: !no_progress, accept_changes, init_from };
+            let start =
+                weft::run::StartOptions { progress: !no_progress, accept_changes, init_from, ranks: ranks as usize };
             let r = report(weft::run::train_on(&spec, &settings, &start, choice))?;
             let s = &r.summary;
             if s.first_step >= s.steps {

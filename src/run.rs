@@ -135,6 +135,20 @@ pub fn make_backend_with(
     }
 }
 
+/// The backend of data-parallel rank `rank`: the CPU reference, or the GPU of that ordinal
+/// with the program compiled for it; parameters from the run's seed (every rank's the same).
+fn rank_backend(program: &Program, c: &RunConfig, on_gpu: bool, rank: usize) -> Result<Box<dyn Backend>, String> {
+    use weft_runtime::cuda::{Gpu, GpuBackend};
+    if !on_gpu {
+        return Ok(Box::new(CpuBackend::new(program.clone(), c.train.seed)));
+    }
+    let gpu = Gpu::open(rank).map_err(|e| format!("rank {rank} needs GPU {rank}: {e}"))?;
+    let shapes = crate::build::Shapes::from_settings(c);
+    let (bundle, _) =
+        crate::build::build_bundle(program, &shapes, &crate::lower::cache::Cache::user()).map_err(|e| e.to_string())?;
+    Ok(Box::new(GpuBackend::new(gpu, bundle, c.train.seed).map_err(|e| e.0)?))
+}
+
 /// How a training run starts besides its settings.
 #[derive(Clone, Debug, Default)]
 pub struct StartOptions {
@@ -143,6 +157,8 @@ pub struct StartOptions {
     pub accept_changes: bool,
     /// Start from another run's newest parameters, with a fresh optimizer and schedule.
     pub init_from: Option<PathBuf>,
+    /// Data-parallel ranks (threads of this process; on the GPU, rank r on GPU r); 0 or 1: one.
+    pub ranks: usize,
 }
 
 /// Trains `spec` as the run settings say, on the CPU reference.
@@ -166,9 +182,21 @@ pub fn train_on(
     std::fs::create_dir_all(&out_dir).map_err(|e| format!("cannot create `{}`: {e}", out_dir.display()))?;
 
     // The backend first: a missing GPU is reported before any data is read.
-    let (mut backend, backend_name) = make_backend(program, c, choice)?;
+    let ranks = start.ranks.max(1);
+    if ranks > 1 && choice == BackendChoice::CpuF64 {
+        return Err("the f64 check mode runs one rank: leave out --ranks".into());
+    }
+    let program_copy = (ranks > 1).then(|| program.clone());
+    // With several ranks this one only tells where they run (each rank makes its own).
+    let (mut backend, mut backend_name) = make_backend(program, c, choice)?;
     if backend.name().starts_with("cpu") {
-        fits_in_memory(model, c, backend.name() == "cpu-f64")?;
+        fits_in_memory(model, c, backend.name() == "cpu-f64", ranks)?;
+    }
+    if ranks > 1 && c.train.grad_accum % ranks as u64 != 0 {
+        return Err(format!(
+            "{ranks} ranks share each step's train.grad_accum = {} micro-batches: make it a multiple of {ranks}",
+            c.train.grad_accum
+        ));
     }
     let data = load_data(c, model, &out_dir)?;
     let entropy = unigram_entropy(&data.train.iter().chain(&data.valid).copied().collect::<Vec<_>>());
@@ -198,7 +226,21 @@ pub fn train_on(
         init_from: start.init_from.clone(),
         tokenizer_json: data.json,
     };
-    let summary = train(backend.as_mut(), &train_w, &valid_w, &opts)?;
+    let summary = match program_copy {
+        None => train(backend.as_mut(), &train_w, &valid_w, &opts)?,
+        Some(program) => {
+            let on_gpu = !backend.name().starts_with("cpu");
+            drop(backend);
+            use weft_runtime::collective::Collective;
+            // Each rank's backend is made on its thread (on the GPU, each on its own device).
+            let summaries = weft_runtime::collective::run_ranks(ranks, |g| {
+                let mut own = rank_backend(&program, c, on_gpu, g.rank())?;
+                weft_runtime::train::train_ranked(own.as_mut(), &train_w, &valid_w, &opts, g)
+            })?;
+            backend_name = format!("{ranks} data-parallel ranks on {backend_name}");
+            summaries.into_iter().next().expect("rank 0")
+        }
+    };
     Ok(TrainReport {
         summary,
         out_dir,
@@ -209,17 +251,19 @@ pub fn train_on(
     })
 }
 
-/// Refuses a CPU run whose training step would not fit this machine's memory, with the numbers.
-fn fits_in_memory(model: &Model, c: &RunConfig, f64: bool) -> Result<(), String> {
+/// Refuses a CPU run whose training step would not fit this machine's memory, with the numbers
+/// (each of `ranks` data-parallel ranks holds a whole copy).
+fn fits_in_memory(model: &Model, c: &RunConfig, f64: bool, ranks: usize) -> Result<(), String> {
     let m = crate::analysis::memory_report(model, c.train.batch_size, c.train.seq_len)?;
-    let need = if f64 { 2 * m.cpu_bytes } else { m.cpu_bytes };
+    let need = if f64 { 2 * m.cpu_bytes } else { m.cpu_bytes } * ranks as u64;
     match weft_runtime::io::available_memory() {
         Some(avail) if need > avail => Err(format!(
-            "a training step of {} × {} tokens needs about {} on the CPU reference{} (activations {}, parameters and optimizer state {}), but this machine has {} available: lower train.batch_size or train.seq_len",
+            "a training step of {} × {} tokens needs about {} on the CPU reference{}{} (activations {}, parameters and optimizer state {}), but this machine has {} available: lower train.batch_size or train.seq_len",
             c.train.batch_size,
             c.train.seq_len,
             io::size(need),
             if f64 { " in f64" } else { "" },
+            if ranks > 1 { format!(" for {ranks} ranks") } else { String::new() },
             io::size(2 * m.train_peak_live_bytes * if f64 { 2 } else { 1 }),
             io::size((m.cpu_bytes - 2 * m.train_peak_live_bytes) * if f64 { 2 } else { 1 }),
             io::size(avail)

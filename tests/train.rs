@@ -689,3 +689,83 @@ fn passkey_tuning_scores_the_answer_alone() {
     assert!((reported - want).abs() < 1e-4 * want, "{reported} against {want}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Data-parallel ranks on the CPU: two ranks of one micro-batch each add the same numbers in the
+/// same order as one process accumulating two, so losses, gradient norms (clipping active) and
+/// every parameter and optimizer moment are bit-identical; a run resumes on another number of
+/// ranks; a rank count that does not divide the micro-batches is refused.
+#[test]
+fn two_ranks_train_bit_identically_to_one_accumulating_two() {
+    let dir = temp_dir("ranks");
+    let docs = write_corpus(&dir);
+    let clip = 0.05;
+    let make = |name: &str| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let cfg = config(&d, &docs, 6, 3, "byte");
+        let text =
+            std::fs::read_to_string(&cfg).unwrap().replace("lr = 3e-3\n", &format!("lr = 3e-3\ngrad_clip = {clip}\n"));
+        std::fs::write(&cfg, text).unwrap();
+        (cfg, d.join("run"))
+    };
+    let train = |cfg: &Path, extra: &[&str]| {
+        let out = weft()
+            .args(["train", "--no-progress", "--backend", "cpu", "--config"])
+            .arg(cfg)
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let with_norms = |run: &Path| -> Vec<String> {
+        let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        text.lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                assert!(v["grad_norm"].as_f64().unwrap() > clip, "clipping must act at every step: {l}");
+                format!("{} {} {} {}", v["step"], v["loss"], v["grad_norm"], v["eval_loss"])
+            })
+            .collect()
+    };
+    let latest = |run: &Path, file: &str| {
+        let step = std::fs::read_to_string(run.join("latest")).unwrap();
+        std::fs::read(run.join(step.trim()).join(file)).unwrap()
+    };
+
+    let (one, one_run) = make("one");
+    let (code, _, err) = train(&one, &[]);
+    assert_eq!(code, Some(0), "{err}");
+    let (two, two_run) = make("two");
+    let (code, stdout, err) = train(&two, &["--ranks", "2"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(stdout.contains("2 data-parallel ranks"), "{stdout}");
+    assert_eq!(with_norms(&two_run), with_norms(&one_run));
+    assert_eq!(with_norms(&one_run).len(), 6);
+    for f in ["params.safetensors", "optimizer.safetensors"] {
+        assert!(latest(&two_run, f) == latest(&one_run, f), "{f} differs between one rank and two");
+    }
+
+    // Two ranks to the checkpoint at step 3, then one rank on to step 6: the same run.
+    let (mixed, mixed_run) = make("mixed");
+    let (code, _, err) = train(&mixed, &["--ranks", "2", "--steps", "3"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = train(&mixed, &[]);
+    assert_eq!(code, Some(0), "{err}");
+    // (The first invocation also evaluated at its last step, 3.)
+    let trained = |run: &Path| -> Vec<String> {
+        with_norms(run).iter().map(|l| l.rsplit_once(' ').unwrap().0.to_string()).collect()
+    };
+    assert_eq!(trained(&mixed_run), trained(&one_run));
+    for f in ["params.safetensors", "optimizer.safetensors"] {
+        assert!(latest(&mixed_run, f) == latest(&one_run, f), "{f} differs after resuming on one rank");
+    }
+
+    let (code, _, err) = train(&mixed, &["--gpus", "3", "--steps", "8"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("3 ranks share each step's train.grad_accum = 2"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -81,6 +81,30 @@ pub trait Backend {
     fn plan_shape(&self, _name: &str) -> Option<(usize, usize)> {
         None
     }
+    /// Sums the gradient accumulators (`grad_acc:*`) over the ranks of `group`, in rank order:
+    /// after it every rank holds the whole step's gradients. Through the host, one bucket of
+    /// every accumulator end to end.
+    fn all_reduce_grads(&mut self, group: &dyn crate::collective::Collective) -> Result<(), String> {
+        if group.world() == 1 {
+            return Ok(());
+        }
+        let names: Vec<String> =
+            self.program().states.iter().map(|s| s.name.clone()).filter(|n| n.starts_with("grad_acc:")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut tensors = self.read(&refs)?;
+        let mut bucket = Vec::new();
+        for t in tensors.values() {
+            bucket.extend_from_slice(t.reals().ok_or("a gradient accumulator holds integers")?);
+        }
+        group.all_reduce_f32(&mut bucket)?;
+        let mut at = 0;
+        for t in tensors.values_mut() {
+            let r = t.reals_mut().expect("read as reals above");
+            r.copy_from_slice(&bucket[at..at + r.len()]);
+            at += r.len();
+        }
+        self.write(tensors)
+    }
     /// Copies of the persistent tensors named.
     fn read(&self, names: &[&str]) -> Result<BTreeMap<String, Tensor<f32>>, String>;
     /// Replaces persistent tensors (shapes must match the program).

@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod bundle;
 pub mod checkpoint;
+pub mod collective;
 pub mod cpu;
 pub mod cuda;
 pub mod data;

@@ -275,12 +275,15 @@ fn append(file: &mut std::fs::File, r: &Record) -> Result<(), String> {
 
 /// The step to start from: the newest checkpoint's (its tensors written into the backend) if
 /// the run directory has one and it is the same run, else 0 (from another run's parameters with
-/// `init_from`). Writes `run.json`.
-fn start(backend: &mut dyn Backend, o: &TrainOptions) -> Result<u64, String> {
+/// `init_from`). Writes `run.json` when `write` (rank 0 of a data-parallel run).
+fn start(backend: &mut dyn Backend, o: &TrainOptions, write: bool) -> Result<u64, String> {
     let program = backend.program().clone();
     let mut info = o.run.clone();
     let previous = RunInfo::read(&o.out_dir)?;
     let keep_tokenizer = |info: &RunInfo| -> Result<(), String> {
+        if !write {
+            return Ok(());
+        }
         if let Some(json) = &o.tokenizer_json {
             crate::checkpoint::write_atomic(&o.out_dir.join(&info.tokenizer), json.as_bytes()).map_err(|e| e.0)?;
         }
@@ -315,7 +318,9 @@ fn start(backend: &mut dyn Backend, o: &TrainOptions) -> Result<u64, String> {
                     o.out_dir.display()
                 ));
             }
-            eprintln!("warning: resuming `{}` with changes: {}", o.out_dir.display(), changes.join("; "));
+            if write {
+                eprintln!("warning: resuming `{}` with changes: {}", o.out_dir.display(), changes.join("; "));
+            }
             if let Some(p) = &previous {
                 info.accepted_changes = p.accepted_changes.clone();
                 info.init_from = p.init_from.clone();
@@ -328,7 +333,7 @@ fn start(backend: &mut dyn Backend, o: &TrainOptions) -> Result<u64, String> {
         let (state, tensors) = checkpoint::load(&ckpt, &program).map_err(|e| e.0)?;
         backend.write(tensors)?;
         keep_tokenizer(&info)?;
-        if o.init_from.is_some() {
+        if o.init_from.is_some() && write {
             eprintln!("note: --init-from is ignored: `{}` resumes from its own checkpoint", o.out_dir.display());
         }
         return Ok(state.step);
@@ -346,7 +351,13 @@ fn start(backend: &mut dyn Backend, o: &TrainOptions) -> Result<u64, String> {
             step: state.step,
             spec_hash: state.spec_hash.clone(),
         });
-        eprintln!("starting from the parameters of `{}` (step {}), with a fresh optimizer", ckpt.display(), state.step);
+        if write {
+            eprintln!(
+                "starting from the parameters of `{}` (step {}), with a fresh optimizer",
+                ckpt.display(),
+                state.step
+            );
+        }
     }
     keep_tokenizer(&info)?;
     Ok(0)
@@ -355,23 +366,54 @@ fn start(backend: &mut dyn Backend, o: &TrainOptions) -> Result<u64, String> {
 /// Trains until `steps` optimizer steps are done, resuming from the newest checkpoint in
 /// `out_dir` if there is one (and it is the same run: see [`crate::run`]).
 pub fn train(backend: &mut dyn Backend, train: &Windows, valid: &Windows, o: &TrainOptions) -> Result<Summary, String> {
-    std::fs::create_dir_all(&o.out_dir).map_err(|e| format!("cannot create `{}`: {e}", o.out_dir.display()))?;
-    let program = backend.program().clone();
-    let first_step = start(backend, o)?;
-    let mut history = truncate_metrics(&o.out_dir, first_step)?;
-    let mut metrics = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(metrics_path(&o.out_dir))
-        .map_err(|e| format!("cannot open metrics: {e}"))?;
+    train_ranked(backend, train, valid, o, &crate::collective::Solo)
+}
 
-    let bar = if o.progress { ProgressBar::new(o.steps) } else { ProgressBar::hidden() };
+/// [`train`] as one rank of a data-parallel group: the step's `grad_accum` micro-batches are
+/// shared out among the ranks in order (rank r takes the r-th share, so the data each step reads
+/// is the same whatever the number of ranks), the ranks' gradients and losses are summed in rank
+/// order, and every rank takes the same optimizer step. Rank 0 alone writes the run directory
+/// (run.json, metrics, checkpoints), evaluates and reports. One micro-batch per rank gives
+/// losses and parameters bit-identical to one process accumulating them all.
+pub fn train_ranked(
+    backend: &mut dyn Backend,
+    train: &Windows,
+    valid: &Windows,
+    o: &TrainOptions,
+    group: &dyn crate::collective::Collective,
+) -> Result<Summary, String> {
+    let (rank, world) = (group.rank(), group.world());
+    let lead = rank == 0;
+    let (batch_size, seq_len, grad_accum, seed) = (o.batch_size(), o.seq_len(), o.grad_accum(), o.seed());
+    if world == 0 || grad_accum % world != 0 {
+        return Err(format!(
+            "{world} ranks cannot share {grad_accum} micro-batches per step: make train.grad_accum a multiple of the number of ranks"
+        ));
+    }
+    let share = grad_accum / world;
+    if lead {
+        std::fs::create_dir_all(&o.out_dir).map_err(|e| format!("cannot create `{}`: {e}", o.out_dir.display()))?;
+    }
+    let program = backend.program().clone();
+    let first_step = start(backend, o, lead)?;
+    let mut history = if lead { truncate_metrics(&o.out_dir, first_step)? } else { Vec::new() };
+    let mut metrics = match lead {
+        true => Some(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(metrics_path(&o.out_dir))
+                .map_err(|e| format!("cannot open metrics: {e}"))?,
+        ),
+        false => None,
+    };
+
+    let bar = if o.progress && lead { ProgressBar::new(o.steps) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_position(first_step);
-    let (batch_size, seq_len, grad_accum, seed) = (o.batch_size(), o.seq_len(), o.grad_accum(), o.seed());
     let tokens_per_step = (batch_size * seq_len * grad_accum) as f64;
     let started = Instant::now();
     let mut last =
@@ -380,7 +422,7 @@ pub fn train(backend: &mut dyn Backend, train: &Windows, valid: &Windows, o: &Tr
     for step in first_step..o.steps {
         let t0 = Instant::now();
         let mut loss = 0.0;
-        for micro in 0..grad_accum {
+        for micro in rank * share..(rank + 1) * share {
             let first = (step * grad_accum as u64 + micro as u64) * batch_size as u64;
             let (x, y) = train.batch(seed, first, batch_size);
             let mut inputs = batch_inputs(x, y, batch_size, seq_len);
@@ -388,12 +430,20 @@ pub fn train(backend: &mut dyn Backend, train: &Windows, valid: &Windows, o: &Tr
             let out = backend.run("train_step", inputs)?;
             loss += scalar(&out, "loss")? / grad_accum as f64;
         }
+        if world > 1 {
+            backend.all_reduce_grads(group)?;
+            let mut l = [loss];
+            group.all_reduce_f64(&mut l)?;
+            loss = l[0];
+        }
         if !loss.is_finite() {
             return Err(format!("the loss is {loss} at step {}: training diverged", step + 1));
         }
         let out = backend.run("optimizer_step", vec![("step".into(), Tensor::ints(vec![], vec![step as i32]))])?;
         let tps = tokens_per_step / t0.elapsed().as_secs_f64().max(1e-9);
         let done = step + 1;
+        last.final_loss = Some(loss);
+        let Some(metrics) = metrics.as_mut() else { continue };
         let mut r = Record {
             step: done,
             loss: Some(loss),
@@ -409,9 +459,8 @@ pub fn train(backend: &mut dyn Backend, train: &Windows, valid: &Windows, o: &Tr
             r.eval_ppl = Some(e.exp());
             last.eval_loss = Some(e);
         }
-        append(&mut metrics, &r)?;
+        append(metrics, &r)?;
         history.push(r.clone());
-        last.final_loss = Some(loss);
         bar.set_position(done);
         bar.set_message(match r.eval_loss {
             Some(e) => format!("loss {loss:.3}  eval {e:.3}  {tps:.0} tok/s"),

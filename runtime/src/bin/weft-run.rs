@@ -100,6 +100,12 @@ enum Command {
         /// usable).
         #[arg(long, value_enum, default_value = "gpu")]
         backend: BackendArg,
+        /// Data-parallel ranks, threads of this process (on the GPU, rank r on GPU r): each
+        /// step's micro-batches are shared among them, gradients summed in rank order, so the
+        /// data and checkpoints (and, with one micro-batch a rank, the losses) are one rank's.
+        #[arg(long, alias = "gpus", value_name = "N", default_value_t = 1,
+              value_parser = clap::value_parser!(u64).range(1..=1024))]
+        ranks: u64,
     },
     /// Generate text from the newest checkpoint of a run directory with a bundle of its model
     /// (built from the spec and settings the run records).
@@ -313,8 +319,10 @@ fn run(command: Command) -> Result<bool, String> {
             init_from,
             passkey,
             backend,
+            ranks,
         } => {
-            use weft_runtime::train::{shard_run, train, ShardRun};
+            use weft_runtime::collective::Collective;
+            use weft_runtime::train::{shard_run, train_ranked, ShardRun};
             // Everything is checked before the GPU is touched.
             let bundle = Bundle::read(&path).map_err(|e| e.0)?;
             let run = ShardRun {
@@ -335,23 +343,45 @@ fn run(command: Command) -> Result<bool, String> {
             let (opts, train_w, valid_w) = shard_run(&bundle, &run).map_err(|e| format!("{}: {e}", path.display()))?;
             let settings = opts.run.settings.clone();
             let shape = bundle.plans.get("train_step").ok_or("the bundle has no training step")?.0;
-            let gpu = match backend {
-                BackendArg::Gpu => Some(Gpu::open(0).map_err(|e| format!("no usable GPU: {}", e.0))?),
-                BackendArg::Auto => Gpu::open(0).ok(),
-                BackendArg::Cpu => None,
-            };
-            let (mut be, place): (Box<dyn Backend>, String) = match gpu {
-                Some(gpu) => {
-                    let name = gpu.name.clone();
-                    (Box::new(GpuBackend::new(gpu, bundle.clone(), settings.seed).map_err(|e| e.0)?), name)
+            let ranks = ranks as usize;
+            if settings.grad_accum % ranks as u64 != 0 {
+                return Err(format!(
+                    "{ranks} ranks share each step's {} micro-batches (the bundle's grad_accum): build it with a multiple of {ranks}",
+                    settings.grad_accum
+                ));
+            }
+            let on_gpu = match backend {
+                BackendArg::Gpu => {
+                    Gpu::open(ranks - 1)
+                        .map_err(|e| format!("no usable GPU {} for {ranks} ranks: {}", ranks - 1, e.0))?;
+                    true
                 }
-                None => (Box::new(CpuBackend::new(bundle.program.clone(), settings.seed)), "the CPU reference".into()),
+                BackendArg::Auto => Gpu::open(ranks - 1).is_ok(),
+                BackendArg::Cpu => false,
             };
-            println!(
-                "training {} on {place} ({} x {} tokens per micro-batch, {} micro-batches per step)",
-                bundle.program.model, shape.batch, shape.seq, settings.grad_accum
-            );
-            let s = train(be.as_mut(), &train_w, &valid_w, &opts)?;
+            // Each rank's backend is made on its own thread (rank r on GPU r).
+            let make = |rank: usize| -> Result<(Box<dyn Backend>, String), String> {
+                if !on_gpu {
+                    let be = CpuBackend::new(bundle.program.clone(), settings.seed);
+                    return Ok((Box::new(be), "the CPU reference".into()));
+                }
+                let gpu = Gpu::open(rank).map_err(|e| format!("GPU {rank}: {}", e.0))?;
+                let name = gpu.name.clone();
+                Ok((Box::new(GpuBackend::new(gpu, bundle.clone(), settings.seed).map_err(|e| e.0)?), name))
+            };
+            let per_rank = settings.grad_accum as usize / ranks;
+            let summaries = weft_runtime::collective::run_ranks(ranks, |g| {
+                let (mut be, place) = make(g.rank())?;
+                if g.rank() == 0 {
+                    let how = if ranks > 1 { format!(", {ranks} ranks of {per_rank} each") } else { String::new() };
+                    println!(
+                        "training {} on {place} ({} x {} tokens per micro-batch, {} micro-batches per step{how})",
+                        bundle.program.model, shape.batch, shape.seq, settings.grad_accum
+                    );
+                }
+                train_ranked(be.as_mut(), &train_w, &valid_w, &opts, g)
+            })?;
+            let s = summaries.into_iter().next().expect("rank 0");
             println!(
                 "final training loss {:.4}, held-out loss {:.4}, {:.0} tokens/s",
                 s.final_loss.unwrap_or(f64::NAN),

@@ -1,0 +1,242 @@
+//! Collectives between the ranks of a data-parallel run: each rank trains on its share of every
+//! step's micro-batches, and the ranks' gradients are summed before each holds the same update.
+//!
+//! Sums run in rank order (rank 0's values, plus rank 1's, ...), starting from zero, so a run of
+//! N ranks each with one micro-batch adds the very numbers, in the very order, that one process
+//! accumulating N micro-batches adds: their losses and parameters are bit-identical.
+//!
+//! [`Solo`] is a world of one. [`LocalGroup`] joins ranks that are threads of one process (the
+//! CPU reference's ranks, and GPUs of one host through the host): every rank deposits its buffer,
+//! waits for the others, and sums all of them itself. A rank that fails aborts the group, and
+//! every rank waiting in it returns that error instead of waiting for ever.
+
+use std::any::Any;
+use std::sync::{Arc, Condvar, Mutex};
+
+/// One rank's view of its group.
+pub trait Collective: Send + Sync {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// Replaces `buf` on every rank by the sum over ranks of their `buf`s, added in rank order.
+    fn all_reduce_f32(&self, buf: &mut [f32]) -> Result<(), String>;
+    /// As [`Collective::all_reduce_f32`], for host values (losses).
+    fn all_reduce_f64(&self, buf: &mut [f64]) -> Result<(), String>;
+    /// Tells every rank of the group that this one failed with `why`: their collectives return
+    /// an error from then on.
+    fn abort(&self, why: &str);
+}
+
+/// A world of one rank: every collective leaves its buffer as it is.
+pub struct Solo;
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn all_reduce_f32(&self, _: &mut [f32]) -> Result<(), String> {
+        Ok(())
+    }
+    fn all_reduce_f64(&self, _: &mut [f64]) -> Result<(), String> {
+        Ok(())
+    }
+    fn abort(&self, _: &str) {}
+}
+
+/// What the ranks of a [`LocalGroup`] share.
+struct Shared {
+    world: usize,
+    state: Mutex<State>,
+    turn: Condvar,
+}
+
+struct State {
+    /// Ranks at the barrier in the current generation.
+    arrived: usize,
+    /// Counts the barriers passed: a rank waits until it changes.
+    generation: u64,
+    /// Each rank's buffer of the collective under way.
+    deposits: Vec<Option<Box<dyn Any + Send>>>,
+    aborted: Option<String>,
+}
+
+/// A rank of a group whose ranks are threads of this process.
+pub struct LocalGroup {
+    rank: usize,
+    shared: Arc<Shared>,
+}
+
+impl LocalGroup {
+    /// The `world` ranks of a new group, rank 0 first: hand one to each thread.
+    pub fn new(world: usize) -> Vec<LocalGroup> {
+        let state = State { arrived: 0, generation: 0, deposits: (0..world).map(|_| None).collect(), aborted: None };
+        let shared = Arc::new(Shared { world, state: Mutex::new(state), turn: Condvar::new() });
+        (0..world).map(|rank| LocalGroup { rank, shared: shared.clone() }).collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A rank that panicked while holding the lock left nothing half-written that matters:
+        // the group is aborted below by its guard.
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until every rank has arrived (or the group is aborted).
+    fn barrier<'a>(
+        &'a self,
+        mut s: std::sync::MutexGuard<'a, State>,
+    ) -> Result<std::sync::MutexGuard<'a, State>, String> {
+        if let Some(why) = &s.aborted {
+            return Err(why.clone());
+        }
+        s.arrived += 1;
+        if s.arrived == self.shared.world {
+            s.arrived = 0;
+            s.generation += 1;
+            self.shared.turn.notify_all();
+            return Ok(s);
+        }
+        let generation = s.generation;
+        while s.generation == generation {
+            if let Some(why) = &s.aborted {
+                return Err(why.clone());
+            }
+            s = self.shared.turn.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        Ok(s)
+    }
+
+    fn all_reduce<T>(&self, buf: &mut [T]) -> Result<(), String>
+    where
+        T: Copy + Default + std::ops::Add<Output = T> + Send + 'static,
+    {
+        let mut s = self.lock();
+        s.deposits[self.rank] = Some(Box::new(buf.to_vec()));
+        s = self.barrier(s)?;
+        let mut sum = vec![T::default(); buf.len()];
+        for (r, d) in s.deposits.iter().enumerate() {
+            let d = d
+                .as_ref()
+                .and_then(|d| d.downcast_ref::<Vec<T>>())
+                .ok_or_else(|| format!("rank {r} reduced a buffer of another type than rank {}'s", self.rank))?;
+            if d.len() != buf.len() {
+                let why = format!("rank {r} reduced {} values and rank {} {}", d.len(), self.rank, buf.len());
+                drop(s);
+                self.abort(&why);
+                return Err(why);
+            }
+            for (a, &b) in sum.iter_mut().zip(d) {
+                *a = *a + b;
+            }
+        }
+        // Every rank has read every deposit before any rank's next collective replaces its own.
+        s = self.barrier(s)?;
+        s.deposits[self.rank] = None;
+        buf.copy_from_slice(&sum);
+        Ok(())
+    }
+}
+
+impl Collective for LocalGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.shared.world
+    }
+    fn all_reduce_f32(&self, buf: &mut [f32]) -> Result<(), String> {
+        self.all_reduce(buf)
+    }
+    fn all_reduce_f64(&self, buf: &mut [f64]) -> Result<(), String> {
+        self.all_reduce(buf)
+    }
+    fn abort(&self, why: &str) {
+        let mut s = self.lock();
+        if s.aborted.is_none() {
+            s.aborted = Some(format!("rank {} failed: {why}", self.rank));
+        }
+        self.shared.turn.notify_all();
+    }
+}
+
+/// Runs `f` on each rank of a new [`LocalGroup`] of `world` threads; a rank that fails or
+/// panics aborts the others. Every rank's result by rank, or the first failure (`rank r failed:
+/// why`).
+pub fn run_ranks<T: Send>(world: usize, f: impl Fn(&LocalGroup) -> Result<T, String> + Sync) -> Result<Vec<T>, String> {
+    let groups = LocalGroup::new(world);
+    let results: Vec<Result<T, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = groups
+            .iter()
+            .map(|g| {
+                let f = &f;
+                s.spawn(move || {
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(g)))
+                        .unwrap_or_else(|_| Err("it panicked".to_string()));
+                    if let Err(e) = &r {
+                        g.abort(e);
+                    }
+                    r
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("its thread was lost".into()))).collect()
+    });
+    if let Some(why) = groups.first().and_then(|g| g.lock().aborted.clone()) {
+        return Err(why);
+    }
+    results.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_in_rank_order_from_zero() {
+        // 1e8 + 1 − 1e8 in f32 depends on the order: (1e8 + 1) rounds the 1 away.
+        let values = [1e8f32, 1.0, -1e8];
+        let out = run_ranks(3, |g| {
+            let mut b = vec![values[g.rank()], 2.0 * g.rank() as f32];
+            for _ in 0..3 {
+                g.all_reduce_f32(&mut b)?;
+                b = vec![values[g.rank()], 2.0 * g.rank() as f32];
+            }
+            g.all_reduce_f32(&mut b)?;
+            Ok(b)
+        });
+        let want = vec![((0.0f32 + 1e8) + 1.0) + -1e8, 6.0];
+        assert_eq!(
+            (want[0], (1e8f32 + -1e8) + 1.0),
+            (0.0, 1.0),
+            "the order must matter for this check to mean anything"
+        );
+        for r in out.unwrap() {
+            assert_eq!(r, want);
+        }
+    }
+
+    #[test]
+    fn a_failing_rank_releases_the_others() {
+        let out = run_ranks(3, |g| -> Result<(), String> {
+            if g.rank() == 2 {
+                return Err("out of data".into());
+            }
+            let mut b = [g.rank() as f64];
+            loop {
+                g.all_reduce_f64(&mut b)?;
+            }
+        });
+        assert_eq!(out, Err("rank 2 failed: out of data".to_string()));
+    }
+
+    #[test]
+    fn mismatched_buffers_are_an_error_on_every_rank() {
+        let out = run_ranks(2, |g| {
+            let mut b = vec![1.0f32; 3 + g.rank()];
+            g.all_reduce_f32(&mut b)
+        });
+        let e = out.unwrap_err();
+        assert!(e.contains("reduced 4 values") || e.contains("reduced 3 values"), "{e}");
+    }
+}
