@@ -233,9 +233,13 @@ pub fn train_on(
             drop(backend);
             use weft_runtime::collective::Collective;
             // Each rank's backend is made on its thread (on the GPU, each on its own device).
+            // GPUs sum gradients through NCCL, the CPU's ranks through the host.
+            let nccl = if on_gpu { Some(weft_runtime::cuda::nccl::NcclId::new()?) } else { None };
             let summaries = weft_runtime::collective::run_ranks(ranks, |g| {
                 let mut own = rank_backend(&program, c, on_gpu, g.rank())?;
-                weft_runtime::train::train_ranked(own.as_mut(), &train_w, &valid_w, &opts, g)
+                weft_runtime::cuda::nccl::with_group(g, nccl, |group| {
+                    weft_runtime::train::train_ranked(own.as_mut(), &train_w, &valid_w, &opts, group)
+                })
             })?;
             backend_name = format!("{ranks} data-parallel ranks on {backend_name}");
             summaries.into_iter().next().expect("rank 0")

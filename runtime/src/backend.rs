@@ -82,33 +82,45 @@ pub trait Backend {
         None
     }
     /// Sums the gradient accumulators (`grad_acc:*`) over the ranks of `group`, in rank order:
-    /// after it every rank holds the whole step's gradients. Through the host, one bucket of
-    /// every accumulator end to end.
+    /// after it every rank holds the whole step's gradients. Here through the host, one bucket
+    /// of every accumulator end to end.
     fn all_reduce_grads(&mut self, group: &dyn crate::collective::Collective) -> Result<(), String> {
-        if group.world() == 1 {
-            return Ok(());
-        }
-        let names: Vec<String> =
-            self.program().states.iter().map(|s| s.name.clone()).filter(|n| n.starts_with("grad_acc:")).collect();
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        let mut tensors = self.read(&refs)?;
-        let mut bucket = Vec::new();
-        for t in tensors.values() {
-            bucket.extend_from_slice(t.reals().ok_or("a gradient accumulator holds integers")?);
-        }
-        group.all_reduce_f32(&mut bucket)?;
-        let mut at = 0;
-        for t in tensors.values_mut() {
-            let r = t.reals_mut().expect("read as reals above");
-            r.copy_from_slice(&bucket[at..at + r.len()]);
-            at += r.len();
-        }
-        self.write(tensors)
+        all_reduce_grads_through_host(self, group)
     }
     /// Copies of the persistent tensors named.
     fn read(&self, names: &[&str]) -> Result<BTreeMap<String, Tensor<f32>>, String>;
     /// Replaces persistent tensors (shapes must match the program).
     fn write(&mut self, tensors: BTreeMap<String, Tensor<f32>>) -> Result<(), String>;
+}
+
+/// The gradient accumulators' names.
+pub fn accumulator_names(program: &Program) -> Vec<String> {
+    program.states.iter().map(|s| s.name.clone()).filter(|n| n.starts_with("grad_acc:")).collect()
+}
+
+/// [`Backend::all_reduce_grads`] through host memory (nothing to do for a world of one).
+pub fn all_reduce_grads_through_host<B: Backend + ?Sized>(
+    backend: &mut B,
+    group: &dyn crate::collective::Collective,
+) -> Result<(), String> {
+    if group.world() == 1 {
+        return Ok(());
+    }
+    let names = accumulator_names(backend.program());
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut tensors = backend.read(&refs)?;
+    let mut bucket = Vec::new();
+    for t in tensors.values() {
+        bucket.extend_from_slice(t.reals().ok_or("a gradient accumulator holds integers")?);
+    }
+    group.all_reduce_f32(&mut bucket)?;
+    let mut at = 0;
+    for t in tensors.values_mut() {
+        let r = t.reals_mut().expect("read as reals above");
+        r.copy_from_slice(&bucket[at..at + r.len()]);
+        at += r.len();
+    }
+    backend.write(tensors)
 }
 
 /// The persistent tensors of the CPU backend, in f32 (the reference) or f64 (check mode).

@@ -24,6 +24,12 @@ pub trait Collective: Send + Sync {
     /// Tells every rank of the group that this one failed with `why`: their collectives return
     /// an error from then on.
     fn abort(&self, why: &str);
+    /// Sums `count` f32 at each device address of `buffers` over the ranks, in place, on
+    /// `stream` (a CUDA stream of this rank's GPU), and waits for it; None where the group has
+    /// no path between devices (the sums then go through the host).
+    fn all_reduce_device_f32(&self, _buffers: &[(u64, usize)], _stream: usize) -> Option<Result<(), String>> {
+        None
+    }
 }
 
 /// A world of one rank: every collective leaves its buffer as it is.

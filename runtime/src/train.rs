@@ -430,12 +430,11 @@ pub fn train_ranked(
             let out = backend.run("train_step", inputs)?;
             loss += scalar(&out, "loss")? / grad_accum as f64;
         }
-        if world > 1 {
-            backend.all_reduce_grads(group)?;
-            let mut l = [loss];
-            group.all_reduce_f64(&mut l)?;
-            loss = l[0];
-        }
+        // (A world of one too: NCCL's path runs on one GPU as on several.)
+        backend.all_reduce_grads(group)?;
+        let mut l = [loss];
+        group.all_reduce_f64(&mut l)?;
+        loss = l[0];
         if !loss.is_finite() {
             return Err(format!("the loss is {loss} at step {}: training diverged", step + 1));
         }

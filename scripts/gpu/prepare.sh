@@ -71,6 +71,8 @@ if [ ! -f runs/ppl-tokenizer/tokenizer.json ]; then
 fi
 # mistral-tiny (SWA only, same size) is the passkey contrast: its window cannot reach a key far back.
 for s in samba-tiny llama-tiny mistral-tiny; do build "specs/tiny/$s.weft" "$ppl" "ppl-$s"; done
+# Data-parallel training: samba-tiny at two micro-batches per step (one GPU or two).
+build specs/tiny/samba-tiny.weft scripts/gpu/dp.toml dp-samba-tiny
 cp runs/ppl-tokenizer/tokenizer.json "$out/tokenizer-sotu.json"
 mapfile -t files < <(ls "$split"/train/*.txt | sort)
 n=${#files[@]}

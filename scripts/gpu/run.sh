@@ -7,7 +7,8 @@
 # skips the engine and server checks (WHEELS: a folder with the openai client), LOAD (bundle
 # names served under the load generator, or "none"), PPL (tiny specs trained and scored for
 # perplexity against context length, or "none"), PASSKEY (of those, tuned and asked for
-# passkeys, or "none"); logs go to $OUT when it is set.
+# passkeys, or "none"), DP=0 skips data-parallel training through NCCL; logs go to $OUT when it
+# is set.
 set -uo pipefail
 cd "$(dirname "$0")"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -15,6 +16,9 @@ SP=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/nu
 LT=$(find $SP -name 'libcublasLt.so.13*' 2>/dev/null | head -1)
 [ -z "$LT" ] && LT=$(find / -xdev -name 'libcublasLt.so.13*' 2>/dev/null | head -1)
 export LD_LIBRARY_PATH="$(dirname "$LT")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# libnccl from NVIDIA's PyPI wheel, for data-parallel training.
+NL=$(find $SP -path '*nvidia/nccl/lib/libnccl.so*' 2>/dev/null | head -1)
+[ -n "$NL" ] && export LD_LIBRARY_PATH="$(dirname "$NL"):$LD_LIBRARY_PATH"
 summary=()
 note() { summary+=("$1"); }
 # A call has a time limit: parts that would start after DEADLINE seconds are skipped (and said),
@@ -243,6 +247,34 @@ for b in $LOAD; do
   kill -INT $spid; wait $spid
   note "serve $b: SIGINT -> exit $?; $(grep -c . "serve-$b.log") lines of log"
 done
+
+# ---- data-parallel training through NCCL ----
+# One GPU accumulating both micro-batches of a step against NCCL ranks taking one each: a world
+# of one (the same code path on one GPU), and two ranks where the machine has two GPUs.
+DP=${DP:-1}
+if [ "$DP" != 0 ] && ! late "data-parallel"; then
+  ngpu=$(nvidia-smi -L | wc -l)
+  DPT=(./weft-run train dp-samba-tiny.bundle --train sotu-train.tokens --valid sotu-valid.tokens --tokenizer tokenizer-sotu.json
+    --steps "${DP_STEPS:-30}" --log-every 10 --eval-every 0)
+  rm -rf dp-one dp-nccl1 dp-nccl2
+  echo "=== data-parallel: one process accumulating 2 micro-batches, then NCCL ranks"
+  "${DPT[@]}" --out dp-one 2>&1 | tee dp-one.log
+  "${DPT[@]}" --out dp-nccl1 --ranks 1 2>&1 | tee dp-nccl1.log
+  tps() { grep -o 'final training loss.*' "$1" | grep -o '[0-9]* tokens/s'; }
+  if [ "$(losses dp-one | wc -l)" -gt 0 ] && cmp -s <(losses dp-one) <(losses dp-nccl1); then
+    note "dp: a world of one through NCCL: losses bit-identical to one process ($(losses dp-one | tail -1)); $(tps dp-one.log) vs $(tps dp-nccl1.log)"
+  else
+    note "dp: a world of one through NCCL: FAIL (see dp-one.log, dp-nccl1.log)"
+  fi
+  if [ "$ngpu" -ge 2 ]; then
+    "${DPT[@]}" --out dp-nccl2 --ranks 2 2>&1 | tee dp-nccl2.log
+    if cmp -s <(losses dp-one) <(losses dp-nccl2); then
+      note "dp: 2 GPUs through NCCL: losses bit-identical to one accumulating 2; $(tps dp-nccl2.log) against $(tps dp-one.log)"
+    else
+      note "dp: 2 GPUs through NCCL: losses differ from one accumulating 2 (see dp-nccl2.log): $(losses dp-nccl2 | tail -1) vs $(losses dp-one | tail -1)"
+    fi
+  fi
+fi
 
 # ---- perplexity against context length (the paper's Table 3 at small scale) ----
 # samba-tiny and llama-tiny trained at 512 tokens on the State of the Union addresses before

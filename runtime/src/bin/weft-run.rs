@@ -103,9 +103,8 @@ enum Command {
         /// Data-parallel ranks, threads of this process (on the GPU, rank r on GPU r): each
         /// step's micro-batches are shared among them, gradients summed in rank order, so the
         /// data and checkpoints (and, with one micro-batch a rank, the losses) are one rank's.
-        #[arg(long, alias = "gpus", value_name = "N", default_value_t = 1,
-              value_parser = clap::value_parser!(u64).range(1..=1024))]
-        ranks: u64,
+        #[arg(long, alias = "gpus", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+        ranks: Option<u64>,
     },
     /// Generate text from the newest checkpoint of a run directory with a bundle of its model
     /// (built from the spec and settings the run records).
@@ -343,7 +342,8 @@ fn run(command: Command) -> Result<bool, String> {
             let (opts, train_w, valid_w) = shard_run(&bundle, &run).map_err(|e| format!("{}: {e}", path.display()))?;
             let settings = opts.run.settings.clone();
             let shape = bundle.plans.get("train_step").ok_or("the bundle has no training step")?.0;
-            let ranks = ranks as usize;
+            let ranks_given = ranks.is_some();
+            let ranks = ranks.unwrap_or(1) as usize;
             if settings.grad_accum % ranks as u64 != 0 {
                 return Err(format!(
                     "{ranks} ranks share each step's {} micro-batches (the bundle's grad_accum): build it with a multiple of {ranks}",
@@ -370,16 +370,28 @@ fn run(command: Command) -> Result<bool, String> {
                 Ok((Box::new(GpuBackend::new(gpu, bundle.clone(), settings.seed).map_err(|e| e.0)?), name))
             };
             let per_rank = settings.grad_accum as usize / ranks;
+            // GPUs sum gradients through NCCL (also a world of one when --ranks is given, so
+            // one GPU runs the same path); the CPU's ranks through the host.
+            let nccl = match on_gpu && (ranks > 1 || ranks_given) {
+                true => Some(weft_runtime::cuda::nccl::NcclId::new()?),
+                false => None,
+            };
             let summaries = weft_runtime::collective::run_ranks(ranks, |g| {
                 let (mut be, place) = make(g.rank())?;
                 if g.rank() == 0 {
-                    let how = if ranks > 1 { format!(", {ranks} ranks of {per_rank} each") } else { String::new() };
+                    let how = match (ranks, nccl.is_some()) {
+                        (1, false) => String::new(),
+                        (_, true) => format!(", {ranks} ranks of {per_rank} each, gradients summed by NCCL"),
+                        (_, false) => format!(", {ranks} ranks of {per_rank} each"),
+                    };
                     println!(
                         "training {} on {place} ({} x {} tokens per micro-batch, {} micro-batches per step{how})",
                         bundle.program.model, shape.batch, shape.seq, settings.grad_accum
                     );
                 }
-                train_ranked(be.as_mut(), &train_w, &valid_w, &opts, g)
+                weft_runtime::cuda::nccl::with_group(g, nccl, |group| {
+                    train_ranked(be.as_mut(), &train_w, &valid_w, &opts, group)
+                })
             })?;
             let s = summaries.into_iter().next().expect("rank 0");
             println!(

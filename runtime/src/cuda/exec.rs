@@ -942,6 +942,24 @@ impl Backend for GpuBackend {
         self.bundle.plans.get(name).map(|p| (p.0.batch as usize, p.0.seq as usize))
     }
 
+    /// On the devices through the group's NCCL communicator where it has one (every f32
+    /// accumulator in place, on the stream the plans run on), else through the host.
+    fn all_reduce_grads(&mut self, group: &dyn crate::collective::Collective) -> Result<(), String> {
+        let mut buffers = Vec::new();
+        for n in crate::backend::accumulator_names(&self.bundle.program) {
+            let (ty, buf) = self.store.get(&n).ok_or_else(|| format!("the store has no `{n}`"))?;
+            if ty.dtype != DType::F32 {
+                return Err(format!("`{n}` is {}, not f32", ty.dtype));
+            }
+            buffers.push((buf.ptr, dense_bytes(ty, 1, 1) / 4));
+        }
+        self.gpu.bind().map_err(|e| e.0)?;
+        match group.all_reduce_device_f32(&buffers, self.gpu.raw_stream() as usize) {
+            Some(done) => done,
+            None => crate::backend::all_reduce_grads_through_host(self, group),
+        }
+    }
+
     fn read(&self, names: &[&str]) -> Result<BTreeMap<String, Tensor<f32>>, String> {
         let mut out = BTreeMap::new();
         for n in names {

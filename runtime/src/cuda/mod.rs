@@ -4,13 +4,14 @@
 //!
 //! `device.rs` opens the GPU and owns device memory; `blas.rs` runs the plans' matrix products;
 //! `exec.rs` is the [`Backend`](crate::backend::Backend) that runs plans; `check.rs` compares
-//! every step and a whole model with the CPU reference.
+//! every step and a whole model with the CPU reference; `nccl.rs` sums gradients between GPUs.
 
 pub mod bench;
 mod blas;
 pub mod check;
 mod device;
 mod exec;
+pub mod nccl;
 
 pub use device::{DeviceBuffer, Gpu, GpuError};
 pub use exec::GpuBackend;
