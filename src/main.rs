@@ -116,9 +116,10 @@ enum Command {
         /// Data-parallel ranks, threads of this process (on the GPU, rank r on GPU r): each
         /// step's train.grad_accum micro-batches are shared among them, so the data, the
         /// checkpoints and (with one micro-batch a rank) the losses are those of one rank.
-        #[arg(long, alias = "gpus", value_name = "N", default_value_t = 1,
-              value_parser = clap::value_parser!(u64).range(1..=1024))]
-        ranks: u64,
+        /// Processes started torchrun-style (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, and
+        /// LOCAL_RANK for the GPU) are each one rank instead.
+        #[arg(long, alias = "gpus", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+        ranks: Option<u64>,
     },
     /// Tokenize text files (each a document, followed by end-of-text) into a token shard.
     Shard {
@@ -388,8 +389,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 (BackendArg::Cpu, _) => BackendChoice::Cpu,
                 (BackendArg::Gpu, _) => BackendChoice::Gpu,
             };
-            let start =
-                weft::run::StartOptions { progress: !no_progress, accept_changes, init_from, ranks: ranks as usize };
+            let start = weft::run::StartOptions { progress: !no_progress, accept_changes, init_from, ranks };
             let r = report(weft::run::train_on(&spec, &settings, &start, choice))?;
             let s = &r.summary;
             if s.first_step >= s.steps {

@@ -135,14 +135,14 @@ pub fn make_backend_with(
     }
 }
 
-/// The backend of data-parallel rank `rank`: the CPU reference, or the GPU of that ordinal
-/// with the program compiled for it; parameters from the run's seed (every rank's the same).
-fn rank_backend(program: &Program, c: &RunConfig, on_gpu: bool, rank: usize) -> Result<Box<dyn Backend>, String> {
+/// The backend of a data-parallel rank: the CPU reference, or GPU `device` with the program
+/// compiled for it; parameters from the run's seed (every rank's the same).
+fn rank_backend(program: &Program, c: &RunConfig, on_gpu: bool, device: usize) -> Result<Box<dyn Backend>, String> {
     use weft_runtime::cuda::{Gpu, GpuBackend};
     if !on_gpu {
         return Ok(Box::new(CpuBackend::new(program.clone(), c.train.seed)));
     }
-    let gpu = Gpu::open(rank).map_err(|e| format!("rank {rank} needs GPU {rank}: {e}"))?;
+    let gpu = Gpu::open(device).map_err(|e| format!("no GPU {device} for a rank: {e}"))?;
     let shapes = crate::build::Shapes::from_settings(c);
     let (bundle, _) =
         crate::build::build_bundle(program, &shapes, &crate::lower::cache::Cache::user()).map_err(|e| e.to_string())?;
@@ -157,8 +157,9 @@ pub struct StartOptions {
     pub accept_changes: bool,
     /// Start from another run's newest parameters, with a fresh optimizer and schedule.
     pub init_from: Option<PathBuf>,
-    /// Data-parallel ranks (threads of this process; on the GPU, rank r on GPU r); 0 or 1: one.
-    pub ranks: usize,
+    /// Data-parallel ranks as threads of this process (on the GPU, rank r on GPU r); None: one,
+    /// or this process as one rank where torchrun's environment (WORLD_SIZE, ...) says so.
+    pub ranks: Option<u64>,
 }
 
 /// Trains `spec` as the run settings say, on the CPU reference.
@@ -182,21 +183,42 @@ pub fn train_on(
     std::fs::create_dir_all(&out_dir).map_err(|e| format!("cannot create `{}`: {e}", out_dir.display()))?;
 
     // The backend first: a missing GPU is reported before any data is read.
-    let ranks = start.ranks.max(1);
-    if ranks > 1 && choice == BackendChoice::CpuF64 {
+    let layout = weft_runtime::collective::Layout::new(start.ranks)?;
+    let ranks = layout.world();
+    let distributed = layout != weft_runtime::collective::Layout::Threads(1) || start.ranks.is_some();
+    if distributed && choice == BackendChoice::CpuF64 {
         return Err("the f64 check mode runs one rank: leave out --ranks".into());
     }
-    let program_copy = (ranks > 1).then(|| program.clone());
-    // With several ranks this one only tells where they run (each rank makes its own).
-    let (mut backend, mut backend_name) = make_backend(program, c, choice)?;
-    if backend.name().starts_with("cpu") {
-        fits_in_memory(model, c, backend.name() == "cpu-f64", ranks)?;
-    }
-    if ranks > 1 && c.train.grad_accum % ranks as u64 != 0 {
+    if c.train.grad_accum % ranks as u64 != 0 {
         return Err(format!(
             "{ranks} ranks share each step's train.grad_accum = {} micro-batches: make it a multiple of {ranks}",
             c.train.grad_accum
         ));
+    }
+    // One backend, or where the ranks run (each rank makes its own on its thread and GPU).
+    let (mut backend, mut backend_name, on_gpu) = match distributed {
+        false => {
+            let (b, name) = make_backend(program.clone(), c, choice)?;
+            let on_gpu = !b.name().starts_with("cpu");
+            (Some(b), name, on_gpu)
+        }
+        true => {
+            let last = layout.devices().into_iter().max().unwrap_or(0);
+            let gpu = match choice {
+                BackendChoice::Gpu => {
+                    Some(weft_runtime::cuda::Gpu::open(last).map_err(|e| format!("no usable GPU {last}: {e}"))?)
+                }
+                BackendChoice::Auto => weft_runtime::cuda::Gpu::open(last).ok(),
+                _ => None,
+            };
+            match gpu {
+                Some(g) => (None, format!("the GPU ({})", g.name), true),
+                None => (None, "the CPU reference".to_string(), false),
+            }
+        }
+    };
+    if !on_gpu {
+        fits_in_memory(model, c, choice == BackendChoice::CpuF64, layout.devices().len())?;
     }
     let data = load_data(c, model, &out_dir)?;
     let entropy = unigram_entropy(&data.train.iter().chain(&data.valid).copied().collect::<Vec<_>>());
@@ -226,23 +248,24 @@ pub fn train_on(
         init_from: start.init_from.clone(),
         tokenizer_json: data.json,
     };
-    let summary = match program_copy {
-        None => train(backend.as_mut(), &train_w, &valid_w, &opts)?,
-        Some(program) => {
-            let on_gpu = !backend.name().starts_with("cpu");
-            drop(backend);
-            use weft_runtime::collective::Collective;
-            // Each rank's backend is made on its thread (on the GPU, each on its own device).
-            // GPUs sum gradients through NCCL, the CPU's ranks through the host.
-            let nccl = if on_gpu { Some(weft_runtime::cuda::nccl::NcclId::new()?) } else { None };
-            let summaries = weft_runtime::collective::run_ranks(ranks, |g| {
-                let mut own = rank_backend(&program, c, on_gpu, g.rank())?;
-                weft_runtime::cuda::nccl::with_group(g, nccl, |group| {
-                    weft_runtime::train::train_ranked(own.as_mut(), &train_w, &valid_w, &opts, group)
-                })
-            })?;
-            backend_name = format!("{ranks} data-parallel ranks on {backend_name}");
-            summaries.into_iter().next().expect("rank 0")
+    let summary = match backend.as_mut() {
+        Some(backend) => train(backend.as_mut(), &train_w, &valid_w, &opts)?,
+        None => {
+            // Each rank's backend is made on its thread, on its GPU; GPUs sum gradients through
+            // NCCL, the CPU's ranks through the host.
+            let summary = weft_runtime::collective::run(
+                &layout,
+                on_gpu,
+                |_, device| rank_backend(&program, c, on_gpu, device),
+                |be, group| weft_runtime::train::train_ranked(be, &train_w, &valid_w, &opts, group),
+            )?;
+            backend_name = match &layout {
+                weft_runtime::collective::Layout::Process(r) => {
+                    format!("rank {} of {ranks} data-parallel ranks on {backend_name}", r.rank)
+                }
+                _ => format!("{ranks} data-parallel ranks on {backend_name}"),
+            };
+            summary
         }
     };
     Ok(TrainReport {

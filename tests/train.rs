@@ -769,3 +769,90 @@ fn two_ranks_train_bit_identically_to_one_accumulating_two() {
     assert!(err.contains("3 ranks share each step's train.grad_accum = 2"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Ranks as processes, started torchrun-style (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): two
+/// `weft train` processes train the run one process accumulating both micro-batches trains, bit
+/// for bit; killing one rank with SIGKILL stops the other at once with an error naming it, and
+/// the newest checkpoint stays whole (one process resumes from it).
+#[test]
+fn two_processes_train_as_one_and_a_killed_rank_stops_the_other() {
+    let dir = temp_dir("processes");
+    let docs = write_corpus(&dir);
+    let make = |name: &str, steps: u64, every: u64| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        (config(&d, &docs, steps, every, "byte"), d.join("run"))
+    };
+    let free_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let rank = |cfg: &Path, rank: usize, port: u16, extra: &[&str]| {
+        weft()
+            .args(["train", "--no-progress", "--backend", "cpu", "--config"])
+            .arg(cfg)
+            .args(extra)
+            .env("WORLD_SIZE", "2")
+            .env("RANK", rank.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let metrics = |run: &Path| std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let trained = |run: &Path| -> Vec<String> {
+        metrics(run)
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                format!("{} {} {}", v["step"], v["loss"], v["grad_norm"])
+            })
+            .collect()
+    };
+
+    let (one, one_run) = make("one", 4, 2);
+    let out = weft().args(["train", "--no-progress", "--backend", "cpu", "--config"]).arg(&one).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (two, two_run) = make("two", 4, 2);
+    let port = free_port();
+    let children = [rank(&two, 1, port, &[]), rank(&two, 0, port, &[])];
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(trained(&two_run), trained(&one_run));
+    assert_eq!(trained(&one_run).len(), 4);
+
+    // A long run, killed mid-way: rank 1 by SIGKILL once rank 0 has written a checkpoint.
+    let (long, long_run) = make("long", 400, 2);
+    let port = free_port();
+    let mut victim = rank(&long, 1, port, &[]);
+    let survivor = rank(&long, 0, port, &[]);
+    let t = Instant::now();
+    while !long_run.join("latest").exists() {
+        assert!(t.elapsed() < Duration::from_secs(120), "no checkpoint within two minutes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    victim.kill().unwrap();
+    let killed_at = Instant::now();
+    let out = survivor.wait_with_output().unwrap();
+    let stopped = killed_at.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(stopped < Duration::from_secs(60), "rank 0 took {stopped:?} to stop");
+    assert!(err.contains("rank 1") && err.contains("closed"), "{err}");
+    let _ = victim.wait();
+    let done = metrics(&long_run).lines().count();
+    assert!(done < 400, "the run was not cut short ({done} steps)");
+    // The newest checkpoint is whole: one process resumes from it and trains on.
+    let ckpt = std::fs::read_to_string(long_run.join("latest")).unwrap();
+    let step: u64 = ckpt.trim().trim_start_matches("step-").parse().unwrap();
+    let target = (step + 1).to_string();
+    let out = weft()
+        .args(["train", "--no-progress", "--backend", "cpu", "--steps", &target, "--config"])
+        .arg(&long)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(metrics(&long_run).lines().count() as u64, step + 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}

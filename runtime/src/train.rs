@@ -396,6 +396,18 @@ pub fn train_ranked(
     }
     let program = backend.program().clone();
     let first_step = start(backend, o, lead)?;
+    if world > 1 {
+        // Equal on every rank exactly when the sum is world·s and the sum of squares world·s².
+        let s = first_step as f64;
+        let mut v = [s, s * s];
+        group.all_reduce_f64(&mut v)?;
+        if v != [world as f64 * s, world as f64 * s * s] {
+            return Err(format!(
+                "the ranks would start from different steps (rank {rank} from step {first_step}): every rank needs the same run directory `{}` (one machine, or a shared file system)",
+                o.out_dir.display()
+            ));
+        }
+    }
     let mut history = if lead { truncate_metrics(&o.out_dir, first_step)? } else { Vec::new() };
     let mut metrics = match lead {
         true => Some(

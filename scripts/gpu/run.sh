@@ -273,6 +273,17 @@ if [ "$DP" != 0 ] && ! late "data-parallel"; then
     else
       note "dp: 2 GPUs through NCCL: losses differ from one accumulating 2 (see dp-nccl2.log): $(losses dp-nccl2 | tail -1) vs $(losses dp-one | tail -1)"
     fi
+    # The same as two processes, torchrun-style (the stand-in for two machines).
+    rm -rf dp-proc
+    for r in 1 0; do
+      RANK=$r LOCAL_RANK=$r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 "${DPT[@]}" --out dp-proc > dp-proc-$r.log 2>&1 &
+    done
+    wait
+    if cmp -s <(losses dp-one) <(losses dp-proc); then
+      note "dp: 2 processes (RANK/WORLD_SIZE/MASTER_ADDR), NCCL: losses bit-identical to one accumulating 2; $(tps dp-proc-0.log)"
+    else
+      note "dp: 2 processes: FAIL or losses differ (see dp-proc-*.log)"
+    fi
   fi
 fi
 

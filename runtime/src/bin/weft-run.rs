@@ -103,6 +103,8 @@ enum Command {
         /// Data-parallel ranks, threads of this process (on the GPU, rank r on GPU r): each
         /// step's micro-batches are shared among them, gradients summed in rank order, so the
         /// data and checkpoints (and, with one micro-batch a rank, the losses) are one rank's.
+        /// Processes started torchrun-style (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, and
+        /// LOCAL_RANK for the GPU) are each one rank instead.
         #[arg(long, alias = "gpus", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
         ranks: Option<u64>,
     },
@@ -320,7 +322,7 @@ fn run(command: Command) -> Result<bool, String> {
             backend,
             ranks,
         } => {
-            use weft_runtime::collective::Collective;
+            use weft_runtime::collective::Layout;
             use weft_runtime::train::{shard_run, train_ranked, ShardRun};
             // Everything is checked before the GPU is touched.
             let bundle = Bundle::read(&path).map_err(|e| e.0)?;
@@ -342,58 +344,59 @@ fn run(command: Command) -> Result<bool, String> {
             let (opts, train_w, valid_w) = shard_run(&bundle, &run).map_err(|e| format!("{}: {e}", path.display()))?;
             let settings = opts.run.settings.clone();
             let shape = bundle.plans.get("train_step").ok_or("the bundle has no training step")?.0;
-            let ranks_given = ranks.is_some();
-            let ranks = ranks.unwrap_or(1) as usize;
-            if settings.grad_accum % ranks as u64 != 0 {
+            let layout = Layout::new(ranks)?;
+            let world = layout.world();
+            if settings.grad_accum % world as u64 != 0 {
                 return Err(format!(
-                    "{ranks} ranks share each step's {} micro-batches (the bundle's grad_accum): build it with a multiple of {ranks}",
+                    "{world} ranks share each step's {} micro-batches (the bundle's grad_accum): build it with a multiple of {world}",
                     settings.grad_accum
                 ));
             }
+            let highest = layout.devices().into_iter().max().unwrap_or(0);
             let on_gpu = match backend {
                 BackendArg::Gpu => {
-                    Gpu::open(ranks - 1)
-                        .map_err(|e| format!("no usable GPU {} for {ranks} ranks: {}", ranks - 1, e.0))?;
+                    Gpu::open(highest)
+                        .map_err(|e| format!("no usable GPU {highest} for this process's ranks: {}", e.0))?;
                     true
                 }
-                BackendArg::Auto => Gpu::open(ranks - 1).is_ok(),
+                BackendArg::Auto => Gpu::open(highest).is_ok(),
                 BackendArg::Cpu => false,
             };
-            // Each rank's backend is made on its own thread (rank r on GPU r).
-            let make = |rank: usize| -> Result<(Box<dyn Backend>, String), String> {
-                if !on_gpu {
-                    let be = CpuBackend::new(bundle.program.clone(), settings.seed);
-                    return Ok((Box::new(be), "the CPU reference".into()));
-                }
-                let gpu = Gpu::open(rank).map_err(|e| format!("GPU {rank}: {}", e.0))?;
-                let name = gpu.name.clone();
-                Ok((Box::new(GpuBackend::new(gpu, bundle.clone(), settings.seed).map_err(|e| e.0)?), name))
-            };
-            let per_rank = settings.grad_accum as usize / ranks;
             // GPUs sum gradients through NCCL (also a world of one when --ranks is given, so
             // one GPU runs the same path); the CPU's ranks through the host.
-            let nccl = match on_gpu && (ranks > 1 || ranks_given) {
-                true => Some(weft_runtime::cuda::nccl::NcclId::new()?),
-                false => None,
-            };
-            let summaries = weft_runtime::collective::run_ranks(ranks, |g| {
-                let (mut be, place) = make(g.rank())?;
-                if g.rank() == 0 {
-                    let how = match (ranks, nccl.is_some()) {
+            let nccl = on_gpu && (world > 1 || ranks.is_some());
+            let per_rank = settings.grad_accum as usize / world;
+            // Each rank's backend is made on its own thread, on its GPU.
+            let make = |rank: usize, device: usize| -> Result<Box<dyn Backend>, String> {
+                let (be, place): (Box<dyn Backend>, String) = match on_gpu {
+                    false => {
+                        (Box::new(CpuBackend::new(bundle.program.clone(), settings.seed)), "the CPU reference".into())
+                    }
+                    true => {
+                        let gpu = Gpu::open(device).map_err(|e| format!("GPU {device}: {}", e.0))?;
+                        let name = gpu.name.clone();
+                        (Box::new(GpuBackend::new(gpu, bundle.clone(), settings.seed).map_err(|e| e.0)?), name)
+                    }
+                };
+                if rank == 0 {
+                    let how = match (world, nccl) {
                         (1, false) => String::new(),
-                        (_, true) => format!(", {ranks} ranks of {per_rank} each, gradients summed by NCCL"),
-                        (_, false) => format!(", {ranks} ranks of {per_rank} each"),
+                        (_, true) => format!(", {world} ranks of {per_rank} each, gradients summed by NCCL"),
+                        (_, false) => format!(", {world} ranks of {per_rank} each"),
                     };
                     println!(
                         "training {} on {place} ({} x {} tokens per micro-batch, {} micro-batches per step{how})",
                         bundle.program.model, shape.batch, shape.seq, settings.grad_accum
                     );
                 }
-                weft_runtime::cuda::nccl::with_group(g, nccl, |group| {
-                    train_ranked(be.as_mut(), &train_w, &valid_w, &opts, group)
-                })
+                Ok(be)
+            };
+            let s = weft_runtime::collective::run(&layout, nccl, make, |be, group| {
+                train_ranked(be, &train_w, &valid_w, &opts, group)
             })?;
-            let s = summaries.into_iter().next().expect("rank 0");
+            if matches!(&layout, Layout::Process(r) if r.rank != 0) {
+                return Ok(true);
+            }
             println!(
                 "final training loss {:.4}, held-out loss {:.4}, {:.0} tokens/s",
                 s.final_loss.unwrap_or(f64::NAN),

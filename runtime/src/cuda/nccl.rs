@@ -10,14 +10,15 @@
 //! asynchronous error and aborts it when a collective has waited past its deadline, so a rank
 //! that died never leaves the others waiting.
 
-use crate::collective::{Collective, LocalGroup};
+use crate::collective::Collective;
 use cudarc::nccl::{result, sys};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How long one collective may wait for the other ranks before the group is aborted.
-pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(60);
+/// How long one collective may wait for the other ranks before the group is aborted (as long
+/// as the host collectives wait: rank 0 may be writing a checkpoint meanwhile).
+pub const DEFAULT_DEADLINE: Duration = crate::collective::tcp::DEFAULT_TIMEOUT;
 
 /// A new group's identity, made by one rank (here: before the ranks' threads start) and given
 /// to every rank.
@@ -39,6 +40,22 @@ impl NcclId {
             }
         }
         result::get_uniqueid().map(NcclId).map_err(|e| format!("ncclGetUniqueId: {e:?}"))
+    }
+
+    /// The id as bytes, to hand to ranks in other processes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.0.internal.iter().map(|&c| c as u8).collect()
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Result<NcclId, String> {
+        if b.len() != 128 {
+            return Err(format!("an NCCL id is 128 bytes, not {}", b.len()));
+        }
+        let mut id = sys::ncclUniqueId { internal: [0; 128] };
+        for (d, &s) in id.internal.iter_mut().zip(b) {
+            *d = s as _;
+        }
+        Ok(NcclId(id))
     }
 }
 
@@ -91,7 +108,7 @@ impl Comm {
 
 /// One rank of a group of GPUs.
 pub struct NcclGroup<'a> {
-    host: &'a LocalGroup,
+    host: &'a dyn Collective,
     comm: Arc<Comm>,
     deadline: Duration,
     stop: Arc<AtomicBool>,
@@ -101,7 +118,7 @@ pub struct NcclGroup<'a> {
 impl<'a> NcclGroup<'a> {
     /// Joins group `id` as `host`'s rank, on the GPU whose context is bound to this thread
     /// (every rank calls this at once: NCCL's initialisation is itself collective).
-    pub fn join(host: &'a LocalGroup, id: NcclId, deadline: Duration) -> Result<NcclGroup<'a>, String> {
+    pub fn join(host: &'a dyn Collective, id: NcclId, deadline: Duration) -> Result<NcclGroup<'a>, String> {
         available()?;
         let mut raw = std::ptr::null_mut();
         // SAFETY: `raw` receives the communicator; the id came from ncclGetUniqueId.
@@ -222,10 +239,10 @@ impl Collective for NcclGroup<'_> {
 
 /// Runs `f` with this rank's collective: the group of GPUs `id` names when given (joined once
 /// every rank is ready, so a rank that failed to start ends the others instead of leaving them
-/// in NCCL's initialisation), else the threads' own `host` group. A failure of `f` aborts the
+/// in NCCL's initialisation), else the ranks' own `host` group. A failure of `f` aborts the
 /// group.
 pub fn with_group<T>(
-    host: &LocalGroup,
+    host: &dyn Collective,
     id: Option<NcclId>,
     f: impl FnOnce(&dyn Collective) -> Result<T, String>,
 ) -> Result<T, String> {

@@ -1,55 +1,8 @@
-//! Collectives between the ranks of a data-parallel run: each rank trains on its share of every
-//! step's micro-batches, and the ranks' gradients are summed before each holds the same update.
-//!
-//! Sums run in rank order (rank 0's values, plus rank 1's, ...), starting from zero, so a run of
-//! N ranks each with one micro-batch adds the very numbers, in the very order, that one process
-//! accumulating N micro-batches adds: their losses and parameters are bit-identical.
-//!
-//! [`Solo`] is a world of one. [`LocalGroup`] joins ranks that are threads of one process (the
-//! CPU reference's ranks, and GPUs of one host through the host): every rank deposits its buffer,
-//! waits for the others, and sums all of them itself. A rank that fails aborts the group, and
-//! every rank waiting in it returns that error instead of waiting for ever.
+//! Ranks that are threads of one process.
 
+use super::Collective;
 use std::any::Any;
 use std::sync::{Arc, Condvar, Mutex};
-
-/// One rank's view of its group.
-pub trait Collective: Send + Sync {
-    fn rank(&self) -> usize;
-    fn world(&self) -> usize;
-    /// Replaces `buf` on every rank by the sum over ranks of their `buf`s, added in rank order.
-    fn all_reduce_f32(&self, buf: &mut [f32]) -> Result<(), String>;
-    /// As [`Collective::all_reduce_f32`], for host values (losses).
-    fn all_reduce_f64(&self, buf: &mut [f64]) -> Result<(), String>;
-    /// Tells every rank of the group that this one failed with `why`: their collectives return
-    /// an error from then on.
-    fn abort(&self, why: &str);
-    /// Sums `count` f32 at each device address of `buffers` over the ranks, in place, on
-    /// `stream` (a CUDA stream of this rank's GPU), and waits for it; None where the group has
-    /// no path between devices (the sums then go through the host).
-    fn all_reduce_device_f32(&self, _buffers: &[(u64, usize)], _stream: usize) -> Option<Result<(), String>> {
-        None
-    }
-}
-
-/// A world of one rank: every collective leaves its buffer as it is.
-pub struct Solo;
-
-impl Collective for Solo {
-    fn rank(&self) -> usize {
-        0
-    }
-    fn world(&self) -> usize {
-        1
-    }
-    fn all_reduce_f32(&self, _: &mut [f32]) -> Result<(), String> {
-        Ok(())
-    }
-    fn all_reduce_f64(&self, _: &mut [f64]) -> Result<(), String> {
-        Ok(())
-    }
-    fn abort(&self, _: &str) {}
-}
 
 /// What the ranks of a [`LocalGroup`] share.
 struct Shared {
@@ -197,6 +150,7 @@ pub fn run_ranks<T: Send>(world: usize, f: impl Fn(&LocalGroup) -> Result<T, Str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::collective::Collective;
 
     #[test]
     fn sums_in_rank_order_from_zero() {
