@@ -136,16 +136,31 @@ pub fn make_backend_with(
 }
 
 /// The backend of a data-parallel rank: the CPU reference, or GPU `device` with the program
-/// compiled for it; parameters from the run's seed (every rank's the same).
-fn rank_backend(program: &Program, c: &RunConfig, on_gpu: bool, device: usize) -> Result<Box<dyn Backend>, String> {
+/// compiled for it; parameters from the run's seed (every rank's the same). With `shard`, the
+/// rank keeps only its share of the optimizer state.
+fn rank_backend(
+    program: &Program,
+    c: &RunConfig,
+    on_gpu: bool,
+    device: usize,
+    shard: Option<(&weft_runtime::zero::Shards, usize)>,
+) -> Result<Box<dyn Backend>, String> {
     use weft_runtime::cuda::{Gpu, GpuBackend};
     if !on_gpu {
-        return Ok(Box::new(CpuBackend::new(program.clone(), c.train.seed)));
+        let own = match shard {
+            Some((z, rank)) => z.program_for(rank)?.0,
+            None => program.clone(),
+        };
+        return Ok(Box::new(CpuBackend::new(own, c.train.seed)));
     }
     let gpu = Gpu::open(device).map_err(|e| format!("no GPU {device} for a rank: {e}"))?;
     let shapes = crate::build::Shapes::from_settings(c);
     let (bundle, _) =
         crate::build::build_bundle(program, &shapes, &crate::lower::cache::Cache::user()).map_err(|e| e.to_string())?;
+    let bundle = match shard {
+        Some((z, rank)) => z.bundle_for(&bundle, rank)?,
+        None => bundle,
+    };
     Ok(Box::new(GpuBackend::new(gpu, bundle, c.train.seed).map_err(|e| e.0)?))
 }
 
@@ -253,11 +268,13 @@ pub fn train_on(
         None => {
             // Each rank's backend is made on its thread, on its GPU; GPUs sum gradients through
             // NCCL, the CPU's ranks through the host.
+            // Several ranks each keep their share of the optimizer state (ZeRO-1).
+            let shards = (ranks > 1).then(|| weft_runtime::zero::Shards::new(&program, ranks));
             let summary = weft_runtime::collective::run(
                 &layout,
                 on_gpu,
-                |_, device| rank_backend(&program, c, on_gpu, device),
-                |be, group| weft_runtime::train::train_ranked(be, &train_w, &valid_w, &opts, group),
+                |rank, device| rank_backend(&program, c, on_gpu, device, shards.as_ref().map(|z| (z, rank))),
+                |be, group| weft_runtime::train::train_ranked(be, &train_w, &valid_w, &opts, group, shards.as_ref()),
             )?;
             backend_name = match &layout {
                 weft_runtime::collective::Layout::Process(r) => {

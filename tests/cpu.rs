@@ -809,3 +809,52 @@ fn the_engine_prefills_long_prompts_in_chunks_between_decode_steps() {
     let events = engine.step().unwrap();
     assert!(events.iter().any(|e| matches!(e, Event::Token { id, .. } if *id == short)), "{events:?}");
 }
+
+/// ZeRO-1's shares: each of 3 ranks keeps AdamW's moments of the parameters it owns and updates
+/// only those; the shares cover every parameter once, hold about a third of the elements each,
+/// and a share's optimizer step leaves the other ranks' parameters alone.
+#[test]
+fn optimizer_state_shards_cover_every_parameter_once() {
+    use weft_runtime::backend::{Backend, CpuBackend};
+    let (p, _) = program(EVERY_KIND);
+    let z = weft_runtime::zero::Shards::new(&p, 3);
+    let elems = |ty: &weft_runtime::TensorType| ty.shape.as_fixed().unwrap().iter().product::<u64>();
+    let total: u64 = p.params.iter().map(|q| elems(&q.ty)).sum();
+    let largest = p.params.iter().map(|q| elems(&q.ty)).max().unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for rank in 0..3 {
+        let (own, _) = z.program_for(rank).unwrap();
+        let owned = z.owned_by(rank);
+        let moments: Vec<&str> =
+            own.states.iter().map(|s| s.name.as_str()).filter(|n| n.starts_with("adam_")).collect();
+        assert_eq!(moments.len(), 2 * owned.len());
+        for q in &owned {
+            assert!(seen.insert(q.clone()), "{q} is owned twice");
+            assert!(moments.contains(&format!("adam_m:{q}").as_str()));
+        }
+        let share: u64 = p.params.iter().filter(|q| owned.contains(&q.name)).map(|q| elems(&q.ty)).sum();
+        assert!(share <= total / 3 + largest, "rank {rank} owns {share} of {total} elements");
+        // The share's optimizer step changes its own parameters and no other.
+        let mut be = CpuBackend::new(own.clone(), 5);
+        let names: Vec<&str> = p.params.iter().map(|q| q.name.as_str()).collect();
+        let before = be.read(&names).unwrap();
+        let grads: std::collections::BTreeMap<String, weft_runtime::cpu::tensor::Tensor<f32>> = own
+            .states
+            .iter()
+            .filter(|s| s.name.starts_with("grad_acc:"))
+            .map(|s| {
+                let shape: Vec<usize> = s.ty.shape.as_fixed().unwrap().iter().map(|&d| d as usize).collect();
+                let n = shape.iter().product();
+                (s.name.clone(), weft_runtime::cpu::tensor::Tensor::real(shape, vec![0.5; n]))
+            })
+            .collect();
+        be.write(grads).unwrap();
+        be.run("optimizer_step", vec![("step".into(), weft_runtime::cpu::tensor::Tensor::ints(vec![], vec![0]))])
+            .unwrap();
+        let after = be.read(&names).unwrap();
+        for n in &names {
+            assert_eq!(before[*n] != after[*n], owned.iter().any(|q| q == n), "{n} on rank {rank}");
+        }
+    }
+    assert_eq!(seen.len(), p.params.len());
+}

@@ -29,6 +29,7 @@ pub mod run;
 pub mod serve;
 pub mod shape;
 pub mod train;
+pub mod zero;
 
 pub use dtype::DType;
 pub use init::Init;

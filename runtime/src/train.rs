@@ -6,6 +6,7 @@ use crate::backend::Backend;
 use crate::checkpoint::{self, RunState};
 use crate::cpu::tensor::Tensor;
 use crate::data::Windows;
+use crate::plan::Program;
 use crate::run::{AcceptedChange, InitFrom, RunInfo};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
@@ -276,8 +277,14 @@ fn append(file: &mut std::fs::File, r: &Record) -> Result<(), String> {
 /// The step to start from: the newest checkpoint's (its tensors written into the backend) if
 /// the run directory has one and it is the same run, else 0 (from another run's parameters with
 /// `init_from`). Writes `run.json` when `write` (rank 0 of a data-parallel run).
-fn start(backend: &mut dyn Backend, o: &TrainOptions, write: bool) -> Result<u64, String> {
-    let program = backend.program().clone();
+/// `full` is the whole program where the backend holds a share of the optimizer state (it keeps
+/// its own share of a checkpoint).
+fn start(backend: &mut dyn Backend, o: &TrainOptions, write: bool, full: Option<&Program>) -> Result<u64, String> {
+    let program = full.cloned().unwrap_or_else(|| backend.program().clone());
+    let held: std::collections::BTreeSet<String> = {
+        let p = backend.program();
+        p.params.iter().map(|x| x.name.clone()).chain(p.states.iter().map(|x| x.name.clone())).collect()
+    };
     let mut info = o.run.clone();
     let previous = RunInfo::read(&o.out_dir)?;
     let keep_tokenizer = |info: &RunInfo| -> Result<(), String> {
@@ -330,7 +337,8 @@ fn start(backend: &mut dyn Backend, o: &TrainOptions, write: bool) -> Result<u64
             info.accepted_changes = p.accepted_changes.clone();
             info.init_from = p.init_from.clone();
         }
-        let (state, tensors) = checkpoint::load(&ckpt, &program).map_err(|e| e.0)?;
+        let (state, mut tensors) = checkpoint::load(&ckpt, &program).map_err(|e| e.0)?;
+        tensors.retain(|n, _| held.contains(n));
         backend.write(tensors)?;
         keep_tokenizer(&info)?;
         if o.init_from.is_some() && write {
@@ -366,7 +374,7 @@ fn start(backend: &mut dyn Backend, o: &TrainOptions, write: bool) -> Result<u64
 /// Trains until `steps` optimizer steps are done, resuming from the newest checkpoint in
 /// `out_dir` if there is one (and it is the same run: see [`crate::run`]).
 pub fn train(backend: &mut dyn Backend, train: &Windows, valid: &Windows, o: &TrainOptions) -> Result<Summary, String> {
-    train_ranked(backend, train, valid, o, &crate::collective::Solo)
+    train_ranked(backend, train, valid, o, &crate::collective::Solo, None)
 }
 
 /// [`train`] as one rank of a data-parallel group: the step's `grad_accum` micro-batches are
@@ -375,12 +383,17 @@ pub fn train(backend: &mut dyn Backend, train: &Windows, valid: &Windows, o: &Tr
 /// order, and every rank takes the same optimizer step. Rank 0 alone writes the run directory
 /// (run.json, metrics, checkpoints), evaluates and reports. One micro-batch per rank gives
 /// losses and parameters bit-identical to one process accumulating them all.
+///
+/// With `zero`, the backend holds this rank's share of the optimizer state (see
+/// [`crate::zero`]): after each step the ranks exchange their updated parameters, and at each
+/// checkpoint rank 0 gathers every share.
 pub fn train_ranked(
     backend: &mut dyn Backend,
     train: &Windows,
     valid: &Windows,
     o: &TrainOptions,
     group: &dyn crate::collective::Collective,
+    zero: Option<&crate::zero::Shards>,
 ) -> Result<Summary, String> {
     let (rank, world) = (group.rank(), group.world());
     let lead = rank == 0;
@@ -394,8 +407,11 @@ pub fn train_ranked(
     if lead {
         std::fs::create_dir_all(&o.out_dir).map_err(|e| format!("cannot create `{}`: {e}", o.out_dir.display()))?;
     }
-    let program = backend.program().clone();
-    let first_step = start(backend, o, lead)?;
+    if zero.is_some_and(|z| z.world() != world) {
+        return Err(format!("the optimizer state is sharded for another number of ranks than {world}"));
+    }
+    let program = zero.map_or_else(|| backend.program().clone(), |z| z.full().clone());
+    let first_step = start(backend, o, lead, zero.map(|z| z.full()))?;
     if world > 1 {
         // Equal on every rank exactly when the sum is world·s and the sum of squares world·s².
         let s = first_step as f64;
@@ -451,9 +467,18 @@ pub fn train_ranked(
             return Err(format!("the loss is {loss} at step {}: training diverged", step + 1));
         }
         let out = backend.run("optimizer_step", vec![("step".into(), Tensor::ints(vec![], vec![step as i32]))])?;
+        if let Some(z) = zero {
+            z.gather_params(backend, group)?;
+        }
         let tps = tokens_per_step / t0.elapsed().as_secs_f64().max(1e-9);
         let done = step + 1;
         last.final_loss = Some(loss);
+        let checkpoint_now = (o.checkpoint_every > 0 && done % o.checkpoint_every == 0) || done == o.steps;
+        // Every rank takes part in gathering a sharded state; rank 0 saves it below.
+        let gathered = match (zero, checkpoint_now) {
+            (Some(z), true) => z.gather_state(backend, group)?,
+            _ => None,
+        };
         let Some(metrics) = metrics.as_mut() else { continue };
         let mut r = Record {
             step: done,
@@ -484,14 +509,19 @@ pub fn train_ranked(
                 r.eval_loss.map_or(String::new(), |e| format!("  eval {e:.4}"))
             );
         }
-        if (o.checkpoint_every > 0 && done % o.checkpoint_every == 0) || done == o.steps {
-            let names: Vec<&str> = program
-                .params
-                .iter()
-                .map(|p| p.name.as_str())
-                .chain(program.states.iter().map(|s| s.name.as_str()))
-                .collect();
-            let tensors = backend.read(&names)?;
+        if checkpoint_now {
+            let tensors = match gathered {
+                Some(t) => t,
+                None => {
+                    let names: Vec<&str> = program
+                        .params
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .chain(program.states.iter().map(|s| s.name.as_str()))
+                        .collect();
+                    backend.read(&names)?
+                }
+            };
             let id = o.run.identity();
             let state = RunState {
                 format_version: checkpoint::FORMAT_VERSION,

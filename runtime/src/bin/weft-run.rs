@@ -366,23 +366,35 @@ fn run(command: Command) -> Result<bool, String> {
             // one GPU runs the same path); the CPU's ranks through the host.
             let nccl = on_gpu && (world > 1 || ranks.is_some());
             let per_rank = settings.grad_accum as usize / world;
+            // Several ranks each keep their share of the optimizer state (ZeRO-1).
+            let shards = (world > 1).then(|| weft_runtime::zero::Shards::new(&bundle.program, world));
             // Each rank's backend is made on its own thread, on its GPU.
             let make = |rank: usize, device: usize| -> Result<Box<dyn Backend>, String> {
                 let (be, place): (Box<dyn Backend>, String) = match on_gpu {
                     false => {
-                        (Box::new(CpuBackend::new(bundle.program.clone(), settings.seed)), "the CPU reference".into())
+                        let program = match &shards {
+                            Some(z) => z.program_for(rank)?.0,
+                            None => bundle.program.clone(),
+                        };
+                        (Box::new(CpuBackend::new(program, settings.seed)), "the CPU reference".into())
                     }
                     true => {
                         let gpu = Gpu::open(device).map_err(|e| format!("GPU {device}: {}", e.0))?;
                         let name = gpu.name.clone();
-                        (Box::new(GpuBackend::new(gpu, bundle.clone(), settings.seed).map_err(|e| e.0)?), name)
+                        let own = match &shards {
+                            Some(z) => z.bundle_for(&bundle, rank)?,
+                            None => bundle.clone(),
+                        };
+                        (Box::new(GpuBackend::new(gpu, own, settings.seed).map_err(|e| e.0)?), name)
                     }
                 };
                 if rank == 0 {
                     let how = match (world, nccl) {
                         (1, false) => String::new(),
-                        (_, true) => format!(", {world} ranks of {per_rank} each, gradients summed by NCCL"),
-                        (_, false) => format!(", {world} ranks of {per_rank} each"),
+                        (_, true) => format!(
+                            ", {world} ranks of {per_rank} each, gradients summed by NCCL, optimizer state sharded"
+                        ),
+                        (_, false) => format!(", {world} ranks of {per_rank} each, optimizer state sharded"),
                     };
                     println!(
                         "training {} on {place} ({} x {} tokens per micro-batch, {} micro-batches per step{how})",
@@ -392,7 +404,7 @@ fn run(command: Command) -> Result<bool, String> {
                 Ok(be)
             };
             let s = weft_runtime::collective::run(&layout, nccl, make, |be, group| {
-                train_ranked(be, &train_w, &valid_w, &opts, group)
+                train_ranked(be, &train_w, &valid_w, &opts, group, shards.as_ref())
             })?;
             if matches!(&layout, Layout::Process(r) if r.rank != 0) {
                 return Ok(true);

@@ -97,6 +97,33 @@ impl LocalGroup {
     }
 }
 
+impl LocalGroup {
+    fn broadcast<T: Copy + Send + 'static>(&self, buf: &mut [T], root: usize) -> Result<(), String> {
+        let mut s = self.lock();
+        if self.rank == root {
+            s.deposits[root] = Some(Box::new(buf.to_vec()));
+        }
+        s = self.barrier(s)?;
+        if self.rank != root {
+            let d = s.deposits.get(root).and_then(|d| d.as_ref()).and_then(|d| d.downcast_ref::<Vec<T>>());
+            match d {
+                Some(d) if d.len() == buf.len() => buf.copy_from_slice(d),
+                _ => {
+                    let why = format!("rank {root} broadcast a buffer unlike rank {}'s", self.rank);
+                    drop(s);
+                    self.abort(&why);
+                    return Err(why);
+                }
+            }
+        }
+        s = self.barrier(s)?;
+        if self.rank == root {
+            s.deposits[root] = None;
+        }
+        Ok(())
+    }
+}
+
 impl Collective for LocalGroup {
     fn rank(&self) -> usize {
         self.rank
@@ -109,6 +136,9 @@ impl Collective for LocalGroup {
     }
     fn all_reduce_f64(&self, buf: &mut [f64]) -> Result<(), String> {
         self.all_reduce(buf)
+    }
+    fn broadcast_f32(&self, buf: &mut [f32], root: usize) -> Result<(), String> {
+        self.broadcast(buf, root)
     }
     fn abort(&self, why: &str) {
         let mut s = self.lock();
@@ -173,6 +203,18 @@ mod tests {
         );
         for r in out.unwrap() {
             assert_eq!(r, want);
+        }
+    }
+
+    #[test]
+    fn broadcasts_the_roots_buffer_bit_for_bit() {
+        let out = run_ranks(3, |g| {
+            let mut b = if g.rank() == 1 { vec![-0.0f32, 3.5] } else { vec![9.0; 2] };
+            g.broadcast_f32(&mut b, 1)?;
+            Ok(b.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+        });
+        for b in out.unwrap() {
+            assert_eq!(b, [(-0.0f32).to_bits(), 3.5f32.to_bits()]);
         }
     }
 

@@ -26,6 +26,8 @@ pub trait Collective: Send + Sync {
     fn all_reduce_f32(&self, buf: &mut [f32]) -> Result<(), String>;
     /// As [`Collective::all_reduce_f32`], for host values (losses).
     fn all_reduce_f64(&self, buf: &mut [f64]) -> Result<(), String>;
+    /// Replaces `buf` on every rank by rank `root`'s.
+    fn broadcast_f32(&self, buf: &mut [f32], root: usize) -> Result<(), String>;
     /// Tells every rank of the group that this one failed with `why`: their collectives return
     /// an error from then on.
     fn abort(&self, why: &str);
@@ -51,6 +53,9 @@ impl Collective for Solo {
         Ok(())
     }
     fn all_reduce_f64(&self, _: &mut [f64]) -> Result<(), String> {
+        Ok(())
+    }
+    fn broadcast_f32(&self, _: &mut [f32], _: usize) -> Result<(), String> {
         Ok(())
     }
     fn abort(&self, _: &str) {}

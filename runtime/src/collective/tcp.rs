@@ -320,6 +320,38 @@ impl TcpGroup {
         r
     }
 
+    fn broadcast_from(&self, buf: &mut [f32], root: usize) -> Result<(), String> {
+        self.check()?;
+        let bytes = buf.len() * 4;
+        let r = (|| -> Result<(), String> {
+            let encode = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+            if self.rank == root && root != 0 {
+                return self.send(0, Kind::F32, &encode(buf));
+            }
+            if self.rank == 0 {
+                let payload = if root == 0 { encode(buf) } else { self.receive(root, Kind::F32, Some(bytes))? };
+                for r in (1..self.world).filter(|&r| r != root) {
+                    self.send(r, Kind::F32, &payload)?;
+                }
+                if root != 0 {
+                    for (o, c) in buf.iter_mut().zip(payload.chunks_exact(4)) {
+                        *o = f32::from_le_bytes(c.try_into().unwrap());
+                    }
+                }
+                return Ok(());
+            }
+            let payload = self.receive(0, Kind::F32, Some(bytes))?;
+            for (o, c) in buf.iter_mut().zip(payload.chunks_exact(4)) {
+                *o = f32::from_le_bytes(c.try_into().unwrap());
+            }
+            Ok(())
+        })();
+        if let Err(e) = &r {
+            self.abort(e);
+        }
+        r
+    }
+
     /// How long one collective waits before giving up.
     pub fn timeout(&self) -> Duration {
         self.timeout
@@ -338,6 +370,9 @@ impl Collective for TcpGroup {
     }
     fn all_reduce_f64(&self, buf: &mut [f64]) -> Result<(), String> {
         self.reduce(buf, Kind::F64, f64::to_le_bytes, f64::from_le_bytes)
+    }
+    fn broadcast_f32(&self, buf: &mut [f32], root: usize) -> Result<(), String> {
+        self.broadcast_from(buf, root)
     }
     fn abort(&self, _why: &str) {
         // Closing every link tells the ranks on the other end at once.
@@ -401,6 +436,12 @@ mod tests {
                         assert_eq!(l[0], 1.5);
                         let mut id = if rank == 0 { b"id".to_vec() } else { vec![] };
                         g.broadcast(&mut id).unwrap();
+                        let mut from2 = if rank == 2 { vec![7.0f32, -0.0] } else { vec![0.0; 2] };
+                        g.broadcast_f32(&mut from2, 2).unwrap();
+                        assert_eq!(
+                            from2.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                            [7.0f32.to_bits(), (-0.0f32).to_bits()]
+                        );
                         (b, id)
                     })
                 })

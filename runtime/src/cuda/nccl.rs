@@ -188,6 +188,9 @@ impl Collective for NcclGroup<'_> {
     fn all_reduce_f64(&self, buf: &mut [f64]) -> Result<(), String> {
         self.host.all_reduce_f64(buf)
     }
+    fn broadcast_f32(&self, buf: &mut [f32], root: usize) -> Result<(), String> {
+        self.host.broadcast_f32(buf, root)
+    }
     fn abort(&self, why: &str) {
         self.host.abort(why);
         self.comm.abort();
