@@ -174,6 +174,14 @@ enum Command {
         /// Where to generate: `auto` (a GPU when one is usable, else the CPU), `cpu` or `gpu`.
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendArg,
+        /// The longest sequence (prompt and new tokens); default: the run's.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(2..=1 << 24))]
+        context: Option<u64>,
+        /// Self-Extend on full-attention layers (neighbour window and group size, `W,G`): keys
+        /// W or more back at grouped positions, so a model reaches (L − W)·G + W tokens for its
+        /// training length L. On the CPU reference.
+        #[arg(long, value_name = "W,G", value_parser = weft_runtime::op::SelfExtend::parse)]
+        self_extend: Option<weft_runtime::op::SelfExtend>,
     },
     /// Load a completions server with concurrent streaming clients; report throughput and
     /// latencies (exits non-zero if a request failed).
@@ -453,7 +461,8 @@ fn run(cli: Cli) -> Result<(), Reported> {
             };
             report(weft::run::serve_on(&run, choice, &flags, slots as usize, context))?;
         }
-        Command::Generate { run, flags, backend } => {
+        Command::Generate { run, flags, backend, context, self_extend } => {
+            let reach = weft::run::Reach { context, self_extend };
             let (prompt, sampling, options) = report(flags.resolve())?;
             let mut shown = false;
             let choice = match backend {
@@ -463,20 +472,21 @@ fn run(cli: Cli) -> Result<(), Reported> {
             };
             if flags.prompts.is_some() {
                 let prompts = weft_runtime::generate::prompt_lines(&prompt);
-                let texts = report(weft::run::generate_many_on(&run, &prompts, &options, &sampling, choice))?;
+                let texts = report(weft::run::generate_many_on(&run, &prompts, &options, &sampling, choice, &reach))?;
                 for (i, (kept, text)) in texts.iter().enumerate() {
                     println!("{}", weft_runtime::generate::json_line(i, kept, text));
                 }
                 return Ok(());
             }
-            let (kept, _) = report(weft::run::generate_on(&run, &prompt, &options, &sampling, choice, |kept, t| {
-                if !shown {
-                    print!("{kept}");
-                    shown = true;
-                }
-                print!("{t}");
-                let _ = std::io::Write::flush(&mut std::io::stdout());
-            }))?;
+            let (kept, _) =
+                report(weft::run::generate_on(&run, &prompt, &options, &sampling, choice, &reach, |kept, t| {
+                    if !shown {
+                        print!("{kept}");
+                        shown = true;
+                    }
+                    print!("{t}");
+                    let _ = std::io::Write::flush(&mut std::io::stdout());
+                }))?;
             if !shown {
                 print!("{kept}");
             }

@@ -464,6 +464,15 @@ pub fn open_run_with(
 
 pub use weft_runtime::generate::GenerateOptions;
 
+/// How far generation reaches past the run's own context.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Reach {
+    /// Prompt and new tokens together (default: the run's context).
+    pub context: Option<u64>,
+    /// Self-Extend on the full-attention layers.
+    pub self_extend: Option<weft_runtime::op::SelfExtend>,
+}
+
 /// The backend for generating from the newest checkpoint of a run directory (the recorded spec
 /// compiled at the run's shapes for `slots` sequences at once, on the GPU when `choice` says so,
 /// else the CPU reference), its parameters in place; with the run's tokenizer and context.
@@ -471,8 +480,19 @@ fn open_generator(
     run_dir: &Path,
     choice: BackendChoice,
     slots: usize,
+    reach: &Reach,
 ) -> Result<(Box<dyn Backend>, Tokenizer, usize), String> {
-    let run = open_run(run_dir)?;
+    let run = open_run_with(run_dir, reach.context, reach.self_extend)?;
+    // Self-Extend runs on the CPU reference (the GPU's kernels have none yet).
+    let choice = match (reach.self_extend, choice) {
+        (Some(_), BackendChoice::Auto) => BackendChoice::Cpu,
+        (Some(_), BackendChoice::Gpu) => {
+            return Err(
+                "Self-Extend has no GPU kernels yet: generate with it on the CPU reference (--backend cpu)".into()
+            )
+        }
+        (_, c) => c,
+    };
     let c = generation_config(&run.info, slots);
     let (backend, _) = make_backend_with(run.program, &c, choice, Some(run.params))?;
     Ok((backend, run.tokenizer, run.info.max_context as usize))
@@ -523,9 +543,10 @@ pub fn generate_on(
     o: &GenerateOptions,
     sampling: &Sampling,
     choice: BackendChoice,
+    reach: &Reach,
     out: impl FnMut(&str, &str),
 ) -> Result<(String, String), String> {
-    let (mut backend, tokenizer, context) = open_generator(run_dir, choice, 1)?;
+    let (mut backend, tokenizer, context) = open_generator(run_dir, choice, 1, reach)?;
     weft_runtime::generate::generate_text(backend.as_mut(), &tokenizer, context, prompt, o, sampling, out)
 }
 
@@ -540,12 +561,13 @@ pub fn generate_many_on(
     o: &GenerateOptions,
     sampling: &Sampling,
     choice: BackendChoice,
+    reach: &Reach,
 ) -> Result<Vec<(String, String)>, String> {
     if prompts.is_empty() {
         return Err("no prompts: give one per line".into());
     }
     let slots = prompts.len().clamp(1, GENERATE_SLOTS);
-    let (mut backend, tokenizer, context) = open_generator(run_dir, choice, slots)?;
+    let (mut backend, tokenizer, context) = open_generator(run_dir, choice, slots, reach)?;
     weft_runtime::generate::generate_texts(backend.as_mut(), &tokenizer, context, slots, prompts, o, sampling)
 }
 
@@ -557,7 +579,7 @@ pub fn generate_cpu(
     sampling: &Sampling,
     out: impl FnMut(&str, &str),
 ) -> Result<(String, String), String> {
-    generate_on(run_dir, prompt, o, sampling, BackendChoice::Cpu, out)
+    generate_on(run_dir, prompt, o, sampling, BackendChoice::Cpu, &Reach::default(), out)
 }
 
 /// `weft eval ppl`: perplexity of a run's newest checkpoint at each length on held-out text,

@@ -858,3 +858,77 @@ fn optimizer_state_shards_cover_every_parameter_once() {
     }
     assert_eq!(seen.len(), p.params.len());
 }
+
+/// Self-Extend in generation: the prefill, decode and chunk plans (whose caches keep keys
+/// unrotated, each rotated at its true or grouped position when scored) give the logits the
+/// whole-window forward with Self-Extend gives, past the neighbour window (6) with groups of 4,
+/// for a prompt shorter and one longer than the window; and Self-Extend changes them.
+#[test]
+fn self_extend_generation_matches_the_whole_window_forward() {
+    let src = "model se { vocab = 32  width = 16 }
+layer m = mamba(d_state = 4)
+layer full = attention(heads = 4, kv_heads = 2, rope = 10000)
+layer f = mlp(hidden = 24)
+layers = [m, full, f, full]
+";
+    let c = weft::check_str(Path::new("se.weft"), src).unwrap_or_else(|f| panic!("{}", f.render()));
+    let settings = OptimizerSettings::from_config(&weft::config::RunConfig::default());
+    let se = weft_runtime::op::SelfExtend { neighbours: 6, group: 4 };
+    let extended = c.model.clone().with_self_extend(se).unwrap();
+    let p = build_program(&extended, &settings, 40).unwrap();
+    let plain = build_program(&c.model, &settings, 40).unwrap();
+    let mut store: Store<f64> = Store::init(&p, 3);
+    let (b, t, vocab) = (2, 30, 32);
+    let inputs = batch(b, t, vocab as i32, 5);
+    let tokens = inputs[0].1.ints_ref().unwrap().to_vec();
+    let full = logits_of(&run(p.plan("logits").unwrap(), &mut store, vec![inputs[0].clone()]).unwrap());
+    let unextended = logits_of(&run(plain.plan("logits").unwrap(), &mut store, vec![inputs[0].clone()]).unwrap());
+    let gap = full.iter().zip(&unextended).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(gap > 1e-3, "Self-Extend must change the logits past the window ({gap:e})");
+    let at = |pos: usize, row: usize| &full[(row * t + pos) * vocab..(row * t + pos + 1) * vocab];
+    let close = |got: &[f64], want: &[f64]| got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    let cols = |from: usize, n: usize| -> Vec<i32> {
+        (0..b).flat_map(|r| tokens[r * t + from..r * t + from + n].to_vec()).collect()
+    };
+    let decode = p.plan("decode").unwrap();
+    let names: Vec<String> = decode.inputs.iter().map(|(n, _)| n.clone()).filter(|n| n.starts_with("state:")).collect();
+    for t0 in [3, 11] {
+        let mut out = run(
+            p.plan("prefill").unwrap(),
+            &mut store,
+            vec![("tokens".into(), Tensor::ints(vec![b, t0], cols(0, t0)))],
+        )
+        .unwrap();
+        for pos in t0..t {
+            let mut inp: Vec<(String, Tensor<f64>)> =
+                names.iter().map(|n| (n.clone(), out.remove(n).unwrap())).collect();
+            inp.push(("tokens".into(), Tensor::ints(vec![b, 1], cols(pos, 1))));
+            inp.push(("pos".into(), Tensor::ints(vec![b], vec![pos as i32; b])));
+            out = run(decode, &mut store, inp).unwrap();
+            let got = logits_of(&out);
+            for row in 0..b {
+                // f64 sums of at most 40 terms: rounding far below 1e-10.
+                let err = close(&got[row * vocab..(row + 1) * vocab], at(pos, row));
+                assert!(err < 1e-10, "prompt {t0}, row {row}, position {pos}: {err:e}");
+            }
+        }
+    }
+    // Chunks of 7 (dividing neither the window nor the length) from the carried states.
+    let chunk = p.plan("chunk").unwrap();
+    let mut states = zero_states(chunk, b);
+    let mut start = 0;
+    while start < t {
+        let n = 7.min(t - start);
+        let mut inp = states.clone();
+        inp.push(("tokens".into(), Tensor::ints(vec![b, n], cols(start, n))));
+        inp.push(("pos".into(), Tensor::ints(vec![b], vec![start as i32; b])));
+        let mut out = run(chunk, &mut store, inp).unwrap();
+        let last = logits_of(&out);
+        for row in 0..b {
+            let err = close(&last[row * vocab..(row + 1) * vocab], at(start + n - 1, row));
+            assert!(err < 1e-10, "chunk ending at {}, row {row}: {err:e}", start + n - 1);
+        }
+        states = states.iter().map(|(name, _)| (name.clone(), out.remove(name).unwrap())).collect();
+        start += n;
+    }
+}

@@ -41,15 +41,7 @@ pub struct PplFlags {
 impl PplFlags {
     /// The Self-Extend settings asked for, if any.
     pub fn self_extend(&self) -> Result<Option<crate::op::SelfExtend>, String> {
-        let Some(s) = &self.self_extend else { return Ok(None) };
-        let bad = || format!("--self-extend takes the neighbour window and the group size as `W,G`, not `{s}`");
-        let (w, g) = s.split_once(',').ok_or_else(bad)?;
-        let (neighbours, group) =
-            (w.trim().parse::<u64>().map_err(|_| bad())?, g.trim().parse::<u64>().map_err(|_| bad())?);
-        if neighbours == 0 || group == 0 {
-            return Err(bad());
-        }
-        Ok(Some(crate::op::SelfExtend { neighbours, group }))
+        self.self_extend.as_deref().map(crate::op::SelfExtend::parse).transpose()
     }
 
     /// The lengths, parsed, and the longest.

@@ -435,6 +435,9 @@ pub fn attention_decode<T: Real>(
         return;
     }
     let scale = dims.scale::<T>();
+    if let Some(se) = dims.self_extend {
+        return self_extend_decode(dims, se, positions, capacity, q, k_new, v_new, k_cache, v_cache, out);
+    }
     out.par_chunks_mut(qw)
         .zip(k_cache.par_chunks_mut(capacity * kw))
         .zip(v_cache.par_chunks_mut(capacity * kw))
@@ -475,6 +478,70 @@ pub fn attention_decode<T: Real>(
         });
 }
 
+/// [`attention_decode`] with Self-Extend `(W, G)` (full attention with RoPE): the cache holds
+/// keys as they came, unrotated, since a key scores at its own position for queries less than W
+/// away and at ⌊p/G⌋ for the others; each is rotated when scored. Scores as the whole-window
+/// forward does.
+#[allow(clippy::too_many_arguments)]
+fn self_extend_decode<T: Real>(
+    dims: AttnDims,
+    (w, g): (usize, usize),
+    positions: &[usize],
+    capacity: usize,
+    q: &[T],
+    k_new: &[T],
+    v_new: &[T],
+    k_cache: &mut [T],
+    v_cache: &mut [T],
+    out: &mut [T],
+) {
+    let kernel = "attention_decode";
+    let base = dims.rope.unwrap_or_else(|| panic!("{kernel}: Self-Extend needs RoPE"));
+    assert!(dims.window.is_none() && g >= 1, "{kernel}: Self-Extend extends full attention with a group of 1 or more");
+    let (hd, qw, kw) = (dims.head_dim, dims.q_width(), dims.kv_width());
+    let scale = dims.scale::<T>();
+    out.par_chunks_mut(qw)
+        .zip(k_cache.par_chunks_mut(capacity * kw))
+        .zip(v_cache.par_chunks_mut(capacity * kw))
+        .enumerate()
+        .for_each(|(bi, ((o, kc), vc))| {
+            let pos = positions[bi];
+            let slot = pos % capacity;
+            kc[slot * kw..][..kw].copy_from_slice(&k_new[bi * kw..][..kw]);
+            vc[slot * kw..][..kw].copy_from_slice(&v_new[bi * kw..][..kw]);
+            let grouped_q = pos / g + w - w / g;
+            let table = RopeTable::new(base, hd, 0..pos.max(grouped_q) + 1);
+            let rotated = |x: &[T], at: usize| -> Vec<T> {
+                let mut x = x.to_vec();
+                table.rotate(at, &mut x);
+                x
+            };
+            let mut scores = vec![T::zero(); pos + 1];
+            for (h, oh) in o.chunks_mut(hd).enumerate() {
+                let qh = &q[bi * qw + h * hd..][..hd];
+                let (near, far) = (rotated(qh, pos), rotated(qh, grouped_q));
+                let at = |p: usize| (p % capacity) * kw + (h / dims.group()) * hd;
+                let mut max = T::neg_infinity();
+                for (s, p) in scores.iter_mut().zip(0..=pos) {
+                    let k = &kc[at(p)..][..hd];
+                    *s = match pos - p >= w {
+                        true => scale * dot(&far, &rotated(k, p / g)),
+                        false => scale * dot(&near, &rotated(k, p)),
+                    };
+                    max = max.max(*s);
+                }
+                oh.fill(T::zero());
+                let mut sum = T::zero();
+                for (&s, p) in scores.iter().zip(0..=pos) {
+                    let e = (s - max).exp();
+                    sum = sum + e;
+                    axpy(e, &vc[at(p)..][..hd], oh);
+                }
+                oh.iter_mut().for_each(|x| *x = *x / sum);
+            }
+        });
+}
+
 /// Fill ring-buffer caches (`[batch, capacity, kv_heads·head_dim]`) from a prompt's k and v
 /// (`[batch, seq, kv_heads·head_dim]`) for prefill → decode: the last min(seq, capacity)
 /// positions, keys rotated, position p in slot p % capacity. Slots no position reaches are
@@ -498,7 +565,8 @@ pub fn attention_fill_cache<T: Real>(
         return;
     }
     let first = seq.saturating_sub(capacity);
-    let table = dims.rope.map(|base| RopeTable::new(base, hd, first..seq));
+    // Self-Extend rotates each key when it is scored (at one of two positions): kept as it came.
+    let table = dims.rope.filter(|_| dims.self_extend.is_none()).map(|base| RopeTable::new(base, hd, first..seq));
     k_cache.par_chunks_mut(capacity * kw).zip(v_cache.par_chunks_mut(capacity * kw)).enumerate().for_each(
         |(bi, (kc, vc))| {
             kc.fill(T::zero());
@@ -691,6 +759,52 @@ mod tests {
         assert!(plain.iter().zip(&got).any(|(a, b)| (a - b).abs() > 1e-3));
     }
 
+    /// The decode outputs of tokens `prefix..` of `x`, the first `prefix` filled into a cache
+    /// of `capacity` (holding 7s where nothing was written).
+    fn decoded(d: AttnDims, capacity: usize, x: &[Vec<f64>], prefix: usize) -> Vec<f64> {
+        let (qw, kw) = (d.q_width(), d.kv_width());
+        let (mut kc, mut vc) = (vec![7.0; d.batch * capacity * kw], vec![7.0; d.batch * capacity * kw]);
+        let kp = rows(&x[1], d.batch, d.seq, kw, 0..prefix);
+        let vp = rows(&x[2], d.batch, d.seq, kw, 0..prefix);
+        attention_fill_cache(AttnDims { seq: prefix, ..d }, capacity, &kp, &vp, &mut kc, &mut vc);
+        let mut got = vec![];
+        for t in prefix..d.seq {
+            let mut o = vec![0.0; d.batch * qw];
+            let row = |i: usize, w: usize| rows(&x[i], d.batch, d.seq, w, t..t + 1);
+            attention_decode(
+                d,
+                &vec![t; d.batch],
+                capacity,
+                &row(0, qw),
+                &row(1, kw),
+                &row(2, kw),
+                &mut kc,
+                &mut vc,
+                &mut o,
+            );
+            got.extend(o);
+        }
+        got
+    }
+
+    #[test]
+    fn self_extend_decode_over_unrotated_keys_reproduces_the_forward() {
+        // Two sequences at different positions each step (the second a token behind), a prefix
+        // shorter and one longer than the neighbour window 8, groups of 3.
+        let d = dims(2, 40, 4, 2, 8, None, Some(10000.0));
+        let se = AttnDims { self_extend: Some((8, 3)), ..d };
+        let qw = d.q_width();
+        let x = inputs(d, 23, 1.0);
+        let (want, _) = fwd::<f64>(se, &x);
+        for prefix in [3, 20] {
+            let got = decoded(se, 40, &x, prefix);
+            let expect: Vec<f64> = (prefix..d.seq).flat_map(|t| rows(&want, d.batch, d.seq, qw, t..t + 1)).collect();
+            // f64, at most 40 terms per sum: rounding far below 1e-12.
+            let err = rel(&got, &expect);
+            assert!(err <= 1e-12, "prefix {prefix}: rel {err:e}");
+        }
+    }
+
     #[test]
     fn forward_matches_the_naive_reference() {
         let cases = [
@@ -781,33 +895,13 @@ mod tests {
         let mut worst = 0.0f64;
         for (window, capacity, rope) in configs {
             let d = dims(2, 45, 4, 2, 6, window, rope);
-            let (qw, kw) = (d.q_width(), d.kv_width());
+            let qw = d.q_width();
             let x = inputs(d, 70, 1.0);
             let (want, _) = fwd::<f64>(d, &x);
             for prefix in [0, 9, 38] {
-                let pd = AttnDims { seq: prefix, ..d };
-                let mut kc = vec![7.0; d.batch * capacity * kw];
-                let mut vc = vec![7.0; d.batch * capacity * kw];
-                let kp = rows(&x[1], d.batch, d.seq, kw, 0..prefix);
-                let vp = rows(&x[2], d.batch, d.seq, kw, 0..prefix);
-                attention_fill_cache(pd, capacity, &kp, &vp, &mut kc, &mut vc);
-                let (mut got, mut expect) = (vec![], vec![]);
-                for t in prefix..d.seq {
-                    let mut o = vec![0.0; d.batch * qw];
-                    attention_decode(
-                        d,
-                        &vec![t; d.batch],
-                        capacity,
-                        &rows(&x[0], d.batch, d.seq, qw, t..t + 1),
-                        &rows(&x[1], d.batch, d.seq, kw, t..t + 1),
-                        &rows(&x[2], d.batch, d.seq, kw, t..t + 1),
-                        &mut kc,
-                        &mut vc,
-                        &mut o,
-                    );
-                    got.extend(o);
-                    expect.extend(rows(&want, d.batch, d.seq, qw, t..t + 1));
-                }
+                let got = decoded(d, capacity, &x, prefix);
+                let expect: Vec<f64> =
+                    (prefix..d.seq).flat_map(|t| rows(&want, d.batch, d.seq, qw, t..t + 1)).collect();
                 let err = rel(&got, &expect);
                 assert!(err <= 1e-12, "window {window:?} capacity {capacity} prefix {prefix}: rel {err:e}");
                 worst = worst.max(err);

@@ -597,11 +597,6 @@ pub(crate) fn execute_with<T: Real>(
             emit(y);
             emit(h);
         }
-        Op::AttentionCache { attrs, .. } | Op::AttentionDecode { attrs, .. } if attrs.self_extend.is_some() => {
-            return fail(
-                "Self-Extend runs in the whole-sequence forward (the logits and score plans): caches hold keys rotated at their true positions",
-            );
-        }
         Op::AttentionCache { attrs, capacity } => {
             let (batch, seq, _) = seq_dims(ins[0]);
             let dims = AttnDims { batch, seq, ..attn_dims(attrs, ins[0]) };

@@ -60,6 +60,18 @@ impl SelfExtend {
     pub fn reach(&self, trained: u64) -> u64 {
         trained.saturating_sub(self.neighbours) * self.group + self.neighbours
     }
+
+    /// From a command line's `W,G` (neighbour window, group size; both at least 1).
+    pub fn parse(s: &str) -> Result<SelfExtend, String> {
+        let bad = || format!("--self-extend takes the neighbour window and the group size as `W,G`, not `{s}`");
+        let (w, g) = s.split_once(',').ok_or_else(bad)?;
+        let (neighbours, group) =
+            (w.trim().parse::<u64>().map_err(|_| bad())?, g.trim().parse::<u64>().map_err(|_| bad())?);
+        if neighbours == 0 || group == 0 {
+            return Err(bad());
+        }
+        Ok(SelfExtend { neighbours, group })
+    }
 }
 
 impl AttentionAttrs {
