@@ -285,7 +285,8 @@ pub fn bench_gpu(spec: &Path, seq: u64, batch: u64, steps: usize, decode: bool) 
         .map_err(|e| e.to_string())?;
     let mut be = GpuBackend::new(gpu, bundle, 0).map_err(|e| e.0)?;
     if decode {
-        return Ok(bench::bench_decode(&mut be, steps)?.render());
+        let b = bench::bench_decode(&mut be, steps)?.render();
+        return Ok(b + &bench::paper_sweep(&mut be, steps)?.render());
     }
     Ok(bench::bench(&mut be, steps)?.render())
 }

@@ -24,8 +24,8 @@ build specs/samba-421m.weft scripts/gpu/check-421m.toml samba-421m-check
 for s in samba-421m samba-1.3b; do
   build "specs/$s.weft" scripts/gpu/bench.toml "$s"
 done
-# Generation at 16 sequences (the decode benchmark's second batch size).
-build specs/samba-421m.weft scripts/gpu/decode-b16.toml samba-421m-b16
+# Generation up to 256 sequences (the decode benchmark sweeps 1 to 256).
+build specs/samba-421m.weft scripts/gpu/decode-b256.toml samba-421m-b256
 # Serving under load: 64 slots.
 build specs/samba-421m.weft scripts/gpu/serve-421m.toml serve-421m
 # samba-micro as the main job trains it: its tokenizer (trained by the CPU run's data loading),

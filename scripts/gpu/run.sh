@@ -196,7 +196,7 @@ for b in $BENCH; do
 done
 
 # ---- generation: decode steps with the states on the device against through the host ----
-DECODE=${DECODE:-samba-421m samba-421m-b16}
+DECODE=${DECODE:-samba-421m samba-421m-b256}
 [ "$DECODE" = none ] && DECODE=
 for b in $DECODE; do
   late "decode $b" && continue
@@ -204,6 +204,9 @@ for b in $DECODE; do
   if ./weft-run bench "$b.bundle" --decode --steps 300 2>&1 | tee "decode-$b.log"; then
     note "decode $b: $(grep -o 'states on the device.*' "decode-$b.log" | tr -s ' '); $(grep -o 'states through host.*' "decode-$b.log" | tr -s ' '); $(grep -o 'speed-up.*' "decode-$b.log")"
     note "start-up $b: $(grep -o 'start-up:.*' "decode-$b.log" | cut -d' ' -f2-)"
+    note "decode $b by batch: $(grep -o 'B = .*tokens/s' "decode-$b.log" | tr -s ' ' | paste -sd';')"
+    note "decode $b far into the context: $(grep -o 'position .*GiB' "decode-$b.log" | tr -s ' ' | paste -sd';')"
+    note "chunked prefill $b: $(grep -o 'prompts of .*tokens/s' "decode-$b.log" | tr -s ' ' | paste -sd';')"
   else
     note "decode $b: FAIL (see decode-$b.log)"
   fi

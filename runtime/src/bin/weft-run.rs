@@ -302,6 +302,7 @@ fn run(command: Command) -> Result<bool, String> {
                 b.prefill_ms / 1e3
             );
             print!("{}", b.render());
+            print!("{}", weft_runtime::cuda::bench::paper_sweep(&mut be, steps as usize)?.render());
             Ok(true)
         }
         Command::Train {

@@ -3,6 +3,7 @@
 //! kernel class; prefill tokens/s. Shared by `weft-run bench` and `weft bench --backend gpu`.
 
 use super::exec::GpuBackend;
+use crate::backend::Backend;
 use crate::cpu::tensor::Tensor;
 use std::collections::BTreeMap;
 
@@ -322,6 +323,162 @@ impl DecodeBench {
         s += "costliest kernels of a decode step:\n";
         for (k, t) in &self.kernels {
             s += &format!("  {t:>8.3} ms  {k}\n");
+        }
+        s
+    }
+}
+
+/// The paper's generation figures at small cost: decode at each batch size the decode plan
+/// holds, decode far into the context, and chunked prefill of prompts of each length.
+pub struct Sweep {
+    /// (batch, ms per step) at the bench's context.
+    pub batches: Vec<(usize, f64)>,
+    /// (position, ms per step at one sequence, device memory in use): from a synthetic (zero)
+    /// state at that position, as if that many tokens had come before.
+    pub positions: Vec<(usize, f64, usize)>,
+    /// (prompt length, tokens/s) over `prefill_budget` tokens of prompts each prefilled from
+    /// nothing a chunk at a time (the `chunk` plan, its states kept on the device).
+    pub prefill: Vec<(usize, f64)>,
+    pub prefill_budget: usize,
+    pub chunk: usize,
+}
+
+/// Decode steps of `batch` sequences at `pos`, from zero states: ms per step (wall, after one
+/// step that captures the graph).
+fn decode_at(be: &mut GpuBackend, batch: usize, pos: usize, steps: usize) -> Result<f64, String> {
+    let decode = be.program().plan("decode").map_err(|e| e.0)?.clone();
+    let carried = crate::generate::state_names(&decode);
+    let v = vocab(be.program());
+    let mut first: BTreeMap<String, Tensor<f32>> = crate::generate::zero_states(&decode, batch).into_iter().collect();
+    let inputs = crate::generate::decode_inputs(&decode, &mut first, tokens(batch, v, 7), &[pos])?;
+    be.run_plan_carried("decode", &inputs, &carried).map_err(|e| e.0)?;
+    let inputs = crate::generate::decode_inputs(&decode, &mut BTreeMap::new(), tokens(batch, v, 8), &[pos + 1])?;
+    be.run_plan_carried("decode", &inputs, &carried).map_err(|e| e.0)?;
+    let t = std::time::Instant::now();
+    for i in 0..steps {
+        let inputs = crate::generate::decode_inputs(
+            &decode,
+            &mut BTreeMap::new(),
+            tokens(batch, v, 9 + i as u64),
+            &[pos + 2 + i],
+        )?;
+        be.run_plan_carried("decode", &inputs, &carried).map_err(|e| e.0)?;
+    }
+    Ok(t.elapsed().as_secs_f64() * 1e3 / steps.max(1) as f64)
+}
+
+/// Prompts of `len` tokens, `budget / len` of them (at least one), each prefilled from nothing
+/// in chunks of the `chunk` plan: tokens/s.
+fn chunked_prefill(be: &mut GpuBackend, len: usize, budget: usize) -> Result<f64, String> {
+    let chunk_plan = be.program().plan("chunk").map_err(|e| e.0)?.clone();
+    let size = be.plan_shape("chunk").map_or(512, |s| s.1);
+    let carried = crate::generate::state_names(&chunk_plan);
+    let v = vocab(be.program());
+    let prompts = (budget / len).max(1);
+    let with_pos = chunk_plan.input_type("pos").is_some();
+    let t = std::time::Instant::now();
+    for p in 0..prompts {
+        let ids = tokens(len, v, 40 + p as u64);
+        let mut start = 0;
+        while start < len {
+            let n = size.min(len - start);
+            let mut inputs = vec![("tokens".to_string(), Tensor::ints(vec![1, n], ids[start..start + n].to_vec()))];
+            if start == 0 {
+                inputs.extend(crate::generate::zero_states(&chunk_plan, 1));
+            }
+            if with_pos {
+                inputs.push(("pos".to_string(), Tensor::ints(vec![1], vec![start as i32])));
+            }
+            // A shorter last chunk runs at its own shape: the plan takes any length up to its own.
+            be.run_plan_carried("chunk", &inputs, &carried).map_err(|e| e.0)?;
+            start += n;
+        }
+    }
+    Ok((prompts * len) as f64 / t.elapsed().as_secs_f64().max(1e-9))
+}
+
+/// [`Sweep`]: batch sizes `batches` (those the decode plan holds), positions `positions` (those a
+/// full-attention cache reaches), prompt lengths `prompts` over `budget` tokens each.
+pub fn sweep(
+    be: &mut GpuBackend,
+    batches: &[usize],
+    positions: &[usize],
+    prompts: &[usize],
+    budget: usize,
+    steps: usize,
+) -> Result<Sweep, String> {
+    let d = be.bundle().plans.get("decode").ok_or("the bundle has no decode plan")?.0;
+    let p = be.bundle().plans.get("prefill").ok_or("the bundle has no prefill plan")?.0;
+    let (rows, context) = (d.batch as usize, p.seq as usize);
+    // Full attention keeps every position: its cache bounds the reach.
+    let decode = be.program().plan("decode").map_err(|e| e.0)?.clone();
+    let reach = decode
+        .steps
+        .iter()
+        .filter_map(|s| match &s.op {
+            crate::Op::AttentionDecode { attrs, capacity } if attrs.window.is_none() => Some(*capacity as usize),
+            _ => None,
+        })
+        .min()
+        .unwrap_or(usize::MAX);
+    let mut s = Sweep { batches: vec![], positions: vec![], prefill: vec![], prefill_budget: budget, chunk: 0 };
+    let at = context.saturating_sub(steps + 3).min(4096);
+    for &b in batches.iter().filter(|&&b| b >= 1 && b <= rows) {
+        s.batches.push((b, decode_at(be, b, at, steps)?));
+    }
+    for &pos in positions.iter().filter(|&&p| p + steps + 3 <= reach) {
+        let ms = decode_at(be, 1, pos, steps)?;
+        s.positions.push((pos, ms, be.gpu().used_bytes().map_err(|e| e.0)?));
+    }
+    if be.runs("chunk") {
+        s.chunk = be.plan_shape("chunk").map_or(0, |c| c.1);
+        for &len in prompts {
+            s.prefill.push((len, chunked_prefill(be, len, budget)?));
+        }
+    }
+    Ok(s)
+}
+
+/// [`sweep`] at the paper's points: batch sizes 1 to 256 (those the plan holds), positions 4K
+/// to 1M, prompts of 1K to 128K tokens at 128K prompt tokens each.
+pub fn paper_sweep(be: &mut GpuBackend, steps: usize) -> Result<Sweep, String> {
+    sweep(
+        be,
+        &[1, 16, 64, 256],
+        &[4096, 65536, 262144, 1 << 20],
+        &[1024, 4096, 16384, 65536, 131072],
+        131072,
+        steps.clamp(2, 64),
+    )
+}
+
+impl Sweep {
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        if !self.batches.is_empty() {
+            s += "decode by batch (zero states at position min(context, 4096)):\n";
+            for (b, ms) in &self.batches {
+                s += &format!("  B = {b:<4} {ms:>8.3} ms/step  {:>9.0} tokens/s\n", *b as f64 / (ms * 1e-3));
+            }
+        }
+        if !self.positions.is_empty() {
+            s += "decode at one sequence far into the context (a synthetic zero state at that position):\n";
+            for (p, ms, mem) in &self.positions {
+                s += &format!(
+                    "  position {p:>8}  {ms:>8.3} ms/step  {:>7.0} tokens/s  device memory in use {:.3} GiB\n",
+                    1e3 / ms,
+                    *mem as f64 / (1u64 << 30) as f64
+                );
+            }
+        }
+        if !self.prefill.is_empty() {
+            s += &format!(
+                "chunked prefill ({}-token chunks, {} prompt tokens per length):\n",
+                self.chunk, self.prefill_budget
+            );
+            for (len, tps) in &self.prefill {
+                s += &format!("  prompts of {len:>7} tokens  {tps:>9.0} tokens/s\n");
+            }
         }
         s
     }
