@@ -856,3 +856,52 @@ fn two_processes_train_as_one_and_a_killed_rank_stops_the_other() {
     assert_eq!(metrics(&long_run).lines().count() as u64, step + 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A rendezvous that cannot work is said, with what to fix, and the process exits 1 without
+/// waiting past its timeout: a rank outside the world, a missing variable, --ranks as well, a
+/// rank 0 that never comes, a rank that never joins, a port already taken.
+#[test]
+fn a_bad_rendezvous_is_named() {
+    let dir = temp_dir("rendezvous");
+    let docs = write_corpus(&dir);
+    let cfg = config(&dir, &docs, 2, 0, "byte");
+    let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let run = |vars: &[(&str, String)], extra: &[&str]| {
+        let mut c = weft();
+        c.args(["train", "--no-progress", "--backend", "cpu", "--config"]).arg(&cfg).args(extra);
+        for (k, v) in vars {
+            c.env(k, v);
+        }
+        let t = Instant::now();
+        let out = c.output().unwrap();
+        assert!(t.elapsed() < Duration::from_secs(60), "{vars:?} took {:?}", t.elapsed());
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let s = |v: &str| v.to_string();
+    let local = |rank: &str, p: u16| {
+        vec![
+            ("WORLD_SIZE", s("2")),
+            ("RANK", s(rank)),
+            ("MASTER_ADDR", s("127.0.0.1")),
+            ("MASTER_PORT", p.to_string()),
+            ("WEFT_COLLECTIVE_TIMEOUT", s("1")),
+        ]
+    };
+    let cases: Vec<(Vec<(&str, String)>, &[&str], &str)> = vec![
+        (vec![("WORLD_SIZE", s("2")), ("RANK", s("2"))], &[], "RANK=2 is not below WORLD_SIZE=2"),
+        (vec![("WORLD_SIZE", s("2")), ("RANK", s("0"))], &[], "so MASTER_ADDR must be too"),
+        (local("0", port()), &["--ranks", "2"], "leave out --ranks"),
+        (local("1", port()), &[], "could not reach rank 0 at 127.0.0.1"),
+        (local("0", port()), &[], "rank(s) 1 never joined"),
+    ];
+    for (vars, extra, want) in cases {
+        let (code, err) = run(&vars, extra);
+        assert_eq!(code, Some(1), "{vars:?}: {err}");
+        assert!(err.contains(want), "{vars:?}: {err}");
+    }
+    let taken = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let (code, err) = run(&local("0", taken.local_addr().unwrap().port()), &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot listen on port"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
