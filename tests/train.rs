@@ -887,7 +887,8 @@ fn a_bad_rendezvous_is_named() {
             ("WEFT_COLLECTIVE_TIMEOUT", s("1")),
         ]
     };
-    let cases: Vec<(Vec<(&str, String)>, &[&str], &str)> = vec![
+    type Case<'a> = (Vec<(&'a str, String)>, &'a [&'a str], &'a str);
+    let cases: Vec<Case> = vec![
         (vec![("WORLD_SIZE", s("2")), ("RANK", s("2"))], &[], "RANK=2 is not below WORLD_SIZE=2"),
         (vec![("WORLD_SIZE", s("2")), ("RANK", s("0"))], &[], "so MASTER_ADDR must be too"),
         (local("0", port()), &["--ranks", "2"], "leave out --ranks"),
