@@ -126,7 +126,7 @@ impl Gpu {
                 crate::io::size(free)
             ))
         })?;
-        Ok(DeviceBuffer { ptr, bytes, ctx: self.ctx.clone() })
+        Ok(DeviceBuffer { ptr, bytes, ctx: self.ctx.clone(), owned: true })
     }
 
     pub fn upload(&self, dst: u64, bytes: &[u8]) -> Result<(), GpuError> {
@@ -185,15 +185,28 @@ impl Gpu {
     }
 }
 
-/// Device memory, freed on drop.
+/// Device memory, freed on drop (a view into another buffer frees nothing).
 pub struct DeviceBuffer {
     pub ptr: u64,
     pub bytes: usize,
     ctx: Arc<CudaContext>,
+    owned: bool,
+}
+
+impl DeviceBuffer {
+    /// `bytes` bytes from `offset` on, as a buffer of their own that frees nothing: the caller
+    /// keeps this buffer alive as long as the view.
+    pub(crate) fn view(&self, offset: usize, bytes: usize) -> DeviceBuffer {
+        assert!(offset + bytes <= self.bytes, "a view past its buffer");
+        DeviceBuffer { ptr: self.ptr + offset as u64, bytes, ctx: self.ctx.clone(), owned: false }
+    }
 }
 
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let _ = self.ctx.bind_to_thread();
         // SAFETY: allocated by malloc_sync and freed once; the stream is synchronised by
         // whoever drops plans (GpuBackend synchronises after each run).

@@ -51,6 +51,8 @@ pub struct GpuBackend {
     /// Kernels allowed more than the default dynamic shared memory, and how much.
     shared_opt_in: HashMap<String, u32>,
     store: BTreeMap<String, (TensorType, DeviceBuffer)>,
+    /// The memory of every gradient accumulator in `store` (views into it), f32.
+    grad_bucket: Option<DeviceBuffer>,
     plans: HashMap<String, LoadedPlan>,
     /// Milliseconds by kernel (and by matrix-product shape) of the last `time_plan`'s profiled run.
     pub last_profile: BTreeMap<String, f64>,
@@ -167,10 +169,39 @@ impl GpuBackend {
                 store.insert(master_name(name), (master_ty, m));
             }
         }
+        // The gradient accumulators live in one flat bucket (each at a 256-byte boundary, the
+        // gaps zero), which data-parallel ranks sum in one collective.
+        let accumulators = crate::backend::accumulator_names(program);
+        let place = |bytes: usize| bytes.div_ceil(256) * 256;
+        let bucket_bytes: usize = program
+            .states
+            .iter()
+            .filter(|st| accumulators.contains(&st.name))
+            .map(|st| place(dense_bytes(&st.ty, 1, 1)))
+            .sum();
+        let grad_bucket = match bucket_bytes {
+            0 => None,
+            n => {
+                let b = gpu.alloc(n)?;
+                gpu.zero(b.ptr, n)?;
+                Some(b)
+            }
+        };
+        let mut at = 0;
         for st in &program.states {
             let bytes = dense_bytes(&st.ty, 1, 1);
-            let buf = gpu.alloc(bytes)?;
-            gpu.zero(buf.ptr, bytes)?;
+            let buf = match &grad_bucket {
+                Some(bucket) if accumulators.contains(&st.name) => {
+                    let view = bucket.view(at, bytes);
+                    at += place(bytes);
+                    view
+                }
+                _ => {
+                    let buf = gpu.alloc(bytes)?;
+                    gpu.zero(buf.ptr, bytes)?;
+                    buf
+                }
+            };
             store.insert(st.name.clone(), (st.ty.clone(), buf));
         }
         gpu.synchronize()?;
@@ -180,6 +211,7 @@ impl GpuBackend {
             functions: HashMap::new(),
             shared_opt_in: HashMap::new(),
             store,
+            grad_bucket,
             plans: HashMap::new(),
             last_profile: BTreeMap::new(),
             dependent_launch: std::env::var_os("WEFT_NO_PDL").is_none_or(|v| v != "1"),
@@ -942,17 +974,17 @@ impl Backend for GpuBackend {
         self.bundle.plans.get(name).map(|p| (p.0.batch as usize, p.0.seq as usize))
     }
 
-    /// On the devices through the group's NCCL communicator where it has one (every f32
-    /// accumulator in place, on the stream the plans run on), else through the host.
+    /// On the devices through the group's NCCL communicator where it has one (the flat bucket
+    /// of f32 accumulators in place, in one collective, on the stream the plans run on), else
+    /// through the host.
     fn all_reduce_grads(&mut self, group: &dyn crate::collective::Collective) -> Result<(), String> {
-        let mut buffers = Vec::new();
         for n in crate::backend::accumulator_names(&self.bundle.program) {
-            let (ty, buf) = self.store.get(&n).ok_or_else(|| format!("the store has no `{n}`"))?;
+            let (ty, _) = self.store.get(&n).ok_or_else(|| format!("the store has no `{n}`"))?;
             if ty.dtype != DType::F32 {
                 return Err(format!("`{n}` is {}, not f32", ty.dtype));
             }
-            buffers.push((buf.ptr, dense_bytes(ty, 1, 1) / 4));
         }
+        let buffers: Vec<(u64, usize)> = self.grad_bucket.iter().map(|b| (b.ptr, b.bytes / 4)).collect();
         self.gpu.bind().map_err(|e| e.0)?;
         match group.all_reduce_device_f32(&buffers, self.gpu.raw_stream() as usize) {
             Some(done) => done,
