@@ -764,6 +764,18 @@ fn two_ranks_train_bit_identically_to_one_accumulating_two() {
         assert!(latest(&mixed_run, f) == latest(&one_run, f), "{f} differs after resuming on one rank");
     }
 
+    // And the other way: one rank to step 3, then two ranks (each keeping its share of the
+    // optimizer state the checkpoint holds whole) on to 6.
+    let (back, back_run) = make("back");
+    let (code, _, err) = train(&back, &["--steps", "3"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = train(&back, &["--ranks", "2"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(trained(&back_run), trained(&one_run));
+    for f in ["params.safetensors", "optimizer.safetensors"] {
+        assert!(latest(&back_run, f) == latest(&one_run, f), "{f} differs after resuming on two ranks");
+    }
+
     let (code, _, err) = train(&mixed, &["--gpus", "3", "--steps", "8"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("3 ranks share each step's train.grad_accum = 2"), "{err}");
