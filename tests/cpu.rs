@@ -877,6 +877,16 @@ layers = [m, full, f, full]
     let extended = c.model.clone().with_self_extend(se).unwrap();
     let p = build_program(&extended, &settings, 40).unwrap();
     let plain = build_program(&c.model, &settings, 40).unwrap();
+    // A bundle built without it, patched by the runtime (`weft-run eval ppl --self-extend`),
+    // has the very plans the compiler builds with it.
+    let patched = plain.clone().with_self_extend(se).unwrap();
+    for (name, plan) in &p.plans {
+        assert!(patched.plans[name] == *plan, "plan `{name}` differs");
+    }
+    let no_rope = weft::check_str(Path::new("nope.weft"), &src.replace("rope = 10000", "rope = none"))
+        .unwrap_or_else(|f| panic!("{}", f.render()));
+    let e = build_program(&no_rope.model, &settings, 40).unwrap().with_self_extend(se).unwrap_err();
+    assert!(e.contains("no full-attention layer with RoPE"), "{e}");
     let mut store: Store<f64> = Store::init(&p, 3);
     let (b, t, vocab) = (2, 30, 32);
     let inputs = batch(b, t, vocab as i32, 5);

@@ -82,6 +82,37 @@ impl fmt::Display for PlanError {
 impl std::error::Error for PlanError {}
 
 impl Program {
+    /// This program with Self-Extend on every full-attention layer with RoPE in its inference
+    /// plans (the training and evaluation steps keep plain attention): what the compiler builds
+    /// from a model with Self-Extend, for a bundle that was built without. An error where no
+    /// layer takes it.
+    pub fn with_self_extend(mut self, se: crate::op::SelfExtend) -> Result<Program, String> {
+        if se.neighbours < 1 || se.group < 1 {
+            return Err("Self-Extend needs a neighbour window and a group size of at least 1".into());
+        }
+        let mut any = false;
+        for (name, plan) in self.plans.iter_mut() {
+            if matches!(name.as_str(), "train_step" | "optimizer_step" | "eval") {
+                continue;
+            }
+            for step in &mut plan.steps {
+                let attrs = match &mut step.op {
+                    Op::Attention(a) => a,
+                    Op::AttentionCache { attrs, .. } | Op::AttentionDecode { attrs, .. } => attrs,
+                    _ => continue,
+                };
+                if attrs.window.is_none() && attrs.rope.is_some() {
+                    attrs.self_extend = Some(se);
+                    any = true;
+                }
+            }
+        }
+        if !any {
+            return Err(format!("`{}` has no full-attention layer with RoPE for Self-Extend to extend", self.model));
+        }
+        Ok(self)
+    }
+
     /// The vocabulary: rows of the embedding table (`embed.weight`).
     pub fn vocab(&self) -> Option<usize> {
         let p = self.params.iter().find(|p| p.name == "embed.weight")?;

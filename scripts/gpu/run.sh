@@ -318,6 +318,16 @@ for s in $PPL; do
     cat "ppl-$s-$be.log"
   done
   note "ppl $s at 512 / 2K: GPU $(ppl_row ppl-$s-gpu.log 512) / $(ppl_row ppl-$s-gpu.log 2048), CPU reference $(ppl_row ppl-$s-cpu.log 512) / $(ppl_row ppl-$s-cpu.log 2048)"
+  # Self-Extend (W=128, G=8: reach 3200 at 512) on full attention, on this machine's CPUs (the
+  # GPU has no kernel for it yet).
+  case " ${PPL_SELF_EXTEND:-llama-tiny} " in *" $s "*)
+    late "ppl $s self-extend" && continue
+    echo "=== perplexity of $s with Self-Extend 128,8, CPU reference"
+    ./weft-run eval ppl "ppl-$s.bundle" --run "ppl-$s" --data sotu-held-out --lengths 512,2k,8k --windows 2 \
+      --self-extend 128,8 --backend cpu > "ppl-$s-se.log" 2>&1
+    cat "ppl-$s-se.log"
+    note "ppl $s with Self-Extend 128,8 (CPU, 2 windows of 8K): $(awk 'NR > 1 && $2 ~ /^[0-9]+$/ { printf "%s: %s  ", $1, $4 }' "ppl-$s-se.log")"
+  esac
 done
 
 # ---- passkey retrieval after tuning (appendix B at small scale) ----

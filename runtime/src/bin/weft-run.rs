@@ -457,12 +457,19 @@ fn run(command: Command) -> Result<bool, String> {
             Ok(true)
         }
         Command::Eval(EvalCommand::Ppl { bundle: path, run, flags, backend }) => {
-            if flags.self_extend.is_some() {
-                return Err(
-                    "Self-Extend runs on the CPU reference from a run's spec: use `weft eval ppl --self-extend`".into(),
-                );
-            }
-            let g = open_generation(&path, &run)?;
+            let mut g = open_generation(&path, &run)?;
+            // Self-Extend: the bundle's inference plans patched, on the CPU reference (the GPU
+            // has no kernel for it yet).
+            let backend = match (flags.self_extend()?, backend) {
+                (None, b) => b,
+                (Some(_), BackendArg::Gpu) => {
+                    return Err("Self-Extend has no GPU kernels yet: evaluate it with --backend cpu".into())
+                }
+                (Some(se), _) => {
+                    g.bundle.program = g.bundle.program.with_self_extend(se)?;
+                    BackendArg::Cpu
+                }
+            };
             let (_, longest) = flags.lengths()?;
             // Without chunks, the whole-window pass must fit the score plan (the CPU scores in
             // chunks).
