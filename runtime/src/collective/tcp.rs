@@ -27,6 +27,23 @@ const MAGIC: &[u8; 8] = b"WEFTDP01";
 /// write a checkpoint while the others wait for a sum.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// The collective timeout `WEFT_COLLECTIVE_TIMEOUT` sets (whole seconds, at least 1), else
+/// [`DEFAULT_TIMEOUT`].
+pub fn timeout() -> Result<Duration, String> {
+    timeout_from(std::env::var("WEFT_COLLECTIVE_TIMEOUT").ok())
+}
+
+fn timeout_from(v: Option<String>) -> Result<Duration, String> {
+    match v {
+        None => Ok(DEFAULT_TIMEOUT),
+        Some(v) => {
+            v.trim().parse::<u64>().ok().filter(|&n| (1..=1 << 20).contains(&n)).map(Duration::from_secs).ok_or_else(
+                || format!("WEFT_COLLECTIVE_TIMEOUT={v:?} is not a whole number of seconds from 1 to {}", 1 << 20),
+            )
+        }
+    }
+}
+
 /// What a message carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -80,10 +97,7 @@ impl Rendezvous {
         if port == 0 {
             return Err("MASTER_PORT=0 names no port".into());
         }
-        let timeout = match var("WEFT_COLLECTIVE_TIMEOUT") {
-            Some(v) => Duration::from_secs(number("WEFT_COLLECTIVE_TIMEOUT", &v, 1 << 20)?.max(1)),
-            None => DEFAULT_TIMEOUT,
-        };
+        let timeout = timeout_from(var("WEFT_COLLECTIVE_TIMEOUT"))?;
         Ok(Some(Rendezvous { rank, world, local_rank, addr, port, timeout }))
     }
 }
@@ -418,6 +432,10 @@ mod tests {
         assert!(e.contains("MASTER_PORT must be"), "{e}");
         let e = Rendezvous::from_vars(vars(&[("WORLD_SIZE", "two")])).unwrap_err();
         assert!(e.contains("WORLD_SIZE=\"two\""), "{e}");
+        assert_eq!(r.timeout, DEFAULT_TIMEOUT);
+        let e = timeout_from(Some("0".into())).unwrap_err();
+        assert!(e.contains("WEFT_COLLECTIVE_TIMEOUT=\"0\""), "{e}");
+        assert_eq!(timeout_from(Some(" 7 ".into())), Ok(Duration::from_secs(7)));
     }
 
     #[test]

@@ -16,10 +16,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How long one collective may wait for the other ranks before the group is aborted (as long
-/// as the host collectives wait: rank 0 may be writing a checkpoint meanwhile).
-pub const DEFAULT_DEADLINE: Duration = crate::collective::tcp::DEFAULT_TIMEOUT;
-
 /// A new group's identity, made by one rank (here: before the ranks' threads start) and given
 /// to every rank.
 #[derive(Clone, Copy)]
@@ -251,7 +247,8 @@ pub fn with_group<T>(
 ) -> Result<T, String> {
     let Some(id) = id else { return f(host) };
     host.all_reduce_f64(&mut [0.0])?;
-    let group = NcclGroup::join(host, id, DEFAULT_DEADLINE)?;
+    // As long as the host collectives wait (rank 0 may be writing a checkpoint meanwhile).
+    let group = NcclGroup::join(host, id, crate::collective::tcp::timeout()?)?;
     let r = f(&group);
     if let Err(e) = &r {
         group.abort(e);
