@@ -212,6 +212,18 @@ for b in $DECODE; do
   fi
 done
 
+# ---- start-up: launching weft-run generate on a Samba-421M run to its first token ----
+if [[ " $DECODE " == *" samba-421m "* ]] && ! late "start-up of generate"; then
+  rm -rf r421
+  if ./weft-run train samba-421m.bundle --train sotu-valid.tokens --valid sotu-valid.tokens --tokenizer tokenizer-sotu.json \
+      --steps 1 --eval-every 0 --eval-batches 1 --out r421 > r421-train.log 2>&1; then
+    ./weft-run generate samba-421m.bundle --run r421 --prompt "The state of the Union" --max-new-tokens 8 > r421-gen.log 2>&1
+    note "generate samba-421m: $(grep -o 'start-up:.*' r421-gen.log || echo FAIL: see r421-gen.log)"
+  else
+    note "generate samba-421m: training a 1-step run FAILED (see r421-train.log)"
+  fi
+fi
+
 # ---- serving under load: random weights, 512-token prompts, 256 new tokens (ignore_eos) ----
 # The same bundle's decode benchmark at its batch (64) comes first: the served throughput at
 # 64 clients is compared with it.

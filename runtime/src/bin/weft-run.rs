@@ -518,13 +518,16 @@ fn run(command: Command) -> Result<bool, String> {
         }
         Command::Generate { bundle: path, run, flags, backend } => {
             use weft_runtime::generate::generate_text;
+            let launched = Instant::now();
             let (prompt, sampling, options) = flags.resolve()?;
             // Everything is checked before the GPU is touched.
             let g = open_generation(&path, &run)?;
+            let t_open = launched.elapsed().as_secs_f64();
             // The bundle's generation batch is the engine's pool of slots (with --prompts).
             let slots = g.bundle.plans.get("decode").map(|p| p.0.batch as usize);
             let (r, context) = (g.run, g.context);
             let mut be = backend_for(g.bundle, Some(r.params), g.seed, backend)?;
+            let t_backend = launched.elapsed().as_secs_f64();
             let started = Instant::now();
             if flags.prompts.is_some() {
                 let slots = slots.ok_or("the bundle has no decode plan")?;
@@ -551,12 +554,14 @@ fn run(command: Command) -> Result<bool, String> {
             }
             let mut shown = false;
             let mut pieces = 0usize;
+            let mut first_token = None;
             let (kept, _) =
                 generate_text(be.as_mut(), &r.tokenizer, context, &prompt, &options, &sampling, |kept, t| {
                     if !shown {
                         print!("{kept}");
                         shown = true;
                     }
+                    first_token.get_or_insert_with(|| launched.elapsed().as_secs_f64());
                     pieces += 1;
                     print!("{t}");
                     let _ = std::io::Write::flush(&mut std::io::stdout());
@@ -566,6 +571,17 @@ fn run(command: Command) -> Result<bool, String> {
             }
             println!();
             eprintln!("{pieces} pieces of text in {:.2} s on {}", started.elapsed().as_secs_f64(), be.name());
+            // Where the wait for the first token went: reading the run and the bundle, the
+            // backend (on the GPU: context and parameters on the device), then the prompt's
+            // prefill with every first-use cost (kernel loading, matrix-product algorithms,
+            // graph capture).
+            if let Some(first) = first_token {
+                eprintln!(
+                    "start-up: first text {first:.2} s after launch (run and bundle read {t_open:.2} s, backend {:.2} s, prefill and first step {:.2} s)",
+                    t_backend - t_open,
+                    first - t_backend
+                );
+            }
             Ok(true)
         }
     }
