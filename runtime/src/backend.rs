@@ -87,6 +87,17 @@ pub trait Backend {
     fn all_reduce_grads(&mut self, group: &dyn crate::collective::Collective) -> Result<(), String> {
         all_reduce_grads_through_host(self, group)
     }
+    /// Replaces the parameters `names` on every rank of `group` by rank `root`'s, device to
+    /// device, where this backend and the group can (whether it did: else the caller goes
+    /// through the host).
+    fn broadcast_on_device(
+        &mut self,
+        _names: &[String],
+        _root: usize,
+        _group: &dyn crate::collective::Collective,
+    ) -> Result<bool, String> {
+        Ok(false)
+    }
     /// Copies of the persistent tensors named.
     fn read(&self, names: &[&str]) -> Result<BTreeMap<String, Tensor<f32>>, String>;
     /// Replaces persistent tensors (shapes must match the program).

@@ -125,6 +125,10 @@ impl Shards {
             self.full.params.iter().map(|p| (p.name.as_str(), &p.ty)).collect();
         for r in 0..self.world {
             let names = self.owned_by(r);
+            // Between GPUs, device to device (the parameters and their f32 masters).
+            if backend.broadcast_on_device(&names, r, group)? {
+                continue;
+            }
             let specs: Vec<(&str, &crate::TensorType)> =
                 names.iter().map(|n| (n.as_str(), shapes[n.as_str()])).collect();
             let got = broadcast(backend, group, r, &specs)?;

@@ -37,6 +37,12 @@ pub trait Collective: Send + Sync {
     fn all_reduce_device_f32(&self, _buffers: &[(u64, usize)], _stream: usize) -> Option<Result<(), String>> {
         None
     }
+    /// Replaces the `bytes` bytes at each device address of `buffers` on every rank by rank
+    /// `root`'s, on `stream`, and waits for it; None where the group has no path between
+    /// devices.
+    fn broadcast_device(&self, _buffers: &[(u64, usize)], _root: usize, _stream: usize) -> Option<Result<(), String>> {
+        None
+    }
 }
 
 /// A world of one rank: every collective leaves its buffer as it is.

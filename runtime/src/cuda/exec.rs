@@ -992,6 +992,28 @@ impl Backend for GpuBackend {
         }
     }
 
+    /// Each parameter's buffer and its f32 master's, through NCCL.
+    fn broadcast_on_device(
+        &mut self,
+        names: &[String],
+        root: usize,
+        group: &dyn crate::collective::Collective,
+    ) -> Result<bool, String> {
+        let mut buffers = Vec::new();
+        for n in names {
+            for key in [n.clone(), master_name(n)] {
+                if let Some((ty, buf)) = self.store.get(&key) {
+                    buffers.push((buf.ptr, dense_bytes(ty, 1, 1)));
+                }
+            }
+        }
+        self.gpu.bind().map_err(|e| e.0)?;
+        match group.broadcast_device(&buffers, root, self.gpu.raw_stream() as usize) {
+            Some(done) => done.map(|()| true),
+            None => Ok(false),
+        }
+    }
+
     fn read(&self, names: &[&str]) -> Result<BTreeMap<String, Tensor<f32>>, String> {
         let mut out = BTreeMap::new();
         for n in names {

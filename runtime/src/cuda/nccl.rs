@@ -156,6 +156,38 @@ impl<'a> NcclGroup<'a> {
     }
 }
 
+impl NcclGroup<'_> {
+    /// `issue` for each buffer inside one NCCL group call on `stream`, then waits for all of
+    /// it under the watchdog's deadline.
+    fn grouped(
+        &self,
+        what: &str,
+        buffers: &[(u64, usize)],
+        stream: usize,
+        issue: impl Fn(u64, usize, sys::ncclComm_t, sys::cudaStream_t) -> Result<(), String>,
+    ) -> Result<(), String> {
+        if self.comm.aborted.load(Ordering::SeqCst) {
+            return Err(self.failed(what));
+        }
+        let stream = stream as sys::cudaStream_t;
+        result::group_start().map_err(|e| format!("ncclGroupStart: {e:?}"))?;
+        let issued = buffers.iter().try_for_each(|&(ptr, n)| issue(ptr, n, self.comm.raw, stream));
+        result::group_end().map_err(|e| format!("ncclGroupEnd: {e:?}"))?;
+        issued?;
+        self.comm.waiting_since.store(self.comm.epoch.elapsed().as_millis().max(1) as u64, Ordering::SeqCst);
+        // SAFETY: a stream of this thread's bound context.
+        let r = unsafe { cudarc::driver::sys::cuStreamSynchronize(stream as cudarc::driver::sys::CUstream) };
+        self.comm.waiting_since.store(0, Ordering::SeqCst);
+        if r != cudarc::driver::sys::CUresult::CUDA_SUCCESS || self.comm.aborted.load(Ordering::SeqCst) {
+            return Err(self.failed(what));
+        }
+        match self.comm.async_error() {
+            Some(e) => Err(format!("rank {}: NCCL: {e}", self.host.rank())),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Drop for NcclGroup<'_> {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -192,47 +224,42 @@ impl Collective for NcclGroup<'_> {
         self.comm.abort();
     }
     fn all_reduce_device_f32(&self, buffers: &[(u64, usize)], stream: usize) -> Option<Result<(), String>> {
-        Some((|| {
-            if self.comm.aborted.load(Ordering::SeqCst) {
-                return Err(self.failed("the gradient all-reduce"));
+        Some(self.grouped("the gradient all-reduce", buffers, stream, |ptr, n, comm, stream| {
+            // SAFETY: `ptr` holds `n` f32 on this rank's GPU, read and written in place on
+            // `stream`, which is synchronised before the buffer is used elsewhere.
+            unsafe {
+                result::all_reduce(
+                    ptr as *const std::ffi::c_void,
+                    ptr as *mut std::ffi::c_void,
+                    n,
+                    sys::ncclDataType_t::ncclFloat32,
+                    sys::ncclRedOp_t::ncclSum,
+                    comm,
+                    stream,
+                )
             }
-            let stream = stream as sys::cudaStream_t;
-            result::group_start().map_err(|e| format!("ncclGroupStart: {e:?}"))?;
-            let mut issued = Ok(());
-            for &(ptr, n) in buffers {
-                // SAFETY: `ptr` holds `n` f32 on this rank's GPU, read and written in place on
-                // `stream`, which the caller synchronises before the buffer is used elsewhere.
-                let r = unsafe {
-                    result::all_reduce(
-                        ptr as *const std::ffi::c_void,
-                        ptr as *mut std::ffi::c_void,
-                        n,
-                        sys::ncclDataType_t::ncclFloat32,
-                        sys::ncclRedOp_t::ncclSum,
-                        self.comm.raw,
-                        stream,
-                    )
-                };
-                if let Err(e) = r {
-                    issued = Err(format!("ncclAllReduce: {e:?}"));
-                    break;
-                }
+            .map(drop)
+            .map_err(|e| format!("ncclAllReduce: {e:?}"))
+        }))
+    }
+    fn broadcast_device(&self, buffers: &[(u64, usize)], root: usize, stream: usize) -> Option<Result<(), String>> {
+        Some(self.grouped("the parameter broadcast", buffers, stream, |ptr, bytes, comm, stream| {
+            // SAFETY: `ptr` holds `bytes` bytes on this rank's GPU, sent (root) or overwritten
+            // in place on `stream`, which is synchronised before the buffer is used elsewhere.
+            unsafe {
+                result::broadcast(
+                    ptr as *const std::ffi::c_void,
+                    ptr as *mut std::ffi::c_void,
+                    bytes,
+                    sys::ncclDataType_t::ncclUint8,
+                    root as i32,
+                    comm,
+                    stream,
+                )
             }
-            result::group_end().map_err(|e| format!("ncclGroupEnd: {e:?}"))?;
-            issued?;
-            // Wait for the sums, the watchdog's deadline running.
-            self.comm.waiting_since.store(self.comm.epoch.elapsed().as_millis().max(1) as u64, Ordering::SeqCst);
-            // SAFETY: a stream of this thread's bound context.
-            let r = unsafe { cudarc::driver::sys::cuStreamSynchronize(stream as cudarc::driver::sys::CUstream) };
-            self.comm.waiting_since.store(0, Ordering::SeqCst);
-            if r != cudarc::driver::sys::CUresult::CUDA_SUCCESS || self.comm.aborted.load(Ordering::SeqCst) {
-                return Err(self.failed("the gradient all-reduce"));
-            }
-            match self.comm.async_error() {
-                Some(e) => Err(format!("rank {}: NCCL: {e}", self.host.rank())),
-                None => Ok(()),
-            }
-        })())
+            .map(drop)
+            .map_err(|e| format!("ncclBroadcast: {e:?}"))
+        }))
     }
 }
 
