@@ -92,15 +92,10 @@ pub fn table(rows: &[LayerEntropy], n: usize, last: usize, windows: usize) -> St
 pub fn svg(rows: &[LayerEntropy], title: &str) -> String {
     let (w, h, left, bottom, top) = (80.0 + 40.0 * rows.len() as f64, 360.0, 60.0, 90.0, 40.0);
     let hi = rows.iter().map(|r| r.entropy).fold(1e-9, f64::max) * 1.1;
-    let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"14\">{}</text>\n\
-         <line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
+    let mut s = crate::svg::page(w, h, 12, title);
+    s += &format!(
+        "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
          <text x=\"16\" y=\"{}\" text-anchor=\"middle\" transform=\"rotate(-90 16 {})\">entropy (nats)</text>\n",
-        w / 2.0,
-        esc(title),
         h - bottom,
         w - 10.0,
         h - bottom,

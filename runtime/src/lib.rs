@@ -28,6 +28,7 @@ pub mod plan;
 pub mod run;
 pub mod serve;
 pub mod shape;
+pub mod svg;
 pub mod train;
 pub mod zero;
 

@@ -235,14 +235,9 @@ pub fn heat_map(cells: &[Cell], title: &str) -> String {
     let depths: Vec<f64> = cells.iter().filter(|c| c.length == lengths[0]).map(|c| c.depth).collect();
     let (cw, ch, left, top) = (36.0, 28.0, 80.0, 40.0);
     let (w, h) = (left + cw * depths.len() as f64 + 20.0, top + ch * lengths.len() as f64 + 50.0);
-    let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"14\">{}</text>\n\
-         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">depth of the key in the prompt</text>\n",
-        w / 2.0,
-        esc(title),
+    let mut s = crate::svg::page(w, h, 11, title);
+    s += &format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">depth of the key in the prompt</text>\n",
         left + cw * depths.len() as f64 / 2.0,
         h - 8.0
     );
