@@ -1065,23 +1065,47 @@ fn append_decode_row(e: &mut Emit, s: &Spec, capacity: u64, positions: u64, ptag
     k.if_(&inside, |k| {
         let p = load_pos(k, &posp, &b);
         let cap = k.i64(capacity as i64);
-        let slot = k.rem(&p, &cap);
-        let bc = k.mul(&b, &cap);
-        let crow = k.add(&bc, &slot);
-        let hw = k.i64(hd as i64);
-        let head = k.div(&col, &hw);
-        let d = k.rem(&col, &hw);
-        let kx = load_head(k, &kp, kk, &b, &head, hd, rope.as_ref(), &p, &d);
-        let vx = load_head(k, &vp, v, &b, &head, hd, None, &p, &d);
-        let ki = at(k, kc, &crow, &col);
-        k.store(&kx, &kcp, &ki, kc.elem());
-        let vi = at(k, vc, &crow, &col);
-        k.store(&vx, &vcp, &vi, vc.elem());
+        let row = CacheRow { seq: &b, token: &b, pos: &p, capacity: &cap, col: &col };
+        store_cache_row(k, [&kp, &vp, &kcp, &vcp], [kk, v, kc, vc], hd, rope.as_ref(), row);
     });
     let mut args = vec![kk.arg(), v.arg(), kc.arg(), vc.arg(), pos.arg()];
     args.extend(s.tables(e, positions));
     args.push(Arg::I64 { value: Extent::per_sequence(1) });
     e.launch(k, cache_grid(1, kw), 0, args);
+}
+
+/// Where one element of a new key and value goes: column `col` of token row `token` (sequence
+/// `seq`, position `pos`), into slot `pos mod capacity` of the sequence's ring.
+struct CacheRow<'a> {
+    seq: &'a V,
+    token: &'a V,
+    pos: &'a V,
+    capacity: &'a V,
+    col: &'a V,
+}
+
+/// Writes a [`CacheRow`]'s key element (rotated at its position) and value element into the
+/// carried caches (pointers and operands in the order k, v, k_cache, v_cache).
+fn store_cache_row(
+    k: &mut KernelBuilder,
+    [kp, vp, kcp, vcp]: [&V; 4],
+    [kk, v, kc, vc]: [&Operand; 4],
+    hd: u64,
+    rope: Option<&Rope>,
+    r: CacheRow,
+) {
+    let slot = k.rem(r.pos, r.capacity);
+    let bc = k.mul(r.seq, r.capacity);
+    let crow = k.add(&bc, &slot);
+    let hw = k.i64(hd as i64);
+    let head = k.div(r.col, &hw);
+    let d = k.rem(r.col, &hw);
+    let kx = load_head(k, kp, kk, r.token, &head, hd, rope, r.pos, &d);
+    let vx = load_head(k, vp, v, r.token, &head, hd, None, r.pos, &d);
+    let ki = at(k, kc, &crow, r.col);
+    k.store(&kx, kcp, &ki, kc.elem());
+    let vi = at(k, vc, &crow, r.col);
+    k.store(&vx, vcp, &vi, vc.elem());
 }
 
 /// Sequence `b`'s decode position (`pos`, i32 per sequence), at least 0.
@@ -1605,18 +1629,8 @@ fn append_chunk_rows(e: &mut Emit, s: &Spec, capacity: u64, positions: u64, ptag
     k.if_(&write, |k| {
         let p0 = load_pos(k, &posp, &b);
         let p = k.add(&p0, &t);
-        let slot = k.rem(&p, &cap);
-        let bc = k.mul(&b, &cap);
-        let crow = k.add(&bc, &slot);
-        let hw = k.i64(hd as i64);
-        let head = k.div(&col, &hw);
-        let d = k.rem(&col, &hw);
-        let kx = load_head(k, &kp, kk, &r, &head, hd, rope.as_ref(), &p, &d);
-        let vx = load_head(k, &vp, v, &r, &head, hd, None, &p, &d);
-        let ki = at(k, kc, &crow, &col);
-        k.store(&kx, &kcp, &ki, kc.elem());
-        let vi = at(k, vc, &crow, &col);
-        k.store(&vx, &vcp, &vi, vc.elem());
+        let row = CacheRow { seq: &b, token: &r, pos: &p, capacity: &cap, col: &col };
+        store_cache_row(k, [&kp, &vp, &kcp, &vcp], [kk, v, kc, vc], hd, rope.as_ref(), row);
     });
     let mut args = vec![kk.arg(), v.arg(), kc.arg(), vc.arg(), pos.arg()];
     args.extend(s.tables(e, positions));

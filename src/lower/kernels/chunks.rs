@@ -64,7 +64,7 @@ pub(super) fn chunk_pos(k: &mut KernelBuilder, rows: &V, batch: &V) -> ChunkPos 
     ChunkPos { seq, t0, t1, row0, index, live }
 }
 
-/// The channel of a one-thread-per-channel pass.
+/// The channel of a one-thread-per-channel pass (the block's global thread index).
 pub(super) fn channel(k: &mut KernelBuilder) -> V {
     let tid = k.thread_id('x');
     let bid = k.block_id('x');

@@ -254,11 +254,7 @@ pub(super) fn conv_state(e: &mut Emit, width: u64, ins: &[Operand], outs: &[Oper
     let (xp, sp) = (k.ptr("x"), k.ptr("state"));
     let rows = k.scalar_i64("rows");
     let batch = k.scalar_i64("batch");
-    let tid = k.thread_id('x');
-    let bid = k.block_id('x');
-    let n = k.i64(THREADS as i64);
-    let base = k.mul(&bid, &n);
-    let idx = k.add(&base, &tid);
+    let idx = channel(&mut k);
     let c = k.i64(ch as i64);
     let keepv = k.i64(keep);
     let per_seq = k.mul(&keepv, &c);
@@ -305,11 +301,7 @@ pub(super) fn conv_step(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Resu
     let (xp, wp, bp, sp, yp, s2p) =
         (k.ptr("x"), k.ptr("weight"), k.ptr("bias"), k.ptr("state"), k.ptr("y"), k.ptr("state_out"));
     let batch = k.scalar_i64("batch");
-    let tid = k.thread_id('x');
-    let bid = k.block_id('x');
-    let n = k.i64(THREADS as i64);
-    let base = k.mul(&bid, &n);
-    let idx = k.add(&base, &tid);
+    let idx = channel(&mut k);
     let c = k.i64(ch as i64);
     let total = k.mul(&batch, &c);
     let inside = k.cmp(Cmp::Lt, &idx, &total);
@@ -361,11 +353,7 @@ fn conv_chunk(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Result<(), Low
         (k.ptr("x"), k.ptr("weight"), k.ptr("bias"), k.ptr("state"), k.ptr("y"), k.ptr("state_out"));
     let batch = k.scalar_i64("batch");
     let tokens = k.scalar_i64("tokens");
-    let tid = k.thread_id('x');
-    let bid = k.block_id('x');
-    let n = k.i64(THREADS as i64);
-    let base = k.mul(&bid, &n);
-    let idx = k.add(&base, &tid);
+    let idx = channel(&mut k);
     let c = k.i64(ch as i64);
     let total = k.mul(&batch, &c);
     let inside = k.cmp(Cmp::Lt, &idx, &total);

@@ -419,6 +419,45 @@ fn state_index(k: &mut KernelBuilder, s: &Scan, seq_index: &V, ch: &V, n: usize)
     k.add(&r, &i)
 }
 
+/// A token's row, its channel, and the channel's decay and step bias.
+struct TokenAt<'a> {
+    a: &'a Decay,
+    beta: &'a V,
+    row: &'a V,
+    ch: &'a V,
+}
+
+/// One token of the recurrence from the state `h`: y written (pointers and operands in the
+/// order delta, u, b, c, z, y; `d` the skip weight, asked for once the output needs it); the
+/// new state returned.
+fn step_token(
+    k: &mut KernelBuilder,
+    s: &Scan,
+    [dp, up, bp, cp, zp, yp]: [&V; 6],
+    [u, b, c, z, y]: [&Operand; 5],
+    at: TokenAt,
+    h: &[V],
+    d: impl FnOnce(&mut KernelBuilder) -> V,
+) -> Vec<V> {
+    let TokenAt { a, beta, row, ch } = at;
+    let (dt, _) = delta_t(k, s, dp, beta, row, ch);
+    let uv = load_at(k, up, u, row, ch);
+    let bv = state_row(k, bp, b, row, None, s.state);
+    let (h, _) = advance(k, a, &bv, &dt, &uv, h);
+    let cv = state_row(k, cp, c, row, None, s.state);
+    let mut r = k.f32(0.0);
+    for (cn, hn) in cv.iter().zip(&h) {
+        r = k.fma(cn, hn, &r);
+    }
+    let dv = d(k);
+    let y0 = k.fma(&dv, &uv, &r);
+    let zv = load_at(k, zp, z, row, ch);
+    let g = k.silu(&zv);
+    let out = k.mul(&y0, &g);
+    store_at(k, &out, yp, y, row, ch);
+    h
+}
+
 /// One token from the state: `(y, h')`.
 pub(super) fn step(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Result<(), LowerError> {
     let [u, delta, a_log, b, c, d, dt_bias, z, h_in] = ins else {
@@ -457,21 +496,10 @@ pub(super) fn step(e: &mut Emit, ins: &[Operand], outs: &[Operand]) -> Result<()
             k.load(&hip, &i, Ty::F32)
         })
         .collect();
-    let (dt, _) = delta_t(&mut k, &s, &dp, &beta, &row, &ch);
-    let uv = load_at(&mut k, &up, u, &row, &ch);
-    let bv = state_row(&mut k, &bp, b, &row, None, s.state);
-    let (h, _) = advance(&mut k, &a, &bv, &dt, &uv, &h);
-    let cv = state_row(&mut k, &cp, c, &row, None, s.state);
-    let mut r = k.f32(0.0);
-    for (cn, hn) in cv.iter().zip(&h) {
-        r = k.fma(cn, hn, &r);
-    }
-    let dv = load_at(&mut k, &dd, d, &zero, &ch);
-    let y0 = k.fma(&dv, &uv, &r);
-    let zv = load_at(&mut k, &zp, z, &row, &ch);
-    let g = k.silu(&zv);
-    let out = k.mul(&y0, &g);
-    store_at(&mut k, &out, &yp, y, &row, &ch);
+    let at = TokenAt { a: &a, beta: &beta, row: &row, ch: &ch };
+    let h = step_token(&mut k, &s, [&dp, &up, &bp, &cp, &zp, &yp], [u, b, c, z, y], at, &h, |k| {
+        load_at(k, &dd, d, &zero, &ch)
+    });
     for (n, hn) in h.iter().enumerate() {
         let i = state_index(&mut k, &s, &row, &ch, n);
         k.store(hn, &hop, &i, Ty::F32);
@@ -519,21 +547,8 @@ fn step_chunk(e: &mut Emit, s: &Scan, block: u32, ops: [&Operand; 11]) -> Result
         .collect();
     let h = k.for_(&zero, &t_len, 1, &h, |k, t, h| {
         let row = k.add(&row0, &t);
-        let (dt, _) = delta_t(k, s, &dp, &beta, &row, &ch);
-        let uv = load_at(k, &up, u, &row, &ch);
-        let bv = state_row(k, &bp, b, &row, None, s.state);
-        let (h, _) = advance(k, &a, &bv, &dt, &uv, h);
-        let cv = state_row(k, &cp, c, &row, None, s.state);
-        let mut r = k.f32(0.0);
-        for (cn, hn) in cv.iter().zip(&h) {
-            r = k.fma(cn, hn, &r);
-        }
-        let y0 = k.fma(&dv, &uv, &r);
-        let zv = load_at(k, &zp, z, &row, &ch);
-        let g = k.silu(&zv);
-        let out = k.mul(&y0, &g);
-        store_at(k, &out, &yp, y, &row, &ch);
-        h
+        let at = TokenAt { a: &a, beta: &beta, row: &row, ch: &ch };
+        step_token(k, s, [&dp, &up, &bp, &cp, &zp, &yp], [u, b, c, z, y], at, h, |_| dv.clone())
     });
     for (n, hn) in h.iter().enumerate() {
         let i = state_index(&mut k, s, &seq, &ch, n);
