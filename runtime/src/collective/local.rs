@@ -149,11 +149,15 @@ impl Collective for LocalGroup {
     }
 }
 
-/// Runs `f` on each rank of a new [`LocalGroup`] of `world` threads; a rank that fails or
-/// panics aborts the others. Every rank's result by rank, or the first failure (`rank r failed:
+/// Runs `f` on each rank of a new [`LocalGroup`] of `world` threads (one rank: on this thread);
+/// a rank that fails or panics aborts the others. Every rank's result by rank, or the first failure (`rank r failed:
 /// why`).
 pub fn run_ranks<T: Send>(world: usize, f: impl Fn(&LocalGroup) -> Result<T, String> + Sync) -> Result<Vec<T>, String> {
     let groups = LocalGroup::new(world);
+    // A world of one runs here, its error as it is: there is no other rank to stop.
+    if let [only] = &groups[..] {
+        return f(only).map(|t| vec![t]);
+    }
     let results: Vec<Result<T, String>> = std::thread::scope(|s| {
         let handles: Vec<_> = groups
             .iter()

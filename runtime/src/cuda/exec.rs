@@ -172,6 +172,10 @@ impl GpuBackend {
         // The gradient accumulators live in one flat bucket (each at a 256-byte boundary, the
         // gaps zero), which data-parallel ranks sum in one collective.
         let accumulators = crate::backend::accumulator_names(program);
+        if let Some(st) = program.states.iter().find(|st| accumulators.contains(&st.name) && st.ty.dtype != DType::F32)
+        {
+            return Err(GpuError(format!("gradient accumulator `{}` is {}, not f32", st.name, st.ty.dtype)));
+        }
         let place = |bytes: usize| bytes.div_ceil(256) * 256;
         let bucket_bytes: usize = program
             .states
@@ -975,15 +979,9 @@ impl Backend for GpuBackend {
     }
 
     /// On the devices through the group's NCCL communicator where it has one (the flat bucket
-    /// of f32 accumulators in place, in one collective, on the stream the plans run on), else
-    /// through the host.
+    /// of f32 accumulators, checked f32 at load, in place in one collective on the stream the
+    /// plans run on), else through the host.
     fn all_reduce_grads(&mut self, group: &dyn crate::collective::Collective) -> Result<(), String> {
-        for n in crate::backend::accumulator_names(&self.bundle.program) {
-            let (ty, _) = self.store.get(&n).ok_or_else(|| format!("the store has no `{n}`"))?;
-            if ty.dtype != DType::F32 {
-                return Err(format!("`{n}` is {}, not f32", ty.dtype));
-            }
-        }
         let buffers: Vec<(u64, usize)> = self.grad_bucket.iter().map(|b| (b.ptr, b.bytes / 4)).collect();
         self.gpu.bind().map_err(|e| e.0)?;
         match group.all_reduce_device_f32(&buffers, self.gpu.raw_stream() as usize) {
