@@ -210,10 +210,12 @@ pub fn train_on(
             c.train.grad_accum
         ));
     }
-    // One backend, or where the ranks run (each rank makes its own on its thread and GPU).
+    // One backend, or where the ranks run (each rank makes its own on its thread and GPU, from
+    // the program kept for them).
+    let mut program = Some(program);
     let (mut backend, mut backend_name, on_gpu) = match distributed {
         false => {
-            let (b, name) = make_backend(program.clone(), c, choice)?;
+            let (b, name) = make_backend(program.take().expect("not yet taken"), c, choice)?;
             let on_gpu = !b.name().starts_with("cpu");
             (Some(b), name, on_gpu)
         }
@@ -268,12 +270,13 @@ pub fn train_on(
         None => {
             // Each rank's backend is made on its thread, on its GPU; GPUs sum gradients through
             // NCCL, the CPU's ranks through the host.
+            let program = program.as_ref().expect("kept for the ranks");
             // Several ranks each keep their share of the optimizer state (ZeRO-1).
-            let shards = (ranks > 1).then(|| weft_runtime::zero::Shards::new(&program, ranks));
+            let shards = (ranks > 1).then(|| weft_runtime::zero::Shards::new(program, ranks));
             let summary = weft_runtime::collective::run(
                 &layout,
                 on_gpu,
-                |rank, device| rank_backend(&program, c, on_gpu, device, shards.as_ref().map(|z| (z, rank))),
+                |rank, device| rank_backend(program, c, on_gpu, device, shards.as_ref().map(|z| (z, rank))),
                 |be, group| weft_runtime::train::train_ranked(be, &train_w, &valid_w, &opts, group, shards.as_ref()),
             )?;
             backend_name = match &layout {
